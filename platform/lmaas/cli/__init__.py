@@ -1,0 +1,1 @@
+"""The `lmaas` command line: a short map from command to library function."""

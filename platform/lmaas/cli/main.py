@@ -1,0 +1,51 @@
+"""`lmaas`: the command-line entry point.
+
+Each command group lives in its own module and is registered here. Every user-facing failure
+is a `LmaasError`, printed as one line on stderr with exit status 1; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+import lmaas
+from lmaas.cli import quickstart, status
+from lmaas.errors import LmaasError
+
+app = typer.Typer(
+    name="lmaas",
+    help="Large models as a service on Ray: data, training, compression, registry and serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the lmaas version."""
+    print(lmaas.__version__)
+
+
+app.command(name="status")(status.status)
+app.command(name="quickstart")(quickstart.quickstart)
+
+
+def main() -> None:
+    """Run the CLI; turn project errors into one line and a non-zero exit."""
+    try:
+        app()
+    except LmaasError as exc:
+        err.print(f"[bold red]error:[/] {exc.message}", markup=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Settings: where lmaas keeps its files and metadata and which Ray cluster it uses.
+
+One pydantic settings object, read from the environment:
+
+| variable              | default                                   |
+|-----------------------|-------------------------------------------|
+| `LMAAS_HOME`          | `~/.lmaas`                                |
+| `LMAAS_STORAGE`       | `file://$LMAAS_HOME/store` (or `s3://bucket/prefix`) |
+| `LMAAS_DATABASE_URL`  | `sqlite:///$LMAAS_HOME/lmaas.db` (or `postgresql://...`) |
+| `RAY_ADDRESS`         | unset: start a local Ray cluster          |
+| `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` | unset: AWS itself; set for MinIO, moto, Ceph... |
+
+Library functions take explicit arguments; only the CLI, `jobs/` and `deployments/` call
+`load_settings()`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lmaas.errors import ConfigError
+
+STORAGE_SCHEMES = ("file", "s3")
+DATABASE_DRIVERS = ("sqlite", "postgresql")
+
+
+class Settings(BaseSettings):
+    """Where lmaas keeps artifacts and metadata, and which Ray cluster it talks to."""
+
+    model_config = SettingsConfigDict(env_prefix="LMAAS_", extra="ignore", frozen=True)
+
+    home: Path = Field(default_factory=lambda: Path("~/.lmaas"))
+    """Directory for local state: the default store, the SQLite database, logs."""
+
+    storage: str = ""
+    """Artifact store URI: `file:///abs/path` or `s3://bucket/prefix`. Empty: `file://$home/store`."""
+
+    database_url: str = ""
+    """SQLAlchemy URL: `sqlite:///path` or `postgresql://user:pass@host/db`. Empty: SQLite under home."""
+
+    ray_address: str | None = Field(default=None, validation_alias=AliasChoices("RAY_ADDRESS", "LMAAS_RAY_ADDRESS"))
+    """Ray cluster to join (`auto`, `host:6379`, `ray://host:10001`). Unset: start a local cluster."""
+
+    s3_endpoint_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "LMAAS_S3_ENDPOINT_URL")
+    )
+    """S3-compatible endpoint (MinIO, Ceph, moto). Unset: AWS. Credentials come from the usual AWS variables."""
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        # frozen model: defaults that depend on `home` are filled through object.__setattr__
+        storage = self.storage.strip() or f"file://{self.home / 'store'}"
+        object.__setattr__(self, "storage", normalize_storage_uri(storage))
+        url = self.database_url.strip() or f"sqlite:///{self.home / 'lmaas.db'}"
+        object.__setattr__(self, "database_url", validate_database_url(url))
+        if self.ray_address is not None and not self.ray_address.strip():
+            object.__setattr__(self, "ray_address", None)
+        return self
+
+    def env(self) -> dict[str, str]:
+        """The variables that give a worker process (Ray task, Serve replica) these same settings."""
+        env = {
+            "LMAAS_HOME": str(self.home),
+            "LMAAS_STORAGE": self.storage,
+            "LMAAS_DATABASE_URL": self.database_url,
+        }
+        if self.s3_endpoint_url:
+            env["AWS_ENDPOINT_URL_S3"] = self.s3_endpoint_url
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+        return env
+
+
+def normalize_storage_uri(uri: str) -> str:
+    """Return `uri` as `file:///abs/path` or `s3://bucket/prefix` (no trailing slash).
+
+    A plain path is taken as a local directory.
+
+    Raises:
+        ConfigError: unknown scheme, or an `s3://` URI without a bucket.
+    """
+    parsed = urlparse(uri)
+    if not parsed.scheme or (len(parsed.scheme) == 1 and uri[1:3] in (":\\", ":/")):
+        return f"file://{Path(uri).expanduser().resolve()}"
+    if parsed.scheme not in STORAGE_SCHEMES:
+        raise ConfigError(
+            f"LMAAS_STORAGE={uri!r}: unsupported scheme {parsed.scheme!r}; use file:///path or s3://bucket/prefix",
+            param="storage",
+        )
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"LMAAS_STORAGE={uri!r}: a file URI needs an absolute path, as file:///abs/path", param="storage")
+        return f"file://{Path(parsed.path).expanduser().resolve()}"
+    if not parsed.netloc:
+        raise ConfigError(f"LMAAS_STORAGE={uri!r}: an s3 URI needs a bucket, as s3://bucket/prefix", param="storage")
+    return f"s3://{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+
+
+def validate_database_url(url: str) -> str:
+    """Check that `url` is a SQLAlchemy URL for a supported database and return it.
+
+    Raises:
+        ConfigError: the URL does not parse or names an unsupported database.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"LMAAS_DATABASE_URL={redact_url(url)!r} is not a database URL; use sqlite:///path or postgresql://user@host/db",
+            param="database_url",
+        ) from None
+    if parsed.get_backend_name() not in DATABASE_DRIVERS:
+        raise ConfigError(
+            f"LMAAS_DATABASE_URL: unsupported database {parsed.get_backend_name()!r}; use sqlite or postgresql",
+            param="database_url",
+        )
+    return url
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`, for messages and `lmaas status`."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@", 1)
+    return url
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (plus explicit `overrides`).
+
+    Raises:
+        ConfigError: a setting is malformed; the message names the variable.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"setting {field!r}: {first['msg']}", param=field) from None

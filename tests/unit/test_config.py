@@ -1,0 +1,103 @@
+"""Settings: defaults under LMAAS_HOME, URI normalization, clear errors for bad values."""
+
+from pathlib import Path
+
+import pytest
+
+from lmaas.config import Settings, load_settings, normalize_storage_uri, redact_url
+from lmaas.errors import ConfigError
+
+
+def test_defaults_live_under_home(lmaas_env, tmp_path):
+    settings = load_settings()
+    home = tmp_path / "home"
+    assert settings.home == home
+    assert settings.storage == f"file://{home / 'store'}"
+    assert settings.database_url == f"sqlite:///{home / 'lmaas.db'}"
+    assert settings.ray_address is None
+    assert settings.s3_endpoint_url is None
+
+
+def test_environment_overrides(lmaas_env, monkeypatch):
+    monkeypatch.setenv("LMAAS_STORAGE", "s3://bucket/some/prefix/")
+    monkeypatch.setenv("LMAAS_DATABASE_URL", "postgresql://u:secret@db.example:5432/lmaas")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    settings = load_settings()
+    assert settings.storage == "s3://bucket/some/prefix"
+    assert settings.database_url.startswith("postgresql://")
+    assert settings.ray_address == "ray://head:10001"
+    assert settings.s3_endpoint_url == "http://127.0.0.1:9000"
+    env = settings.env()
+    assert env["LMAAS_STORAGE"] == "s3://bucket/some/prefix"
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9000"
+    # the same settings come back from the variables a worker receives
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert load_settings() == settings
+
+
+def test_s3_specific_endpoint_wins(lmaas_env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3only:2")
+    assert load_settings().s3_endpoint_url == "http://s3only:2"
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("/data/store/", "file:///data/store"),
+        ("file:///data/store", "file:///data/store"),
+        ("s3://b", "s3://b"),
+        ("s3://b/p/q/", "s3://b/p/q"),
+    ],
+)
+def test_storage_uri_normalization(uri, expected):
+    assert normalize_storage_uri(uri) == expected
+
+
+def test_relative_storage_path_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert normalize_storage_uri("store") == f"file://{tmp_path / 'store'}"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("LMAAS_STORAGE", "gs://bucket/x", "unsupported scheme 'gs'"),
+        ("LMAAS_STORAGE", "s3:///nobucket", "needs a bucket"),
+        ("LMAAS_STORAGE", "file://host/path", "absolute path"),
+        ("LMAAS_DATABASE_URL", "not a url", "not a database URL"),
+        ("LMAAS_DATABASE_URL", "mysql://u@h/db", "unsupported database 'mysql'"),
+    ],
+)
+def test_bad_settings_raise_config_error_naming_the_variable(lmaas_env, monkeypatch, variable, value, words):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert words in info.value.message
+    assert variable in info.value.message
+
+
+def test_password_is_redacted():
+    assert redact_url("postgresql://u:hunter2@h/db") == "postgresql://u:***@h/db"
+    assert "hunter2" not in redact_url("postgresql://u:hunter2@h/db")
+    assert redact_url("sqlite:////x.db") == "sqlite:////x.db"
+
+
+def test_settings_are_immutable(lmaas_env):
+    settings = Settings()
+    with pytest.raises(Exception):
+        settings.storage = "s3://other"  # type: ignore[misc]
+
+
+def test_empty_ray_address_means_local(lmaas_env, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "  ")
+    assert load_settings().ray_address is None
+
+
+def test_home_expands_user(monkeypatch, lmaas_env):
+    monkeypatch.setenv("HOME", "/tmp/somebody")
+    monkeypatch.setenv("LMAAS_HOME", "~/lm")
+    assert load_settings().home == Path("/tmp/somebody/lm")
