@@ -171,6 +171,7 @@ def cli():
     """Run the installed `lmaas` console script as a user would: `cli("status", env=...)`."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+        env = {**(os.environ if env is None else env), "COLUMNS": "250"}  # rich wraps at 80 without a TTY
         return subprocess.run(
             [str(BIN / "lmaas"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
         )

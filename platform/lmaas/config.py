@@ -32,7 +32,7 @@ DATABASE_DRIVERS = ("sqlite", "postgresql")
 class Settings(BaseSettings):
     """Where lmaas keeps artifacts and metadata, and which Ray cluster it talks to."""
 
-    model_config = SettingsConfigDict(env_prefix="LMAAS_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="LMAAS_", extra="ignore", frozen=True, populate_by_name=True)
 
     home: Path = Field(default_factory=lambda: Path("~/.lmaas"))
     """Directory for local state: the default store, the SQLite database, logs."""

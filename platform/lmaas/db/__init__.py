@@ -154,7 +154,7 @@ def upgrade(engine: Engine) -> None:
     from alembic.runtime.environment import EnvironmentContext
 
     config, script = _alembic()
-    if current is not None and script.get_revision(current) is None:
+    if current is not None and not _known_revision(script, current):
         raise ConfigError(
             f"database schema revision {current!r} is newer than this lmaas ({head!r}); upgrade lmaas",
             param="database_url",
@@ -172,6 +172,15 @@ def upgrade(engine: Engine) -> None:
             conn.commit()
     except sa.exc.SQLAlchemyError as exc:
         raise _unreachable(engine, exc) from None
+
+
+def _known_revision(script, revision: str) -> bool:  # noqa: ANN001 - alembic ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return script.get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 @contextlib.contextmanager

@@ -1,0 +1,114 @@
+"""The import rules of ARCHITECTURE.md, checked on the source: layers and framework rooms."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "lmaas"
+
+# lowest layer first; a module may import only from its own layer or below
+LAYERS = {
+    "__init__": 0,
+    "config": 0,
+    "errors": 0,
+    "storage": 0,
+    "db": 0,
+    "cluster": 0,
+    "models": 1,
+    "data": 1,
+    "registry": 2,
+    "auth": 2,
+    "train": 3,
+    "compress": 3,
+    "serve": 3,
+    "ops": 3,
+    "cli": 4,
+}
+# framework imports allowed only in these rooms (first component of the module path)
+ROOMS = {
+    "ray.serve": {"serve"},
+    "ray.train": {"train", "compress"},
+    "ray.data": {"data", "train"},
+    "fsspec": {"storage"},
+    "s3fs": {"storage"},
+    "fastapi": {"serve"},
+    "typer": {"cli"},
+}
+NEVER_TOGETHER = [("train", "serve"), ("serve", "train")]
+
+
+def room_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0].removesuffix(".py")
+
+
+def imports_of(path: Path) -> list[tuple[str, int]]:
+    """Every absolute module name a file imports (from-imports resolved), with its line."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = path.relative_to(PACKAGE.parent).with_suffix("").parts[: -node.level]
+                module = ".".join(base + ((node.module,) if node.module else ()))
+            else:
+                module = node.module or ""
+            found.append((module, node.lineno))
+            found += [(f"{module}.{alias.name}", node.lineno) for alias in node.names]
+    return found
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_top_level_module_has_a_layer():
+    unknown = {room_of(p) for p in SOURCES} - set(LAYERS)
+    assert not unknown, f"add these to LAYERS (and ARCHITECTURE.md): {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_respect_layers_and_rooms(path: Path):
+    room = room_of(path)
+    problems = []
+    for module, line in imports_of(path):
+        parts = module.split(".")
+        if parts[0] == "lmaas" and len(parts) > 1 and parts[1] in LAYERS:
+            target = parts[1]
+            if LAYERS[target] > LAYERS[room]:
+                problems.append(f"line {line}: {room} (L{LAYERS[room]}) imports {module} (L{LAYERS[target]})")
+            if (room, target) in NEVER_TOGETHER:
+                problems.append(f"line {line}: {room} must not import {target}")
+        for framework, allowed in ROOMS.items():
+            if (module == framework or module.startswith(framework + ".")) and room not in allowed:
+                problems.append(f"line {line}: {module} is imported outside {sorted(allowed)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_platform_is_a_source_root_not_a_package():
+    assert not (PACKAGE.parent / "__init__.py").exists()
+
+
+def test_the_checker_catches_violations(tmp_path: Path):
+    """The rules above would fail on a bad import (guards against a checker that checks nothing)."""
+    bad = PACKAGE / "storage.py"
+    imports = dict.fromkeys(m for m, _ in imports_of(bad))
+    assert "fsspec" in imports
+    fake = tmp_path / "lmaas"
+    (fake / "data").mkdir(parents=True)
+    (fake / "data" / "x.py").write_text("from lmaas.serve import engine\nimport fsspec\nfrom ..registry import store\n")
+    globals_backup = globals()["PACKAGE"]
+    globals()["PACKAGE"] = fake
+    try:
+        with pytest.raises(AssertionError) as info:
+            test_imports_respect_layers_and_rooms(fake / "data" / "x.py")
+    finally:
+        globals()["PACKAGE"] = globals_backup
+    message = str(info.value)
+    assert "imports lmaas.serve" in message
+    assert "fsspec is imported outside" in message
+    assert "imports lmaas.registry" in message
