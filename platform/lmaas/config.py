@@ -11,20 +11,23 @@ One pydantic settings object, read from the environment:
 | `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` | unset: AWS itself; set for MinIO, moto, Ceph... |
 
 Library functions take explicit arguments; only the CLI, `jobs/` and `deployments/` call
-`load_settings()`.
+`load_settings()` and `load_config()` (a job's YAML config plus `--set key=value` overrides).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lmaas.errors import ConfigError
 
+BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 STORAGE_SCHEMES = ("file", "s3")
 DATABASE_DRIVERS = ("sqlite", "postgresql")
 
@@ -154,3 +157,55 @@ def load_settings(**overrides: object) -> Settings:
             raise cause from None
         field = ".".join(str(p) for p in first["loc"]) or "settings"
         raise ConfigError(f"setting {field!r}: {first['msg']}", param=field) from None
+
+
+def load_config(model: type[BaseModelT], path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> BaseModelT:
+    """Build a job or app config from a YAML file plus dotted `key=value` overrides.
+
+    `overrides` come from the command line (`--set optim.lr=3e-4 --set workers=2`); each value
+    is parsed as YAML, so numbers, booleans and lists keep their types.
+
+    Args:
+        model: the pydantic config class (validates itself on construction).
+        path: YAML file; None starts from the class defaults.
+        overrides: `dotted.key=value` strings, applied in order.
+
+    Raises:
+        ConfigError: unreadable file, malformed override, or a value the config rejects;
+            the message names the file and the field.
+    """
+    import yaml
+
+    data: dict[str, Any] = {}
+    where = str(path) if path else model.__name__
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}", param="config") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}", param="config") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of settings, not {type(loaded).__name__}", param="config")
+        data = loaded or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value", param=key or "override")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {part!r} is not a section", param=key)
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"{where}: {field}: {first['msg']}", param=field) from None

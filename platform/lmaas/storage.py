@@ -35,6 +35,7 @@ from lmaas.errors import AlreadyExistsError, IntegrityError, NotFoundError, Unre
 MANIFEST = "_manifest.json"
 CLAIM = "_claim.json"
 _CHUNK = 1 << 20
+_UPLOAD_BATCH = 16
 _STAGING = ".staging-"
 _TMP = ".tmp-"
 
@@ -382,10 +383,15 @@ class Storage:
                 self.fs.pipe_file(self._full(f"{prefix}/{CLAIM}"), claim.encode(), mode="create")
             except FileExistsError:
                 raise AlreadyExistsError(f"{self.url(prefix)} is being or has been published; it is immutable") from None
-            for entry in manifest.files:
-                self.fs.put_file(str(local_dir / entry.path), self._full(f"{prefix}/{entry.path}"))
-                if progress:
-                    progress(entry.path, entry.size)
+            # s3fs uploads a batch of files concurrently; progress is reported per finished batch
+            for start in range(0, len(manifest.files), _UPLOAD_BATCH):
+                batch = manifest.files[start : start + _UPLOAD_BATCH]
+                self.fs.put(
+                    [str(local_dir / e.path) for e in batch], [self._full(f"{prefix}/{e.path}") for e in batch]
+                )
+                for entry in batch:
+                    if progress:
+                        progress(entry.path, entry.size)
             # the manifest goes last: until it exists the directory is not published
             self.write_text(f"{prefix}/{MANIFEST}", manifest.to_json(), overwrite=False)
         return manifest
@@ -459,12 +465,19 @@ class Storage:
         if manifest is None:
             raise NotFoundError(f"{self.url(prefix)} is not a published directory")
         local_dir = Path(local_dir)
-        for entry in manifest.files:
-            dest = local_dir / entry.path
-            self.get_file(f"{prefix}/{entry.path}", dest)
-            if sha256_file(dest) != entry.sha256:
-                dest.unlink()
-                raise IntegrityError(f"{self.url(prefix + '/' + entry.path)} does not match its sha256: altered")
+        for start in range(0, len(manifest.files), _UPLOAD_BATCH):
+            batch = manifest.files[start : start + _UPLOAD_BATCH]
+            for entry in batch:
+                (local_dir / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            try:  # one concurrent batch on S3
+                self.fs.get([self._full(f"{prefix}/{e.path}") for e in batch], [str(local_dir / e.path) for e in batch])
+            except FileNotFoundError as exc:
+                raise IntegrityError(f"{self.url(prefix)}: a file listed in the manifest is missing ({exc})") from None
+            for entry in batch:
+                dest = local_dir / entry.path
+                if sha256_file(dest) != entry.sha256:
+                    dest.unlink()
+                    raise IntegrityError(f"{self.url(prefix + '/' + entry.path)} does not match its sha256: altered")
         (local_dir / MANIFEST).write_text(manifest.to_json())
         return manifest
 

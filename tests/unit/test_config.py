@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from lmaas.config import Settings, load_settings, normalize_storage_uri, redact_url
+from pydantic import BaseModel, Field
+
+from lmaas.config import Settings, load_config, load_settings, normalize_storage_uri, redact_url
 from lmaas.errors import ConfigError
 
 
@@ -101,3 +103,48 @@ def test_home_expands_user(monkeypatch, lmaas_env):
     monkeypatch.setenv("HOME", "/tmp/somebody")
     monkeypatch.setenv("LMAAS_HOME", "~/lm")
     assert load_settings().home == Path("/tmp/somebody/lm")
+
+
+class Optim(BaseModel):
+    lr: float = 1e-3
+    betas: list[float] = [0.9, 0.95]
+
+
+class JobConfig(BaseModel):
+    name: str = "run"
+    workers: int = Field(2, ge=1)
+    optim: Optim = Optim()
+
+
+def test_load_config_defaults_file_and_overrides(tmp_path):
+    assert load_config(JobConfig) == JobConfig()
+    path = tmp_path / "job.yaml"
+    path.write_text("name: tiny\noptim:\n  lr: 0.01\n")
+    config = load_config(JobConfig, path, ["workers=4", "optim.betas=[0.8, 0.9]", "name=from-cli"])
+    assert config.name == "from-cli"
+    assert config.workers == 4
+    assert config.optim.lr == 0.01
+    assert config.optim.betas == [0.8, 0.9]
+
+
+@pytest.mark.parametrize(
+    ("content", "overrides", "words"),
+    [
+        ("workers: 0\n", [], "workers"),
+        ("- a list\n", [], "must be a mapping"),
+        ("name: [unclosed\n", [], "not valid YAML"),
+        ("", ["workers"], "not key=value"),
+        ("name: tiny\n", ["name.deep=1"], "not a section"),
+        ("", ["optim.lr=fast"], "optim.lr"),
+    ],
+)
+def test_load_config_errors_name_the_field(tmp_path, content, overrides, words):
+    path = tmp_path / "job.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=words):
+        load_config(JobConfig, path, overrides)
+
+
+def test_load_config_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(JobConfig, tmp_path / "nope.yaml")

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 import sqlalchemy as sa
+from pydantic import BaseModel, Field
 
 from lmaas import cluster, db
 from lmaas.config import Settings, redact_url
@@ -80,6 +81,16 @@ def check_ray(settings: Settings) -> ComponentStatus:
         return ComponentStatus("ray", info.address, True, detail)
     finally:
         cluster.disconnect()
+
+
+class SelfCheckConfig(BaseModel):
+    """Config of the self-check job (`jobs/selfcheck.py`)."""
+
+    tasks: int = Field(4, ge=1, le=1024)
+    """Ray tasks to spread over the cluster (SPREAD: one per node where possible)."""
+
+    cpus_per_task: float = Field(0.25, gt=0, le=16)
+    """CPU share of each task; small, so it fits beside running work."""
 
 
 @dataclass(frozen=True)

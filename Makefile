@@ -1,0 +1,38 @@
+# The two commands of the README, both idempotent on a fresh machine with Python 3.11, pip and make:
+#   make demo   create .venv if missing, install lmaas, run `lmaas quickstart`
+#   make test   create .venv if missing, install lmaas with test extras, run the whole suite
+# Installs are redone only when pyproject.toml changes.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench install clean
+
+demo: $(VENV)/.installed
+	$(BIN)/lmaas quickstart $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/bench_storage.py
+
+install: $(VENV)/.installed
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+clean:
+	rm -rf $(VENV) build *.egg-info platform/*.egg-info .pytest_cache
