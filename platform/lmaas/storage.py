@@ -198,6 +198,11 @@ class Storage:
             raise
         except Exception as exc:  # noqa: BLE001 - any transport failure means "unreachable"
             where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+            if type(exc).__name__ == "NoCredentialsError":
+                raise UnreachableError(
+                    f"artifact store {self.uri}{where}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or use an instance profile)"
+                ) from None
             raise UnreachableError(f"artifact store {self.uri}{where} is unreachable: {_one_line(exc)}") from None
 
     # -- objects -------------------------------------------------------------------------

@@ -129,3 +129,9 @@ def test_quickstart_starts_its_own_cluster_and_runs_twice(cli, lmaas_env, tmp_pa
     with engine.connect() as conn:
         assert conn.execute(sa.text("select count(*) from events where action = 'selfcheck'")).scalar_one() == 2
     engine.dispose()
+
+
+def test_status_without_s3_credentials_says_so(cli, lmaas_env):
+    env = {k: v for k, v in lmaas_env.items() if not k.startswith("AWS_")}
+    env.update(LMAAS_STORAGE="s3://nope/x", AWS_ENDPOINT_URL="http://127.0.0.1:9", HOME=lmaas_env["LMAAS_HOME"])
+    assert_one_line_error(cli("status", env=env, timeout=60), "no S3 credentials", "AWS_ACCESS_KEY_ID")

@@ -39,7 +39,7 @@ def status(
         for column in ("component", "where", "state", "detail"):
             table.add_column(column, overflow="fold")
         for c in checks:
-            table.add_row(c.name, c.target, "[green]ok[/]" if c.ok else "[red]unreachable[/]", c.detail)
+            table.add_row(c.name, c.target, "[green]ok[/]" if c.ok else "[red]failed[/]", c.detail)
         console.print(table)
     for c in failed:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {c.detail}")
