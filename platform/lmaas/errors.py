@@ -27,6 +27,13 @@ class ConfigError(LmaasError):
     type = "invalid_request_error"
 
 
+class InvalidInputError(LmaasError):
+    """Bad user input (a name, a file, a request field); `param` names what was wrong."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
 class UnreachableError(LmaasError):
     """A configured service (artifact store, database, Ray cluster) cannot be reached."""
 
