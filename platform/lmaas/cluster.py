@@ -8,6 +8,7 @@ laptop can drive a cluster whose nodes only have Ray installed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -104,6 +105,24 @@ def runtime_env(settings: Settings, *, ship_package: bool) -> dict[str, Any]:
     return env
 
 
+def _without_job_fields(env: dict[str, Any]) -> dict[str, Any]:
+    """Inside a `ray job submit` driver, drop what the job's own runtime env already sets.
+
+    Ray refuses to merge a driver's runtime env with the job's when a field or an env var key
+    appears in both; the job's values (set by the user at submission) win.
+    """
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not injected:
+        return env
+    job_env = (json.loads(injected).get("runtime_env") or {})
+    job_vars = job_env.get("env_vars") or {}
+    merged = {k: v for k, v in env.items() if k != "env_vars" and k not in job_env}
+    env_vars = {k: v for k, v in env.get("env_vars", {}).items() if k not in job_vars}
+    if env_vars:
+        merged["env_vars"] = env_vars
+    return merged
+
+
 def connect(
     settings: Settings,
     *,
@@ -143,8 +162,9 @@ def connect(
         probe(address)
         ship = os.environ.get("LMAAS_SHIP_PACKAGE", "auto")
         ship_package = ship == "always" or (ship == "auto" and is_remote(address))
+        env = _without_job_fields(runtime_env(settings, ship_package=ship_package))
         try:
-            ray.init(address=address, runtime_env=runtime_env(settings, ship_package=ship_package), **common)
+            ray.init(address=address, runtime_env=env, **common)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UnreachableError(f"cannot join Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
         return _info(started_here=False)

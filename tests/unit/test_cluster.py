@@ -53,3 +53,17 @@ def test_probe_accepts_a_listening_port():
 def test_probe_rejects_malformed_addresses(address):
     with pytest.raises(ConfigError, match="RAY_ADDRESS"):
         cluster.probe(address)
+
+
+def test_inside_a_ray_job_the_jobs_runtime_env_wins(tmp_path, lmaas_env, monkeypatch):
+    import json
+
+    settings = Settings(home=tmp_path)
+    env = cluster.runtime_env(settings, ship_package=True)
+    assert cluster._without_job_fields(env) == env  # not inside a job: unchanged
+    job = {"runtime_env": {"working_dir": "gcs://pkg.zip", "py_modules": ["x"], "env_vars": {"LMAAS_HOME": "/job"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    merged = cluster._without_job_fields(env)
+    assert "py_modules" not in merged
+    assert "LMAAS_HOME" not in merged["env_vars"]
+    assert merged["env_vars"]["LMAAS_STORAGE"] == settings.storage

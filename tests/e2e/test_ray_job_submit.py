@@ -1,0 +1,89 @@
+"""A user's path to a real cluster: `ray start --head`, then `ray job submit` of a job in jobs/.
+
+The head runs in its own process group with its own temp dir, so stopping it never touches the
+test session's cluster (`ray stop` would stop every Ray cluster on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head --block` with the dashboard (and so the Jobs API) on a free port."""
+    temp_dir = tempfile.mkdtemp(prefix="lmaas-rh-")
+    gcs_port, dashboard_port = free_port(), free_port()
+    # as from an activated venv: job entrypoints' `python` is the one lmaas is installed in
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=1",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        token = None
+        for _ in range(600):  # bounded: 60 s
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}")
+            try:
+                token = token or (Path.home() / ".ray" / "auth_token").read_text().strip()
+                request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+                urllib.request.urlopen(request, timeout=1)
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.1)
+        else:
+            raise TimeoutError("Ray head dashboard did not come up in 60 s")
+        yield address, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_ray_job_submit_runs_the_selfcheck_job(ray_head, lmaas_env, tmp_path):
+    address, head_env = ray_head
+    runtime_env = {"env_vars": {"LMAAS_HOME": lmaas_env["LMAAS_HOME"]}, "excludes": [".venv", ".git"]}
+    result = subprocess.run(
+        [
+            str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps(runtime_env), "--",
+            "python", "jobs/selfcheck.py", "--config", "jobs/configs/selfcheck.yaml", "--set", "tasks=2",
+        ],
+        env={**lmaas_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    report = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
+    assert len(report["workers"]) == 2
+    assert (tmp_path / "home" / "store" / report["prefix"] / "_manifest.json").exists()
