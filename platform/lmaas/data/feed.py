@@ -42,7 +42,7 @@ def training_dataset(version: DatasetVersion, storage: Storage, split: str = "tr
     if not paths:
         raise NotFoundError(f"dataset {version.ref} has no {split} rows")
     filesystem, _ = storage.pyarrow_filesystem()
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, ray_remote_args={"num_cpus": num_cpus})
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=num_cpus)
     return ds.map_batches(_as_tensor, batch_format="numpy", num_cpus=num_cpus)
 
 

@@ -70,8 +70,7 @@ def read_documents(resolved: list[ResolvedSource], *, text_field: str, num_cpus:
 
     datasets = []
     for src in resolved:
-        remote = {"num_cpus": num_cpus}
-        kwargs = {"filesystem": src.filesystem, "include_paths": True, "ray_remote_args": remote}
+        kwargs = {"filesystem": src.filesystem, "include_paths": True, "num_cpus": num_cpus}
         if src.format in ("text", "lines", "jsonl"):
             ds = ray.data.read_binary_files(src.files, **kwargs)
         elif src.format == "parquet":
