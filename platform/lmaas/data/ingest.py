@@ -9,6 +9,7 @@ writes Parquet shards to a local staging directory, which is published in one st
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -26,6 +27,7 @@ from lmaas.data import tokenizer as tok
 from lmaas.data.config import IngestConfig
 from lmaas.data.packing import Packer, split_of
 from lmaas.data.versions import DatasetVersion, find_by_content, publish_version
+from lmaas import errors
 from lmaas.errors import InvalidInputError, LmaasError
 from lmaas.storage import Manifest, Storage
 
@@ -179,6 +181,14 @@ def _lmaas_cause(exc: BaseException) -> LmaasError | None:
         if isinstance(current, LmaasError):
             return current
         stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    # Ray Data re-raises a task's failure as RayTaskError(UserCodeException) whose chain keeps
+    # only the remote traceback text; the project error is its last `lmaas.errors.X: message` line.
+    found = re.findall(r"lmaas\.errors\.(\w+): (.+)", str(exc))
+    if found:
+        name, message = found[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, LmaasError):
+            return cls(message.strip())
     return None
 
 
