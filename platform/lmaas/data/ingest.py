@@ -247,3 +247,15 @@ def _pack_and_write(tokenized, spec: tok.TokenizerSpec, config: IngestConfig, ou
         "dropped": sum(p.dropped for p in packers.values()),
         "nodes": sorted(n for n in nodes if n),
     }
+
+
+def quiet_ray_data_logs() -> None:
+    """Keep Ray Data's execution logs off the console (CLI and jobs report progress and errors themselves).
+
+    Ray Data configures its loggers when first imported, so this imports it first.
+    """
+    import logging
+
+    import ray.data  # noqa: F401 - configures the "ray.data" loggers, which are then turned down
+
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
