@@ -1,6 +1,6 @@
 """Ingest throughput: the Ray Data tokenize + pack pipeline against a single-process loop.
 
-    python bench/data_ingest.py [--files 400 --vocab-size 4096 --block-size 256 --cpus 2]
+    python bench/data_ingest.py [--files 400 --vocab-size 4096 --block-size 256 --cpus 2 --cpus-per-task 1 --batch-size 100]
 
 Same input (the built-in stdlib corpus, already in memory), same trained tokenizer, same packing
 code. Baseline: one process, `encode_batch` over batches of documents with tokenizers' own
@@ -27,8 +27,9 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=400)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--cpus-per-task", type=float, default=1.0)
     args = parser.parse_args()
 
     import ray
@@ -41,7 +42,9 @@ def main() -> None:
 
     texts = [p.read_text() for p in corpus.stdlib_files(args.files)]
     spec = tokenizer.train_bpe(texts[:500], args.vocab_size)
-    config = IngestConfig(vocab_size=args.vocab_size, block_size=args.block_size, batch_size=args.batch_size)
+    config = IngestConfig(
+        vocab_size=args.vocab_size, block_size=args.block_size, batch_size=args.batch_size, cpus_per_task=args.cpus_per_task
+    )
 
     # baseline: one process, one thread
     start = time.perf_counter()
