@@ -524,3 +524,78 @@ def _is_temporary(name: str) -> bool:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+_GLOB_CHARS = ("*", "?", "[")
+
+
+def resolve_files(
+    source: str, *, endpoint_url: str | None = None, connect_timeout: float = 5.0, max_attempts: int = 2
+) -> tuple[Any, list[str]]:
+    """Resolve a source (path, directory, glob, `file://` or `s3://` URI) into files to read.
+
+    Directories are walked recursively; hidden files and directories (names starting with `.`)
+    are skipped. The list is sorted, so equal trees give equal orders wherever they live.
+
+    Args:
+        source: what the user named.
+        endpoint_url: S3-compatible endpoint for `s3://` sources (None: AWS or `AWS_ENDPOINT_URL*`).
+        connect_timeout: seconds to wait for the S3 endpoint.
+        max_attempts: S3 request attempts before giving up.
+
+    Returns:
+        A `pyarrow.fs.FileSystem` and the file paths on it (as that filesystem names them).
+
+    Raises:
+        NotFoundError: nothing exists at `source` (or the glob matches nothing).
+        UnreachableError: the S3 endpoint cannot be reached.
+    """
+    import glob as globlib
+
+    import pyarrow.fs as pafs
+
+    scheme, sep, rest = source.partition("://")
+    if not sep:
+        scheme, rest = "file", source
+    if scheme == "file":
+        path = os.path.expanduser(rest)
+        if any(c in path for c in _GLOB_CHARS):
+            files = [p for p in globlib.glob(path, recursive=True) if os.path.isfile(p)]
+        elif os.path.isdir(path):
+            files = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                files += [os.path.join(root, n) for n in names if not n.startswith(".")]
+        elif os.path.isfile(path):
+            files = [path]
+        else:
+            raise NotFoundError(f"source {source}: no such file or directory")
+        if not files:
+            raise NotFoundError(f"source {source}: no files found")
+        return pafs.LocalFileSystem(), sorted(os.path.abspath(f) for f in files)
+    if scheme != "s3":
+        raise NotFoundError(f"source {source}: unsupported scheme {scheme!r}; use a path, file:// or s3://")
+    store = Storage(f"s3://{rest.split('/', 1)[0]}", endpoint_url=endpoint_url, connect_timeout=connect_timeout,
+                    max_attempts=max_attempts)
+    fs = store.fs
+    try:
+        if any(c in rest for c in _GLOB_CHARS):
+            files = [f for f in fs.glob(rest) if not f.endswith("/")]
+        elif fs.isdir(rest):
+            files = [f for f in fs.find(rest) if not f.endswith("/")]
+        elif fs.exists(rest):
+            files = [rest]
+        else:
+            raise NotFoundError(f"source {source}: no such object or prefix")
+    except NotFoundError:
+        raise
+    except FileNotFoundError:
+        raise NotFoundError(f"source {source}: no such object or prefix") from None
+    except Exception as exc:  # noqa: BLE001 - any transport failure means "unreachable"
+        where = f" at {endpoint_url}" if endpoint_url else ""
+        raise UnreachableError(f"source {source}{where} is unreachable: {_one_line(exc)}") from None
+    files = [f for f in files if not any(part.startswith(".") for part in f.split("/")[1:])]
+    if not files:
+        raise NotFoundError(f"source {source}: no files found")
+    pa_fs, _ = store.pyarrow_filesystem()
+    return pa_fs, sorted(files)

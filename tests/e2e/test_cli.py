@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 import lmaas
+from lmaas import db
 
 
 def closed_port() -> int:
@@ -69,7 +70,7 @@ def test_status_against_s3_and_postgres(cli, lmaas_env, s3_server, postgres_url)
     components = {c["name"]: c for c in json.loads(result.stdout)["components"]}
     assert components["storage"]["ok"] and "bucket reachable" in components["storage"]["detail"]
     assert components["database"]["detail"].startswith("PostgreSQL ")
-    assert "schema 0001" in components["database"]["detail"]
+    assert f"schema {db.head_revision()}" in components["database"]["detail"]
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from lmaas.config import load_config
+from lmaas.data.config import IngestConfig
 from lmaas.ops.health import SelfCheckConfig
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = {"selfcheck": SelfCheckConfig}
+CONFIGS = {"selfcheck": SelfCheckConfig, "ingest_stdlib": IngestConfig}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -33,3 +33,25 @@ events = sa.Table(
     sa.Index(None, "action", "created_at"),
 )
 """Append-only record of what happened (who did what to which thing, and how it went)."""
+
+datasets = sa.Table(
+    "datasets",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("uri", sa.String(1000), nullable=False),
+    sa.Column("sources", sa.JSON, nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("tokenizer_hash", sa.String(64), nullable=False),
+    sa.Column("block_size", sa.Integer, nullable=False),
+    sa.Column("vocab_size", sa.Integer, nullable=False),
+    sa.Column("documents", sa.Integer, nullable=False),
+    sa.Column("train_rows", sa.Integer, nullable=False),
+    sa.Column("validation_rows", sa.Integer, nullable=False),
+    sa.Column("tokens", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.UniqueConstraint("name", "version"),
+    sa.Index(None, "name", "content_hash"),
+)
+"""Immutable dataset versions: one row per ingest that produced new content (shards in the store)."""

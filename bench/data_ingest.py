@@ -1,0 +1,105 @@
+"""Ingest throughput: the Ray Data tokenize + pack pipeline against a single-process loop.
+
+    python bench/data_ingest.py [--files 400 --vocab-size 4096 --block-size 256 --cpus 2 --cpus-per-task 1 --batch-size 100]
+
+Same input (the built-in stdlib corpus, already in memory), same trained tokenizer, same packing
+code. Baseline: one process, `encode_batch` over batches of documents with tokenizers' own
+thread pool off (TOKENIZERS_PARALLELISM=false), then `Packer`. lmaas: `map_batches(_tokenize)`
+tasks on a local Ray cluster (each task single-threaded too, parallelism comes from Ray), the
+driver packing the stream in order exactly as `ingest()` does. Prints tokens/s for both and the
+ratio (target on 2 cores: >= 1.6x) and writes bench/results/data_ingest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=400)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--cpus-per-task", type=float, default=1.0)
+    args = parser.parse_args()
+
+    import ray
+    from ray.data import DataContext
+
+    from lmaas.data import corpus, tokenizer
+    from lmaas.data.config import IngestConfig
+    from lmaas.data.ingest import _pack_and_write, _tokenize
+    from lmaas.data.packing import Packer, split_of
+
+    texts = [p.read_text() for p in corpus.stdlib_files(args.files)]
+    spec = tokenizer.train_bpe(texts[:500], args.vocab_size)
+    config = IngestConfig(
+        vocab_size=args.vocab_size, block_size=args.block_size, batch_size=args.batch_size, cpus_per_task=args.cpus_per_task
+    )
+
+    # baseline: one process, one thread
+    start = time.perf_counter()
+    packers = {s: Packer(args.block_size, spec.eos_id) for s in ("train", "validation")}
+    tokens = rows = 0
+    for i in range(0, len(texts), args.batch_size):
+        batch = texts[i : i + args.batch_size]
+        for text, ids in zip(batch, tokenizer.encode_batch(spec.json, batch)):
+            tokens += len(ids)
+            rows += len(packers[split_of(text, config.validation_percent)].add(ids))
+    base_s = time.perf_counter() - start
+
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    # many blocks, as read_binary_files gives (one per file group): tasks can run side by side
+    blocks = max(1, len(texts) // args.batch_size)
+    docs = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=blocks).materialize()
+    # first pass warms the worker processes (imports, tokenizer compile); the second is timed
+    for _ in range(2):
+        start = time.perf_counter()
+        stats = _ray_pipeline(docs, spec, config, _tokenize, _pack_and_write)
+        ray_s = time.perf_counter() - start
+    ray.shutdown()
+    assert stats["tokens_seen"] == tokens and stats["train_rows"] + stats["validation_rows"] == rows
+
+    result = {
+        "documents": len(texts),
+        "tokens": tokens,
+        "cpus": args.cpus,
+        "baseline_tokens_per_s": tokens / base_s,
+        "ray_tokens_per_s": tokens / ray_s,
+        "ratio": base_s / ray_s,
+    }
+    print(f"{len(texts)} documents, {tokens:,} tokens, {args.cpus} CPUs")
+    print(f"  single-process loop   {tokens / base_s:12,.0f} tokens/s  ({base_s:.2f} s)")
+    print(f"  Ray Data pipeline     {tokens / ray_s:12,.0f} tokens/s  ({ray_s:.2f} s)")
+    print(f"  ratio (Ray / loop)    {base_s / ray_s:12.2f}x   (target >= 1.6x on 2 cores)")
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / "data_ingest.json").write_text(json.dumps(result, indent=1))
+
+
+def _ray_pipeline(docs, spec, config, tokenize, pack_and_write) -> dict:  # noqa: ANN001
+    tokenized = docs.map_batches(
+        tokenize,
+        fn_kwargs={"spec_json": spec.json, "validation_percent": config.validation_percent},
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        num_cpus=config.cpus_per_task,
+    )
+    with tempfile.TemporaryDirectory() as out:
+        return pack_and_write(tokenized, spec, config, Path(out), None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""The ingest pipeline: sources -> tokenizer -> parallel tokenize (Ray Data) -> pack -> dataset version.
+
+Ray Data reads and tokenizes in parallel tasks (`read_*`, `map_batches`) spread over the
+cluster; the driver streams the tokenized documents in source order (bounded by Ray Data's
+backpressure, never the whole corpus at once), packs them into `block_size` rows per split and
+writes Parquet shards to a local staging directory, which is published in one step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy.engine import Engine
+
+from lmaas.data import sources as sources_mod
+from lmaas.data import tokenizer as tok
+from lmaas.data.config import IngestConfig
+from lmaas.data.packing import Packer, split_of
+from lmaas.data.versions import DatasetVersion, find_by_content, publish_version
+from lmaas import errors
+from lmaas.errors import InvalidInputError, LmaasError
+from lmaas.storage import Manifest, Storage
+
+Progress = Callable[[str, int], None]
+"""Called with (stage, count): `documents` (cumulative documents tokenized), `tokens`, `publish`."""
+
+
+@dataclass
+class IngestResult:
+    """What an ingest produced: the version, whether it already existed, and how it ran."""
+
+    version: DatasetVersion
+    unchanged: bool
+    seconds: float
+    tokenize_nodes: list[str] = field(default_factory=list)
+    dropped_tokens: int = 0
+
+
+class _ShardWriter:
+    """Rows of one split -> `split/part-NNNNN.parquet` files of `rows_per_shard` rows."""
+
+    def __init__(self, directory: Path, rows_per_shard: int, block_size: int) -> None:
+        self.directory = directory
+        self.rows_per_shard = rows_per_shard
+        self.block_size = block_size
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self.rows = 0
+        self.shards = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self._buffer.append(rows)
+            self._buffered += len(rows)
+        while self._buffered >= self.rows_per_shard:
+            stacked = np.concatenate(self._buffer)
+            self._write(stacked[: self.rows_per_shard])
+            rest = stacked[self.rows_per_shard :]
+            self._buffer, self._buffered = ([rest], len(rest)) if len(rest) else ([], 0)
+
+    def close(self) -> None:
+        if self._buffered:
+            self._write(np.concatenate(self._buffer))
+        self._buffer, self._buffered = [], 0
+
+    def _write(self, rows: np.ndarray) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        flat = pa.array(rows.reshape(-1), type=pa.int32())
+        column = pa.FixedSizeListArray.from_arrays(flat, self.block_size)
+        table = pa.table({"input_ids": column})
+        pq.write_table(table, self.directory / f"part-{self.shards:05d}.parquet", compression="zstd")
+        self.shards += 1
+        self.rows += len(rows)
+
+
+def ingest(
+    config: IngestConfig,
+    *,
+    storage: Storage,
+    engine: Engine,
+    endpoint_url: str | None = None,
+    progress: Progress | None = None,
+) -> IngestResult:
+    """Ingest `config.sources` into a new version of dataset `config.name` (or find it unchanged).
+
+    Needs a Ray connection (`lmaas.cluster.connect`).
+
+    Args:
+        config: what to read and how to tokenize and pack it.
+        storage: artifact store the shards are published to.
+        engine: metadata database the version is recorded in.
+        endpoint_url: S3-compatible endpoint for `s3://` sources.
+        progress: called as documents are tokenized and when publishing starts.
+
+    Returns:
+        The new version, or the existing one with identical content (`unchanged=True`).
+
+    Raises:
+        NotFoundError: a source does not exist.
+        UnreachableError: an S3 source's endpoint does not answer.
+        InvalidInputError: a binary file, a bad JSONL line or field, an empty or too small corpus.
+    """
+    from ray.data import DataContext
+
+    started = time.monotonic()
+    resolved = [sources_mod.resolve(s, config.format, endpoint_url=endpoint_url) for s in config.sources]
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True  # shards (and their hash) must not depend on task timing
+    staging = Path(tempfile.mkdtemp(prefix="lmaas-ingest-"))
+    try:
+        docs = sources_mod.read_documents(resolved, text_field=config.text_field, num_cpus=config.cpus_per_task)
+        spec = _tokenizer(config, docs)
+        tokenized = docs.map_batches(
+            _tokenize,
+            fn_kwargs={"spec_json": spec.json, "validation_percent": config.validation_percent},
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            num_cpus=config.cpus_per_task,
+        )
+        stats = _pack_and_write(tokenized, spec, config, staging / "content", progress)
+        if stats["documents"] == 0:
+            raise InvalidInputError(f"the corpus is empty: no text documents in {', '.join(config.sources)}", param="sources")
+        if stats["train_rows"] == 0:
+            raise InvalidInputError(
+                f"the corpus is too small: {stats['tokens_seen']} tokens make no training sequence of block_size "
+                f"{config.block_size}; add data or lower block_size",
+                param="block_size",
+            )
+        spec.save(staging / "content" / "tokenizer")
+        content_hash = Manifest.of_dir(staging / "content").sha256
+        existing = find_by_content(engine, config.name, content_hash)
+        if existing is not None:
+            return IngestResult(existing, True, time.monotonic() - started, stats["nodes"], stats["dropped"])
+        if progress:
+            progress("publish", 0)
+        record = {
+            "name": config.name,
+            "sources": list(config.sources),
+            "content_hash": content_hash,
+            "tokenizer_hash": spec.sha256,
+            "block_size": config.block_size,
+            "vocab_size": spec.vocab_size,
+            "documents": stats["documents"],
+            "train_rows": stats["train_rows"],
+            "validation_rows": stats["validation_rows"],
+            "tokens": (stats["train_rows"] + stats["validation_rows"]) * config.block_size,
+        }
+        version = publish_version(storage, engine, staging / "content", record)
+        return IngestResult(version, False, time.monotonic() - started, stats["nodes"], stats["dropped"])
+    except Exception as exc:
+        cause = _lmaas_cause(exc)
+        if cause is not None and cause is not exc:
+            raise type(cause)(cause.message, param=cause.param) from None
+        raise
+    finally:
+        ctx.enable_progress_bars, ctx.execution_options.preserve_order = saved
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _lmaas_cause(exc: BaseException) -> LmaasError | None:
+    """The project error a Ray task raised, unwrapped from Ray's exception wrappers."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, LmaasError):
+            return current
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    # Ray Data re-raises a task's failure as RayTaskError(UserCodeException) whose chain keeps
+    # only the remote traceback text; the project error is its last `lmaas.errors.X: message` line.
+    found = re.findall(r"lmaas\.errors\.(\w+): (.+)", str(exc))
+    if found:
+        name, message = found[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, LmaasError):
+            return cls(message.strip())
+    return None
+
+
+def _tokenizer(config: IngestConfig, docs) -> tok.TokenizerSpec:  # noqa: ANN001 - ray.data.Dataset
+    if config.tokenizer:
+        return tok.load_pretrained(config.tokenizer)
+    sample: list[str] = []
+    for batch in docs.limit(config.tokenizer_sample_docs).iter_batches(batch_format="pyarrow", batch_size=256):
+        sample += batch.column("text").to_pylist()
+    if not sample:
+        raise InvalidInputError(f"the corpus is empty: no text documents in {', '.join(config.sources)}", param="sources")
+    return tok.train_bpe(sample, config.vocab_size)
+
+
+def _tokenize(batch: pa.Table, spec_json: str, validation_percent: float) -> pa.Table:
+    # Ray runs many of these at once; one thread per task keeps 2 cores from being oversubscribed.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import ray
+
+    texts = batch.column("text").to_pylist()
+    ids = tok.encode_batch(spec_json, texts)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    return pa.table(
+        {
+            "split": pa.array([split_of(t, validation_percent) for t in texts], type=pa.string()),
+            "ids": pa.array(ids, type=pa.list_(pa.int32())),
+            "node": pa.array([node] * len(texts), type=pa.string()),
+        }
+    )
+
+
+def _pack_and_write(tokenized, spec: tok.TokenizerSpec, config: IngestConfig, out: Path, progress: Progress | None) -> dict:  # noqa: ANN001
+    packers = {s: Packer(config.block_size, spec.eos_id) for s in ("train", "validation")}
+    writers = {s: _ShardWriter(out / s, config.rows_per_shard, config.block_size) for s in packers}
+    documents = tokens_seen = 0
+    nodes: set[str] = set()
+    for batch in tokenized.iter_batches(batch_format="pyarrow", batch_size=None):
+        ids_col = batch.column("ids").combine_chunks()
+        offsets = ids_col.offsets.to_numpy()
+        values = ids_col.values.to_numpy(zero_copy_only=False)
+        for i, split in enumerate(batch.column("split").to_pylist()):
+            writers[split].add(packers[split].add(values[offsets[i] : offsets[i + 1]]))
+        documents += len(batch)
+        tokens_seen += len(values)
+        nodes.update(batch.column("node").to_pylist())
+        if progress:
+            progress("documents", documents)
+    for split, packer in packers.items():
+        packer.finish()
+        writers[split].close()
+    return {
+        "documents": documents,
+        "tokens_seen": tokens_seen,
+        "train_rows": writers["train"].rows,
+        "validation_rows": writers["validation"].rows,
+        "dropped": sum(p.dropped for p in packers.values()),
+        "nodes": sorted(n for n in nodes if n),
+    }
+
+
+def quiet_ray_data_logs() -> None:
+    """Keep Ray Data's execution logs off the console (CLI and jobs report progress and errors themselves).
+
+    Ray Data configures its loggers when first imported, so this imports it first.
+    """
+    import logging
+
+    import ray.data  # noqa: F401 - configures the "ray.data" loggers, which are then turned down
+
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
