@@ -145,6 +145,7 @@ class ModelRegistry:
             NotFoundError: `local_dir` or `parent` does not exist.
             IntegrityError: the uploaded files do not match the local ones.
         """
+        _check_task(task)
         staged = self.stage(name, local_dir, expected_sha256=expected_sha256, progress=progress)
         return self.commit(
             staged,
@@ -192,8 +193,7 @@ class ModelRegistry:
         tenant: str = "default",
     ) -> ModelVersion:
         """Step 2 of registration: allocate the next version number and make it visible, atomically."""
-        if task not in TASKS:
-            raise InvalidInputError(f"unknown task {task!r}; use one of {', '.join(TASKS)}", param="task")
+        _check_task(task)
         metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         files = [ModelFile(f.path, f.sha256, f.size).to_dict() for f in staged.manifest.files]
         with self.engine.begin() as conn:
@@ -642,6 +642,11 @@ def _check_safetensors(path: Path, rel: str) -> None:
                 ok = False
     if not ok:
         raise InvalidInputError(f"{rel} is not a safetensors file (bad header)", param="files")
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise InvalidInputError(f"unknown task {task!r}; use one of {', '.join(TASKS)}", param="task")
 
 
 def _owning_prefix(path: str) -> str:
