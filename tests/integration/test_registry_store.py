@@ -5,7 +5,7 @@ Every test runs on both backends through the `registry_backend` fixture.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import signal
 import subprocess
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from lmaas import db
 from lmaas.db.schema import model_versions
-from lmaas.errors import AlreadyExistsError, IntegrityError, InvalidInputError, NotFoundError
+from lmaas.errors import AlreadyExistsError, ConfigError, IntegrityError, InvalidInputError, NotFoundError
 from lmaas.registry import ModelRegistry
 from lmaas.registry.store import generate_signing_key
 from lmaas.storage import Storage
@@ -300,3 +300,33 @@ def test_gc_removes_files_of_a_version_row_deleted_without_its_files(registry: M
         conn.execute(sa.delete(model_versions).where(model_versions.c.prefix == version.prefix))
     assert registry.gc(grace_seconds=0) == [version.prefix]
     assert registry.storage.list(version.prefix) == []
+
+
+def test_encryption_at_rest(registry_backend, tmp_path: Path):
+    key = os.urandom(32)
+    sealed = open_registry(registry_backend, encryption_key=key)
+    src = make_model_dir(tmp_path / "src")
+    version = sealed.register_version("secret", src, task="causal-lm")
+    assert version.encrypted
+    plain = (src / "model.safetensors").read_bytes()
+    stored = sealed.storage.read_bytes(f"{version.prefix}/model.safetensors")
+    assert stored != plain and plain[8:40] not in stored  # a leaked bucket does not leak weights
+    stored_hashes = {f.path: f.sha256 for f in sealed.storage.read_manifest(version.prefix).files}
+    assert stored_hashes["model.safetensors"] == hashlib.sha256(stored).hexdigest()  # the store hashes ciphertext
+    # the database keeps plaintext hashes
+    assert {f.path: f.sha256 for f in version.files}["model.safetensors"] == hashlib.sha256(plain).hexdigest()
+    sealed.download("secret", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == plain
+    assert sealed.read_file("secret:1", "model.safetensors")[1] == plain
+    sealed.verify("secret:1")
+    with pytest.raises(ConfigError, match="encrypted at rest"):
+        open_registry(registry_backend).download("secret", tmp_path / "nokey")
+    with pytest.raises(IntegrityError, match="does not decrypt"):
+        open_registry(registry_backend, encryption_key=os.urandom(32)).read_file("secret:1", "model.safetensors")
+    data = bytearray(stored)
+    data[-1] ^= 1
+    sealed.storage.write_bytes(f"{version.prefix}/model.safetensors", bytes(data))
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        sealed.download("secret:1", tmp_path / "tampered")
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        sealed.read_file("secret:1", "model.safetensors")

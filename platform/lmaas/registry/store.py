@@ -69,6 +69,8 @@ class ModelRegistry:
         verify_key: raw 32-byte Ed25519 public key; signatures are checked on load with it.
         require_signature: refuse to load a version without a valid signature.
         deployments_of: `(name, version) -> [deployment names]`; deleting a deployed version is refused.
+        encryption_key: 32-byte AES-256 key; versions registered here are stored encrypted
+            (AES-GCM, client side) and encrypted versions are decrypted on load.
     """
 
     def __init__(
@@ -80,8 +82,12 @@ class ModelRegistry:
         verify_key: bytes | None = None,
         require_signature: bool = False,
         deployments_of: DeploymentsOf = no_deployments,
+        encryption_key: bytes | None = None,
     ) -> None:
         self.storage = storage
+        if encryption_key is not None and len(encryption_key) != 32:
+            raise ConfigError("the encryption key must be 32 bytes (AES-256)", param="encryption_key")
+        self.encryption_key = encryption_key
         self.engine = engine
         self._signer = _private_key(signing_key) if signing_key else None
         if verify_key is None and self._signer is not None:
@@ -97,9 +103,11 @@ class ModelRegistry:
         """The registry of `lmaas.config.Settings`, with signing keys from the environment.
 
         `LMAAS_SIGNING_KEY` / `LMAAS_VERIFY_KEY` hold hex Ed25519 keys (32 bytes each);
-        `LMAAS_REQUIRE_SIGNATURE=1` refuses unsigned versions on load.
+        `LMAAS_REQUIRE_SIGNATURE=1` refuses unsigned versions on load. `LMAAS_ENCRYPTION_KEY`
+        (hex, 32 bytes) or `LMAAS_ENCRYPTION_KEY_FILE` (a file holding it) turns on encryption at rest.
         """
         keys = {
+            "encryption_key": _encryption_key_from_env(),
             "signing_key": _hex_env(SIGNING_KEY_ENV),
             "verify_key": _hex_env(VERIFY_KEY_ENV),
             "require_signature": os.environ.get(REQUIRE_SIGNATURE_ENV, "").lower() in ("1", "true", "yes"),
@@ -173,11 +181,22 @@ class ModelRegistry:
         prefix = f"{MODELS_PREFIX}/{name}/{uuid.uuid4().hex}"
         with self.engine.begin() as conn:
             conn.execute(model_uploads.insert().values(prefix=prefix, name=name, created_at=time.time()))
-        published = self.storage.publish_dir(local_dir, prefix, progress=progress)
+        if self.encryption_key is None:
+            published = self.storage.publish_dir(local_dir, prefix, progress=progress)
+        else:
+            with tempfile.TemporaryDirectory(prefix="lmaas-encrypt-") as sealed:
+                for entry in manifest.files:
+                    dest = Path(sealed) / entry.path
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(_encrypt(self.encryption_key, entry.path, (Path(local_dir) / entry.path).read_bytes()))
+                published = self.storage.publish_dir(sealed, prefix, progress=progress)
         stored = self.storage.verify(prefix)
-        if stored.sha256 != manifest.sha256 or published.sha256 != manifest.sha256:
+        if stored.sha256 != published.sha256:
+            raise IntegrityError(f"{self.storage.url(prefix)}: uploaded files differ from what was sent")
+        if self.encryption_key is None and stored.sha256 != manifest.sha256:
             raise IntegrityError(f"{self.storage.url(prefix)}: uploaded files differ from {local_dir} (changed during upload?)")
-        return StagedUpload(name=name, prefix=prefix, manifest=stored)
+        # the database records plaintext hashes, so integrity checks hold through encryption
+        return StagedUpload(name=name, prefix=prefix, manifest=manifest, encrypted=self.encryption_key is not None)
 
     def commit(
         self,
@@ -225,7 +244,7 @@ class ModelRegistry:
                     metrics=metrics,
                     description=description,
                     signature=signature,
-                    encrypted=False,
+                    encrypted=staged.encrypted,
                 )
             )
             conn.execute(model_uploads.delete().where(model_uploads.c.prefix == staged.prefix))
@@ -383,13 +402,40 @@ class ModelRegistry:
         manifest = self.storage.read_manifest(version.prefix)
         if manifest is None:
             raise IntegrityError(f"{version.ref}: its files are missing from {self.storage.url(version.prefix)}")
-        if manifest.sha256 != version.manifest_sha256:
-            raise IntegrityError(f"{version.ref}: the stored manifest {self.storage.url(version.prefix + '/' + MANIFEST)} was altered")
         local_dir = Path(local_dir)
         local_dir.mkdir(parents=True, exist_ok=True)
-        self.storage.download_dir(version.prefix, local_dir)
-        (local_dir / MANIFEST).unlink(missing_ok=True)
+        if not version.encrypted:
+            if manifest.sha256 != version.manifest_sha256:
+                raise IntegrityError(f"{version.ref}: the stored manifest {self.storage.url(version.prefix + '/' + MANIFEST)} was altered")
+            self.storage.download_dir(version.prefix, local_dir)
+            (local_dir / MANIFEST).unlink(missing_ok=True)
+            return version
+        key = self._decryption_key(version)
+        with tempfile.TemporaryDirectory(prefix="lmaas-sealed-") as sealed:
+            self.storage.download_dir(version.prefix, sealed)  # verifies the ciphertext hashes
+            for entry in version.files:
+                plain = self._decrypt_checked(version, key, entry, (Path(sealed) / entry.path).read_bytes())
+                dest = local_dir / entry.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(plain)
         return version
+
+    def _decryption_key(self, version: ModelVersion) -> bytes:
+        if self.encryption_key is None:
+            raise ConfigError(
+                f"{version.ref} is encrypted at rest; set LMAAS_ENCRYPTION_KEY or LMAAS_ENCRYPTION_KEY_FILE to load it",
+                param="encryption_key",
+            )
+        return self.encryption_key
+
+    def _decrypt_checked(self, version: ModelVersion, key: bytes, entry: ModelFile, data: bytes) -> bytes:
+        import hashlib
+
+        where = self.storage.url(f"{version.prefix}/{entry.path}")
+        plain = _decrypt(key, entry.path, data, where)
+        if len(plain) != entry.size or hashlib.sha256(plain).hexdigest() != entry.sha256:
+            raise IntegrityError(f"{where} does not match its sha256 in the manifest after decryption: altered")
+        return plain
 
     def read_file(self, ref: str | ModelRef, path: str) -> tuple[ModelVersion, bytes]:
         """One file of a version, verified against its recorded sha256.
@@ -410,6 +456,8 @@ class ModelRegistry:
             data = self.storage.read_bytes(f"{version.prefix}/{path}")
         except NotFoundError:
             raise IntegrityError(f"{where} is missing (listed in the manifest)") from None
+        if version.encrypted:
+            return version, self._decrypt_checked(version, self._decryption_key(version), entry, data)
         if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
             raise IntegrityError(f"{where} does not match its sha256 in the manifest: truncated or altered")
         return version, data
@@ -419,7 +467,10 @@ class ModelRegistry:
         version = self.resolve(ref)
         self.check_signature(version)
         manifest = self.storage.verify(version.prefix)
-        if manifest.sha256 != version.manifest_sha256:
+        if version.encrypted:
+            for entry in version.files:
+                self.read_file(version.ref, entry.path)  # decrypts and checks the plaintext hash
+        elif manifest.sha256 != version.manifest_sha256:
             raise IntegrityError(f"{version.ref}: the stored manifest was altered")
         return version
 
@@ -586,10 +637,12 @@ class ModelRegistry:
 class StagedUpload:
     """Files uploaded and verified under a unique prefix, not yet a version."""
 
-    def __init__(self, *, name: str, prefix: str, manifest: Manifest) -> None:
+    def __init__(self, *, name: str, prefix: str, manifest: Manifest, encrypted: bool = False) -> None:
         self.name = name
         self.prefix = prefix
         self.manifest = manifest
+        """Hashes of the plaintext files."""
+        self.encrypted = encrypted
 
 
 def check_model_dir(local_dir: str | os.PathLike[str], *, expected_sha256: dict[str, str] | None = None) -> Manifest:
@@ -687,9 +740,51 @@ def _hex_env(var: str) -> bytes | None:
     try:
         key = bytes.fromhex(value)
     except ValueError:
-        raise ConfigError(f"{var} must be a hex-encoded 32-byte Ed25519 key", param=var) from None
+        raise ConfigError(f"{var} must be a hex-encoded 32-byte key", param=var) from None
     if len(key) != 32:
-        raise ConfigError(f"{var} must be a hex-encoded 32-byte Ed25519 key, not {len(key)} bytes", param=var)
+        raise ConfigError(f"{var} must be a hex-encoded 32-byte key, not {len(key)} bytes", param=var)
+    return key
+
+
+_SEALED_MAGIC = b"LMAE1"
+
+
+def _encrypt(key: bytes, path: str, data: bytes) -> bytes:
+    """AES-256-GCM with a random nonce; the file's path is authenticated too, so files cannot be swapped."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(12)
+    return _SEALED_MAGIC + nonce + AESGCM(key).encrypt(nonce, data, path.encode())
+
+
+def _decrypt(key: bytes, path: str, sealed: bytes, where: str) -> bytes:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    if not sealed.startswith(_SEALED_MAGIC):
+        raise IntegrityError(f"{where} is not an lmaas-encrypted file: altered")
+    nonce, body = sealed[len(_SEALED_MAGIC) : len(_SEALED_MAGIC) + 12], sealed[len(_SEALED_MAGIC) + 12 :]
+    try:
+        return AESGCM(key).decrypt(nonce, body, path.encode())
+    except InvalidTag:
+        raise IntegrityError(f"{where} does not decrypt: wrong encryption key, or the file was altered") from None
+
+
+def _encryption_key_from_env() -> bytes | None:
+    key = _hex_env("LMAAS_ENCRYPTION_KEY")
+    path = os.environ.get("LMAAS_ENCRYPTION_KEY_FILE", "").strip()
+    if key is None and path:
+        try:
+            raw = Path(path).expanduser().read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"LMAAS_ENCRYPTION_KEY_FILE={path}: {exc.strerror}", param="LMAAS_ENCRYPTION_KEY_FILE") from None
+        text = raw.strip()
+        try:
+            key = bytes.fromhex(text.decode()) if len(text) == 64 else raw
+        except (ValueError, UnicodeDecodeError):
+            key = raw
+        if len(key) != 32:
+            raise ConfigError(f"LMAAS_ENCRYPTION_KEY_FILE={path} must hold a 32-byte key (raw or 64 hex digits)", param="LMAAS_ENCRYPTION_KEY_FILE")
     return key
 
 
