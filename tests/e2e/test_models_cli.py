@@ -115,3 +115,30 @@ def test_bad_input_is_one_line_error(cli, lmaas_env, tmp_path, args, words):
     assert_one_line_error(cli("models", *filled, env=lmaas_env), *words)
     versions = json.loads(cli("models", "versions", "tiny", "--json", env=lmaas_env).stdout)
     assert [v["version"] for v in versions] == [1]  # nothing else registered
+
+
+def test_serve_api_command_runs_the_rest_api(lmaas_env, tmp_path):
+    import subprocess
+
+    import httpx
+    from conftest import BIN, free_port, wait_for
+
+    make_model_dir(tmp_path / "m")
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "lmaas"), "models", "serve-api", "--port", str(port)], env=lmaas_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
+
+        wait_for(up, 60, "lmaas models serve-api")
+        assert proc.poll() is None, proc.stderr.read()
+        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/models/tiny", timeout=10)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+        assert httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=10).json()["info"]["title"] == "lmaas management API"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -179,6 +179,10 @@ def test_lineage(registry: ModelRegistry, tmp_path: Path):
         registry.delete_version("base:1")
     with pytest.raises(NotFoundError):
         registry.register_version("x", make_model_dir(tmp_path / "d"), task="causal-lm", parent="base:9")
+    assert registry.storage.list("models/x") == []  # refused before any upload
+    staged = registry.stage("x", make_model_dir(tmp_path / "e"))
+    registry.abandon(staged)
+    assert registry.storage.list("models/x") == [] and registry.gc(grace_seconds=0, dry_run=True) == []
 
 
 def test_signatures(registry_backend, tmp_path: Path):

@@ -154,18 +154,36 @@ class ModelRegistry:
             IntegrityError: the uploaded files do not match the local ones.
         """
         _check_task(task)
+        if parent:
+            self.resolve(parent)  # fail before uploading anything
         staged = self.stage(name, local_dir, expected_sha256=expected_sha256, progress=progress)
-        return self.commit(
-            staged,
-            task=task,
-            parent=parent,
-            dataset=dataset,
-            dataset_sha256=dataset_sha256,
-            run=run,
-            metrics=metrics,
-            description=description,
-            tenant=tenant,
-        )
+        try:
+            return self.commit(
+                staged,
+                task=task,
+                parent=parent,
+                dataset=dataset,
+                dataset_sha256=dataset_sha256,
+                run=run,
+                metrics=metrics,
+                description=description,
+                tenant=tenant,
+            )
+        except Exception:
+            self.abandon(staged)
+            raise
+
+    def abandon(self, staged: "StagedUpload") -> None:
+        """Delete a staged upload that will never be committed (best effort; gc catches the rest)."""
+        try:
+            with self.engine.connect() as conn:
+                if conn.execute(sa.select(model_versions.c.id).where(model_versions.c.prefix == staged.prefix)).first():
+                    return  # it did commit (the error came later): keep it
+            self.storage.delete(staged.prefix)
+            with self.engine.begin() as conn:
+                conn.execute(model_uploads.delete().where(model_uploads.c.prefix == staged.prefix))
+        except Exception:  # noqa: BLE001 - the original error matters more; gc collects leftovers
+            pass
 
     def stage(
         self,
