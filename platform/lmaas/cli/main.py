@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 import lmaas
-from lmaas.cli import data, quickstart, status
+from lmaas.cli import data, models, quickstart, status
 from lmaas.errors import LmaasError
 
 app = typer.Typer(
@@ -34,6 +34,7 @@ def version() -> None:
 app.command(name="status")(status.status)
 app.command(name="quickstart")(quickstart.quickstart)
 app.add_typer(data.app, name="data")
+app.add_typer(models.app, name="models")
 
 
 def main() -> None:

@@ -55,3 +55,62 @@ datasets = sa.Table(
     sa.Index(None, "name", "content_hash"),
 )
 """Immutable dataset versions: one row per ingest that produced new content (shards in the store)."""
+
+registered_models = sa.Table(
+    "registered_models",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("tenant", sa.String(200), nullable=False, default="default"),
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("tags", sa.JSON, nullable=False, default=dict),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Column("last_version", sa.Integer, nullable=False, default=0),
+)
+"""One row per model name; `last_version` is the version counter, locked while allocating."""
+
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("registered_models.id"), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False, default="ready"),
+    sa.Column("task", sa.String(50), nullable=False),
+    sa.Column("prefix", sa.String(500), nullable=False, unique=True),
+    sa.Column("files", sa.JSON, nullable=False),
+    sa.Column("manifest_sha256", sa.String(64), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Column("run", sa.String(500), nullable=True),
+    sa.Column("dataset", sa.String(500), nullable=True),
+    sa.Column("dataset_sha256", sa.String(64), nullable=True),
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("model_versions.id"), nullable=True),
+    sa.Column("metrics", sa.JSON, nullable=False, default=dict),
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("signature", sa.String(200), nullable=True),
+    sa.Column("encrypted", sa.Boolean, nullable=False, default=False),
+    sa.UniqueConstraint("model_id", "version"),
+    sa.Index(None, "dataset"),
+    sa.Index(None, "parent_id"),
+)
+"""Immutable model versions; a row exists only once every file is uploaded and verified."""
+
+model_aliases = sa.Table(
+    "model_aliases",
+    metadata,
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("registered_models.id"), primary_key=True),
+    sa.Column("alias", sa.String(64), primary_key=True),
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("model_versions.id"), nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False, default=time.time),
+)
+"""Movable names (`production`, `staging`) pointing at one version each."""
+
+model_uploads = sa.Table(
+    "model_uploads",
+    metadata,
+    sa.Column("prefix", sa.String(500), primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+)
+"""Uploads in progress: gc leaves their files alone for a grace period, then collects them."""

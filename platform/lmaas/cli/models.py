@@ -1,0 +1,239 @@
+"""`lmaas models ...`: the model registry from the command line.
+
+    lmaas models import ./my-model --name minilm --task embedding
+    lmaas models list
+    lmaas models versions minilm
+    lmaas models alias minilm production 1
+    lmaas models export minilm@production ./out
+    lmaas models lineage minilm:1
+    lmaas models gc --older-than 0
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lmaas.config import load_settings
+from lmaas.errors import InvalidInputError
+
+app = typer.Typer(help="Registered models: versions, aliases, lineage, import/export.", no_args_is_help=True)
+console = Console(highlight=False)
+
+
+def _registry():
+    from lmaas.registry import ModelRegistry
+
+    return ModelRegistry.from_settings(load_settings())
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=1))
+
+
+@app.command("list")
+def list_models(
+    search: str = typer.Option(None, "--search", help="Only names containing this text."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List registered models."""
+    models = _registry().list_models(search=search)
+    if as_json:
+        return _print_json([m.to_dict() for m in models])
+    table = Table(title="models", title_justify="left")
+    for column in ("name", "latest", "tenant", "created", "description"):
+        table.add_column(column)
+    for m in models:
+        table.add_row(m.name, str(m.latest_version), m.tenant, _when(m.created_at), m.description)
+    console.print(table)
+
+
+@app.command()
+def show(ref: str = typer.Argument(..., help="name, name:VERSION or name@ALIAS"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one version (a bare name shows what it resolves to) with its files and aliases."""
+    registry = _registry()
+    version = registry.resolve(ref)
+    aliases = [a.alias for a in registry.aliases(version.name) if a.version == version.version]
+    if as_json:
+        return _print_json({**version.to_dict(), "aliases": aliases})
+    table = Table(title=f"{version.ref}  ({version.task}, {version.status})", title_justify="left", show_header=False)
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    for field, value in [
+        ("size", _size(version.size)),
+        ("created", _when(version.created_at)),
+        ("aliases", ", ".join(aliases) or "-"),
+        ("parent", version.parent or "-"),
+        ("dataset", version.dataset or "-"),
+        ("run", version.run or "-"),
+        ("metrics", json.dumps(version.metrics) if version.metrics else "-"),
+        ("signed", "yes" if version.signature else "no"),
+        ("store", registry.storage.url(version.prefix)),
+    ]:
+        table.add_row(field, value)
+    for f in version.files:
+        table.add_row(f"  {f.path}", f"{_size(f.size)}  sha256 {f.sha256}")
+    console.print(table)
+
+
+@app.command()
+def versions(
+    name: str,
+    offset: int = typer.Option(0, "--offset"),
+    limit: int = typer.Option(50, "--limit"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List a model's versions, newest first."""
+    registry = _registry()
+    found = registry.list_versions(name, offset=offset, limit=limit)
+    aliases: dict[int, list[str]] = {}
+    for a in registry.aliases(name):
+        aliases.setdefault(a.version, []).append(a.alias)
+    if as_json:
+        return _print_json([{**v.to_dict(), "aliases": aliases.get(v.version, [])} for v in found])
+    table = Table(title=f"{name}: versions", title_justify="left")
+    for column in ("version", "status", "task", "size", "aliases", "parent", "dataset", "created"):
+        table.add_column(column)
+    for v in found:
+        table.add_row(
+            str(v.version), v.status, v.task, _size(v.size), ", ".join(aliases.get(v.version, [])), v.parent or "",
+            v.dataset or "", _when(v.created_at),
+        )
+    console.print(table)
+
+
+@app.command()
+def alias(
+    name: str,
+    alias_name: str = typer.Argument(..., metavar="ALIAS"),
+    version: int = typer.Argument(None, help="Version to point at; omit with --delete."),
+    delete: bool = typer.Option(False, "--delete", help="Remove the alias."),
+) -> None:
+    """Point an alias (production, staging, canary...) at a version, or delete it."""
+    registry = _registry()
+    if delete:
+        registry.delete_alias(name, alias_name)
+        console.print(f"deleted {name}@{alias_name}")
+        return
+    if version is None:
+        raise InvalidInputError("give a VERSION to point the alias at, or --delete", param="version")
+    registry.set_alias(name, alias_name, version)
+    console.print(f"{name}@{alias_name} -> {name}:{version}")
+
+
+@app.command("import")
+def import_model(
+    directory: Path = typer.Argument(..., help="A local HF-format model directory (safetensors weights)."),
+    name: str = typer.Option(..., "--name", help="Model name to register under."),
+    task: str = typer.Option("causal-lm", "--task", help="causal-lm, embedding, ..."),
+    dataset: str = typer.Option(None, "--dataset", help="Dataset version it was trained on (name:version)."),
+    parent: str = typer.Option(None, "--parent", help="Reference of the version it derives from."),
+    run: str = typer.Option(None, "--run"),
+    description: str = typer.Option("", "--description"),
+) -> None:
+    """Register a local model directory as the next version of NAME."""
+    version = _registry().register_version(
+        name, directory, task=task, dataset=dataset, parent=parent, run=run, description=description
+    )
+    console.print(f"registered {version.ref} ({len(version.files)} files, {_size(version.size)})")
+
+
+@app.command()
+def export(ref: str, directory: Path) -> None:
+    """Download a version into DIRECTORY (verifying every file), loadable by transformers."""
+    version = _registry().download(ref, directory)
+    console.print(f"exported {version.ref} to {directory}")
+
+
+@app.command()
+def archive(ref: str, restore: bool = typer.Option(False, "--restore", help="Make an archived version ready again.")) -> None:
+    """Archive a version (kept, but no longer what a bare name resolves to), or restore it."""
+    registry = _registry()
+    version = registry.restore(ref) if restore else registry.archive(ref)
+    console.print(f"{version.ref} is {version.status}")
+
+
+@app.command()
+def delete(ref: str = typer.Argument(..., help="name:VERSION to delete")) -> None:
+    """Delete a version and its files (refused while an alias or deployment points at it)."""
+    from lmaas.registry.refs import parse_ref
+
+    if parse_ref(ref).version is None:
+        raise InvalidInputError(f"delete takes an exact version, name:VERSION, not {ref!r}", param="ref")
+    version = _registry().delete_version(ref)
+    console.print(f"deleted {version.ref}")
+
+
+@app.command()
+def lineage(
+    ref: str = typer.Argument(None, help="A model reference."),
+    dataset: str = typer.Option(None, "--dataset", help="Instead: every version trained on this dataset."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Where a version came from (dataset, run, parent) and what came of it (children, aliases, deployments)."""
+    registry = _registry()
+    if dataset:
+        found = registry.trained_on(dataset)
+        if as_json:
+            return _print_json([v.ref for v in found])
+        table = Table(title=f"trained on {dataset}", title_justify="left")
+        for column in ("version", "task", "run", "created"):
+            table.add_column(column)
+        for v in found:
+            table.add_row(v.ref, v.task, v.run or "", _when(v.created_at))
+        console.print(table)
+        return
+    if not ref:
+        raise InvalidInputError("give a model reference or --dataset", param="ref")
+    info = registry.lineage(ref).to_dict()
+    if as_json:
+        return _print_json(info)
+    table = Table(title=f"lineage of {info['ref']}", title_justify="left", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for key in ("dataset", "run", "parent", "children", "aliases", "deployments"):
+        value = info[key]
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else (value or "-"))
+    console.print(table)
+
+
+@app.command()
+def gc(
+    older_than: float = typer.Option(3600, "--older-than", help="Grace period in seconds for uploads in progress."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be deleted."),
+) -> None:
+    """Delete files that no version references (killed uploads, deleted versions)."""
+    removed = _registry().gc(grace_seconds=older_than, dry_run=dry_run)
+    for path in removed:
+        console.print(("would delete " if dry_run else "deleted ") + path)
+    console.print(f"{len(removed)} leftover(s) {'found' if dry_run else 'removed'}")
+
+
+@app.command("serve-api")
+def serve_api(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8080, "--port"),
+) -> None:
+    """Run the registry REST API (/api/v1/models..., /openapi.json) standalone with uvicorn."""
+    import uvicorn
+
+    from lmaas.serve.management import build_app
+
+    uvicorn.run(build_app(_registry()), host=host, port=port, log_level="warning")

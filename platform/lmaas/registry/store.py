@@ -1,0 +1,834 @@
+"""`ModelRegistry`: model versions in the artifact store, their metadata in the database.
+
+Registration is upload-then-commit:
+
+1. the files are checked (safetensors only, safe paths), published under a fresh, unique prefix
+   `models/<name>/<upload id>` with `Storage.publish_dir` (manifest written last) and re-verified
+   against the local hashes; the upload is recorded in `model_uploads` so gc leaves it alone;
+2. one database transaction locks the model's counter row (SQLite: `BEGIN IMMEDIATE`;
+   PostgreSQL: `SELECT ... FOR UPDATE`), takes the next version number and inserts the version
+   row pointing at that prefix.
+
+A reader sees a version only after step 2, so never a half-registered one, and numbers are
+consecutive because they are allocated only once the upload has succeeded. A writer killed
+between the steps leaves an unreferenced prefix that `gc()` deletes after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from lmaas import db
+from lmaas.db.schema import events, model_aliases, model_uploads, model_versions, registered_models
+from lmaas.errors import AlreadyExistsError, ConfigError, IntegrityError, InvalidInputError, NotFoundError
+from lmaas.registry.entities import (
+    ARCHIVED,
+    READY,
+    TASKS,
+    Alias,
+    Lineage,
+    ModelFile,
+    ModelVersion,
+    RegisteredModel,
+    signing_payload,
+)
+from lmaas.registry.refs import DEFAULT_ALIAS, ModelRef, parse_ref, validate_alias, validate_file_path, validate_model_name
+from lmaas.storage import MANIFEST, Manifest, Storage
+
+MODELS_PREFIX = "models"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+"""Weights formats that unpickle (or may) on load: refused at registration."""
+SIGNING_KEY_ENV = "LMAAS_SIGNING_KEY"
+VERIFY_KEY_ENV = "LMAAS_VERIFY_KEY"
+REQUIRE_SIGNATURE_ENV = "LMAAS_REQUIRE_SIGNATURE"
+DeploymentsOf = Callable[[str, int], list[str]]
+
+
+def no_deployments(_name: str, _version: int) -> list[str]:
+    """The deployment lookup until `serve` records deployments: nothing is deployed."""
+    return []
+
+
+class ModelRegistry:
+    """Register, resolve, load and manage model versions.
+
+    Args:
+        storage: the artifact store holding version files.
+        engine: SQLAlchemy engine of the metadata database (migrated; see `lmaas.db.connect`).
+        signing_key: raw 32-byte Ed25519 private key; versions registered here are signed with it.
+        verify_key: raw 32-byte Ed25519 public key; signatures are checked on load with it.
+        require_signature: refuse to load a version without a valid signature.
+        deployments_of: `(name, version) -> [deployment names]`; deleting a deployed version is refused.
+        encryption_key: 32-byte AES-256 key; versions registered here are stored encrypted
+            (AES-GCM, client side) and encrypted versions are decrypted on load.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        engine: Engine,
+        *,
+        signing_key: bytes | None = None,
+        verify_key: bytes | None = None,
+        require_signature: bool = False,
+        deployments_of: DeploymentsOf = no_deployments,
+        encryption_key: bytes | None = None,
+    ) -> None:
+        self.storage = storage
+        if encryption_key is not None and len(encryption_key) != 32:
+            raise ConfigError("the encryption key must be 32 bytes (AES-256)", param="encryption_key")
+        self.encryption_key = encryption_key
+        self.engine = engine
+        self._signer = _private_key(signing_key) if signing_key else None
+        if verify_key is None and self._signer is not None:
+            verify_key = _public_bytes(self._signer)
+        self._verifier = _public_key(verify_key) if verify_key else None
+        if require_signature and self._verifier is None:
+            raise ConfigError(f"a signature is required but no verify key is set; set {VERIFY_KEY_ENV}", param="verify_key")
+        self.require_signature = require_signature
+        self.deployments_of = deployments_of
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> "ModelRegistry":
+        """The registry of `lmaas.config.Settings`, with signing keys from the environment.
+
+        `LMAAS_SIGNING_KEY` / `LMAAS_VERIFY_KEY` hold hex Ed25519 keys (32 bytes each);
+        `LMAAS_REQUIRE_SIGNATURE=1` refuses unsigned versions on load. `LMAAS_ENCRYPTION_KEY`
+        (hex, 32 bytes) or `LMAAS_ENCRYPTION_KEY_FILE` (a file holding it) turns on encryption at rest.
+        """
+        keys = {
+            "encryption_key": _encryption_key_from_env(),
+            "signing_key": _hex_env(SIGNING_KEY_ENV),
+            "verify_key": _hex_env(VERIFY_KEY_ENV),
+            "require_signature": os.environ.get(REQUIRE_SIGNATURE_ENV, "").lower() in ("1", "true", "yes"),
+        }
+        return cls(Storage.from_settings(settings), db.connect(settings.database_url), **{**keys, **kwargs})
+
+    # -- registration --------------------------------------------------------------------
+    def register_version(
+        self,
+        name: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        task: str,
+        parent: str | None = None,
+        dataset: str | None = None,
+        dataset_sha256: str | None = None,
+        run: str | None = None,
+        metrics: dict[str, float] | None = None,
+        description: str = "",
+        tenant: str = "default",
+        expected_sha256: dict[str, str] | None = None,
+        progress: Callable[[str, int], None] | None = None,
+    ) -> ModelVersion:
+        """Upload a local model directory and make it the next version of `name`.
+
+        Args:
+            name: model name (created on first registration).
+            local_dir: directory of the version's files (weights as `.safetensors`).
+            task: `causal-lm`, `embedding`, ... (see `entities.TASKS`).
+            parent: reference of the version this one derives from (compression, distillation).
+            dataset: the dataset version it was trained on, e.g. `wiki:3`.
+            dataset_sha256: the dataset's content hash, if known.
+            run: the training/compression run that produced it.
+            metrics: evaluation numbers to keep with it.
+            expected_sha256: `{path: sha256}` the caller expects (an upload's claimed hashes).
+            progress: called with (path, bytes) as each file is stored.
+
+        Returns:
+            The new, visible version.
+
+        Raises:
+            InvalidInputError: bad name, task or file (pickle weights, unsafe path, hash mismatch).
+            NotFoundError: `local_dir` or `parent` does not exist.
+            IntegrityError: the uploaded files do not match the local ones.
+        """
+        _check_task(task)
+        if parent:
+            self.resolve(parent)  # fail before uploading anything
+        staged = self.stage(name, local_dir, expected_sha256=expected_sha256, progress=progress)
+        try:
+            return self.commit(
+                staged,
+                task=task,
+                parent=parent,
+                dataset=dataset,
+                dataset_sha256=dataset_sha256,
+                run=run,
+                metrics=metrics,
+                description=description,
+                tenant=tenant,
+            )
+        except Exception:
+            self.abandon(staged)
+            raise
+
+    def abandon(self, staged: "StagedUpload") -> None:
+        """Delete a staged upload that will never be committed (best effort; gc catches the rest)."""
+        try:
+            with self.engine.connect() as conn:
+                if conn.execute(sa.select(model_versions.c.id).where(model_versions.c.prefix == staged.prefix)).first():
+                    return  # it did commit (the error came later): keep it
+            self.storage.delete(staged.prefix)
+            with self.engine.begin() as conn:
+                conn.execute(model_uploads.delete().where(model_uploads.c.prefix == staged.prefix))
+        except Exception:  # noqa: BLE001 - the original error matters more; gc collects leftovers
+            pass
+
+    def stage(
+        self,
+        name: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        expected_sha256: dict[str, str] | None = None,
+        progress: Callable[[str, int], None] | None = None,
+    ) -> "StagedUpload":
+        """Step 1 of registration: check, upload and verify files; nothing is visible yet."""
+        validate_model_name(name)
+        manifest = check_model_dir(local_dir, expected_sha256=expected_sha256)
+        prefix = f"{MODELS_PREFIX}/{name}/{uuid.uuid4().hex}"
+        with self.engine.begin() as conn:
+            conn.execute(model_uploads.insert().values(prefix=prefix, name=name, created_at=time.time()))
+        if self.encryption_key is None:
+            published = self.storage.publish_dir(local_dir, prefix, progress=progress)
+        else:
+            with tempfile.TemporaryDirectory(prefix="lmaas-encrypt-") as sealed:
+                for entry in manifest.files:
+                    dest = Path(sealed) / entry.path
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(_encrypt(self.encryption_key, entry.path, (Path(local_dir) / entry.path).read_bytes()))
+                published = self.storage.publish_dir(sealed, prefix, progress=progress)
+        stored = self.storage.verify(prefix)
+        if stored.sha256 != published.sha256:
+            raise IntegrityError(f"{self.storage.url(prefix)}: uploaded files differ from what was sent")
+        if self.encryption_key is None and stored.sha256 != manifest.sha256:
+            raise IntegrityError(f"{self.storage.url(prefix)}: uploaded files differ from {local_dir} (changed during upload?)")
+        # the database records plaintext hashes, so integrity checks hold through encryption
+        return StagedUpload(name=name, prefix=prefix, manifest=manifest, encrypted=self.encryption_key is not None)
+
+    def commit(
+        self,
+        staged: "StagedUpload",
+        *,
+        task: str,
+        parent: str | None = None,
+        dataset: str | None = None,
+        dataset_sha256: str | None = None,
+        run: str | None = None,
+        metrics: dict[str, float] | None = None,
+        description: str = "",
+        tenant: str = "default",
+    ) -> ModelVersion:
+        """Step 2 of registration: allocate the next version number and make it visible, atomically."""
+        _check_task(task)
+        metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+        files = [ModelFile(f.path, f.sha256, f.size).to_dict() for f in staged.manifest.files]
+        with self.engine.begin() as conn:
+            parent_id = self._version_row(conn, parent)["id"] if parent else None
+            model = self._lock_model(conn, staged.name, tenant=tenant)
+            number = model["last_version"] + 1
+            signature = None
+            if self._signer is not None:
+                payload = signing_payload(staged.name, number, staged.manifest.sha256)
+                signature = self._signer.sign(payload).hex()
+            conn.execute(
+                registered_models.update().where(registered_models.c.id == model["id"]).values(last_version=number)
+            )
+            conn.execute(
+                model_versions.insert().values(
+                    model_id=model["id"],
+                    version=number,
+                    status=READY,
+                    task=task,
+                    prefix=staged.prefix,
+                    files=files,
+                    manifest_sha256=staged.manifest.sha256,
+                    size_bytes=staged.manifest.size,
+                    created_at=time.time(),
+                    run=run,
+                    dataset=dataset,
+                    dataset_sha256=dataset_sha256,
+                    parent_id=parent_id,
+                    metrics=metrics,
+                    description=description,
+                    signature=signature,
+                    encrypted=staged.encrypted,
+                )
+            )
+            conn.execute(model_uploads.delete().where(model_uploads.c.prefix == staged.prefix))
+            _event(conn, "model.register", f"{staged.name}:{number}", tenant=tenant, detail={"prefix": staged.prefix})
+        return self.get_version(staged.name, number)
+
+    def _lock_model(self, conn: Connection, name: str, *, tenant: str) -> dict[str, Any]:
+        """The model's row, created if missing, locked until the transaction ends."""
+        values = dict(name=name, tenant=tenant, description="", tags={}, created_at=time.time(), last_version=0)
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        # a concurrent creator makes this wait for its commit, then do nothing
+        conn.execute(insert(registered_models).values(**values).on_conflict_do_nothing(index_elements=["name"]))
+        query = sa.select(registered_models).where(registered_models.c.name == name)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        return dict(conn.execute(query).mappings().one())
+
+    # -- reading -------------------------------------------------------------------------
+    def get_model(self, name: str) -> RegisteredModel:
+        """A registered model by name. Raises `NotFoundError`."""
+        validate_model_name(name)
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(registered_models).where(registered_models.c.name == name)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"no model named {name!r}", param="name")
+        return _model(row)
+
+    def list_models(self, *, search: str | None = None, tenant: str | None = None, offset: int = 0, limit: int = 100) -> list[RegisteredModel]:
+        """Registered models sorted by name; `search` matches a substring of the name."""
+        query = sa.select(registered_models).order_by(registered_models.c.name).offset(offset).limit(limit)
+        if search:
+            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(registered_models.c.name.like(f"%{escaped}%", escape="\\"))
+        if tenant:
+            query = query.where(registered_models.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            return [_model(r) for r in conn.execute(query).mappings()]
+
+    def list_versions(self, name: str, *, offset: int = 0, limit: int = 100, status: str | None = None) -> list[ModelVersion]:
+        """Versions of a model, newest first. Raises `NotFoundError` for an unknown model."""
+        self.get_model(name)
+        query = self._versions_query().where(registered_models.c.name == name).order_by(model_versions.c.version.desc())
+        if status:
+            query = query.where(model_versions.c.status == status)
+        with self.engine.connect() as conn:
+            return [self._version(conn, r) for r in conn.execute(query.offset(offset).limit(limit)).mappings()]
+
+    def get_version(self, name: str, version: int) -> ModelVersion:
+        """One version by number. Raises `NotFoundError`."""
+        return self.resolve(ModelRef(validate_model_name(name), version=int(version)))
+
+    def resolve(self, ref: str | ModelRef) -> ModelVersion:
+        """The version a reference names: `name`, `name:7` or `name@alias`.
+
+        A bare `name` means its `production` alias if set, else its latest ready version.
+
+        Raises:
+            InvalidInputError: a malformed reference.
+            NotFoundError: no such model, version or alias.
+        """
+        with self.engine.connect() as conn:
+            return self._version(conn, self._version_row(conn, ref))
+
+    def aliases(self, name: str) -> list[Alias]:
+        """Every alias of a model, by alias name."""
+        self.get_model(name)
+        query = (
+            sa.select(model_aliases.c.alias, model_aliases.c.updated_at, model_versions.c.version)
+            .join(model_versions, model_versions.c.id == model_aliases.c.version_id)
+            .join(registered_models, registered_models.c.id == model_aliases.c.model_id)
+            .where(registered_models.c.name == name)
+            .order_by(model_aliases.c.alias)
+        )
+        with self.engine.connect() as conn:
+            return [Alias(name, r["alias"], r["version"], r["updated_at"]) for r in conn.execute(query).mappings()]
+
+    def _versions_query(self) -> sa.Select:
+        return sa.select(model_versions, registered_models.c.name, registered_models.c.tenant).join(
+            registered_models, registered_models.c.id == model_versions.c.model_id
+        )
+
+    def _version_row(self, conn: Connection, ref: str | ModelRef) -> dict[str, Any]:
+        parsed = parse_ref(ref)
+        query = self._versions_query().where(registered_models.c.name == parsed.name)
+        if parsed.version is not None:
+            row = conn.execute(query.where(model_versions.c.version == parsed.version)).mappings().first()
+            if row is None:
+                self._require_model(conn, parsed.name)
+                raise NotFoundError(f"model {parsed.name!r} has no version {parsed.version}", param="model")
+            return dict(row)
+        alias = parsed.alias or DEFAULT_ALIAS
+        row = conn.execute(
+            query.join(model_aliases, model_aliases.c.version_id == model_versions.c.id).where(model_aliases.c.alias == alias)
+        ).mappings().first()
+        if row is not None:
+            return dict(row)
+        if parsed.alias is not None:
+            self._require_model(conn, parsed.name)
+            raise NotFoundError(f"model {parsed.name!r} has no alias {parsed.alias!r}", param="model")
+        row = conn.execute(
+            query.where(model_versions.c.status == READY).order_by(model_versions.c.version.desc()).limit(1)
+        ).mappings().first()
+        if row is None:
+            self._require_model(conn, parsed.name)
+            raise NotFoundError(f"model {parsed.name!r} has no ready version", param="model")
+        return dict(row)
+
+    def _require_model(self, conn: Connection, name: str) -> None:
+        if conn.execute(sa.select(registered_models.c.id).where(registered_models.c.name == name)).first() is None:
+            raise NotFoundError(f"no model named {name!r}", param="model")
+
+    def _version(self, conn: Connection, row: Any) -> ModelVersion:
+        parent = None
+        if row["parent_id"] is not None:
+            p = conn.execute(
+                sa.select(registered_models.c.name, model_versions.c.version)
+                .join(registered_models, registered_models.c.id == model_versions.c.model_id)
+                .where(model_versions.c.id == row["parent_id"])
+            ).first()
+            parent = f"{p.name}:{p.version}"
+        return ModelVersion(
+            name=row["name"],
+            version=row["version"],
+            task=row["task"],
+            status=row["status"],
+            prefix=row["prefix"],
+            files=tuple(ModelFile(f["path"], f["sha256"], int(f["size"])) for f in row["files"]),
+            manifest_sha256=row["manifest_sha256"],
+            created_at=row["created_at"],
+            run=row["run"],
+            dataset=row["dataset"],
+            dataset_sha256=row["dataset_sha256"],
+            parent=parent,
+            metrics=dict(row["metrics"] or {}),
+            description=row["description"],
+            signature=row["signature"],
+            encrypted=bool(row["encrypted"]),
+            tenant=row["tenant"],
+        )
+
+    # -- loading -------------------------------------------------------------------------
+    def download(self, ref: str | ModelRef, local_dir: str | os.PathLike[str]) -> ModelVersion:
+        """Download a version's files to `local_dir`, verifying every sha256 (and the signature).
+
+        Raises:
+            NotFoundError: the reference names nothing.
+            IntegrityError: a stored file is missing, truncated or altered (the message names
+                it), or the signature is missing (when required) or invalid.
+        """
+        version = self.resolve(ref)
+        self.check_signature(version)
+        manifest = self.storage.read_manifest(version.prefix)
+        if manifest is None:
+            raise IntegrityError(f"{version.ref}: its files are missing from {self.storage.url(version.prefix)}")
+        local_dir = Path(local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        if not version.encrypted:
+            if manifest.sha256 != version.manifest_sha256:
+                raise IntegrityError(f"{version.ref}: the stored manifest {self.storage.url(version.prefix + '/' + MANIFEST)} was altered")
+            self.storage.download_dir(version.prefix, local_dir)
+            (local_dir / MANIFEST).unlink(missing_ok=True)
+            return version
+        key = self._decryption_key(version)
+        with tempfile.TemporaryDirectory(prefix="lmaas-sealed-") as sealed:
+            self.storage.download_dir(version.prefix, sealed)  # verifies the ciphertext hashes
+            for entry in version.files:
+                plain = self._decrypt_checked(version, key, entry, (Path(sealed) / entry.path).read_bytes())
+                dest = local_dir / entry.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(plain)
+        return version
+
+    def _decryption_key(self, version: ModelVersion) -> bytes:
+        if self.encryption_key is None:
+            raise ConfigError(
+                f"{version.ref} is encrypted at rest; set LMAAS_ENCRYPTION_KEY or LMAAS_ENCRYPTION_KEY_FILE to load it",
+                param="encryption_key",
+            )
+        return self.encryption_key
+
+    def _decrypt_checked(self, version: ModelVersion, key: bytes, entry: ModelFile, data: bytes) -> bytes:
+        import hashlib
+
+        where = self.storage.url(f"{version.prefix}/{entry.path}")
+        plain = _decrypt(key, entry.path, data, where)
+        if len(plain) != entry.size or hashlib.sha256(plain).hexdigest() != entry.sha256:
+            raise IntegrityError(f"{where} does not match its sha256 in the manifest after decryption: altered")
+        return plain
+
+    def read_file(self, ref: str | ModelRef, path: str) -> tuple[ModelVersion, bytes]:
+        """One file of a version, verified against its recorded sha256.
+
+        Raises:
+            NotFoundError: no such version or file.
+            IntegrityError: the stored bytes do not match (the message names the file).
+        """
+        import hashlib
+
+        version = self.resolve(ref)
+        self.check_signature(version)
+        entry = next((f for f in version.files if f.path == path), None)
+        if entry is None:
+            raise NotFoundError(f"{version.ref} has no file {path!r}", param="path")
+        where = self.storage.url(f"{version.prefix}/{path}")
+        try:
+            data = self.storage.read_bytes(f"{version.prefix}/{path}")
+        except NotFoundError:
+            raise IntegrityError(f"{where} is missing (listed in the manifest)") from None
+        if version.encrypted:
+            return version, self._decrypt_checked(version, self._decryption_key(version), entry, data)
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise IntegrityError(f"{where} does not match its sha256 in the manifest: truncated or altered")
+        return version, data
+
+    def verify(self, ref: str | ModelRef) -> ModelVersion:
+        """Check a version's stored files and signature without downloading them elsewhere."""
+        version = self.resolve(ref)
+        self.check_signature(version)
+        manifest = self.storage.verify(version.prefix)
+        if version.encrypted:
+            for entry in version.files:
+                self.read_file(version.ref, entry.path)  # decrypts and checks the plaintext hash
+        elif manifest.sha256 != version.manifest_sha256:
+            raise IntegrityError(f"{version.ref}: the stored manifest was altered")
+        return version
+
+    def check_signature(self, version: ModelVersion) -> None:
+        """Raise `IntegrityError` if the signature is invalid, or missing while one is required."""
+        if version.signature is None:
+            if self.require_signature:
+                raise IntegrityError(f"{version.ref} is not signed and this deployment requires signed versions")
+            return
+        if self._verifier is None:
+            if self.require_signature:
+                raise IntegrityError(f"{version.ref}: no verify key to check its signature with")
+            return
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            self._verifier.verify(bytes.fromhex(version.signature), version.signing_payload())
+        except (InvalidSignature, ValueError):
+            raise IntegrityError(f"{version.ref}: invalid signature (not signed by the configured key, or altered)") from None
+
+    # -- aliases and status --------------------------------------------------------------
+    def set_alias(self, name: str, alias: str, version: int) -> Alias:
+        """Point `alias` of model `name` at `version` (moving it if it exists).
+
+        Raises:
+            NotFoundError: no such model or version.
+            InvalidInputError: bad alias, or the version is archived.
+        """
+        validate_alias(alias)
+        with self.engine.begin() as conn:
+            row = self._version_row(conn, ModelRef(validate_model_name(name), version=int(version)))
+            if row["status"] != READY:
+                raise InvalidInputError(f"{name}:{version} is archived; restore it before pointing an alias at it", param="version")
+            now = time.time()
+            conn.execute(
+                model_aliases.delete().where(model_aliases.c.model_id == row["model_id"], model_aliases.c.alias == alias)
+            )
+            conn.execute(model_aliases.insert().values(model_id=row["model_id"], alias=alias, version_id=row["id"], updated_at=now))
+            _event(conn, "alias.set", f"{name}@{alias}", tenant=row["tenant"], detail={"version": int(version)})
+        return Alias(name, alias, int(version), now)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        """Remove an alias. Raises `NotFoundError` if it does not exist."""
+        validate_alias(alias)
+        with self.engine.begin() as conn:
+            model = conn.execute(sa.select(registered_models).where(registered_models.c.name == validate_model_name(name))).first()
+            if model is None:
+                raise NotFoundError(f"no model named {name!r}", param="name")
+            deleted = conn.execute(
+                model_aliases.delete().where(model_aliases.c.model_id == model.id, model_aliases.c.alias == alias)
+            ).rowcount
+            if not deleted:
+                raise NotFoundError(f"model {name!r} has no alias {alias!r}", param="alias")
+            _event(conn, "alias.delete", f"{name}@{alias}", tenant=model.tenant)
+
+    def archive(self, ref: str | ModelRef) -> ModelVersion:
+        """Mark a version archived (hidden from `name` resolution; files kept). Refused (409) if an alias points at it."""
+        return self._set_status(ref, ARCHIVED)
+
+    def restore(self, ref: str | ModelRef) -> ModelVersion:
+        """Mark an archived version ready again."""
+        return self._set_status(ref, READY)
+
+    def _set_status(self, ref: str | ModelRef, status: str) -> ModelVersion:
+        with self.engine.begin() as conn:
+            row = self._version_row(conn, ref)
+            if status == ARCHIVED:
+                self._refuse_if_in_use(conn, row, "archive")
+            conn.execute(model_versions.update().where(model_versions.c.id == row["id"]).values(status=status))
+            _event(conn, f"version.{status}", f"{row['name']}:{row['version']}", tenant=row["tenant"])
+        return self.get_version(row["name"], row["version"])
+
+    def delete_version(self, ref: str | ModelRef) -> ModelVersion:
+        """Delete a version and its files.
+
+        Raises:
+            AlreadyExistsError (409): an alias or a deployment points at it, or another version derives from it.
+        """
+        with self.engine.begin() as conn:
+            row = self._version_row(conn, ref)
+            self._refuse_if_in_use(conn, row, "delete")
+            children = conn.execute(sa.select(sa.func.count()).where(model_versions.c.parent_id == row["id"])).scalar_one()
+            if children:
+                raise AlreadyExistsError(
+                    f"cannot delete {row['name']}:{row['version']}: {children} version(s) derive from it; delete them first",
+                    param="model",
+                )
+            version = self._version(conn, row)
+            conn.execute(model_versions.delete().where(model_versions.c.id == row["id"]))
+            _event(conn, "version.delete", version.ref, tenant=row["tenant"])
+        # the row is gone first: a crash here leaves only unreferenced files, which gc removes
+        self.storage.delete(version.prefix)
+        return version
+
+    def _refuse_if_in_use(self, conn: Connection, row: dict[str, Any], verb: str) -> None:
+        aliases = conn.execute(sa.select(model_aliases.c.alias).where(model_aliases.c.version_id == row["id"])).scalars().all()
+        deployments = self.deployments_of(row["name"], row["version"])
+        if aliases or deployments:
+            users = [f"alias {a!r}" for a in aliases] + [f"deployment {d!r}" for d in deployments]
+            raise AlreadyExistsError(
+                f"cannot {verb} {row['name']}:{row['version']}: {', '.join(users)} point(s) at it; move or delete them first",
+                param="model",
+            )
+
+    # -- lineage -------------------------------------------------------------------------
+    def lineage(self, ref: str | ModelRef) -> Lineage:
+        """A version's dataset, run, parent, children (derived versions), aliases and deployments."""
+        with self.engine.connect() as conn:
+            row = self._version_row(conn, ref)
+            version = self._version(conn, row)
+            parent = self._version(conn, self._version_row(conn, version.parent)) if version.parent else None
+            children = tuple(
+                self._version(conn, r)
+                for r in conn.execute(
+                    self._versions_query().where(model_versions.c.parent_id == row["id"]).order_by(model_versions.c.id)
+                ).mappings()
+            )
+            aliases = tuple(conn.execute(sa.select(model_aliases.c.alias).where(model_aliases.c.version_id == row["id"])).scalars())
+        return Lineage(version, parent, children, tuple(sorted(aliases)), tuple(self.deployments_of(version.name, version.version)))
+
+    def trained_on(self, dataset: str) -> list[ModelVersion]:
+        """Every version whose recorded dataset is `dataset` (e.g. `wiki:3`), oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(self._versions_query().where(model_versions.c.dataset == dataset).order_by(model_versions.c.id)).mappings()
+            return [self._version(conn, r) for r in rows]
+
+    # -- garbage collection --------------------------------------------------------------
+    def gc(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Delete files no version references: uploads that died before commit, deleted versions.
+
+        An upload in progress (recorded in `model_uploads`) is left alone for `grace_seconds`.
+
+        Returns:
+            The store prefixes deleted (or that would be, with `dry_run`).
+        """
+        with self.engine.connect() as conn:
+            referenced = set(conn.execute(sa.select(model_versions.c.prefix)).scalars())
+            uploads = {r.prefix: r.created_at for r in conn.execute(sa.select(model_uploads))}
+        now = time.time()
+        candidates = set(self.storage.garbage(MODELS_PREFIX, depth=2))
+        for path in self.storage.list(MODELS_PREFIX):
+            parts = path.split("/")
+            if len(parts) >= 4:
+                candidates.add("/".join(parts[:3]))
+        removed = []
+        for path in sorted(candidates):
+            owner = _owning_prefix(path)
+            if owner in referenced and not _is_temporary_path(path):
+                continue
+            started = uploads.get(owner)
+            if started is not None and now - started < grace_seconds:
+                continue
+            removed.append(path)
+            if not dry_run:
+                self.storage.delete(path)
+        if not dry_run:
+            stale = [p for p, t in uploads.items() if now - t >= grace_seconds and p not in referenced]
+            if stale:
+                with self.engine.begin() as conn:
+                    conn.execute(model_uploads.delete().where(model_uploads.c.prefix.in_(stale)))
+        return removed
+
+
+class StagedUpload:
+    """Files uploaded and verified under a unique prefix, not yet a version."""
+
+    def __init__(self, *, name: str, prefix: str, manifest: Manifest, encrypted: bool = False) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.manifest = manifest
+        """Hashes of the plaintext files."""
+        self.encrypted = encrypted
+
+
+def check_model_dir(local_dir: str | os.PathLike[str], *, expected_sha256: dict[str, str] | None = None) -> Manifest:
+    """Check a local model directory before upload and return its manifest.
+
+    Raises:
+        NotFoundError: not a directory.
+        InvalidInputError: empty, a pickle-format weights file, an unsafe or reserved file name,
+            a `.safetensors` file that is not safetensors, or a file whose sha256 differs from
+            `expected_sha256`.
+    """
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise NotFoundError(f"{local_dir} is not a directory", param="dir")
+    manifest = Manifest.of_dir(root)
+    if not manifest.files:
+        raise InvalidInputError(f"{local_dir} holds no files", param="files")
+    for entry in manifest.files:
+        validate_file_path(entry.path)
+        if (root / entry.path).is_symlink():
+            raise InvalidInputError(f"{entry.path}: symbolic links are not registered; copy the file", param="files")
+        if entry.path.lower().endswith(PICKLE_SUFFIXES):
+            raise InvalidInputError(
+                f"{entry.path}: pickle-based weights are refused; save weights as .safetensors", param="files"
+            )
+        if entry.path.endswith(".safetensors"):
+            _check_safetensors(root / entry.path, entry.path)
+    if expected_sha256 is not None:
+        actual = {e.path: e.sha256 for e in manifest.files}
+        for path, digest in expected_sha256.items():
+            if path not in actual:
+                raise InvalidInputError(f"{path}: listed in the hashes but not uploaded", param="sha256")
+            if actual[path] != digest.lower():
+                raise InvalidInputError(f"{path}: sha256 {actual[path]} does not match the declared {digest}", param="sha256")
+    return manifest
+
+
+def _check_safetensors(path: Path, rel: str) -> None:
+    """A valid safetensors file starts with an 8-byte little-endian header length and a JSON header."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        ok = 0 < length <= min(size - 8, 100 << 20)
+        if ok:
+            try:
+                header = json.loads(f.read(length))
+                ok = isinstance(header, dict)
+            except (ValueError, UnicodeDecodeError):
+                ok = False
+    if not ok:
+        raise InvalidInputError(f"{rel} is not a safetensors file (bad header)", param="files")
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise InvalidInputError(f"unknown task {task!r}; use one of {', '.join(TASKS)}", param="task")
+
+
+def _owning_prefix(path: str) -> str:
+    """`models/<name>/<upload id>` for any path under it, or for its staging directory."""
+    parts = path.split("/")[:3]
+    if len(parts) == 3 and parts[2].startswith("."):
+        parts[2] = parts[2][1:].split(".staging-")[0].split(".tmp-")[0]
+    return "/".join(parts)
+
+
+def _is_temporary_path(path: str) -> bool:
+    return any(p.startswith(".") and (".tmp-" in p or ".staging-" in p) for p in path.split("/"))
+
+
+def _event(conn: Connection, action: str, target: str, *, tenant: str | None, detail: dict | None = None) -> None:
+    conn.execute(
+        events.insert().values(
+            created_at=time.time(), actor="registry", tenant=tenant, action=action, target=target, outcome="ok", detail=detail or {}
+        )
+    )
+
+
+def _model(row: Any) -> RegisteredModel:
+    return RegisteredModel(
+        name=row["name"],
+        tenant=row["tenant"],
+        description=row["description"],
+        tags=dict(row["tags"] or {}),
+        created_at=row["created_at"],
+        latest_version=row["last_version"],
+    )
+
+
+def _hex_env(var: str) -> bytes | None:
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return None
+    try:
+        key = bytes.fromhex(value)
+    except ValueError:
+        raise ConfigError(f"{var} must be a hex-encoded 32-byte key", param=var) from None
+    if len(key) != 32:
+        raise ConfigError(f"{var} must be a hex-encoded 32-byte key, not {len(key)} bytes", param=var)
+    return key
+
+
+_SEALED_MAGIC = b"LMAE1"
+
+
+def _encrypt(key: bytes, path: str, data: bytes) -> bytes:
+    """AES-256-GCM with a random nonce; the file's path is authenticated too, so files cannot be swapped."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(12)
+    return _SEALED_MAGIC + nonce + AESGCM(key).encrypt(nonce, data, path.encode())
+
+
+def _decrypt(key: bytes, path: str, sealed: bytes, where: str) -> bytes:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    if not sealed.startswith(_SEALED_MAGIC):
+        raise IntegrityError(f"{where} is not an lmaas-encrypted file: altered")
+    nonce, body = sealed[len(_SEALED_MAGIC) : len(_SEALED_MAGIC) + 12], sealed[len(_SEALED_MAGIC) + 12 :]
+    try:
+        return AESGCM(key).decrypt(nonce, body, path.encode())
+    except InvalidTag:
+        raise IntegrityError(f"{where} does not decrypt: wrong encryption key, or the file was altered") from None
+
+
+def _encryption_key_from_env() -> bytes | None:
+    key = _hex_env("LMAAS_ENCRYPTION_KEY")
+    path = os.environ.get("LMAAS_ENCRYPTION_KEY_FILE", "").strip()
+    if key is None and path:
+        try:
+            raw = Path(path).expanduser().read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"LMAAS_ENCRYPTION_KEY_FILE={path}: {exc.strerror}", param="LMAAS_ENCRYPTION_KEY_FILE") from None
+        text = raw.strip()
+        try:
+            key = bytes.fromhex(text.decode()) if len(text) == 64 else raw
+        except (ValueError, UnicodeDecodeError):
+            key = raw
+        if len(key) != 32:
+            raise ConfigError(f"LMAAS_ENCRYPTION_KEY_FILE={path} must hold a 32-byte key (raw or 64 hex digits)", param="LMAAS_ENCRYPTION_KEY_FILE")
+    return key
+
+
+def _private_key(raw: bytes):  # noqa: ANN202 - cryptography type imported lazily
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def _public_key(raw: bytes):  # noqa: ANN202
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _public_bytes(private) -> bytes:  # noqa: ANN001
+    from cryptography.hazmat.primitives import serialization
+
+    return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def generate_signing_key() -> tuple[str, str]:
+    """A new Ed25519 key pair as hex strings: (private for LMAAS_SIGNING_KEY, public for LMAAS_VERIFY_KEY)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return private.hex(), _public_bytes(key).hex()

@@ -1,0 +1,46 @@
+"""The one place HTTP errors are shaped: `LmaasError` and bad requests -> OpenAI-style JSON.
+
+Every error body is `{"error": {"message", "type", "param", "code"}}` with the exception's
+4xx/5xx status, as OpenAI's API does, so clients need to handle one shape.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmaas.errors import LmaasError
+
+
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict:
+    """The OpenAI-style error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _code(exc: LmaasError) -> str:
+    # NotFoundError -> "not_found"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__.removesuffix("Error")).lower()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map project errors, request validation errors and HTTP errors to OpenAI-style JSON."""
+
+    @app.exception_handler(LmaasError)
+    async def _lmaas_error(_request: Request, exc: LmaasError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.type, param=exc.param, code=_code(exc)), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        return JSONResponse(error_body(message, "invalid_request_error", param=param, code="invalid_input"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), type_, code=str(exc.status_code)), status_code=exc.status_code)

@@ -1,0 +1,1 @@
+"""Pydantic request and response schemas of lmaas's HTTP APIs."""

@@ -1,0 +1,96 @@
+"""Request and response schemas of the model registry REST API (`/api/v1/models...`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ModelFileOut(BaseModel):
+    path: str
+    sha256: str
+    size: int
+
+
+class RegisteredModelOut(BaseModel):
+    object: str = "model"
+    name: str
+    tenant: str
+    description: str
+    tags: dict[str, str]
+    created_at: float
+    latest_version: int
+
+
+class ModelVersionOut(BaseModel):
+    object: str = "model.version"
+    name: str
+    version: int
+    ref: str
+    task: str
+    status: str
+    size: int
+    files: list[ModelFileOut]
+    manifest_sha256: str
+    created_at: float
+    run: str | None
+    dataset: str | None
+    dataset_sha256: str | None
+    parent: str | None
+    metrics: dict[str, float]
+    description: str
+    signed: bool
+    encrypted: bool
+    tenant: str
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[RegisteredModelOut]
+
+
+class VersionPage(BaseModel):
+    """One page of versions, newest first; fetch the next with `offset=next_offset`."""
+
+    object: str = "list"
+    data: list[ModelVersionOut]
+    offset: int
+    limit: int
+    has_more: bool
+    next_offset: int | None
+
+
+class SetAliasRequest(BaseModel):
+    version: int = Field(..., ge=1, description="The version the alias should point at.")
+
+
+class AliasOut(BaseModel):
+    object: str = "model.alias"
+    name: str
+    alias: str
+    version: int
+    updated_at: float
+
+
+class LineageOut(BaseModel):
+    object: str = "model.lineage"
+    ref: str
+    dataset: str | None
+    dataset_sha256: str | None
+    run: str | None
+    parent: str | None
+    children: list[str]
+    aliases: list[str]
+    deployments: list[str]
+
+
+class DeletedOut(BaseModel):
+    object: str
+    id: str
+    deleted: bool = True
+
+
+def version_out(version: Any) -> ModelVersionOut:
+    """A `ModelVersion` entity as its response schema."""
+    return ModelVersionOut(**version.to_dict())

@@ -1,0 +1,1 @@
+"""Thin FastAPI routers: parse a request, call the library, shape the response."""

@@ -1,0 +1,187 @@
+"""Model registry REST API under `/api/v1/`: a thin map from HTTP to `ModelRegistry` calls.
+
+Upload a version as multipart form data: one `files` part per file, its filename the path inside
+the version (`1_Pooling/config.json`), plus `task` and optionally `sha256` (JSON `{path: hex}`:
+the upload is refused if a file does not match), `parent`, `dataset`, `run`, `metrics` (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi.responses import Response
+
+from lmaas.errors import InvalidInputError
+from lmaas.registry import ModelRegistry
+from lmaas.registry.refs import validate_file_path, validate_model_name
+from lmaas.serve.protocol.registry import (
+    AliasOut,
+    DeletedOut,
+    LineageOut,
+    ModelList,
+    ModelVersionOut,
+    RegisteredModelOut,
+    SetAliasRequest,
+    VersionPage,
+    version_out,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["registry"])
+
+
+def _registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(
+    request: Request, search: str | None = None, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> ModelList:
+    """List (or search by name substring) registered models."""
+    models = _registry(request).list_models(search=search, offset=offset, limit=limit)
+    return ModelList(data=[RegisteredModelOut(**m.to_dict()) for m in models])
+
+
+@router.get("/models/{name}", response_model=RegisteredModelOut)
+def get_model(request: Request, name: str) -> RegisteredModelOut:
+    return RegisteredModelOut(**_registry(request).get_model(name).to_dict())
+
+
+@router.get("/models/{name}/versions", response_model=VersionPage)
+def list_versions(
+    request: Request,
+    name: str,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    status: str | None = None,
+) -> VersionPage:
+    """A page of a model's versions, newest first."""
+    found = _registry(request).list_versions(name, offset=offset, limit=limit + 1, status=status)
+    more = len(found) > limit
+    return VersionPage(
+        data=[version_out(v) for v in found[:limit]], offset=offset, limit=limit, has_more=more, next_offset=offset + limit if more else None
+    )
+
+
+@router.post("/models/{name}/versions", response_model=ModelVersionOut, status_code=201)
+def upload_version(
+    request: Request,
+    name: str,
+    files: list[UploadFile],
+    task: Annotated[str, Form()],
+    sha256: Annotated[str | None, Form()] = None,
+    parent: Annotated[str | None, Form()] = None,
+    dataset: Annotated[str | None, Form()] = None,
+    dataset_sha256: Annotated[str | None, Form()] = None,
+    run: Annotated[str | None, Form()] = None,
+    metrics: Annotated[str | None, Form()] = None,
+    description: Annotated[str, Form()] = "",
+) -> ModelVersionOut:
+    """Upload files as the next version of `name` (all checked before anything is registered)."""
+    validate_model_name(name)
+    expected = _json_form(sha256, "sha256")
+    parsed_metrics = _json_form(metrics, "metrics")
+    tmp = Path(tempfile.mkdtemp(prefix="lmaas-upload-"))
+    try:
+        seen = set()
+        for upload in files:
+            rel = validate_file_path(upload.filename or "")
+            if rel in seen:
+                raise InvalidInputError(f"file {rel!r} uploaded twice", param="files")
+            seen.add(rel)
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest, "wb") as out:
+                shutil.copyfileobj(upload.file, out, 1 << 20)
+        version = _registry(request).register_version(
+            name,
+            tmp,
+            task=task,
+            parent=parent or None,
+            dataset=dataset or None,
+            dataset_sha256=dataset_sha256 or None,
+            run=run or None,
+            metrics=parsed_metrics,
+            description=description,
+            expected_sha256=expected,
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return version_out(version)
+
+
+def _json_form(value: str | None, param: str) -> dict | None:
+    if not value:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        raise InvalidInputError(f"{param} must be a JSON object", param=param) from None
+    if not isinstance(parsed, dict):
+        raise InvalidInputError(f"{param} must be a JSON object", param=param)
+    return parsed
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelVersionOut)
+def get_version(request: Request, name: str, version: int) -> ModelVersionOut:
+    return version_out(_registry(request).get_version(name, version))
+
+
+@router.get("/resolve", response_model=ModelVersionOut)
+def resolve(request: Request, ref: str) -> ModelVersionOut:
+    """The version a reference (`name`, `name:7`, `name@alias`) names."""
+    return version_out(_registry(request).resolve(ref))
+
+
+@router.get("/models/{name}/versions/{version}/files/{path:path}")
+def download_file(request: Request, name: str, version: int, path: str) -> Response:
+    """One file of a version, verified against its sha256 before it is sent."""
+    validate_file_path(path)
+    found, data = _registry(request).read_file(f"{validate_model_name(name)}:{version}", path)
+    entry = next(f for f in found.files if f.path == path)
+    return Response(data, media_type="application/octet-stream", headers={"X-Sha256": entry.sha256})
+
+
+@router.put("/models/{name}/aliases/{alias}", response_model=AliasOut)
+def set_alias(request: Request, name: str, alias: str, body: SetAliasRequest) -> AliasOut:
+    return AliasOut(**_registry(request).set_alias(name, alias, body.version).to_dict())
+
+
+@router.delete("/models/{name}/aliases/{alias}", response_model=DeletedOut)
+def delete_alias(request: Request, name: str, alias: str) -> DeletedOut:
+    _registry(request).delete_alias(name, alias)
+    return DeletedOut(object="model.alias", id=f"{name}@{alias}")
+
+
+@router.post("/models/{name}/versions/{version}/archive", response_model=ModelVersionOut)
+def archive(request: Request, name: str, version: int) -> ModelVersionOut:
+    return version_out(_registry(request).archive(f"{validate_model_name(name)}:{version}"))
+
+
+@router.post("/models/{name}/versions/{version}/restore", response_model=ModelVersionOut)
+def restore(request: Request, name: str, version: int) -> ModelVersionOut:
+    return version_out(_registry(request).restore(f"{validate_model_name(name)}:{version}"))
+
+
+@router.delete("/models/{name}/versions/{version}", response_model=DeletedOut)
+def delete_version(request: Request, name: str, version: int) -> DeletedOut:
+    """Delete a version; 409 while an alias, a deployment or a derived version points at it."""
+    deleted = _registry(request).delete_version(f"{validate_model_name(name)}:{version}")
+    return DeletedOut(object="model.version", id=deleted.ref)
+
+
+@router.get("/models/{name}/versions/{version}/lineage", response_model=LineageOut)
+def lineage(request: Request, name: str, version: int) -> LineageOut:
+    return LineageOut(**_registry(request).lineage(f"{validate_model_name(name)}:{version}").to_dict())
+
+
+@router.get("/lineage", response_model=VersionPage)
+def trained_on(request: Request, dataset: str) -> VersionPage:
+    """Every model version trained on a dataset version."""
+    found = _registry(request).trained_on(dataset)
+    return VersionPage(data=[version_out(v) for v in found], offset=0, limit=len(found), has_more=False, next_offset=None)
