@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -56,8 +57,6 @@ def ray_head():
                 urllib.request.urlopen(request, timeout=1)
                 break
             except OSError:
-                import time
-
                 time.sleep(0.1)
         else:
             raise TimeoutError("Ray head dashboard did not come up in 60 s")
@@ -74,7 +73,20 @@ def ray_head():
 def test_ray_job_submit_runs_the_selfcheck_job(ray_head, lmaas_env, tmp_path):
     address, head_env = ray_head
     runtime_env = {"env_vars": {"LMAAS_HOME": lmaas_env["LMAAS_HOME"]}, "excludes": [".venv", ".git"]}
-    result = subprocess.run(
+    for _attempt in range(6):  # bounded: the head's job agent registers a few seconds after the dashboard
+        result = submit(address, runtime_env, lmaas_env)
+        if "No available agent" not in result.stderr:
+            break
+        time.sleep(5)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    report = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
+    assert len(report["workers"]) == 2
+    assert (tmp_path / "home" / "store" / report["prefix"] / "_manifest.json").exists()
+
+
+def submit(address: str, runtime_env: dict, lmaas_env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [
             str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
             "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -82,8 +94,3 @@ def test_ray_job_submit_runs_the_selfcheck_job(ray_head, lmaas_env, tmp_path):
         ],
         env={**lmaas_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300, cwd=REPO,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in result.stdout
-    report = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
-    assert len(report["workers"]) == 2
-    assert (tmp_path / "home" / "store" / report["prefix"] / "_manifest.json").exists()
