@@ -100,7 +100,7 @@ def test_quickstart_joined_to_a_cluster_against_s3_and_postgres(cli, lmaas_env, 
         "AWS_ENDPOINT_URL": s3_server.endpoint,
         "LMAAS_DATABASE_URL": postgres_url,
     }
-    result = cli("quickstart", "--tasks", "2", env=env, timeout=300)
+    result = cli("quickstart", "--tasks", "2", "--corpus-files", "10", env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "What quickstart did" in result.stdout
     assert "joined" in result.stdout
@@ -118,11 +118,12 @@ def test_quickstart_joined_to_a_cluster_against_s3_and_postgres(cli, lmaas_env, 
 
 def test_quickstart_starts_its_own_cluster_and_runs_twice(cli, lmaas_env, tmp_path):
     """What `make demo` runs, on the embedded defaults; the second run must work too."""
-    for run in (1, 2):
-        result = cli("quickstart", "--tasks", "2", env=lmaas_env, timeout=300)
+    for run in ("created", "unchanged"):
+        result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", env=lmaas_env, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "started a local cluster" in result.stdout
         assert "What quickstart did" in result.stdout
+        assert f"stdlib-demo:1 {run}" in result.stdout  # the second run reuses the dataset version
         assert "Traceback" not in result.stderr
     store = tmp_path / "home" / "store" / "selfcheck"
     assert len(list(store.glob("*/summary/_manifest.json"))) == 2
