@@ -251,6 +251,47 @@ def test_concurrent_registrations_get_consecutive_versions(registry_backend, tmp
     assert registry.get_model("shared").latest_version == 32
 
 
+def test_ray_workers_registering_at_once_get_consecutive_versions(ray_cluster, tmp_path: Path):
+    """8 Ray tasks register a version of one name at the same moment: versions 1..8, each loadable."""
+    import ray
+
+    uri, url = f"file://{tmp_path / 'store'}", f"sqlite:///{tmp_path / 'lmaas.db'}"
+    db.connect(url)  # migrate once up front; the tasks race on registration only
+    dirs = [str(make_model_dir(tmp_path / f"src{i}", seed=i)) for i in range(8)]
+    start = tmp_path / "go"
+
+    # defined here so Ray ships it by value; its workers import lmaas from PYTHONPATH
+    @ray.remote(num_cpus=0.25)
+    def register(src: str) -> tuple[int, str]:
+        import os
+        import time
+
+        from lmaas import db
+        from lmaas.registry import ModelRegistry
+        from lmaas.storage import Storage
+
+        registry = ModelRegistry(Storage(uri), db.connect(url))
+        while not os.path.exists(start):  # line up, so the registrations really overlap
+            time.sleep(0.01)
+        version = registry.register_version("shared", src, task="causal-lm", run=os.path.basename(src))
+        return version.version, version.run
+
+    refs = [register.remote(d) for d in dirs]
+    time.sleep(1)
+    start.write_text("go")
+    results = ray.get(refs, timeout=300)
+    assert sorted(v for v, _ in results) == list(range(1, 9))
+    assert sorted(run for _, run in results) == sorted(Path(d).name for d in dirs)
+    registry = ModelRegistry(Storage(uri), db.connect(url))
+    versions = registry.list_versions("shared", limit=100)
+    assert {v.version: v.run for v in versions} == dict(results)
+    for v in versions:
+        out = tmp_path / "out" / str(v.version)
+        registry.download(v.ref, out)  # verifies every file's sha256
+        assert (out / "model.safetensors").read_bytes() == (tmp_path / v.run / "model.safetensors").read_bytes()
+    assert registry.get_model("shared").latest_version == 8
+
+
 KILLED_REGISTRATION = r"""
 import os, signal, sys
 sys.path.insert(0, sys.argv[4])
