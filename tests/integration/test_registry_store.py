@@ -375,3 +375,41 @@ def test_encryption_at_rest(registry_backend, tmp_path: Path):
         sealed.download("secret:1", tmp_path / "tampered")
     with pytest.raises(IntegrityError, match="model.safetensors"):
         sealed.read_file("secret:1", "model.safetensors")
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_two_step_upload(registry_backend, tmp_path: Path, encrypted: bool):
+    """begin_upload / put_upload_file / commit_upload: the REST API's two-step path, on both backends."""
+    import io
+
+    from lmaas.registry.entities import ModelFile
+
+    registry = open_registry(registry_backend, encryption_key=os.urandom(32) if encrypted else None)
+    src = make_model_dir(tmp_path / "src")
+    files = [ModelFile(p.name, hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size) for p in sorted(src.iterdir())]
+    upload_id = registry.begin_upload("tiny", files)
+    with pytest.raises(InvalidInputError, match="model.safetensors"):
+        registry.put_upload_file(upload_id, "model.safetensors", io.BytesIO(b"x" * files[1].size))
+    for f in files:
+        registry.put_upload_file(upload_id, f.path, io.BytesIO((src / f.path).read_bytes()))
+    assert registry.list_models() == []
+    version = registry.commit_upload(upload_id, task="causal-lm", run="r1")
+    assert (version.ref, version.encrypted, version.run) == ("tiny:1", encrypted, "r1")
+    assert {f.path: f.sha256 for f in version.files} == {f.path: f.sha256 for f in files}
+    registry.download("tiny:1", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    with pytest.raises(AlreadyExistsError, match="already committed"):
+        registry.commit_upload(upload_id, task="causal-lm")
+    # a file altered in the store after its PUT is caught at commit
+    second = registry.begin_upload("tiny", files)
+    for f in files:
+        registry.put_upload_file(second, f.path, io.BytesIO((src / f.path).read_bytes()))
+    target = f"models/tiny/{second}/config.json"
+    registry.storage.write_bytes(target, registry.storage.read_bytes(target)[:-1] + b"X")
+    with pytest.raises(IntegrityError, match="config.json"):
+        registry.commit_upload(second, task="causal-lm")
+    registry.abort_upload(second)
+    with pytest.raises(NotFoundError):
+        registry.commit_upload(second, task="causal-lm")
+    assert registry.storage.list(f"models/tiny/{second}") == []
+    assert registry.get_model("tiny").latest_version == 1
