@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from lmaas import db
-from lmaas.db.schema import events, model_aliases, model_uploads, model_versions, registered_models
+from lmaas.db.schema import model_aliases, model_uploads, model_versions, registered_models
 from lmaas.errors import AlreadyExistsError, ConfigError, IntegrityError, InvalidInputError, NotFoundError
 from lmaas.registry.entities import (
     ARCHIVED,
@@ -910,11 +910,8 @@ def _is_temporary_path(path: str) -> bool:
 
 
 def _event(conn: Connection, action: str, target: str, *, tenant: str | None, detail: dict | None = None) -> None:
-    conn.execute(
-        events.insert().values(
-            created_at=time.time(), actor="registry", tenant=tenant, action=action, target=target, outcome="ok", detail=detail or {}
-        )
-    )
+    """Record a registry event inside the caller's transaction."""
+    db.record_event(conn, actor="registry", action=action, target=target, tenant=tenant, detail=detail)
 
 
 def _model(row: Any) -> RegisteredModel:
