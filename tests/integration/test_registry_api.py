@@ -170,7 +170,9 @@ def test_two_step_upload_commits_a_version_that_downloads_and_verifies(api, tmp_
     assert upload_["object"] == "model.upload" and len(upload_["files"]) == 3
     assert registry.list_models() == []  # nothing visible before commit
     for target in upload_["files"]:
-        r = client.put(target["url"], content=(src / target["path"]).read_bytes())
+        data = (src / target["path"]).read_bytes()
+        # chunked transfer encoding, as a client streaming a large file sends it
+        r = client.put(target["url"], content=iter([data[i : i + 100] for i in range(0, len(data), 100)]))
         assert r.status_code == 200, r.text
         assert r.json()["sha256"] == target["sha256"]
     r = client.post(upload_["commit_url"], json={"task": "causal-lm", "dataset": "wiki:1", "metrics": {"loss": 1.5}})
@@ -186,10 +188,12 @@ def test_two_step_upload_commits_a_version_that_downloads_and_verifies(api, tmp_
     assert_error(client.delete(f"/api/v1/uploads/{upload_['id']}"), 409, "conflict_error")
     assert_error(client.put(upload_["files"][0]["url"], content=b"x"), 409, "conflict_error")
     # the next two-step upload gets the next number, the same way a multipart upload does
-    second = begin(client, "tiny", src)
+    big = make_model_dir(tmp_path / "big", seed=1, size=700)  # about 2 MB: many body chunks
+    second = begin(client, "tiny", big)
     for target in second["files"]:
-        assert client.put(target["url"], content=(src / target["path"]).read_bytes()).status_code == 200
+        assert client.put(target["url"], content=(big / target["path"]).read_bytes()).status_code == 200
     assert client.post(second["commit_url"], json={"task": "causal-lm", "parent": "tiny:1"}).json()["ref"] == "tiny:2"
+    assert client.get("/api/v1/models/tiny/versions/2/files/model.safetensors").content == (big / "model.safetensors").read_bytes()
     assert registry.gc(grace_seconds=0) == []
     paths = client.get("/openapi.json").json()["paths"]
     assert "/api/v1/uploads/{upload_id}/commit" in paths
@@ -208,6 +212,7 @@ def test_two_step_upload_refuses_bad_files(api, tmp_path: Path):
     assert error["param"] == "sha256"
     assert_error(client.put(urls["model.safetensors"], content=weights + b"x"), 400, "invalid_request_error", "model.safetensors")
     assert_error(client.put(urls["config.json"], content=b"{}"), 400, "invalid_request_error", "config.json")
+    assert_error(client.put(urls["config.json"], content=b"x" * (3 << 20)), 400, "invalid_request_error", "config.json", "more than")
     # a file never declared, and a missing file at commit
     assert_error(client.put(f"/api/v1/uploads/{upload_['id']}/files/extra.json", content=b"{}"), 400, "invalid_request_error", "extra.json")
     assert client.put(urls["config.json"], content=(src / "config.json").read_bytes()).status_code == 200

@@ -14,12 +14,14 @@ Or in two steps, for large files and clients that stream (presigned-style):
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
+import anyio.from_thread
 from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -145,13 +147,32 @@ def begin_upload(request: Request, name: str, body: CreateUploadRequest) -> Uplo
 async def put_upload_file(request: Request, upload_id: str, path: str) -> ModelFileOut:
     """The bytes of one declared file; 400 naming the file if its size or sha256 differs from the declared ones."""
     registry = _registry(request)
-    # the body is spooled (to disk past 8 MiB) so the blocking store call runs off the event loop
-    with tempfile.SpooledTemporaryFile(max_size=8 << 20) as body:
-        async for chunk in request.stream():
-            body.write(chunk)
-        body.seek(0)
-        stored = await run_in_threadpool(registry.put_upload_file, upload_id, path, body)
+    # the store call blocks, so it runs in a worker thread that pulls the body from the event loop as it reads
+    stored = await run_in_threadpool(registry.put_upload_file, upload_id, path, _BodyReader(request))
     return ModelFileOut(**stored.to_dict())
+
+
+class _BodyReader(io.RawIOBase):
+    """A blocking, read-only file over a request body, for code running in a worker thread."""
+
+    def __init__(self, request: Request) -> None:
+        self._chunks = request.stream().__aiter__()
+        self._pending = b""
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer
+        while not self._pending and not self._done:
+            try:
+                self._pending = anyio.from_thread.run(self._chunks.__anext__)
+            except StopAsyncIteration:
+                self._done = True
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
 @router.post("/uploads/{upload_id}/commit", response_model=ModelVersionOut, status_code=201)
