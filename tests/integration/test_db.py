@@ -57,6 +57,17 @@ def test_record_event_roundtrip(database_url: str):
     assert rows[0]["created_at"] > 1.7e9
 
 
+def test_record_event_joins_the_callers_transaction(database_url: str):
+    engine = db.connect(database_url)
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        db.record_event(conn, actor="alice", action="model.register", target="m:1")
+        raise RuntimeError("the caller's transaction fails")
+    with engine.begin() as conn:
+        kept = db.record_event(conn, actor="bob", action="model.register", target="m:2")
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(events.c.id, events.c.target)).all() == [(kept, "m:2")]
+
+
 def _first_start(url: str, barrier, results) -> None:
     barrier.wait(30)
     engine = db.connect(url)

@@ -144,3 +144,123 @@ def test_error_statuses_and_nothing_registered(api, tmp_path: Path):
     data[-1] ^= 1
     registry.storage.write_bytes(path, bytes(data))
     assert_error(client.get("/api/v1/models/tiny/versions/1/files/model.safetensors"), 500, "integrity_error", "model.safetensors")
+
+
+# -- two-step (presigned-style) upload ------------------------------------------------------
+def declare(src: Path) -> list[dict]:
+    return [
+        {"path": p.relative_to(src).as_posix(), "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted(src.rglob("*"))
+        if p.is_file()
+    ]
+
+
+def begin(client: httpx.Client, name: str, src: Path) -> dict:
+    r = client.post(f"/api/v1/models/{name}/uploads", json={"files": declare(src)})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_two_step_upload_commits_a_version_that_downloads_and_verifies(api, tmp_path: Path):
+    client, registry = api
+    src = make_model_dir(tmp_path / "src")
+    (src / "sub").mkdir()
+    (src / "sub" / "tokenizer.json").write_text("{}")
+    upload_ = begin(client, "tiny", src)
+    assert upload_["object"] == "model.upload" and len(upload_["files"]) == 3
+    assert registry.list_models() == []  # nothing visible before commit
+    for target in upload_["files"]:
+        data = (src / target["path"]).read_bytes()
+        # chunked transfer encoding, as a client streaming a large file sends it
+        r = client.put(target["url"], content=iter([data[i : i + 100] for i in range(0, len(data), 100)]))
+        assert r.status_code == 200, r.text
+        assert r.json()["sha256"] == target["sha256"]
+    r = client.post(upload_["commit_url"], json={"task": "causal-lm", "dataset": "wiki:1", "metrics": {"loss": 1.5}})
+    assert r.status_code == 201, r.text
+    version = r.json()
+    assert version["ref"] == "tiny:1" and version["dataset"] == "wiki:1" and version["metrics"] == {"loss": 1.5}
+    assert {f["path"]: f["sha256"] for f in version["files"]} == {f["path"]: f["sha256"] for f in declare(src)}
+    registry.download("tiny:1", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert client.get("/api/v1/models/tiny/versions/1/files/sub/tokenizer.json").content == b"{}"
+    # committing twice is a conflict; so is aborting or writing to a committed upload
+    assert_error(client.post(upload_["commit_url"], json={"task": "causal-lm"}), 409, "conflict_error", "already committed")
+    assert_error(client.delete(f"/api/v1/uploads/{upload_['id']}"), 409, "conflict_error")
+    assert_error(client.put(upload_["files"][0]["url"], content=b"x"), 409, "conflict_error")
+    # the next two-step upload gets the next number, the same way a multipart upload does
+    big = make_model_dir(tmp_path / "big", seed=1, size=700)  # about 2 MB: many body chunks
+    second = begin(client, "tiny", big)
+    for target in second["files"]:
+        assert client.put(target["url"], content=(big / target["path"]).read_bytes()).status_code == 200
+    assert client.post(second["commit_url"], json={"task": "causal-lm", "parent": "tiny:1"}).json()["ref"] == "tiny:2"
+    assert client.get("/api/v1/models/tiny/versions/2/files/model.safetensors").content == (big / "model.safetensors").read_bytes()
+    assert registry.gc(grace_seconds=0) == []
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/api/v1/uploads/{upload_id}/commit" in paths
+
+
+def test_two_step_upload_refuses_bad_files(api, tmp_path: Path):
+    client, registry = api
+    src = make_model_dir(tmp_path / "src")
+    upload_ = begin(client, "tiny", src)
+    urls = {t["path"]: t["url"] for t in upload_["files"]}
+    weights = (src / "model.safetensors").read_bytes()
+    # hash mismatch (same size) and size mismatch: 400 naming the file, nothing kept
+    tampered = bytearray(weights)
+    tampered[-1] ^= 1
+    error = assert_error(client.put(urls["model.safetensors"], content=bytes(tampered)), 400, "invalid_request_error", "model.safetensors", "sha256")
+    assert error["param"] == "sha256"
+    assert_error(client.put(urls["model.safetensors"], content=weights + b"x"), 400, "invalid_request_error", "model.safetensors")
+    assert_error(client.put(urls["config.json"], content=b"{}"), 400, "invalid_request_error", "config.json")
+    assert_error(client.put(urls["config.json"], content=b"x" * (3 << 20)), 400, "invalid_request_error", "config.json", "more than")
+    # a file never declared, and a missing file at commit
+    assert_error(client.put(f"/api/v1/uploads/{upload_['id']}/files/extra.json", content=b"{}"), 400, "invalid_request_error", "extra.json")
+    assert client.put(urls["config.json"], content=(src / "config.json").read_bytes()).status_code == 200
+    assert_error(client.post(upload_["commit_url"], json={"task": "causal-lm"}), 400, "invalid_request_error", "model.safetensors", "never uploaded")
+    # a bad task leaves the upload open: fix it and commit
+    assert client.put(urls["model.safetensors"], content=weights).status_code == 200
+    assert_error(client.post(upload_["commit_url"], json={"task": "painting"}), 400, "invalid_request_error", "unknown task")
+    assert_error(client.post(upload_["commit_url"], json={"task": "causal-lm", "parent": "nope:1"}), 404, "not_found_error")
+    assert client.post(upload_["commit_url"], json={"task": "causal-lm"}).json()["ref"] == "tiny:1"
+    # refused at declaration: traversal, pickle weights, a fake safetensors file once it lands
+    digest = "0" * 64
+    for bad in ("../x.json", "/etc/passwd", "a/../../x", "_manifest.json"):
+        r = client.post("/api/v1/models/tiny/uploads", json={"files": [{"path": bad, "size": 2, "sha256": digest}]})
+        assert_error(r, 400, "invalid_request_error", "invalid file path")
+    r = client.post("/api/v1/models/tiny/uploads", json={"files": [{"path": "pytorch_model.bin", "size": 2, "sha256": digest}]})
+    assert_error(r, 400, "invalid_request_error", "pytorch_model.bin", "pickle")
+    assert_error(client.post("/api/v1/models/Bad_Name/uploads", json={"files": declare(src)}), 400, "invalid_request_error", "invalid model name")
+    assert_error(client.post("/api/v1/models/tiny/uploads", json={"files": []}), 400, "invalid_request_error")
+    fake = b"not safetensors at all"
+    r = client.post("/api/v1/models/tiny/uploads", json={"files": [{"path": "model.safetensors", "size": len(fake), "sha256": hashlib.sha256(fake).hexdigest()}]})
+    bad_upload = r.json()
+    assert_error(client.put(bad_upload["files"][0]["url"], content=fake), 400, "invalid_request_error", "not a safetensors file")
+    # traversal in the PUT url itself never escapes the upload
+    r = client.put(f"/api/v1/uploads/{upload_['id']}/files/..%2F..%2Fx", content=b"{}")
+    assert r.status_code in (400, 404, 409), r.text
+    assert not (Path(registry.storage.uri.removeprefix("file://")) / "x").exists()
+    # unknown upload ids
+    for unknown in ("0" * 32, "nope"):
+        assert_error(client.put(f"/api/v1/uploads/{unknown}/files/config.json", content=b"{}"), 404, "not_found_error")
+        assert_error(client.post(f"/api/v1/uploads/{unknown}/commit", json={"task": "causal-lm"}), 404, "not_found_error")
+        assert_error(client.delete(f"/api/v1/uploads/{unknown}"), 404, "not_found_error")
+    assert [v["version"] for v in client.get("/api/v1/models/tiny/versions").json()["data"]] == [1]
+
+
+def test_two_step_upload_abort_and_gc(api, tmp_path: Path):
+    client, registry = api
+    src = make_model_dir(tmp_path / "src")
+    store = Path(registry.storage.uri.removeprefix("file://"))
+    aborted = begin(client, "tiny", src)
+    assert client.put(aborted["files"][0]["url"], content=(src / aborted["files"][0]["path"]).read_bytes()).status_code == 200
+    r = client.delete(f"/api/v1/uploads/{aborted['id']}")
+    assert r.status_code == 200 and r.json() == {"object": "model.upload", "id": aborted["id"], "deleted": True}
+    assert not (store / "models" / "tiny" / aborted["id"]).exists()
+    assert_error(client.post(aborted["commit_url"], json={"task": "causal-lm"}), 404, "not_found_error")
+    # an upload left unfinished is kept during the grace period, then collected
+    left = begin(client, "tiny", src)
+    assert client.put(left["files"][0]["url"], content=(src / left["files"][0]["path"]).read_bytes()).status_code == 200
+    assert registry.gc(grace_seconds=3600) == []
+    assert registry.gc(grace_seconds=0) == [f"models/tiny/{left['id']}"]
+    assert not (store / "models" / "tiny" / left["id"]).exists()
+    assert_error(client.post(left["commit_url"], json={"task": "causal-lm"}), 404, "not_found_error")

@@ -251,6 +251,47 @@ def test_concurrent_registrations_get_consecutive_versions(registry_backend, tmp
     assert registry.get_model("shared").latest_version == 32
 
 
+def test_ray_workers_registering_at_once_get_consecutive_versions(ray_cluster, tmp_path: Path):
+    """8 Ray tasks register a version of one name at the same moment: versions 1..8, each loadable."""
+    import ray
+
+    uri, url = f"file://{tmp_path / 'store'}", f"sqlite:///{tmp_path / 'lmaas.db'}"
+    db.connect(url)  # migrate once up front; the tasks race on registration only
+    dirs = [str(make_model_dir(tmp_path / f"src{i}", seed=i)) for i in range(8)]
+    start = tmp_path / "go"
+
+    # defined here so Ray ships it by value; its workers import lmaas from PYTHONPATH
+    @ray.remote(num_cpus=0.25)
+    def register(src: str) -> tuple[int, str]:
+        import os
+        import time
+
+        from lmaas import db
+        from lmaas.registry import ModelRegistry
+        from lmaas.storage import Storage
+
+        registry = ModelRegistry(Storage(uri), db.connect(url))
+        while not os.path.exists(start):  # line up, so the registrations really overlap
+            time.sleep(0.01)
+        version = registry.register_version("shared", src, task="causal-lm", run=os.path.basename(src))
+        return version.version, version.run
+
+    refs = [register.remote(d) for d in dirs]
+    time.sleep(1)
+    start.write_text("go")
+    results = ray.get(refs, timeout=300)
+    assert sorted(v for v, _ in results) == list(range(1, 9))
+    assert sorted(run for _, run in results) == sorted(Path(d).name for d in dirs)
+    registry = ModelRegistry(Storage(uri), db.connect(url))
+    versions = registry.list_versions("shared", limit=100)
+    assert {v.version: v.run for v in versions} == dict(results)
+    for v in versions:
+        out = tmp_path / "out" / str(v.version)
+        registry.download(v.ref, out)  # verifies every file's sha256
+        assert (out / "model.safetensors").read_bytes() == (tmp_path / v.run / "model.safetensors").read_bytes()
+    assert registry.get_model("shared").latest_version == 8
+
+
 KILLED_REGISTRATION = r"""
 import os, signal, sys
 sys.path.insert(0, sys.argv[4])
@@ -334,3 +375,41 @@ def test_encryption_at_rest(registry_backend, tmp_path: Path):
         sealed.download("secret:1", tmp_path / "tampered")
     with pytest.raises(IntegrityError, match="model.safetensors"):
         sealed.read_file("secret:1", "model.safetensors")
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_two_step_upload(registry_backend, tmp_path: Path, encrypted: bool):
+    """begin_upload / put_upload_file / commit_upload: the REST API's two-step path, on both backends."""
+    import io
+
+    from lmaas.registry.entities import ModelFile
+
+    registry = open_registry(registry_backend, encryption_key=os.urandom(32) if encrypted else None)
+    src = make_model_dir(tmp_path / "src")
+    files = [ModelFile(p.name, hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size) for p in sorted(src.iterdir())]
+    upload_id = registry.begin_upload("tiny", files)
+    with pytest.raises(InvalidInputError, match="model.safetensors"):
+        registry.put_upload_file(upload_id, "model.safetensors", io.BytesIO(b"x" * files[1].size))
+    for f in files:
+        registry.put_upload_file(upload_id, f.path, io.BytesIO((src / f.path).read_bytes()))
+    assert registry.list_models() == []
+    version = registry.commit_upload(upload_id, task="causal-lm", run="r1")
+    assert (version.ref, version.encrypted, version.run) == ("tiny:1", encrypted, "r1")
+    assert {f.path: f.sha256 for f in version.files} == {f.path: f.sha256 for f in files}
+    registry.download("tiny:1", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    with pytest.raises(AlreadyExistsError, match="already committed"):
+        registry.commit_upload(upload_id, task="causal-lm")
+    # a file altered in the store after its PUT is caught at commit
+    second = registry.begin_upload("tiny", files)
+    for f in files:
+        registry.put_upload_file(second, f.path, io.BytesIO((src / f.path).read_bytes()))
+    target = f"models/tiny/{second}/config.json"
+    registry.storage.write_bytes(target, registry.storage.read_bytes(target)[:-1] + b"X")
+    with pytest.raises(IntegrityError, match="config.json"):
+        registry.commit_upload(second, task="causal-lm")
+    registry.abort_upload(second)
+    with pytest.raises(NotFoundError):
+        registry.commit_upload(second, task="causal-lm")
+    assert registry.storage.list(f"models/tiny/{second}") == []
+    assert registry.get_model("tiny").latest_version == 1

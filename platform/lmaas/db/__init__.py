@@ -212,7 +212,7 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
 
 
 def record_event(
-    engine: Engine,
+    bind: Engine | Connection,
     *,
     actor: str,
     action: str,
@@ -221,22 +221,27 @@ def record_event(
     tenant: str | None = None,
     detail: dict | None = None,
 ) -> int:
-    """Append one row to the event log and return its id."""
+    """Append one row to the event log and return its id.
+
+    Args:
+        bind: an engine (the event is written in its own transaction) or a connection inside a
+            transaction, which the event joins: it is recorded only if that transaction commits.
+    """
     from lmaas.db.schema import events
 
-    with engine.begin() as conn:
-        row = conn.execute(
-            events.insert().values(
-                created_at=time.time(),
-                actor=actor,
-                tenant=tenant,
-                action=action,
-                target=target,
-                outcome=outcome,
-                detail=detail or {},
-            )
-        )
-        return int(row.inserted_primary_key[0])
+    insert = events.insert().values(
+        created_at=time.time(),
+        actor=actor,
+        tenant=tenant,
+        action=action,
+        target=target,
+        outcome=outcome,
+        detail=detail or {},
+    )
+    if isinstance(bind, Connection):
+        return int(bind.execute(insert).inserted_primary_key[0])
+    with bind.begin() as conn:
+        return int(conn.execute(insert).inserted_primary_key[0])
 
 
 def dispose_all() -> None:

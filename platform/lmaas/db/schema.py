@@ -112,5 +112,10 @@ model_uploads = sa.Table(
     sa.Column("prefix", sa.String(500), primary_key=True),
     sa.Column("name", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Column("files", sa.JSON, nullable=True),
 )
-"""Uploads in progress: gc leaves their files alone for a grace period, then collects them."""
+"""Uploads in progress: gc leaves their files alone for a grace period, then collects them.
+
+`files` is set for a two-step upload only: `{path: {"size", "sha256", "stored": {"size", "sha256"} | null}}`,
+the files the client declared and, once each has landed, what the store holds (ciphertext if encrypted).
+"""

@@ -16,6 +16,8 @@ between the steps leaves an unreferenced prefix that `gc()` deletes after a grac
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -23,13 +25,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from lmaas import db
-from lmaas.db.schema import events, model_aliases, model_uploads, model_versions, registered_models
+from lmaas.db.schema import model_aliases, model_uploads, model_versions, registered_models
 from lmaas.errors import AlreadyExistsError, ConfigError, IntegrityError, InvalidInputError, NotFoundError
 from lmaas.registry.entities import (
     ARCHIVED,
@@ -43,7 +45,7 @@ from lmaas.registry.entities import (
     signing_payload,
 )
 from lmaas.registry.refs import DEFAULT_ALIAS, ModelRef, parse_ref, validate_alias, validate_file_path, validate_model_name
-from lmaas.storage import MANIFEST, Manifest, Storage
+from lmaas.storage import MANIFEST, FileEntry, Manifest, Storage
 
 MODELS_PREFIX = "models"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
@@ -268,6 +270,161 @@ class ModelRegistry:
             conn.execute(model_uploads.delete().where(model_uploads.c.prefix == staged.prefix))
             _event(conn, "model.register", f"{staged.name}:{number}", tenant=tenant, detail={"prefix": staged.prefix})
         return self.get_version(staged.name, number)
+
+    # -- two-step upload (the REST API's presigned-style path) ----------------------------
+    def begin_upload(self, name: str, files: list[ModelFile], *, tenant: str = "default") -> str:
+        """Open a two-step upload: declare the files, PUT each with `put_upload_file`, then `commit_upload`.
+
+        The files land under a fresh prefix `models/<name>/<upload id>` recorded in `model_uploads`,
+        so until it is committed or aborted `gc()` treats it as an upload in progress (kept for the
+        grace period, then collected).
+
+        Args:
+            name: model name (created at commit if new).
+            files: every file of the version with its size and sha256.
+
+        Returns:
+            The upload id.
+
+        Raises:
+            InvalidInputError: bad name, no files, a file listed twice, an unsafe path, pickle-format
+                weights, a negative size or a malformed sha256.
+        """
+        validate_model_name(name)
+        if not files:
+            raise InvalidInputError("an upload needs at least one file", param="files")
+        declared: dict[str, dict[str, Any]] = {}
+        for f in files:
+            path = validate_file_path(f.path)
+            if path in declared:
+                raise InvalidInputError(f"file {path!r} listed twice", param="files")
+            _check_weights_format(path)
+            if f.size < 0:
+                raise InvalidInputError(f"{path}: size must not be negative", param="files")
+            digest = f.sha256.lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise InvalidInputError(f"{path}: sha256 must be 64 hex digits", param="files")
+            declared[path] = {"size": int(f.size), "sha256": digest}
+        upload_id = uuid.uuid4().hex
+        with self.engine.begin() as conn:
+            conn.execute(
+                model_uploads.insert().values(prefix=f"{MODELS_PREFIX}/{name}/{upload_id}", name=name, created_at=time.time(), files=declared)
+            )
+            _event(conn, "upload.begin", f"{name}/{upload_id}", tenant=tenant, detail={"files": len(declared)})
+        return upload_id
+
+    def put_upload_file(self, upload_id: str, path: str, data: BinaryIO) -> ModelFile:
+        """Store one declared file of an open upload, checking its size and sha256 as it lands.
+
+        Sending a file again replaces it. Nothing is visible until `commit_upload`.
+
+        Raises:
+            NotFoundError: no open upload `upload_id`.
+            AlreadyExistsError: the upload is already committed.
+            InvalidInputError: `path` was not declared, or the bytes do not match its declared size
+                or sha256, or a `.safetensors` file is not safetensors (nothing is kept).
+        """
+        upload = self._open_upload(upload_id)
+        expected = upload["files"].get(path)
+        if expected is None:
+            raise InvalidInputError(f"{path}: not a file of upload {upload_id}; declare it when the upload begins", param="path")
+        target = f"{upload['prefix']}/{path}"
+        if self.encryption_key is None:
+            with self.storage.writer(target) as out:
+                _copy_checked(data, out, path, expected)
+            if path.endswith(".safetensors"):
+                try:
+                    with self.storage.open(target) as f:
+                        _check_safetensors_header(f, expected["size"], path)
+                except InvalidInputError:
+                    self.storage.delete(target)
+                    raise
+        else:
+            plain = io.BytesIO()
+            _copy_checked(data, plain, path, expected)
+            if path.endswith(".safetensors"):
+                plain.seek(0)
+                _check_safetensors_header(plain, expected["size"], path)
+            self.storage.write_bytes(target, _encrypt(self.encryption_key, path, plain.getvalue()))
+        return ModelFile(path, expected["sha256"], expected["size"])
+
+    def commit_upload(self, upload_id: str, *, task: str, **details: Any) -> ModelVersion:
+        """Verify that every declared file of an upload arrived intact and register it as the next version.
+
+        Args:
+            upload_id: from `begin_upload`.
+            task, **details: as for `commit` (parent, dataset, dataset_sha256, run, metrics, description, tenant).
+
+        Raises:
+            NotFoundError: no open upload `upload_id`.
+            AlreadyExistsError: the upload is already committed (or a commit of it is in progress).
+            InvalidInputError: a declared file was never sent, or the task is unknown.
+            IntegrityError: a stored file no longer matches what was sent.
+        """
+        _check_task(task)
+        upload = self._open_upload(upload_id)
+        if details.get("parent"):
+            self.resolve(details["parent"])
+        prefix = upload["prefix"]
+        plain, stored = [], []
+        for path, expected in sorted(upload["files"].items()):
+            target = f"{prefix}/{path}"
+            if not self.storage.exists(target):
+                raise InvalidInputError(f"{path}: declared but never uploaded; PUT it before committing", param="files")
+            if self.encryption_key is None:
+                digest = self.storage.sha256(target)
+                stored.append(FileEntry(path, digest, self.storage.size(target)))
+            else:
+                sealed = self.storage.read_bytes(target)
+                stored.append(FileEntry(path, hashlib.sha256(sealed).hexdigest(), len(sealed)))
+                digest = hashlib.sha256(_decrypt(self.encryption_key, path, sealed, self.storage.url(target))).hexdigest()
+            if digest != expected["sha256"]:
+                raise IntegrityError(f"{self.storage.url(target)} does not match the sha256 it was uploaded with: altered")
+            plain.append(FileEntry(path, expected["sha256"], expected["size"]))
+        # the manifest goes last and never over another: a second commit of the same upload stops here
+        try:
+            self.storage.write_text(f"{prefix}/{MANIFEST}", Manifest(tuple(stored)).to_json(), overwrite=False)
+        except AlreadyExistsError:
+            raise AlreadyExistsError(f"upload {upload_id} is already being committed", param="upload_id") from None
+        staged = StagedUpload(name=upload["name"], prefix=prefix, manifest=Manifest(tuple(plain)), encrypted=self.encryption_key is not None)
+        try:
+            return self.commit(staged, task=task, **details)
+        except Exception:
+            # the files stay staged: drop the manifest so the client can fix the request and commit again
+            if not self._is_committed(prefix):
+                self.storage.delete(f"{prefix}/{MANIFEST}")
+            raise
+
+    def abort_upload(self, upload_id: str) -> None:
+        """Delete an open upload and its files.
+
+        Raises:
+            NotFoundError: no open upload `upload_id`.
+            AlreadyExistsError: it is already committed (delete the version instead).
+        """
+        upload = self._open_upload(upload_id)
+        with self.engine.begin() as conn:
+            conn.execute(model_uploads.delete().where(model_uploads.c.prefix == upload["prefix"]))
+            _event(conn, "upload.abort", f"{upload['name']}/{upload_id}", tenant=None)
+        self.storage.delete(upload["prefix"])
+
+    def _open_upload(self, upload_id: str) -> dict[str, Any]:
+        if len(upload_id) != 32 or any(c not in "0123456789abcdef" for c in upload_id):
+            raise NotFoundError(f"no upload {upload_id!r}", param="upload_id")
+        pattern = f"{MODELS_PREFIX}/%/{upload_id}"
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(model_uploads).where(model_uploads.c.prefix.like(pattern), model_uploads.c.files.is_not(None))
+            ).mappings().first()
+            if row is None:
+                if conn.execute(sa.select(model_versions.c.id).where(model_versions.c.prefix.like(pattern))).first():
+                    raise AlreadyExistsError(f"upload {upload_id} is already committed", param="upload_id")
+                raise NotFoundError(f"no upload {upload_id!r} (never begun, aborted, or collected after its grace period)", param="upload_id")
+        return dict(row)
+
+    def _is_committed(self, prefix: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(model_versions.c.id).where(model_versions.c.prefix == prefix)).first() is not None
 
     def _lock_model(self, conn: Connection, name: str, *, tenant: str) -> dict[str, Any]:
         """The model's row, created if missing, locked until the transaction ends."""
@@ -682,10 +839,7 @@ def check_model_dir(local_dir: str | os.PathLike[str], *, expected_sha256: dict[
         validate_file_path(entry.path)
         if (root / entry.path).is_symlink():
             raise InvalidInputError(f"{entry.path}: symbolic links are not registered; copy the file", param="files")
-        if entry.path.lower().endswith(PICKLE_SUFFIXES):
-            raise InvalidInputError(
-                f"{entry.path}: pickle-based weights are refused; save weights as .safetensors", param="files"
-            )
+        _check_weights_format(entry.path)
         if entry.path.endswith(".safetensors"):
             _check_safetensors(root / entry.path, entry.path)
     if expected_sha256 is not None:
@@ -698,21 +852,44 @@ def check_model_dir(local_dir: str | os.PathLike[str], *, expected_sha256: dict[
     return manifest
 
 
+def _check_weights_format(path: str) -> None:
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise InvalidInputError(f"{path}: pickle-based weights are refused; save weights as .safetensors", param="files")
+
+
 def _check_safetensors(path: Path, rel: str) -> None:
-    """A valid safetensors file starts with an 8-byte little-endian header length and a JSON header."""
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        ok = 0 < length <= min(size - 8, 100 << 20)
-        if ok:
-            try:
-                header = json.loads(f.read(length))
-                ok = isinstance(header, dict)
-            except (ValueError, UnicodeDecodeError):
-                ok = False
+        _check_safetensors_header(f, path.stat().st_size, rel)
+
+
+def _check_safetensors_header(f: BinaryIO, size: int, rel: str) -> None:
+    """A valid safetensors file starts with an 8-byte little-endian header length and a JSON header."""
+    head = f.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else -1
+    ok = 0 < length <= min(size - 8, 100 << 20)
+    if ok:
+        try:
+            header = json.loads(f.read(length))
+            ok = isinstance(header, dict)
+        except (ValueError, UnicodeDecodeError):
+            ok = False
     if not ok:
         raise InvalidInputError(f"{rel} is not a safetensors file (bad header)", param="files")
+
+
+def _copy_checked(src: BinaryIO, dest: BinaryIO, path: str, expected: dict[str, Any]) -> None:
+    """Copy `src` to `dest`, refusing it (InvalidInputError naming `path`) unless size and sha256 match."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := src.read(1 << 20):
+        size += len(chunk)
+        if size > expected["size"]:
+            raise InvalidInputError(f"{path}: more than the declared {expected['size']} bytes", param="size")
+        digest.update(chunk)
+        dest.write(chunk)
+    if size != expected["size"]:
+        raise InvalidInputError(f"{path}: {size} bytes received, {expected['size']} declared", param="size")
+    if digest.hexdigest() != expected["sha256"]:
+        raise InvalidInputError(f"{path}: sha256 {digest.hexdigest()} does not match the declared {expected['sha256']}", param="sha256")
 
 
 def _check_task(task: str) -> None:
@@ -733,11 +910,8 @@ def _is_temporary_path(path: str) -> bool:
 
 
 def _event(conn: Connection, action: str, target: str, *, tenant: str | None, detail: dict | None = None) -> None:
-    conn.execute(
-        events.insert().values(
-            created_at=time.time(), actor="registry", tenant=tenant, action=action, target=target, outcome="ok", detail=detail or {}
-        )
-    )
+    """Record a registry event inside the caller's transaction."""
+    db.record_event(conn, actor="registry", action=action, target=target, tenant=tenant, detail=detail)
 
 
 def _model(row: Any) -> RegisteredModel:

@@ -85,6 +85,44 @@ class LineageOut(BaseModel):
     deployments: list[str]
 
 
+class UploadFileIn(BaseModel):
+    path: str = Field(..., description="The file's path inside the version, e.g. `1_Pooling/config.json`.")
+    size: int = Field(..., ge=0, description="Its size in bytes.")
+    sha256: str = Field(..., pattern="^[0-9a-fA-F]{64}$", description="Its sha256, hex.")
+
+
+class CreateUploadRequest(BaseModel):
+    files: list[UploadFileIn] = Field(..., min_length=1, description="Every file of the version.")
+
+
+class UploadTargetOut(BaseModel):
+    path: str
+    size: int
+    sha256: str
+    url: str = Field(..., description="Where to PUT the file's bytes.")
+    method: str = "PUT"
+
+
+class UploadOut(BaseModel):
+    """An open two-step upload: PUT each file to its `url`, then POST `commit_url`."""
+
+    object: str = "model.upload"
+    id: str
+    name: str
+    files: list[UploadTargetOut]
+    commit_url: str
+
+
+class CommitUploadRequest(BaseModel):
+    task: str = Field(..., description="`causal-lm`, `embedding`, ...")
+    parent: str | None = Field(None, description="Reference of the version this one derives from.")
+    dataset: str | None = None
+    dataset_sha256: str | None = None
+    run: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    description: str = ""
+
+
 class DeletedOut(BaseModel):
     object: str
     id: str

@@ -3,30 +3,46 @@
 Upload a version as multipart form data: one `files` part per file, its filename the path inside
 the version (`1_Pooling/config.json`), plus `task` and optionally `sha256` (JSON `{path: hex}`:
 the upload is refused if a file does not match), `parent`, `dataset`, `run`, `metrics` (JSON).
+
+Or in two steps, for large files and clients that stream (presigned-style):
+
+    POST   /api/v1/models/{name}/uploads      {"files": [{"path", "size", "sha256"}]} -> id, one PUT url per file
+    PUT    /api/v1/uploads/{id}/files/{path}  the raw bytes (checked against size and sha256 as they land)
+    POST   /api/v1/uploads/{id}/commit        {"task", "parent", "dataset", "metrics", ...} -> the new version
+    DELETE /api/v1/uploads/{id}               abort; an upload never committed is collected by gc
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
+import anyio.from_thread
 from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from lmaas.errors import InvalidInputError
 from lmaas.registry import ModelRegistry
+from lmaas.registry.entities import ModelFile
 from lmaas.registry.refs import validate_file_path, validate_model_name
 from lmaas.serve.protocol.registry import (
     AliasOut,
+    CommitUploadRequest,
+    CreateUploadRequest,
     DeletedOut,
     LineageOut,
     ModelList,
     ModelVersionOut,
     RegisteredModelOut,
     SetAliasRequest,
+    UploadOut,
+    UploadTargetOut,
+    ModelFileOut,
     VersionPage,
     version_out,
 )
@@ -113,6 +129,65 @@ def upload_version(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return version_out(version)
+
+
+@router.post("/models/{name}/uploads", response_model=UploadOut, status_code=201)
+def begin_upload(request: Request, name: str, body: CreateUploadRequest) -> UploadOut:
+    """Open a two-step upload of the next version of `name`: declare its files, get one PUT url each."""
+    files = [ModelFile(f.path, f.sha256.lower(), f.size) for f in body.files]
+    upload_id = _registry(request).begin_upload(name, files)
+    targets = [
+        UploadTargetOut(path=f.path, size=f.size, sha256=f.sha256, url=str(request.url_for("put_upload_file", upload_id=upload_id, path=f.path)))
+        for f in files
+    ]
+    return UploadOut(id=upload_id, name=name, files=targets, commit_url=str(request.url_for("commit_upload", upload_id=upload_id)))
+
+
+@router.put("/uploads/{upload_id}/files/{path:path}", response_model=ModelFileOut)
+async def put_upload_file(request: Request, upload_id: str, path: str) -> ModelFileOut:
+    """The bytes of one declared file; 400 naming the file if its size or sha256 differs from the declared ones."""
+    registry = _registry(request)
+    # the store call blocks, so it runs in a worker thread that pulls the body from the event loop as it reads
+    stored = await run_in_threadpool(registry.put_upload_file, upload_id, path, _BodyReader(request))
+    return ModelFileOut(**stored.to_dict())
+
+
+class _BodyReader(io.RawIOBase):
+    """A blocking, read-only file over a request body, for code running in a worker thread."""
+
+    def __init__(self, request: Request) -> None:
+        self._chunks = request.stream().__aiter__()
+        self._pending = b""
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer
+        while not self._pending and not self._done:
+            try:
+                self._pending = anyio.from_thread.run(self._chunks.__anext__)
+            except StopAsyncIteration:
+                self._done = True
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+@router.post("/uploads/{upload_id}/commit", response_model=ModelVersionOut, status_code=201)
+def commit_upload(request: Request, upload_id: str, body: CommitUploadRequest) -> ModelVersionOut:
+    """Verify every declared file arrived and register the upload as the next version, atomically."""
+    details = body.model_dump()
+    task = details.pop("task")
+    return version_out(_registry(request).commit_upload(upload_id, task=task, **details))
+
+
+@router.delete("/uploads/{upload_id}", response_model=DeletedOut)
+def abort_upload(request: Request, upload_id: str) -> DeletedOut:
+    """Abort an open upload and delete its files."""
+    _registry(request).abort_upload(upload_id)
+    return DeletedOut(object="model.upload", id=upload_id)
 
 
 def _json_form(value: str | None, param: str) -> dict | None:
