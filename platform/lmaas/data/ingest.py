@@ -115,8 +115,12 @@ def ingest(
     started = time.monotonic()
     resolved = [sources_mod.resolve(s, config.format, endpoint_url=endpoint_url) for s in config.sources]
     ctx = DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
+    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled)
     ctx.enable_progress_bars = False
+    # Ray 2.60's per-operator reservations deadlock this read -> tokenize pipeline once the read
+    # blocks fill a small object store (tokenize gets no budget, read waits on it forever:
+    # tests/integration/test_data_memory.py); the global backpressure alone keeps memory bounded.
+    ctx.op_resource_reservation_enabled = False
     ctx.execution_options.preserve_order = True  # shards (and their hash) must not depend on task timing
     staging = Path(tempfile.mkdtemp(prefix="lmaas-ingest-"))
     try:
@@ -159,7 +163,7 @@ def ingest(
             raise type(cause)(cause.message, param=cause.param) from None
         raise
     finally:
-        ctx.enable_progress_bars, ctx.execution_options.preserve_order = saved
+        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled = saved
         shutil.rmtree(staging, ignore_errors=True)
 
 
