@@ -4,9 +4,10 @@
 
 Same input (the built-in stdlib corpus, already in memory), same trained tokenizer, same packing
 code. Baseline: one process, `encode_batch` over batches of documents with tokenizers' own
-thread pool off (TOKENIZERS_PARALLELISM=false), then `Packer`. lmaas: `map_batches(_tokenize)`
-tasks on a local Ray cluster (each task single-threaded too, parallelism comes from Ray), the
-driver packing the stream in order exactly as `ingest()` does. Prints tokens/s for both and the
+thread pool off (TOKENIZERS_PARALLELISM=false), `split_streams` + `Packer.extend` per batch.
+lmaas: `ingest.tokenize_documents` (the `map_batches` tasks `ingest()` runs; each returns one
+compact int32 stream per split) on a local Ray cluster (each task single-threaded too,
+parallelism comes from Ray), the driver packing the streams in order exactly as `ingest()` does. Prints tokens/s for both and the
 ratio (target on 2 cores: >= 1.6x) and writes bench/results/data_ingest.json.
 """
 
