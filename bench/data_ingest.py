@@ -4,9 +4,10 @@
 
 Same input (the built-in stdlib corpus, already in memory), same trained tokenizer, same packing
 code. Baseline: one process, `encode_batch` over batches of documents with tokenizers' own
-thread pool off (TOKENIZERS_PARALLELISM=false), then `Packer`. lmaas: `map_batches(_tokenize)`
-tasks on a local Ray cluster (each task single-threaded too, parallelism comes from Ray), the
-driver packing the stream in order exactly as `ingest()` does. Prints tokens/s for both and the
+thread pool off (TOKENIZERS_PARALLELISM=false), `split_streams` + `Packer.extend` per batch.
+lmaas: `ingest.tokenize_documents` (the `map_batches` tasks `ingest()` runs; each returns one
+compact int32 stream per split) on a local Ray cluster (each task single-threaded too,
+parallelism comes from Ray), the driver packing the streams in order exactly as `ingest()` does. Prints tokens/s for both and the
 ratio (target on 2 cores: >= 1.6x) and writes bench/results/data_ingest.json.
 """
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--blocks", type=int, default=0, help="input blocks (0: files / batch-size)")
     parser.add_argument("--cpus-per-task", type=float, default=1.0)
     args = parser.parse_args()
 
@@ -37,8 +39,8 @@ def main() -> None:
 
     from lmaas.data import corpus, tokenizer
     from lmaas.data.config import IngestConfig
-    from lmaas.data.ingest import _pack_and_write, _tokenize
-    from lmaas.data.packing import Packer, split_of
+    from lmaas.data.ingest import _pack_and_write, tokenize_documents
+    from lmaas.data.packing import Packer, split_streams
 
     texts = [p.read_text() for p in corpus.stdlib_files(args.files)]
     spec = tokenizer.train_bpe(texts[:500], args.vocab_size)
@@ -52,9 +54,10 @@ def main() -> None:
     tokens = rows = 0
     for i in range(0, len(texts), args.batch_size):
         batch = texts[i : i + args.batch_size]
-        for text, ids in zip(batch, tokenizer.encode_batch(spec.json, batch)):
-            tokens += len(ids)
-            rows += len(packers[split_of(text, config.validation_percent)].add(ids))
+        streams = split_streams(batch, tokenizer.encode_batch(spec.json, batch), spec.eos_id, config.validation_percent)
+        for split, (stream, count) in streams.items():
+            tokens += len(stream) - count
+            rows += len(packers[split].extend(stream))
     base_s = time.perf_counter() - start
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="warning")
@@ -62,12 +65,12 @@ def main() -> None:
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
     # many blocks, as read_binary_files gives (one per file group): tasks can run side by side
-    blocks = max(1, len(texts) // args.batch_size)
+    blocks = args.blocks or max(1, len(texts) // args.batch_size)
     docs = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=blocks).materialize()
     # first pass warms the worker processes (imports, tokenizer compile); the second is timed
     for _ in range(2):
         start = time.perf_counter()
-        stats = _ray_pipeline(docs, spec, config, _tokenize, _pack_and_write)
+        stats = _ray_pipeline(docs, spec, config, tokenize_documents, _pack_and_write)
         ray_s = time.perf_counter() - start
     ray.shutdown()
     assert stats["tokens_seen"] == tokens and stats["train_rows"] + stats["validation_rows"] == rows
@@ -90,13 +93,7 @@ def main() -> None:
 
 
 def _ray_pipeline(docs, spec, config, tokenize, pack_and_write) -> dict:  # noqa: ANN001
-    tokenized = docs.map_batches(
-        tokenize,
-        fn_kwargs={"spec_json": spec.json, "validation_percent": config.validation_percent},
-        batch_format="pyarrow",
-        batch_size=config.batch_size,
-        num_cpus=config.cpus_per_task,
-    )
+    tokenized = tokenize(docs, spec, config)
     with tempfile.TemporaryDirectory() as out:
         return pack_and_write(tokenized, spec, config, Path(out), None)
 

@@ -116,9 +116,11 @@ def _bad_jsonl(tmp_path: Path) -> str:
 
 
 def _binary(tmp_path: Path) -> str:
-    (tmp_path / "ok.txt").write_text("some text " * 50)
-    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 8)
-    return str(tmp_path)
+    # own directory: tmp_path also holds the test's SQLite files (lmaas.db-shm is binary too)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ok.txt").write_text("some text " * 50)
+    (tmp_path / "bin" / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    return str(tmp_path / "bin")
 
 
 def _empty(tmp_path: Path) -> str:

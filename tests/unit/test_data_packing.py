@@ -42,3 +42,14 @@ def test_split_is_a_function_of_the_document_alone():
 def test_split_edges():
     assert {split_of(f"d{i}", 0.0) for i in range(200)} == {"train"}
     assert split_of("x", 99.99) in ("train", "validation")
+
+
+def test_extend_with_a_batch_stream_gives_the_rows_of_adding_each_document():
+    from lmaas.data.packing import docs_to_stream
+
+    docs = [list(range(1, n + 1)) for n in (3, 0, 7, 1, 12, 5)]
+    one, batched = Packer(block_size=4, eos_id=0), Packer(block_size=4, eos_id=0)
+    rows = np.concatenate([one.add(d) for d in docs])
+    streamed = np.concatenate([batched.extend(docs_to_stream(docs[:2], 0)), batched.extend(docs_to_stream(docs[2:], 0))])
+    one.finish(), batched.finish()
+    assert rows.tolist() == streamed.tolist() and one.dropped == batched.dropped

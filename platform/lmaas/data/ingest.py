@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from lmaas.data import sources as sources_mod
 from lmaas.data import tokenizer as tok
 from lmaas.data.config import IngestConfig
-from lmaas.data.packing import Packer, split_of
+from lmaas.data.packing import Packer, split_streams
 from lmaas.data.versions import DatasetVersion, find_by_content, publish_version
 from lmaas import errors
 from lmaas.errors import InvalidInputError, LmaasError
@@ -115,20 +115,18 @@ def ingest(
     started = time.monotonic()
     resolved = [sources_mod.resolve(s, config.format, endpoint_url=endpoint_url) for s in config.sources]
     ctx = DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
+    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled)
     ctx.enable_progress_bars = False
+    # Ray 2.60's per-operator reservations deadlock this read -> tokenize pipeline once the read
+    # blocks fill a small object store (tokenize gets no budget, read waits on it forever:
+    # tests/integration/test_data_memory.py); the global backpressure alone keeps memory bounded.
+    ctx.op_resource_reservation_enabled = False
     ctx.execution_options.preserve_order = True  # shards (and their hash) must not depend on task timing
     staging = Path(tempfile.mkdtemp(prefix="lmaas-ingest-"))
     try:
         docs = sources_mod.read_documents(resolved, text_field=config.text_field, num_cpus=config.cpus_per_task)
         spec = _tokenizer(config, docs)
-        tokenized = docs.map_batches(
-            _tokenize,
-            fn_kwargs={"spec_json": spec.json, "validation_percent": config.validation_percent},
-            batch_format="pyarrow",
-            batch_size=config.batch_size,
-            num_cpus=config.cpus_per_task,
-        )
+        tokenized = tokenize_documents(docs, spec, config)
         stats = _pack_and_write(tokenized, spec, config, staging / "content", progress)
         if stats["documents"] == 0:
             raise InvalidInputError(f"the corpus is empty: no text documents in {', '.join(config.sources)}", param="sources")
@@ -165,7 +163,7 @@ def ingest(
             raise type(cause)(cause.message, param=cause.param) from None
         raise
     finally:
-        ctx.enable_progress_bars, ctx.execution_options.preserve_order = saved
+        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled = saved
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -203,19 +201,42 @@ def _tokenizer(config: IngestConfig, docs) -> tok.TokenizerSpec:  # noqa: ANN001
     return tok.train_bpe(sample, config.vocab_size)
 
 
-def _tokenize(batch: pa.Table, spec_json: str, validation_percent: float) -> pa.Table:
-    # Ray runs many of these at once; one thread per task keeps 2 cores from being oversubscribed.
+def tokenize_documents(docs, spec: tok.TokenizerSpec, config: IngestConfig):  # noqa: ANN001, ANN201 - ray.data.Dataset
+    """Documents -> per batch and split, one compact row: the batch's token stream (EOS after each document).
+
+    Each task encodes `config.batch_size` documents with one `encode_batch` call and returns at
+    most two rows (train, validation) holding int32 arrays, so no per-document Python objects
+    cross the object store and the driver only concatenates and cuts.
+    """
+    return docs.map_batches(
+        _tokenize,
+        fn_kwargs={"spec_json": spec.json, "eos_id": spec.eos_id, "validation_percent": config.validation_percent},
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        num_cpus=config.cpus_per_task,
+        zero_copy_batch=True,
+    )
+
+
+def _tokenize(batch: pa.Table, spec_json: str, eos_id: int, validation_percent: float) -> pa.Table:
+    # Ray runs many of these at once; one thread per task keeps the cores from being oversubscribed.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     import ray
 
     texts = batch.column("text").to_pylist()
-    ids = tok.encode_batch(spec_json, texts)
+    streams = split_streams(texts, tok.encode_batch(spec_json, texts), eos_id, validation_percent)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    splits = [s for s, (_, n) in streams.items() if n]
+    arrays = [streams[s][0] for s in splits]
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(a) for a in arrays])
+    values = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int32)
     return pa.table(
         {
-            "split": pa.array([split_of(t, validation_percent) for t in texts], type=pa.string()),
-            "ids": pa.array(ids, type=pa.list_(pa.int32())),
-            "node": pa.array([node] * len(texts), type=pa.string()),
+            "split": pa.array(splits, type=pa.string()),
+            "stream": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32())),
+            "documents": pa.array([streams[s][1] for s in splits], type=pa.int64()),
+            "node": pa.array([node] * len(splits), type=pa.string()),
         }
     )
 
@@ -226,15 +247,16 @@ def _pack_and_write(tokenized, spec: tok.TokenizerSpec, config: IngestConfig, ou
     documents = tokens_seen = 0
     nodes: set[str] = set()
     for batch in tokenized.iter_batches(batch_format="pyarrow", batch_size=None):
-        ids_col = batch.column("ids").combine_chunks()
-        offsets = ids_col.offsets.to_numpy()
-        values = ids_col.values.to_numpy(zero_copy_only=False)
+        column = batch.column("stream").combine_chunks()
+        offsets = column.offsets.to_numpy()
+        values = column.values.to_numpy(zero_copy_only=False)
+        counts = batch.column("documents").to_pylist()
         for i, split in enumerate(batch.column("split").to_pylist()):
-            writers[split].add(packers[split].add(values[offsets[i] : offsets[i + 1]]))
-        documents += len(batch)
-        tokens_seen += len(values)
+            writers[split].add(packers[split].extend(values[offsets[i] : offsets[i + 1]]))
+            tokens_seen += int(offsets[i + 1] - offsets[i]) - counts[i]  # without the EOS tokens
+        documents += sum(counts)
         nodes.update(batch.column("node").to_pylist())
-        if progress:
+        if progress and counts:
             progress("documents", documents)
     for split, packer in packers.items():
         packer.finish()

@@ -35,9 +35,18 @@ class Packer:
     def add(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
         """Add one document; return the finished rows (shape `[n, block_size]`, int32, maybe n=0)."""
         doc = np.asarray(ids, dtype=np.int32)
-        self._pending.append(doc)
-        self._pending.append(np.array([self.eos_id], dtype=np.int32))
-        self._pending_len += len(doc) + 1
+        return self.extend(np.append(doc, np.int32(self.eos_id)).astype(np.int32, copy=False))
+
+    def extend(self, stream: np.ndarray) -> np.ndarray:
+        """Add tokens that already carry their documents' EOS (`docs_to_stream`); return the finished rows.
+
+        `extend(docs_to_stream(docs, eos))` gives exactly the rows of `add(doc)` for each doc.
+        """
+        stream = np.asarray(stream, dtype=np.int32)
+        if len(stream) == 0:
+            return np.empty((0, self.block_size), dtype=np.int32)
+        self._pending.append(stream)
+        self._pending_len += len(stream)
         if self._pending_len < self.block_size:
             return np.empty((0, self.block_size), dtype=np.int32)
         stream = np.concatenate(self._pending)
@@ -52,6 +61,23 @@ class Packer:
         """Drop the incomplete tail."""
         self.dropped += self._pending_len
         self._pending, self._pending_len = [], 0
+
+
+def docs_to_stream(docs: Iterable[list[int]], eos_id: int) -> np.ndarray:
+    """One int32 array: each document's ids followed by `eos_id`, in order (the packer's input)."""
+    flat: list[int] = []
+    for ids in docs:
+        flat += ids
+        flat.append(eos_id)
+    return np.array(flat, dtype=np.int32)
+
+
+def split_streams(texts: list[str], ids: list[list[int]], eos_id: int, validation_percent: float) -> dict[str, tuple[np.ndarray, int]]:
+    """Per split (`split_of` each text): (its documents as one EOS-separated stream, document count)."""
+    by_split: dict[str, list[list[int]]] = {"train": [], "validation": []}
+    for text, doc in zip(texts, ids):
+        by_split[split_of(text, validation_percent)].append(doc)
+    return {split: (docs_to_stream(docs, eos_id), len(docs)) for split, docs in by_split.items()}
 
 
 def pack(docs: Iterable[Iterable[int]], block_size: int, eos_id: int) -> Iterator[np.ndarray]:
