@@ -20,6 +20,7 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_storage.py
+	$(BIN)/python bench/data_ingest.py
 
 install: $(VENV)/.installed
 
