@@ -604,11 +604,9 @@ class ModelRegistry:
         return self.encryption_key
 
     def _decrypt_checked(self, version: ModelVersion, key: bytes, entry: ModelFile, data: bytes) -> bytes:
-        import hashlib
-
         where = self.storage.url(f"{version.prefix}/{entry.path}")
         plain = _decrypt(key, entry.path, data, where)
-        if len(plain) != entry.size or hashlib.sha256(plain).hexdigest() != entry.sha256:
+        if not _matches(plain, entry):
             raise IntegrityError(f"{where} does not match its sha256 in the manifest after decryption: altered")
         return plain
 
@@ -619,8 +617,6 @@ class ModelRegistry:
             NotFoundError: no such version or file.
             IntegrityError: the stored bytes do not match (the message names the file).
         """
-        import hashlib
-
         version = self.resolve(ref)
         self.check_signature(version)
         entry = next((f for f in version.files if f.path == path), None)
@@ -633,7 +629,7 @@ class ModelRegistry:
             raise IntegrityError(f"{where} is missing (listed in the manifest)") from None
         if version.encrypted:
             return version, self._decrypt_checked(version, self._decryption_key(version), entry, data)
-        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+        if not _matches(data, entry):
             raise IntegrityError(f"{where} does not match its sha256 in the manifest: truncated or altered")
         return version, data
 
@@ -1006,3 +1002,8 @@ def generate_signing_key() -> tuple[str, str]:
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     return private.hex(), _public_bytes(key).hex()
+
+
+def _matches(data: bytes, entry: ModelFile) -> bool:
+    """True when `data` has the size and sha256 recorded for `entry`."""
+    return len(data) == entry.size and hashlib.sha256(data).hexdigest() == entry.sha256
