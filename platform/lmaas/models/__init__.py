@@ -1,0 +1,32 @@
+"""The model family: decoder-only transformer LMs in Hugging Face format, from tiny to 1B+.
+
+Every model is a `transformers.LlamaForCausalLM`, so a saved directory (`config.json`,
+`model.safetensors`, `generation_config.json`, `tokenizer.json` + `tokenizer_config.json`)
+loads unchanged with `AutoModelForCausalLM.from_pretrained(dir)` and serves with vLLM.
+
+    config = model_config("tiny", vocab_size=1024, max_seq_len=128, eos_id=0)
+    model = build_model(config)
+    save_model(model, "out/", tokenizer_dir="tok/")
+"""
+
+from lmaas.models.family import (
+    SIZES,
+    ModelSize,
+    build_model,
+    flops_per_token,
+    load_model,
+    model_config,
+    parameter_count,
+    save_model,
+)
+
+__all__ = [
+    "SIZES",
+    "ModelSize",
+    "build_model",
+    "flops_per_token",
+    "load_model",
+    "model_config",
+    "parameter_count",
+    "save_model",
+]
