@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -32,15 +33,14 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=0, help="input blocks (0: files / batch-size)")
     parser.add_argument("--cpus-per-task", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each side; the median counts")
     args = parser.parse_args()
 
     import ray
-    from ray.data import DataContext
 
     from lmaas.data import corpus, tokenizer
     from lmaas.data.config import IngestConfig
-    from lmaas.data.ingest import _pack_and_write, tokenize_documents
-    from lmaas.data.packing import Packer, split_streams
+    from lmaas.data.ingest import _pack_and_write, pipeline_context, tokenize_documents
 
     texts = [p.read_text() for p in corpus.stdlib_files(args.files)]
     spec = tokenizer.train_bpe(texts[:500], args.vocab_size)
@@ -48,30 +48,27 @@ def main() -> None:
         vocab_size=args.vocab_size, block_size=args.block_size, batch_size=args.batch_size, cpus_per_task=args.cpus_per_task
     )
 
-    # baseline: one process, one thread
-    start = time.perf_counter()
-    packers = {s: Packer(args.block_size, spec.eos_id) for s in ("train", "validation")}
-    tokens = rows = 0
-    for i in range(0, len(texts), args.batch_size):
-        batch = texts[i : i + args.batch_size]
-        streams = split_streams(batch, tokenizer.encode_batch(spec.json, batch), spec.eos_id, config.validation_percent)
-        for split, (stream, count) in streams.items():
-            tokens += len(stream) - count
-            rows += len(packers[split].extend(stream))
-    base_s = time.perf_counter() - start
+    # baseline: one process, one thread (median of --repeat runs, like the Ray side)
+    base_times = []
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        tokens, rows = _baseline(texts, spec, config)
+        base_times.append(time.perf_counter() - start)
+    base_s = statistics.median(base_times)
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="warning")
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.execution_options.preserve_order = True
     # many blocks, as read_binary_files gives (one per file group): tasks can run side by side
     blocks = args.blocks or max(1, len(texts) // args.batch_size)
     docs = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=blocks).materialize()
-    # first pass warms the worker processes (imports, tokenizer compile); the second is timed
-    for _ in range(2):
-        start = time.perf_counter()
-        stats = _ray_pipeline(docs, spec, config, tokenize_documents, _pack_and_write)
-        ray_s = time.perf_counter() - start
+    ray_times = []
+    with pipeline_context():  # the Ray Data settings ingest() runs under
+        # the first pass warms the worker processes (imports, tokenizer compile) and is not timed
+        for i in range(args.repeat + 1):
+            start = time.perf_counter()
+            stats = _ray_pipeline(docs, spec, config, tokenize_documents, _pack_and_write)
+            if i:
+                ray_times.append(time.perf_counter() - start)
+    ray_s = statistics.median(ray_times)
     ray.shutdown()
     assert stats["tokens_seen"] == tokens and stats["train_rows"] + stats["validation_rows"] == rows
 
@@ -82,6 +79,8 @@ def main() -> None:
         "baseline_tokens_per_s": tokens / base_s,
         "ray_tokens_per_s": tokens / ray_s,
         "ratio": base_s / ray_s,
+        "baseline_s": base_times,
+        "ray_s": ray_times,
     }
     print(f"{len(texts)} documents, {tokens:,} tokens, {args.cpus} CPUs")
     print(f"  single-process loop   {tokens / base_s:12,.0f} tokens/s  ({base_s:.2f} s)")
@@ -90,6 +89,20 @@ def main() -> None:
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     (results / "data_ingest.json").write_text(json.dumps(result, indent=1))
+
+
+def _baseline(texts, spec, config) -> tuple[int, int]:  # noqa: ANN001
+    from lmaas.data import tokenizer
+
+    packers = {s: Packer(config.block_size, spec.eos_id) for s in ("train", "validation")}
+    tokens = rows = 0
+    for i in range(0, len(texts), config.batch_size):
+        batch = texts[i : i + config.batch_size]
+        streams = split_streams(batch, tokenizer.encode_batch(spec.json, batch), spec.eos_id, config.validation_percent)
+        for split, (stream, count) in streams.items():
+            tokens += len(stream) - count
+            rows += len(packers[split].extend(stream))
+    return tokens, rows
 
 
 def _ray_pipeline(docs, spec, config, tokenize, pack_and_write) -> dict:  # noqa: ANN001
