@@ -90,3 +90,19 @@ def show(ref: str = typer.Argument(..., help="NAME (newest version) or NAME:VERS
     from lmaas.data.versions import get_version
 
     print(json.dumps(get_version(db.connect(load_settings().database_url), ref).to_dict(), indent=1))
+
+
+@app.command()
+def gc(
+    older_than: float = typer.Option(3600, "--older-than", help="Grace period in seconds for ingests in progress."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be deleted."),
+) -> None:
+    """Delete dataset files no version references (ingests that failed or died while publishing)."""
+    from lmaas.data import versions
+
+    settings = load_settings()
+    removed = versions.gc(Storage.from_settings(settings), db.connect(settings.database_url), grace_seconds=older_than,
+                          dry_run=dry_run)
+    for path in removed:
+        print(("would delete " if dry_run else "deleted ") + path)
+    print(f"{len(removed)} leftover(s) {'found' if dry_run else 'removed'}")

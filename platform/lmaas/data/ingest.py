@@ -13,7 +13,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,61 +111,71 @@ def ingest(
         UnreachableError: an S3 source's endpoint does not answer.
         InvalidInputError: a binary file, a bad JSONL line or field, an empty or too small corpus.
     """
-    from ray.data import DataContext
-
     started = time.monotonic()
     resolved = [sources_mod.resolve(s, config.format, endpoint_url=endpoint_url) for s in config.sources]
-    ctx = DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled)
-    ctx.enable_progress_bars = False
-    # Ray 2.60's per-operator reservations deadlock this read -> tokenize pipeline once the read
-    # blocks fill a small object store (tokenize gets no budget, read waits on it forever:
-    # tests/integration/test_data_memory.py); the global backpressure alone keeps memory bounded.
-    ctx.op_resource_reservation_enabled = False
-    ctx.execution_options.preserve_order = True  # shards (and their hash) must not depend on task timing
     staging = Path(tempfile.mkdtemp(prefix="lmaas-ingest-"))
     try:
-        docs = sources_mod.read_documents(resolved, text_field=config.text_field, num_cpus=config.cpus_per_task)
-        spec = _tokenizer(config, docs)
-        tokenized = tokenize_documents(docs, spec, config)
-        stats = _pack_and_write(tokenized, spec, config, staging / "content", progress)
-        if stats["documents"] == 0:
-            raise InvalidInputError(f"the corpus is empty: no text documents in {', '.join(config.sources)}", param="sources")
-        if stats["train_rows"] == 0:
-            raise InvalidInputError(
-                f"the corpus is too small: {stats['tokens_seen']} tokens make no training sequence of block_size "
-                f"{config.block_size}; add data or lower block_size",
-                param="block_size",
-            )
-        spec.save(staging / "content" / "tokenizer")
-        content_hash = Manifest.of_dir(staging / "content").sha256
-        existing = find_by_content(engine, config.name, content_hash)
-        if existing is not None:
-            return IngestResult(existing, True, time.monotonic() - started, stats["nodes"], stats["dropped"])
-        if progress:
-            progress("publish", 0)
-        record = {
-            "name": config.name,
-            "sources": list(config.sources),
-            "content_hash": content_hash,
-            "tokenizer_hash": spec.sha256,
-            "block_size": config.block_size,
-            "vocab_size": spec.vocab_size,
-            "documents": stats["documents"],
-            "train_rows": stats["train_rows"],
-            "validation_rows": stats["validation_rows"],
-            "tokens": (stats["train_rows"] + stats["validation_rows"]) * config.block_size,
-        }
-        version = publish_version(storage, engine, staging / "content", record)
-        return IngestResult(version, False, time.monotonic() - started, stats["nodes"], stats["dropped"])
+        with pipeline_context():
+            docs = sources_mod.read_documents(resolved, text_field=config.text_field, num_cpus=config.cpus_per_task)
+            spec = _tokenizer(config, docs)
+            tokenized = tokenize_documents(docs, spec, config)
+            stats = _pack_and_write(tokenized, spec, config, staging / "content", progress)
+            if stats["documents"] == 0:
+                raise InvalidInputError(f"the corpus is empty: no text documents in {', '.join(config.sources)}", param="sources")
+            if stats["train_rows"] == 0:
+                raise InvalidInputError(
+                    f"the corpus is too small: {stats['tokens_seen']} tokens make no training sequence of block_size "
+                    f"{config.block_size}; add data or lower block_size",
+                    param="block_size",
+                )
+            spec.save(staging / "content" / "tokenizer")
+            content_hash = Manifest.of_dir(staging / "content").sha256
+            existing = find_by_content(engine, config.name, content_hash)
+            if existing is not None:
+                return IngestResult(existing, True, time.monotonic() - started, stats["nodes"], stats["dropped"])
+            if progress:
+                progress("publish", 0)
+            record = {
+                "name": config.name,
+                "sources": list(config.sources),
+                "content_hash": content_hash,
+                "tokenizer_hash": spec.sha256,
+                "block_size": config.block_size,
+                "vocab_size": spec.vocab_size,
+                "documents": stats["documents"],
+                "train_rows": stats["train_rows"],
+                "validation_rows": stats["validation_rows"],
+                "tokens": (stats["train_rows"] + stats["validation_rows"]) * config.block_size,
+            }
+            version = publish_version(storage, engine, staging / "content", record)
+            return IngestResult(version, False, time.monotonic() - started, stats["nodes"], stats["dropped"])
     except Exception as exc:
         cause = _lmaas_cause(exc)
         if cause is not None and cause is not exc:
             raise type(cause)(cause.message, param=cause.param) from None
         raise
     finally:
-        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled = saved
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def pipeline_context() -> Iterator[None]:
+    """Ray Data settings of the ingest pipeline, restored afterwards (the benchmark runs under them too)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled)
+    ctx.enable_progress_bars = False
+    # Ray 2.60's per-operator reservations deadlock this read -> tokenize pipeline once the read
+    # blocks fill a small object store (tokenize gets no budget, read waits on it forever:
+    # tests/integration/test_data_memory.py); the global backpressure alone keeps memory bounded.
+    # They also hold the tokenize operator to one task at a time for its first blocks.
+    ctx.op_resource_reservation_enabled = False
+    ctx.execution_options.preserve_order = True  # shards (and their hash) must not depend on task timing
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled = saved
 
 
 def _lmaas_cause(exc: BaseException) -> LmaasError | None:

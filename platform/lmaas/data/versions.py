@@ -3,7 +3,9 @@
 A version's directory `datasets/<name>/<version>/` holds `train/` and `validation/` Parquet
 shards, `tokenizer/` (HF format), `dataset.json` (this record) and `_manifest.json` (written
 last by `Storage.publish_dir`). The database row is inserted only after the publish succeeded,
-so a reader never sees a half-written version.
+so a reader never sees a half-written version; the prefix is recorded in `dataset_uploads`
+before it is written, so a publish whose insert fails (or whose process dies) is deleted at once
+or found later by `gc`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from lmaas.db.schema import datasets
+from lmaas.db.schema import dataset_uploads, datasets
 from lmaas.errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from lmaas.storage import Storage
 
@@ -54,8 +56,11 @@ class DatasetVersion:
         return asdict(self)
 
 
+DATASETS_PREFIX = "datasets"
+
+
 def prefix_of(name: str, version: int) -> str:
-    return f"datasets/{name}/{version}"
+    return f"{DATASETS_PREFIX}/{name}/{version}"
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -143,22 +148,83 @@ def publish_version(storage: Storage, engine: Engine, local_dir: str | Path, rec
         entry = DatasetVersion(**record, version=version, uri=storage.url(prefix), created_at=time.time())
         (local_dir / METADATA_FILE).write_text(json.dumps(entry.to_dict(), indent=1, sort_keys=True))
         try:
+            with engine.begin() as conn:
+                conn.execute(dataset_uploads.insert().values(prefix=prefix, name=name, created_at=time.time()))
+        except sa.exc.IntegrityError:
+            continue  # a concurrent ingest is publishing this number
+        try:
             storage.publish_dir(local_dir, prefix)
         except AlreadyExistsError:
+            _forget_upload(engine, prefix)
             continue
-        values = entry.to_dict()
+        except BaseException:
+            _abandon(storage, engine, prefix)
+            raise
         try:
             with engine.begin() as conn:
-                conn.execute(datasets.insert().values(**values))
-        except sa.exc.IntegrityError:
-            continue  # another writer recorded this number first; its prefix holds our files, unlisted
+                conn.execute(datasets.insert().values(**entry.to_dict()))
+                conn.execute(dataset_uploads.delete().where(dataset_uploads.c.prefix == prefix))
+        except BaseException:
+            _abandon(storage, engine, prefix)
+            raise
         return entry
     raise AlreadyExistsError(f"dataset {name}: no free version number after {attempts} attempts; try again")
+
+
+def gc(storage: Storage, engine: Engine, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> list[str]:
+    """Delete dataset files no version references: publishes whose database insert never happened.
+
+    A prefix recorded in `dataset_uploads` (a publish in progress) is left alone for
+    `grace_seconds`; a published prefix with neither a version nor an upload row, and any
+    writer's leftover temporaries, are deleted.
+
+    Returns:
+        The store prefixes deleted (or that would be, with `dry_run`).
+    """
+    with engine.connect() as conn:
+        referenced = {prefix_of(r.name, r.version) for r in conn.execute(sa.select(datasets.c.name, datasets.c.version))}
+        uploads = {r.prefix: r.created_at for r in conn.execute(sa.select(dataset_uploads))}
+    now = time.time()
+    in_progress = {p for p, t in uploads.items() if now - t < grace_seconds}
+    candidates = set(storage.garbage(DATASETS_PREFIX, depth=2))
+    candidates.update(p for p in storage.list_published(DATASETS_PREFIX) if p.count("/") == 2)
+    removed = []
+    for path in sorted(candidates):
+        owner = "/".join(path.split("/")[:3])
+        if owner in in_progress or (path == owner and owner in referenced):
+            continue
+        removed.append(path)
+        if not dry_run:
+            storage.delete(path)
+    stale = [p for p in uploads if p not in in_progress]
+    if stale and not dry_run:
+        with engine.begin() as conn:
+            conn.execute(dataset_uploads.delete().where(dataset_uploads.c.prefix.in_(stale)))
+    return removed
+
+
+def _abandon(storage: Storage, engine: Engine, prefix: str) -> None:
+    """Best effort after a failed publish: delete the prefix, then its upload row (gc does what fails here)."""
+    try:
+        storage.delete(prefix)
+    except Exception:  # noqa: BLE001 - the row stays, gc retries after the grace period
+        return
+    _forget_upload(engine, prefix)
+
+
+def _forget_upload(engine: Engine, prefix: str) -> None:
+    try:
+        with engine.begin() as conn:
+            conn.execute(dataset_uploads.delete().where(dataset_uploads.c.prefix == prefix))
+    except sa.exc.SQLAlchemyError:
+        pass  # gc drops it after the grace period
 
 
 def _next_version(storage: Storage, engine: Engine, name: str) -> int:
     with engine.connect() as conn:
         in_db = conn.execute(sa.select(sa.func.max(datasets.c.version)).where(datasets.c.name == name)).scalar() or 0
+        pending = conn.execute(sa.select(dataset_uploads.c.prefix).where(dataset_uploads.c.name == name)).scalars().all()
+    in_db = max([in_db] + [int(p.rsplit("/", 1)[-1]) for p in pending if p.rsplit("/", 1)[-1].isdigit()])
     published = [p.rsplit("/", 1)[-1] for p in storage.list_published(f"datasets/{name}")]
     on_disk = max((int(v) for v in published if v.isdigit()), default=0)
     return max(in_db, on_disk) + 1

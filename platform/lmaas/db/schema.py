@@ -56,6 +56,16 @@ datasets = sa.Table(
 )
 """Immutable dataset versions: one row per ingest that produced new content (shards in the store)."""
 
+dataset_uploads = sa.Table(
+    "dataset_uploads",
+    metadata,
+    sa.Column("prefix", sa.String(500), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+)
+"""Dataset versions being published: recorded before the shards are uploaded, removed with the
+`datasets` insert; `versions.gc` deletes prefixes of rows older than its grace period."""
+
 registered_models = sa.Table(
     "registered_models",
     metadata,
