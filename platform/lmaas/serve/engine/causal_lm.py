@@ -9,6 +9,10 @@ Each loop iteration of the engine thread:
 The running batch is one `DynamicCache` whose rows are left-padded to a common length, plus a 2-D
 attention mask that hides the padding and per-row position ids, so a row computes exactly what it
 would alone. Padding is added only when requests join and trimmed when they leave.
+
+Why not transformers' own continuous batching (`generate_batch`): on this 2-core CPU it was 10-20x
+slower than this scheduler for a 12.9M-parameter model (bench/results/engine_batching.txt); this one
+reached 5-6x the tokens/s of one-at-a-time `generate` at 16 concurrent requests and parity at 1.
 """
 
 from __future__ import annotations
