@@ -112,3 +112,14 @@ def test_the_checker_catches_violations(tmp_path: Path):
     assert "imports lmaas.serve" in message
     assert "fsspec is imported outside" in message
     assert "imports lmaas.registry" in message
+
+
+def test_serve_engine_imports_neither_ray_nor_http():
+    """The engine runs inside a Serve replica but knows nothing of Ray or HTTP (vLLM-backed engines share the seam)."""
+    problems = [
+        f"{path.relative_to(PACKAGE)} line {line}: {module}"
+        for path in sorted((PACKAGE / "serve" / "engine").rglob("*.py"))
+        for module, line in imports_of(path)
+        if module.split(".")[0] in {"ray", "fastapi", "starlette", "uvicorn"}
+    ]
+    assert not problems, "\n".join(problems)

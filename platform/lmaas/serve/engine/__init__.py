@@ -1,0 +1,25 @@
+"""Inference engines: no HTTP and no Ray here; Serve deployments wrap one engine per replica.
+
+    engine = CausalLMEngine("models/tiny-lm", max_batch_size=32, num_threads=2)
+    async for event in engine.generate(GenerationRequest("r1", "def f(", SamplingParams(max_tokens=16))):
+        print(event.text, end="")
+"""
+
+from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, TopLogprob
+from lmaas.serve.engine.causal_lm import DEFAULT_CHAT_TEMPLATE, CausalLMEngine, new_request_id
+from lmaas.serve.engine.embedding import EmbeddingEngine
+from lmaas.serve.engine.vllm import VLLMEngine
+
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "CausalLMEngine",
+    "EmbeddingEngine",
+    "Engine",
+    "EngineStats",
+    "GenerationRequest",
+    "SamplingParams",
+    "TokenEvent",
+    "TopLogprob",
+    "VLLMEngine",
+    "new_request_id",
+]

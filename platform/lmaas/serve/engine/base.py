@@ -1,0 +1,135 @@
+"""The engine contract: what every inference backend (this CPU/torch one, vLLM on GPU clusters) implements.
+
+An engine knows nothing of HTTP or Ray. The OpenAI serving classes (`lmaas.serve.openai_api`) talk to
+it only through `Engine`, and Ray Serve deployments wrap one engine per replica.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from lmaas.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token of one request (OpenAI's fields; validated by `check`)."""
+
+    max_tokens: int | None = None
+    """Most tokens to generate; None: up to the context length."""
+    temperature: float = 1.0
+    """0 means greedy (argmax)."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 or -1 means no top-k cut."""
+    stop: tuple[str, ...] = ()
+    """Generation ends before the first of these strings; it is not part of the output."""
+    seed: int | None = None
+    """The same seed and prompt give the same tokens."""
+    n: int = 1
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the chosen token's logprob plus the k most likely alternatives."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token (benchmarks and tests that need exact lengths)."""
+
+    def check(self) -> None:
+        """Raises InvalidInputError naming the first bad field."""
+        if self.n != 1:
+            raise InvalidInputError(f"n must be 1 (got {self.n}); send separate requests for several completions", param="n")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidInputError(f"max_tokens must be at least 1, got {self.max_tokens}", param="max_tokens")
+        if self.temperature < 0:
+            raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if self.top_k < -1:
+            raise InvalidInputError(f"top_k must be -1, 0 or positive, got {self.top_k}", param="top_k")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidInputError(f"logprobs must be between 0 and 20, got {self.logprobs}", param="logprobs")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to continue: token ids (already templated and tokenized) or text."""
+
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of a request, as the stream delivers it.
+
+    `text` is the new output text this token completes (may be "" while a multi-byte character or a
+    possible stop string is held back). The last event of a request has `finish_reason` set.
+    """
+
+    request_id: str
+    token_id: int | None
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    """None while generating; "stop" (EOS or a stop string) or "length" (max_tokens) at the end."""
+    token: str | None = None
+    """This token's own text (for logprobs)."""
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    max_batch_size: int
+    generated_tokens: int
+    finished_requests: int
+
+
+class Engine(abc.ABC):
+    """An inference backend that one model replica runs.
+
+    `CausalLMEngine` implements it with torch on CPU or one GPU; on GPU clusters a vLLM-backed engine
+    implements the same four methods on top of `vllm.AsyncLLMEngine` (see `VLLMEngine`), so the OpenAI
+    layer and the Ray Serve deployments above it do not change.
+    """
+
+    model_id: str
+    """The name the engine reports under `/v1/models`."""
+    max_context: int | None = None
+    """Longest prompt + completion in tokens, when the engine generates."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream the tokens of `request`; closing the iterator early aborts the request.
+
+        Raises:
+            InvalidInputError: bad sampling parameters, a prompt or max_tokens beyond the context.
+        """
+        raise InvalidInputError(f"model {self.model_id!r} does not generate text", param="model")
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One vector per text and the number of input tokens used."""
+        raise InvalidInputError(f"model {self.model_id!r} does not compute embeddings", param="model")
+
+    def abort(self, request_id: str) -> None:  # noqa: B027 - optional for engines that do not generate
+        """Stop a request and free its slot (unknown or finished ids are ignored)."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The prompt token ids of a chat conversation under this model's chat template."""
+        raise InvalidInputError(f"model {self.model_id!r} has no chat template", param="model")
+
+    async def close(self) -> None:  # noqa: B027
+        """Stop background work; pending requests end."""

