@@ -60,3 +60,10 @@ class IntegrityError(LmaasError):
 
     status = 500
     type = "integrity_error"
+
+
+class JobFailedError(LmaasError):
+    """A cluster job (training, compression) failed after its retries; the message says why."""
+
+    status = 500
+    type = "job_failed"

@@ -143,8 +143,16 @@ def save_model(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     config = model.config
+    if state_dict is None:
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        # written directly: a sharded (FSDP) model's own save_pretrained would touch its DTensors
+        from safetensors.torch import save_file
+
+        config.architectures = [type(model).__name__.removeprefix("FSDP")]
+        config.save_pretrained(directory)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,

@@ -1,0 +1,128 @@
+"""Training checkpoints that are also model directories, with no pickle anywhere.
+
+A checkpoint directory is a complete HF model (`config.json`, `model.safetensors`,
+`generation_config.json`, tokenizer files: it loads with `from_pretrained` and can be registered
+as is) plus the training state:
+
+    optimizer.safetensors   AdamW moments, flattened by parameter name
+    trainer_state.json      step, tokens seen, data epoch, scheduler, optimizer hyper-parameters,
+                            the metric history (so a loss curve survives restarts)
+
+Full (unsharded) state dicts are used for DDP and FSDP alike: rank 0 gathers and writes them,
+and on resume rank 0 reads them and broadcasts, so a run can resume on a different worker count.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmaas.models import save_model
+from lmaas.models.family import TOKENIZER_FILES, WEIGHTS_FILE
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+MODEL_FILES = ("config.json", WEIGHTS_FILE, "generation_config.json", *TOKENIZER_FILES)
+
+
+@dataclass
+class TrainerState:
+    """Where a run is: restored from a checkpoint on resume."""
+
+    step: int = 0
+    tokens: int = 0
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    restarts: int = 0
+
+
+def _options(*, load: bool = False):  # noqa: ANN202 - StateDictOptions
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True, broadcast_from_rank0=load)
+
+
+def save(
+    directory: str | Path,
+    *,
+    model: Any,
+    base_model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainerState,
+    tokenizer_dir: str | Path,
+    rank: int,
+) -> Path | None:
+    """Gather the full state (a collective: every rank calls it) and write it on rank 0.
+
+    Args:
+        model: the wrapped model (DDP, FSDP or compiled) whose state is gathered.
+        base_model: the plain `LlamaForCausalLM` (its config names the artifact).
+
+    Returns:
+        The directory on rank 0, None elsewhere.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    if rank != 0:
+        return None
+    directory = Path(directory)
+    weights = {k: v.detach().contiguous() for k, v in model_sd.items()}
+    if base_model.config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    save_model(base_model, directory, tokenizer_dir=tokenizer_dir, state_dict=weights)
+    tensors = {k: v.contiguous() for k, v in optim_sd.items() if isinstance(v, torch.Tensor)}
+    scalars = {k: v for k, v in optim_sd.items() if not isinstance(v, torch.Tensor)}
+    save_file(tensors, str(directory / OPTIMIZER_FILE), metadata={"format": "pt"})
+    record = {"trainer": asdict(state), "scheduler": scheduler.state_dict(), "optimizer_scalars": scalars}
+    (directory / STATE_FILE).write_text(json.dumps(record, indent=1))
+    return directory
+
+
+def restore(directory: str | Path | None, *, model: Any, base_model: Any, optimizer: Any, scheduler: Any, rank: int) -> TrainerState:
+    """Load a checkpoint into the model, optimizer and scheduler of every rank (a collective).
+
+    Only rank 0 reads the files (`directory` may be None elsewhere); the state is broadcast.
+    """
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    record: dict[str, Any] = {}
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    if rank == 0:
+        directory = Path(directory)  # type: ignore[arg-type]
+        record = json.loads((directory / STATE_FILE).read_text())
+        model_sd = load_file(str(directory / WEIGHTS_FILE))
+        if base_model.config.tie_word_embeddings and "lm_head.weight" not in model_sd:
+            model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
+        optim_sd = {**load_file(str(directory / OPTIMIZER_FILE)), **record["optimizer_scalars"]}
+    shared = [record]
+    if dist.is_initialized():
+        dist.broadcast_object_list(shared, src=0)  # small JSON-able dict, not tensors
+    record = shared[0]
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_options(load=True))
+    scheduler.load_state_dict(record["scheduler"])
+    return TrainerState(**record["trainer"])
+
+
+def export_model(checkpoint_dir: str | Path, destination: str | Path) -> Path:
+    """Copy only the model files of a checkpoint (no optimizer or trainer state) into `destination`."""
+    checkpoint_dir, destination = Path(checkpoint_dir), Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        if (checkpoint_dir / name).is_file():
+            shutil.copyfile(checkpoint_dir / name, destination / name)
+    return destination
+
+
+def read_state(checkpoint_dir: str | Path) -> TrainerState:
+    """The trainer state of a checkpoint directory."""
+    return TrainerState(**json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())["trainer"])

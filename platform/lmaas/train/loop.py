@@ -1,0 +1,269 @@
+"""The per-worker training function Ray Train runs on every worker (`train_func(config)`).
+
+Ray-specific steps are marked `# Ray Train:`; the rest is a plain PyTorch loop: AdamW, cosine
+schedule with warmup, gradient clipping and accumulation, bf16 autocast on GPU, DDP or FSDP2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from lmaas.models import build_model, flops_per_token
+from lmaas.train import checkpoint
+from lmaas.train.config import TrainConfig
+
+# Dense bf16 peak TFLOP/s by GPU name, for MFU; LMAAS_PEAK_TFLOPS overrides.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "V100": 125.0, "T4": 65.0}
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Learning-rate multiplier at `step` (0-based): linear warmup, then cosine to `min_lr_ratio`."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def peak_flops(device: Any) -> float | None:
+    """Peak FLOP/s of one accelerator for MFU, or None on CPU / unknown GPUs."""
+    if os.environ.get("LMAAS_PEAK_TFLOPS"):
+        return float(os.environ["LMAAS_PEAK_TFLOPS"]) * 1e12
+    if getattr(device, "type", "cpu") != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def train_func(loop_config: dict[str, Any]) -> None:
+    """Train on this worker's shard; report metrics every `log_interval` steps and checkpoints."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint, CheckpointUploadMode
+    from transformers import LlamaConfig
+
+    cfg = TrainConfig(**loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # Ray Train: this worker's GPU, or CPU
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads_per_worker)
+    model_config = LlamaConfig.from_dict(loop_config["model_config"])
+    tokenizer_dir = tempfile.mkdtemp(prefix="lmaas-tokenizer-")  # copied into every checkpoint
+    for name, text in loop_config["tokenizer_files"].items():
+        (Path(tokenizer_dir) / name).write_text(text)
+    queue = loop_config.get("progress")
+    fault = loop_config.get("fault")
+
+    base = build_model(model_config, seed=cfg.seed)
+    model = _wrap(base, cfg, device)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+    state = checkpoint.TrainerState()
+    resumed = ray.train.get_checkpoint()  # Ray Train: the latest checkpoint after a restart or --resume
+    if resumed is not None:
+        with resumed.as_directory() if rank == 0 else nullcontext(None) as directory:
+            state = checkpoint.restore(directory, model=model, base_model=base, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        state.restarts += 1
+    if cfg.compile:
+        model = torch.compile(model)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    seq_len = model_config.max_position_embeddings
+    flops = flops_per_token(model_config, seq_len)
+    peak = peak_flops(device)
+    validation = _validation_rows(cfg, rank, world, device)
+    batches = _batches(cfg, state, device)  # Ray Train: this worker's shard of the training split
+
+    interval_loss, interval_count, interval_tokens, interval_time = 0.0, 0, 0, 0.0
+    stall: float | None = None
+    while state.step < cfg.max_steps:
+        started = time.perf_counter()
+        model.train()
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            input_ids = next(batches)
+            with _no_sync(model, last=micro == cfg.grad_accum - 1):
+                with autocast:
+                    loss = model(input_ids=input_ids, labels=input_ids).loss / cfg.grad_accum
+                loss.backward()
+            step_loss += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        step_tokens = cfg.batch_size * cfg.grad_accum * seq_len
+        state.tokens += step_tokens * world
+        interval_loss += step_loss
+        interval_count += 1
+        interval_tokens += step_tokens
+        interval_time += time.perf_counter() - started
+
+        if fault and fault["rank"] == rank and state.step == fault["step"] and not os.path.exists(fault["marker"]):
+            Path(fault["marker"]).write_text(f"killed rank {rank} at step {state.step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, once (chaos testing)
+
+        last = state.step == cfg.max_steps
+        if not (last or state.step % cfg.log_interval == 0 or state.step % cfg.checkpoint_interval == 0):
+            continue
+        worker_tps = interval_tokens / interval_time if interval_time else 0.0
+        totals = torch.tensor([interval_loss / max(1, interval_count), worker_tps], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        metrics: dict[str, Any] = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "tokens": state.tokens,
+            "loss": totals[0].item() / world,
+            "lr": lr,
+            "tokens_per_s": totals[1].item(),
+            "tokens_per_s_per_worker": totals[1].item() / world,
+            "restarts": state.restarts,
+        }
+        if peak:
+            metrics["mfu"] = flops * worker_tps / peak
+        if validation is not None and (last or state.step % cfg.eval_interval == 0):
+            metrics["val_loss"] = _evaluate(model, validation, autocast, cfg.batch_size)
+            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+        interval_loss, interval_count, interval_tokens, interval_time = 0.0, 0, 0, 0.0
+
+        if stall is not None:
+            metrics["checkpoint_stall_s"] = stall  # of the previous checkpoint
+        if last or state.step % cfg.checkpoint_interval == 0:
+            save_started = time.perf_counter()
+            state.history.append(dict(metrics))
+            written = checkpoint.save(
+                Path(tempfile.mkdtemp(prefix="lmaas-ckpt-")) / "checkpoint", model=model, base_model=base,
+                optimizer=optimizer, scheduler=scheduler, state=state, tokenizer_dir=tokenizer_dir, rank=rank,
+            )
+            metrics["checkpoint_save_s"] = time.perf_counter() - save_started
+            # Ray Train: persist rank 0's directory; ASYNC uploads it in the background, then deletes it
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(str(written)) if written else None,
+                checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+            )
+            # how long training waited for this checkpoint (gather + write + hand-off to the uploader)
+            stall = time.perf_counter() - save_started
+        else:
+            state.history.append(dict(metrics))
+            ray.train.report(metrics)  # Ray Train: a barrier; every rank reports equally often
+        if rank == 0 and queue is not None:
+            queue.put(metrics)
+
+
+def _wrap(model: Any, cfg: TrainConfig, device: Any) -> Any:
+    """DDP through Ray Train, or FSDP2 (`fully_shard` each decoder layer, then the root)."""
+    import ray.train.torch
+
+    if cfg.strategy == "ddp":
+        return ray.train.torch.prepare_model(model)  # Ray Train: move to device, wrap in DDP
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(device)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _no_sync(model: Any, *, last: bool) -> Any:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if last:
+        return nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: re-enabled before the last micro-batch
+
+        class _Paused:
+            def __enter__(self) -> None:
+                model.set_requires_gradient_sync(False)
+
+            def __exit__(self, *exc: object) -> None:
+                model.set_requires_gradient_sync(True)
+
+        return _Paused()
+    return nullcontext()
+
+
+def _batches(cfg: TrainConfig, state: checkpoint.TrainerState, device: Any):  # noqa: ANN202 - generator
+    """Endless micro-batches of this worker's shard; each pass over it is one epoch."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    while True:
+        seen = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            device=device,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed * 1000 + state.epoch) if cfg.shuffle_buffer else None,
+        ):
+            seen += 1
+            yield batch["input_ids"]
+        if seen == 0:
+            raise RuntimeError(f"this worker's training shard has fewer than batch_size={cfg.batch_size} rows")
+        state.epoch += 1
+
+
+def _validation_rows(cfg: TrainConfig, rank: int, world: int, device: Any) -> Any:
+    """A fixed validation set (the same rows at every evaluation), this rank's share of it."""
+    import ray.train
+
+    try:
+        shard = ray.train.get_dataset_shard("validation")
+    except KeyError:
+        return None
+    if shard is None:
+        return None
+    wanted = cfg.eval_batches * cfg.batch_size * world
+    batch = next(iter(shard.iter_torch_batches(batch_size=wanted, drop_last=False)), None)
+    if batch is None:
+        return None
+    rows = batch["input_ids"]
+    # Every rank runs the same number of equal forward passes: FSDP's forward is a collective.
+    per_rank = len(rows) // world
+    mine = rows[rank * per_rank : (rank + 1) * per_rank] if per_rank else rows  # too few: all ranks use all rows
+    return mine.to(device)
+
+
+def _evaluate(model: Any, rows: Any, autocast: Any, batch_size: int) -> float:
+    """Mean validation loss over every rank's rows (a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), autocast:
+        for chunk in rows.split(batch_size):
+            loss = model(input_ids=chunk, labels=chunk).loss
+            total += torch.tensor([loss.item() * len(chunk), len(chunk)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()

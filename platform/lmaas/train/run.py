@@ -1,0 +1,324 @@
+"""The driver side of a training run: check, launch a `TorchTrainer`, register the result.
+
+    result = train(config, storage=storage, engine=engine, progress=print)
+    result.model_version   # the registered ModelVersion (None when output_model is None)
+
+A run lives under `runs/<run id>/` in the artifact store: Ray Train's checkpoints
+(`checkpoint_*`, the last `keep_checkpoints` kept), `run.json` (config, dataset, status,
+metrics) and `loss.png`. `train(config, resume=RUN)` continues a run from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from lmaas.data import tokenizer as tok
+from lmaas.data.feed import training_dataset
+from lmaas.data.versions import DatasetVersion, get_version
+from lmaas.errors import InvalidInputError, JobFailedError, NotFoundError
+from lmaas.models import build_model, model_config, parameter_count
+from lmaas.registry import ModelRegistry, ModelVersion
+from lmaas.storage import Storage
+from lmaas.train import checkpoint
+from lmaas.train.config import TrainConfig
+from lmaas.train.plot import loss_curve_png
+
+RUNS_PREFIX = "runs"
+RUN_FILE = "run.json"
+FAULT_ENV = "LMAAS_FAULT_KILL_RANK_AT"
+"""Chaos testing: `RANK:STEP:MARKER` kills worker RANK with SIGKILL at STEP, once (MARKER records it)."""
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    """A finished run."""
+
+    run_id: str
+    run_uri: str
+    checkpoint_uri: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    parameters: int
+    seconds: float
+    model_version: ModelVersion | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def new_run_id(config: TrainConfig) -> str:
+    return f"{config.output_model or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def read_run(storage: Storage, run_id: str) -> dict[str, Any]:
+    """The `run.json` record of a run.
+
+    Raises:
+        NotFoundError: no such run in this store.
+    """
+    path = f"{RUNS_PREFIX}/{run_id}/{RUN_FILE}"
+    if "/" in run_id or not run_id or not storage.exists(path):
+        raise NotFoundError(f"run {run_id!r} not found in {storage.url(RUNS_PREFIX)}", param="resume")
+    return json.loads(storage.read_text(path))
+
+
+def list_runs(storage: Storage) -> list[dict[str, Any]]:
+    """Every run record in the store, newest first."""
+    records = []
+    for path in storage.list(RUNS_PREFIX):
+        if path.endswith(f"/{RUN_FILE}"):
+            records.append(json.loads(storage.read_text(path)))
+    return sorted(records, key=lambda r: r.get("started_at", 0), reverse=True)
+
+
+def check_resources(config: TrainConfig, resources: dict[str, float]) -> None:
+    """Refuse a worker group the cluster can never hold (before any worker starts).
+
+    Raises:
+        InvalidInputError: not enough CPUs or GPUs in the whole cluster.
+    """
+    cpus = config.num_workers * config.cpus_per_worker
+    if cpus > resources.get("CPU", 0.0):
+        raise InvalidInputError(
+            f"num_workers={config.num_workers} x cpus_per_worker={config.cpus_per_worker} needs {cpus:g} CPUs; "
+            f"the cluster has {resources.get('CPU', 0.0):g}",
+            param="num_workers",
+        )
+    if config.use_gpu and config.num_workers > resources.get("GPU", 0.0):
+        raise InvalidInputError(
+            f"use_gpu with num_workers={config.num_workers} needs {config.num_workers} GPUs; the cluster has {resources.get('GPU', 0.0):g}",
+            param="use_gpu",
+        )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    storage: Storage,
+    engine: Engine,
+    resume: str | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Run one training job on the connected Ray cluster and register its final model.
+
+    Args:
+        config: the run's settings (already validated).
+        storage: artifact store for the run's checkpoints and the registered model.
+        engine: metadata database (datasets, registry).
+        resume: id of an earlier run to continue from its latest checkpoint.
+        progress: called on the driver with each metrics report of rank 0.
+
+    Raises:
+        NotFoundError: the dataset or the resumed run does not exist.
+        InvalidInputError: the cluster cannot hold the workers.
+        JobFailedError: training failed after `max_failures` restarts.
+    """
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    started = time.time()
+    version = get_version(engine, config.dataset)
+    check_resources(config, ray.cluster_resources())
+    if resume is not None:
+        read_run(storage, resume)
+    run_id = resume or new_run_id(config)
+    run_prefix = f"{RUNS_PREFIX}/{run_id}"
+    tokenizer_files, spec = _tokenizer(storage, version)
+    llama = model_config(config.model, vocab_size=spec.vocab_size, max_seq_len=version.block_size, eos_id=spec.eos_id)
+    import torch
+
+    with torch.device("meta"):
+        parameters = parameter_count(build_model(llama, seed=None))
+    record: dict[str, Any] = {
+        "run_id": run_id,
+        "status": "running",
+        "started_at": started,
+        "config": config.model_dump(),
+        "dataset": version.ref,
+        "dataset_content_hash": version.content_hash,
+        "parameters": parameters,
+        "resumed": resume is not None,
+    }
+    storage.write_text(f"{run_prefix}/{RUN_FILE}", json.dumps(record, indent=1))
+
+    datasets = {"train": training_dataset(version, storage, "train")}
+    if version.validation_rows > 0:
+        datasets["validation"] = training_dataset(version, storage, "validation")
+    queue = Queue(actor_options={"num_cpus": 0}) if progress else None
+    loop_config = {
+        "config": config.model_dump(),
+        "model_config": llama.to_dict(),
+        "tokenizer_files": tokenizer_files,
+        "progress": queue,
+        "fault": _fault_from_env(),
+    }
+    filesystem, root = storage.pyarrow_filesystem()
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_func(),
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_id,
+            storage_path=f"{root}/{RUNS_PREFIX}",
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+    )
+    watcher = _ProgressWatcher(queue, progress) if queue is not None else None
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray raises its own error types; the run record keeps the cause
+        reason = _one_line(exc)
+        storage.write_text(f"{run_prefix}/{RUN_FILE}", json.dumps({**record, "status": "failed", "error": reason}, indent=1))
+        raise JobFailedError(f"training run {run_id} failed: {reason} (resume with --resume {run_id})") from None
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        if queue is not None:
+            queue.shutdown()
+
+    if result.checkpoint is None:
+        raise JobFailedError(f"training run {run_id} finished without a checkpoint")
+    checkpoint_uri = storage.url(f"{run_prefix}/{Path(result.checkpoint.path).name}")
+    with tempfile.TemporaryDirectory(prefix="lmaas-train-") as tmp:
+        with result.checkpoint.as_directory() as ckpt_dir:
+            state = checkpoint.read_state(ckpt_dir)
+            model_dir = checkpoint.export_model(ckpt_dir, Path(tmp) / "model")
+        final = dict(state.history[-1]) if state.history else {}
+        (model_dir / "lmaas_training.json").write_text(
+            json.dumps({"run": run_id, "dataset": version.ref, "dataset_content_hash": version.content_hash, "config": config.model_dump()}, indent=1)
+        )
+        storage.write_bytes(f"{run_prefix}/loss.png", loss_curve_png(state.history, title=run_id))
+        registered = None
+        if config.output_model:
+            registered = _register(storage, engine, config, model_dir, version, run_id, final, parameters)
+    seconds = time.time() - started
+    record.update(
+        status="finished",
+        finished_at=time.time(),
+        seconds=seconds,
+        metrics=final,
+        checkpoint=checkpoint_uri,
+        model=f"{registered.name}:{registered.version}" if registered else None,
+    )
+    storage.write_text(f"{run_prefix}/{RUN_FILE}", json.dumps(record, indent=1))
+    return TrainResult(
+        run_id=run_id,
+        run_uri=storage.url(run_prefix),
+        checkpoint_uri=checkpoint_uri,
+        metrics=final,
+        history=state.history,
+        parameters=parameters,
+        seconds=seconds,
+        model_version=registered,
+    )
+
+
+def _train_func():  # noqa: ANN202 - imported late: `ray.train` costs seconds to import
+    from lmaas.train.loop import train_func
+
+    return train_func
+
+
+def _register(
+    storage: Storage,
+    engine: Engine,
+    config: TrainConfig,
+    model_dir: Path,
+    version: DatasetVersion,
+    run_id: str,
+    final: dict[str, Any],
+    parameters: int,
+) -> ModelVersion:
+    registry = ModelRegistry(storage, engine)
+    metrics = {k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and k not in ("epoch", "restarts")}
+    metrics["parameters"] = float(parameters)
+    registered = registry.register_version(
+        config.output_model,  # type: ignore[arg-type]
+        model_dir,
+        task="causal-lm",
+        dataset=version.ref,
+        dataset_sha256=version.content_hash,
+        run=run_id,
+        metrics=metrics,
+        description=f"{config.model} model, {config.strategy} x{config.num_workers}, {config.max_steps} steps on {version.ref}",
+    )
+    if config.alias:
+        registry.set_alias(registered.name, config.alias, registered.version)
+    return registered
+
+
+def _tokenizer(storage: Storage, version: DatasetVersion) -> tuple[dict[str, str], tok.TokenizerSpec]:
+    """The dataset's tokenizer files (text) and spec."""
+    with tempfile.TemporaryDirectory(prefix="lmaas-tok-") as tmp:
+        files: dict[str, str] = {}
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            path = f"{version.prefix}/tokenizer/{name}"
+            if storage.exists(path):
+                files[name] = storage.read_text(path)
+                (Path(tmp) / name).write_text(files[name])
+        return files, tok.load_pretrained(tmp)
+
+
+def _fault_from_env() -> dict[str, Any] | None:
+    raw = os.environ.get(FAULT_ENV)
+    if not raw:
+        return None
+    rank, step, marker = raw.split(":", 2)
+    return {"rank": int(rank), "step": int(step), "marker": marker}
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
+class _ProgressWatcher:
+    """Drain rank 0's metric reports from a Ray queue into the driver's callback."""
+
+    def __init__(self, queue: Any, callback: Progress) -> None:
+        self._queue, self._callback = queue, callback
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmaas-train-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._done.is_set():
+            try:
+                self._callback(self._queue.get(timeout=0.5))
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - a dead queue ends progress, never the run
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        while True:  # what arrived after the last poll
+            try:
+                self._callback(self._queue.get_nowait())
+            except Exception:  # noqa: BLE001 - Empty, or the queue is gone
+                return
