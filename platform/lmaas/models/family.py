@@ -157,7 +157,6 @@ def save_model(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
-        max_length=config.max_position_embeddings,
         **(generation or {}),
     ).save_pretrained(directory)
     if tokenizer_dir is not None:

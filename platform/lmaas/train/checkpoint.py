@@ -9,7 +9,8 @@ as is) plus the training state:
                             the metric history (so a loss curve survives restarts)
 
 Full (unsharded) state dicts are used for DDP and FSDP alike: rank 0 gathers and writes them,
-and on resume rank 0 reads them and broadcasts, so a run can resume on a different worker count.
+and on resume every rank reads them and keeps its part, so a run can resume on a different
+worker count.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ class TrainerState:
     restarts: int = 0
 
 
-def _options(*, load: bool = False):  # noqa: ANN202 - StateDictOptions
+def _options():  # noqa: ANN202 - StateDictOptions
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True, broadcast_from_rank0=load)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def save(
@@ -77,38 +78,44 @@ def save(
     if base_model.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     save_model(base_model, directory, tokenizer_dir=tokenizer_dir, state_dict=weights)
-    tensors = {k: v.contiguous() for k, v in optim_sd.items() if isinstance(v, torch.Tensor)}
-    scalars = {k: v for k, v in optim_sd.items() if not isinstance(v, torch.Tensor)}
+    # {"state": {param name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [...]}: tensors to
+    # safetensors as "name/key", everything else (hyper-parameters, group membership) to JSON
+    tensors, scalars = {}, {}
+    for name, slots in optim_sd["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{name}/{key}"] = value
     save_file(tensors, str(directory / OPTIMIZER_FILE), metadata={"format": "pt"})
-    record = {"trainer": asdict(state), "scheduler": scheduler.state_dict(), "optimizer_scalars": scalars}
+    record = {
+        "trainer": asdict(state),
+        "scheduler": scheduler.state_dict(),
+        "optimizer": {"param_groups": optim_sd["param_groups"], "scalars": scalars},
+    }
     (directory / STATE_FILE).write_text(json.dumps(record, indent=1))
     return directory
 
 
-def restore(directory: str | Path | None, *, model: Any, base_model: Any, optimizer: Any, scheduler: Any, rank: int) -> TrainerState:
-    """Load a checkpoint into the model, optimizer and scheduler of every rank (a collective).
+def restore(directory: str | Path, *, model: Any, base_model: Any, optimizer: Any, scheduler: Any) -> TrainerState:
+    """Load a checkpoint into the model, optimizer and scheduler of this rank (a collective for FSDP).
 
-    Only rank 0 reads the files (`directory` may be None elsewhere); the state is broadcast.
+    Every rank reads the full state and keeps its own part (its shards, under FSDP).
     """
-    import torch.distributed as dist
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    record: dict[str, Any] = {}
-    model_sd: dict[str, Any] = {}
-    optim_sd: dict[str, Any] = {}
-    if rank == 0:
-        directory = Path(directory)  # type: ignore[arg-type]
-        record = json.loads((directory / STATE_FILE).read_text())
-        model_sd = load_file(str(directory / WEIGHTS_FILE))
-        if base_model.config.tie_word_embeddings and "lm_head.weight" not in model_sd:
-            model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
-        optim_sd = {**load_file(str(directory / OPTIMIZER_FILE)), **record["optimizer_scalars"]}
-    shared = [record]
-    if dist.is_initialized():
-        dist.broadcast_object_list(shared, src=0)  # small JSON-able dict, not tensors
-    record = shared[0]
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_options(load=True))
+    directory = Path(directory)
+    record = json.loads((directory / STATE_FILE).read_text())
+    model_sd = load_file(str(directory / WEIGHTS_FILE))
+    if base_model.config.tie_word_embeddings and "lm_head.weight" not in model_sd:
+        model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
+    slots: dict[str, dict[str, Any]] = {}
+    for flat, value in [*load_file(str(directory / OPTIMIZER_FILE)).items(), *record["optimizer"]["scalars"].items()]:
+        name, _, key = flat.rpartition("/")
+        slots.setdefault(name, {})[key] = value
+    optim_sd = {"state": slots, "param_groups": record["optimizer"]["param_groups"]}
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_options())
     scheduler.load_state_dict(record["scheduler"])
     return TrainerState(**record["trainer"])
 

@@ -84,8 +84,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     state = checkpoint.TrainerState()
     resumed = ray.train.get_checkpoint()  # Ray Train: the latest checkpoint after a restart or --resume
     if resumed is not None:
-        with resumed.as_directory() if rank == 0 else nullcontext(None) as directory:
-            state = checkpoint.restore(directory, model=model, base_model=base, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        with resumed.as_directory() as directory:
+            state = checkpoint.restore(directory, model=model, base_model=base, optimizer=optimizer, scheduler=scheduler)
         state.restarts += 1
     if cfg.compile:
         model = torch.compile(model)

@@ -1,0 +1,126 @@
+"""Training on the session Ray cluster: DDP and FSDP on CPU, a killed worker, resume, S3 checkpoints.
+
+Each `fit()` costs ~20 s of fixed start-up here, so every test trains few, short runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmaas import db
+from lmaas.data.config import IngestConfig
+from lmaas.data.ingest import ingest
+from lmaas.errors import InvalidInputError, NotFoundError
+from lmaas.registry import ModelRegistry
+from lmaas.storage import Storage
+from lmaas.train.config import TrainConfig
+from lmaas.train.run import FAULT_ENV, read_run, train
+
+FAST = {"num_workers": 2, "cpus_per_worker": 0.5, "batch_size": 8, "log_interval": 5, "warmup_steps": 5, "lr": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, ray_cluster):
+    """One store, database and ingested dataset (the built-in corpus) for the module."""
+    root = tmp_path_factory.mktemp("train")
+    store = Storage(f"file://{root / 'store'}")
+    engine = db.connect(f"sqlite:///{root / 'lmaas.db'}")
+    config = IngestConfig(name="corpus", sources=["stdlib:60"], vocab_size=1024, block_size=128, validation_percent=10.0)
+    version = ingest(config, storage=store, engine=engine).version
+    assert version.validation_rows >= 16
+    return store, engine, version
+
+
+def run(home, progress=None, resume=None, storage=None, **overrides):
+    store, engine, version = home
+    config = TrainConfig(dataset=version.ref, **{**FAST, **overrides})
+    return train(config, storage=storage or store, engine=engine, progress=progress, resume=resume)
+
+
+def generate(registry: ModelRegistry, ref: str, tmp_path: Path) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    registry.download(ref, tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    ids = tok("import os\ndef ", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 12 or out[0, -1].item() == tok.eos_token_id
+    return tok.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_train_register_and_the_model_loads_with_transformers(home, strategy, tmp_path):
+    store, engine, version = home
+    reports = []
+    result = run(home, progress=reports.append, strategy=strategy, max_steps=40, eval_interval=10,
+                 checkpoint_interval=20, output_model=f"lm-{strategy}", alias="staging")
+
+    val = [h["val_loss"] for h in result.history if "val_loss" in h]
+    assert len(val) >= 2 and val[-1] < val[0] - 0.3, val  # it learns
+    assert [r["step"] for r in reports] == [5, 10, 15, 20, 25, 30, 35, 40]  # live progress from rank 0
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in reports)
+    assert reports[-1]["tokens"] == 40 * 2 * 8 * 128
+
+    registry = ModelRegistry(store, engine)
+    mv = registry.resolve(f"lm-{strategy}@staging")
+    assert (mv.version, mv.task, mv.run, mv.dataset) == (1, "causal-lm", result.run_id, version.ref)
+    assert mv.dataset_sha256 == version.content_hash
+    assert mv.metrics["val_loss"] == pytest.approx(val[-1]) and mv.metrics["parameters"] == result.parameters
+    assert {f.path for f in mv.files} >= {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"}
+    assert not {"optimizer.safetensors", "trainer_state.json"} & {f.path for f in mv.files}
+    assert isinstance(generate(registry, f"lm-{strategy}:1", tmp_path), str)
+
+    record = read_run(store, result.run_id)
+    assert record["status"] == "finished" and record["model"] == f"lm-{strategy}:1"
+    assert record["config"]["strategy"] == strategy
+    assert store.read_bytes(f"runs/{result.run_id}/loss.png").startswith(b"\x89PNG")
+    checkpoints = {p.split("/")[2] for p in store.list(f"runs/{result.run_id}") if p.split("/")[2].startswith("checkpoint_2")}
+    assert len(checkpoints) == 2  # keep_checkpoints=2: the ones at steps 20 and 40
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(home, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"1:17:{marker}")  # rank 1 dies (SIGKILL) at step 17, once
+    result = run(home, max_steps=30, checkpoint_interval=10, eval_interval=10, output_model=None)
+    assert marker.read_text().startswith("killed rank 1 at step 17")
+    steps = [h["step"] for h in result.history]
+    # steps 11-17 were lost; the restarted group continued at 11 from the step-10 checkpoint
+    assert steps == [5, 10, 15, 20, 25, 30], steps
+    assert result.metrics["restarts"] == 1
+    assert result.history[1]["restarts"] == 0 and result.history[-1]["restarts"] == 1
+    assert result.model_version is None
+
+
+def test_resume_by_hand_continues_the_step_counter_on_s3(home, s3_server, tmp_path):
+    store, engine, version = home
+    remote = Storage(s3_server.uri("train-runs"), endpoint_url=s3_server.endpoint)
+    # the dataset's shards live in the local store: copy that version to S3 so both runs read S3
+    store.download_dir(version.prefix, tmp_path / "ds")
+    remote.publish_dir(tmp_path / "ds", version.prefix)
+
+    first = run(home, storage=remote, max_steps=20, checkpoint_interval=10, eval_interval=10, output_model=None)
+    assert first.checkpoint_uri.startswith("s3://") and [h["step"] for h in first.history] == [5, 10, 15, 20]
+    second = run(home, storage=remote, resume=first.run_id, max_steps=30, checkpoint_interval=10,
+                 eval_interval=10, output_model="lm-s3")
+    assert second.run_id == first.run_id
+    assert [h["step"] for h in second.history] == [5, 10, 15, 20, 25, 30]  # the history went on from step 20
+    assert second.history[-1]["tokens"] == 30 * 2 * 8 * 128
+    mv = ModelRegistry(remote, engine).resolve("lm-s3")
+    assert remote.exists(f"{mv.prefix}/model.safetensors")
+
+
+def test_bad_input_is_rejected_before_any_worker_starts(home):
+    store, engine, version = home
+    before = store.list("runs")
+    with pytest.raises(NotFoundError, match="dataset nope not found"):
+        train(TrainConfig(dataset="nope"), storage=store, engine=engine)
+    with pytest.raises(InvalidInputError, match="needs 32 CPUs; the cluster has 2"):
+        train(TrainConfig(dataset=version.ref, num_workers=64), storage=store, engine=engine)
+    with pytest.raises(InvalidInputError, match="needs 1 GPUs; the cluster has 0"):
+        train(TrainConfig(dataset=version.ref, num_workers=1, use_gpu=True), storage=store, engine=engine)
+    with pytest.raises(NotFoundError, match="run 'no-such-run' not found"):
+        train(TrainConfig(dataset=version.ref), storage=store, engine=engine, resume="no-such-run")
+    assert store.list("runs") == before  # nothing was started or written
