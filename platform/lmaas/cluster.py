@@ -149,6 +149,7 @@ def connect(
     if quiet:
         # Ray 2.60 warns on every new local cluster that token auth is on; that is the default we want.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    _raylet_messages_to_stderr()
     if ray.is_initialized():
         return _info(started_here=False)
     common: dict[str, Any] = {
@@ -177,6 +178,26 @@ def connect(
         **common,
     )
     return _info(started_here=True)
+
+
+def _raylet_messages_to_stderr() -> None:
+    """Print the raylet's warnings (worker pool, OOM kills) on stderr, not stdout.
+
+    Ray's driver prints them on stdout, where they would corrupt a command's output (`--json`).
+    """
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_lmaas", False):
+        return
+
+    def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            data = {**data, "is_err": True}
+        original(data, ignore_prefix)
+
+    print_to_stdstream._lmaas = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def _info(*, started_here: bool) -> ClusterInfo:

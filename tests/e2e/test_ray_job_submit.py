@@ -39,7 +39,7 @@ def ray_head():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen(
         [
-            str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=1",
+            str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
             f"--temp-dir={temp_dir}", "--disable-usage-stats",
             # the session's own cluster holds the default agent ports on this machine
@@ -75,26 +75,46 @@ def ray_head():
 
 
 def test_ray_job_submit_runs_the_selfcheck_job(ray_head, lmaas_env, tmp_path):
-    address, head_env = ray_head
-    runtime_env = {"env_vars": {"LMAAS_HOME": lmaas_env["LMAAS_HOME"]}, "excludes": [".venv", ".git"]}
-    for _attempt in range(6):  # bounded: the head's job agent registers a few seconds after the dashboard
-        result = submit(address, runtime_env, lmaas_env)
-        if "No available agent" not in result.stderr:
-            break
-        time.sleep(5)
+    address, _ = ray_head
+    result = submit(address, lmaas_env, "jobs/selfcheck.py", "--config", "jobs/configs/selfcheck.yaml", "--set", "tasks=2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
-    report = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
+    report = last_json(result.stdout)
     assert len(report["workers"]) == 2
     assert (tmp_path / "home" / "store" / report["prefix"] / "_manifest.json").exists()
 
 
-def submit(address: str, runtime_env: dict, lmaas_env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-            "--runtime-env-json", json.dumps(runtime_env), "--",
-            "python", "jobs/selfcheck.py", "--config", "jobs/configs/selfcheck.yaml", "--set", "tasks=2",
-        ],
-        env={**lmaas_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300, cwd=REPO,
-    )
+def test_ray_job_submit_ingests_then_trains_and_registers(ray_head, lmaas_env, tmp_path):
+    address, _ = ray_head
+    ingest = submit(address, lmaas_env, "jobs/ingest.py", "--config", "jobs/configs/ingest_stdlib.yaml",
+                    "--set", "name=jobdata", "--set", "sources=[stdlib:30]", "--set", "vocab_size=512", "--set", "block_size=64")
+    assert ingest.returncode == 0, ingest.stdout[-3000:] + ingest.stderr[-3000:]
+    train = submit(address, lmaas_env, "jobs/train.py", "--config", "jobs/configs/train_tiny_cpu.yaml",
+                   "--set", "dataset=jobdata", "--set", "max_steps=20", "--set", "output_model=job-lm")
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert "step 20/20 loss" in train.stdout  # live progress reached the submitting laptop
+    report = last_json(train.stdout)
+    assert report["model"] == "job-lm:1" and report["metrics"]["step"] == 20
+    run_dir = tmp_path / "home" / "store" / "runs" / report["run_id"]
+    assert (run_dir / "loss.png").is_file() and json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout[stdout.rindex("\n{") + 1 : stdout.rindex("}") + 1])
+
+
+def submit(address: str, lmaas_env: dict, *entrypoint: str) -> subprocess.CompletedProcess:
+    """`ray job submit` of a jobs/ script, as a user types it, with lmaas settings for the job."""
+    runtime_env = {"env_vars": {"LMAAS_HOME": lmaas_env["LMAAS_HOME"]}, "excludes": [".venv", ".git"]}
+    for _attempt in range(6):  # bounded: the head's job agent registers a few seconds after the dashboard
+        result = subprocess.run(
+            [
+                str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+                "--runtime-env-json", json.dumps(runtime_env), "--", "python", *entrypoint,
+            ],
+            env={**lmaas_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=400, cwd=REPO,
+        )
+        if "No available agent" not in result.stderr:
+            return result
+        time.sleep(5)
+    return result

@@ -130,8 +130,8 @@ def train(
     from ray.util.queue import Queue
 
     started = time.time()
-    version = get_version(engine, config.dataset)
     check_resources(config, ray.cluster_resources())
+    version = get_version(engine, config.dataset)
     if resume is not None:
         read_run(storage, resume)
     run_id = resume or new_run_id(config)
