@@ -100,30 +100,36 @@ def test_quickstart_joined_to_a_cluster_against_s3_and_postgres(cli, lmaas_env, 
         "AWS_ENDPOINT_URL": s3_server.endpoint,
         "LMAAS_DATABASE_URL": postgres_url,
     }
-    result = cli("quickstart", "--tasks", "2", "--corpus-files", "10", env=env, timeout=300)
+    result = cli("quickstart", "--tasks", "2", "--corpus-files", "10", "--train-steps", "6", env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "What quickstart did" in result.stdout
     assert "joined" in result.stdout
+    assert "tiny-lm:1 (alias production) trained and registered" in result.stdout
 
     from lmaas.storage import Storage
 
     storage = Storage(s3_server.uri("quickstart"), endpoint_url=s3_server.endpoint)
     [summary] = storage.list_published("selfcheck")
     storage.verify(summary)
+    assert any(p.endswith("/loss.png") for p in storage.list("runs"))  # checkpoints and run record on S3
     engine = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.connect() as conn:
-        assert conn.execute(sa.text("select count(*) from events")).scalar_one() == 3
+        actions = [r[0] for r in conn.execute(sa.text("select action from events order by id"))]
+    assert len([a for a in actions if a not in ("model.register", "alias.set")]) == 3  # the self-check's
+    assert actions[-2:] == ["model.register", "alias.set"]  # the demo model, in PostgreSQL
     engine.dispose()
 
 
 def test_quickstart_starts_its_own_cluster_and_runs_twice(cli, lmaas_env, tmp_path):
     """What `make demo` runs, on the embedded defaults; the second run must work too."""
     for run in ("created", "unchanged"):
-        result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", env=lmaas_env, timeout=300)
+        result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", "--train-steps", "8", env=lmaas_env, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "started a local cluster" in result.stdout
         assert "What quickstart did" in result.stdout
         assert f"stdlib-demo:1 {run}" in result.stdout  # the second run reuses the dataset version
+        trained = "trained and registered" if run == "created" else "reused"
+        assert f"tiny-lm:1 (alias production) {trained}" in result.stdout  # ... and the model
         assert "Traceback" not in result.stderr
     store = tmp_path / "home" / "store" / "selfcheck"
     assert len(list(store.glob("*/summary/_manifest.json"))) == 2

@@ -2,7 +2,9 @@
 
 It grows with the platform. Today it brings up the embedded defaults (local Ray cluster,
 artifact store, database), proves that Ray workers reach both, ingests the built-in corpus into
-a versioned dataset (reported unchanged on a second run), and prints what it did.
+a versioned dataset (reported unchanged on a second run), trains a tiny model on it with two Ray
+Train workers and registers it as `tiny-lm@production` (reused on a second run), and prints
+what it did.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lmaas.ops import health
 def quickstart(
     tasks: int = typer.Option(4, min=1, max=64, help="Ray tasks in the end-to-end self-check."),
     corpus_files: int = typer.Option(60, min=1, help="Standard-library files in the demo dataset."),
+    train_steps: int = typer.Option(60, min=1, help="Optimizer steps of the demo model's training run."),
     keep_running: bool = typer.Option(False, "--keep-running", help="Leave the local Ray cluster up until Ctrl-C."),
 ) -> None:
     """Bring up lmaas on this machine and show every part working."""
@@ -61,6 +64,15 @@ def quickstart(
             f"{v.train_rows:,} train + {v.validation_rows:,} validation rows of {v.block_size}"
         )
 
+        model, reused = _train_demo_model(settings, v, train_steps, console)
+        m = model.metrics
+        state = "reused (already trained on this dataset)" if reused else "trained and registered"
+        console.print(
+            f"  [green]ok[/] train     {model.name}:{model.version} (alias production) {state}: "
+            f"{int(m.get('parameters', 0)):,} parameters, {int(m.get('step', 0))} steps, "
+            f"validation loss {m.get('val_loss', float('nan')):.3f}, {m.get('tokens_per_s', 0):,.0f} tokens/s"
+        )
+
         table = Table(title="What quickstart did", title_justify="left", show_header=False)
         table.add_column(style="bold")
         table.add_column(overflow="fold")
@@ -70,11 +82,13 @@ def quickstart(
         table.add_row("published", f"{settings.storage}/{report.prefix} (sha256 {report.manifest_sha256[:16]}...)")
         table.add_row("worker objects", ", ".join(w.object_path.rsplit("/", 1)[-1] for w in report.workers))
         table.add_row("dataset", f"{v.ref} ({state}, content {v.content_hash[:16]}...) at {v.uri}")
+        table.add_row("model", f"{model.name}:{model.version} @production, run {model.run}, from {model.dataset}")
         table.add_row("database", f"{redact_url(settings.database_url)} ({report.events_recorded + 1} events added)")
         table.add_row("took", f"{time.perf_counter() - started:.1f} s")
         console.print(table)
         console.print(
-            f"Next: [bold]lmaas data show {v.ref}[/], [bold]lmaas status[/]; README.md has the tour."
+            f"Next: [bold]lmaas models show {model.name}@production[/], [bold]lmaas runs {model.run}[/], "
+            f"[bold]lmaas status[/]; README.md has the tour."
         )
         if keep_running:
             console.print(f"Ray stays up (dashboard {info.dashboard_url}); press Ctrl-C to stop.")
@@ -97,3 +111,33 @@ def _ingest_demo_corpus(settings, files: int):  # noqa: ANN001, ANN202 - Setting
         engine=db.connect(settings.database_url),
         endpoint_url=settings.s3_endpoint_url,
     )
+
+
+def _train_demo_model(settings, dataset, steps: int, console):  # noqa: ANN001, ANN202 - -> (ModelVersion, reused)
+    """Train `tiny-lm` on the demo dataset, or reuse the production version already trained on it."""
+    from lmaas.errors import NotFoundError
+    from lmaas.registry import ModelRegistry
+    from lmaas.storage import Storage
+    from lmaas.train.config import TrainConfig
+    from lmaas.train.run import train
+
+    storage, engine = Storage.from_settings(settings), db.connect(settings.database_url)
+    registry = ModelRegistry(storage, engine)
+    try:
+        current = registry.resolve("tiny-lm@production")
+        if current.dataset == dataset.ref:
+            return current, True
+    except NotFoundError:
+        pass
+    config = TrainConfig(dataset=dataset.ref, model="tiny", output_model="tiny-lm", alias="production",
+                         num_workers=2, cpus_per_worker=0.5, max_steps=steps, warmup_steps=min(10, steps // 4),
+                         log_interval=max(1, min(10, steps // 2)), eval_interval=max(1, steps // 3),
+                         checkpoint_interval=max(1, steps // 2))
+    with console.status(f"training a tiny model: 2 Ray Train workers (DDP), {steps} steps") as status:
+
+        def progress(m: dict) -> None:
+            status.update(f"training a tiny model: step {m['step']}/{steps}, loss {m['loss']:.3f}, "
+                          f"{m['tokens_per_s']:,.0f} tokens/s")
+
+        result = train(config, storage=storage, engine=engine, progress=progress)
+    return result.model_version, False
