@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 import lmaas
-from lmaas.cli import data, models, quickstart, status
+from lmaas.cli import compress, data, models, quickstart, status
 from lmaas.errors import LmaasError
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ def version() -> None:
 
 app.command(name="status")(status.status)
 app.command(name="quickstart")(quickstart.quickstart)
+app.command(name="compress")(compress.compress)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 

@@ -59,6 +59,12 @@ def check_request(config: CompressConfig, registry: ModelRegistry) -> ModelVersi
                                 param="ref")
     if config.method == "prune" and config.recovery_steps and not parent.dataset:
         raise InvalidInputError(f"{parent.ref} records no training dataset to recover on; set recovery_steps=0", param="recovery_steps")
+    if config.method == "export" and "onnx" in config.formats:
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise InvalidInputError(f"ONNX export needs {', '.join(missing)}: pip install 'lmaas[export]'", param="formats")
     if config.method == "int4-weight":
         widths = {model_config.get("hidden_size"), model_config.get("intermediate_size")}
         bad = sorted(w for w in widths if isinstance(w, int) and w % config.group_size)
