@@ -50,3 +50,36 @@ def test_zero_rows_do_not_divide_by_zero():
 def test_int4_group_size_must_divide_the_width():
     with pytest.raises(InvalidInputError, match="group_size 24"):
         quantize_int4(weight(), group_size=24)
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-weight", "int4-weight"])
+def test_quantized_directory_loads_through_load_model(tmp_path, scheme: str):
+    from safetensors import safe_open
+
+    from lmaas.models import build_model, load_model, model_config
+    from lmaas.models.quantized import Int8Embedding, save_quantized
+
+    model = build_model(model_config("tiny", vocab_size=96, max_seq_len=32, eos_id=0, num_hidden_layers=1, tie_word_embeddings=False)).eval()
+    directory = save_quantized(model, tmp_path / scheme, scheme, group_size=16)
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        q_proj = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+        assert q_proj.dtype == (torch.uint8 if scheme == "int4-weight" else torch.int8)
+        assert f.get_tensor("lm_head.weight").dtype == torch.int8
+    loaded = load_model(directory)
+    assert isinstance(loaded.get_input_embeddings(), Int8Embedding)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert (got - want).abs().max() < (0.15 if scheme == "int4-weight" else 0.05) * want.abs().max()
+
+
+def test_transformers_refuses_the_quantized_format_instead_of_misloading_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmaas.models import build_model, model_config
+    from lmaas.models.quantized import save_quantized
+
+    model = build_model(model_config("tiny", vocab_size=64, max_seq_len=16, eos_id=0, num_hidden_layers=1))
+    directory = save_quantized(model, tmp_path / "q", "int8-weight")
+    with pytest.raises(ValueError, match="lmaas-quantized"):
+        AutoModelForCausalLM.from_pretrained(directory)

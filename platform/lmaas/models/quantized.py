@@ -12,14 +12,18 @@ The token embedding (and the LM head, tied to it or not) is int8 with one scale 
 Layout in `model.safetensors`: `<module>.weight` is the int8 (or packed uint8) tensor and
 `<module>.weight_scale` its fp32 scales; every other tensor is unchanged. `config.json` carries
 
+    "model_type": "lmaas-quantized",
     "quantization_config": {"quant_method": "lmaas", "scheme": "int4-weight", "group_size": 32,
-                            "modules": ["model.layers.0.self_attn.q_proj", ...], "embeddings": true}
+                            "modules": ["model.layers.0.self_attn.q_proj", ...], "embeddings": true,
+                            "base_model_type": "llama"}
 
 Which runtimes load it: `lmaas.models.load_model` (hence lmaas serving) only. The files are plain
 safetensors that any reader opens, and dequantizing is `q * scale` (int4: low nibble first,
-stored as q + 8, scales per `group_size` inputs), but transformers' `from_pretrained` and vLLM
-refuse the unknown `quant_method` on purpose rather than loading int8 as fp32. For another
-runtime use the parent's fp32 version, a pruned version (plain HF weights), or an `export` (ONNX).
+stored as q + 8, scales per `group_size` inputs). transformers' `from_pretrained` and vLLM refuse
+the directory (unknown `model_type`) on purpose: transformers 5.23 ignores an unknown
+`quant_method` and would load the int8 values as fp32 weights. For another runtime use the
+parent's fp32 version, a pruned version (plain HF weights, any runtime), or an `export` (ONNX:
+onnxruntime and anything that reads ONNX opset 18).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 QUANT_METHOD = "lmaas"
+QUANTIZED_MODEL_TYPE = "lmaas-quantized"
 SCHEMES = ("int8-dynamic", "int8-weight", "int4-weight")
 SCALE_SUFFIX = "_scale"
 
@@ -209,7 +214,11 @@ def save_quantized(model: "PreTrainedModel", directory: str | Path, scheme: str,
     state, qconfig = quantize_state_dict(model, scheme, group_size=group_size, embeddings=embeddings)
     directory = save_model(model, directory, tokenizer_dir=tokenizer_dir, state_dict=state)
     config_file = directory / "config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "quantization_config": qconfig}, indent=2))
+    config = json.loads(config_file.read_text())
+    # transformers 5.23 ignores an unknown quant_method and would load the int8 values as fp32 weights;
+    # an unknown model_type makes it (and vLLM) refuse the directory instead of serving garbage
+    qconfig["base_model_type"] = config["model_type"]
+    config_file.write_text(json.dumps({**config, "model_type": QUANTIZED_MODEL_TYPE, "quantization_config": qconfig}, indent=2))
     return directory
 
 
@@ -224,9 +233,10 @@ def load_quantized(directory: str | Path, *, device: str = "cpu") -> "PreTrained
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
-    config = AutoConfig.from_pretrained(directory)
-    qconfig = config.quantization_config
-    del config.quantization_config
+    fields = json.loads((directory / "config.json").read_text())
+    qconfig = fields.pop("quantization_config")
+    fields.pop("model_type")
+    config = AutoConfig.for_model(qconfig["base_model_type"], **fields)
     scheme = qconfig["scheme"]
     if scheme not in SCHEMES:
         raise InvalidInputError(f"model {directory}: quantization scheme {scheme!r} is unknown to this lmaas", param="model")
