@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from lmaas.compress import CompressConfig
 from lmaas.config import load_config
 from lmaas.data.config import IngestConfig
 from lmaas.ops.health import SelfCheckConfig
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = {"selfcheck": SelfCheckConfig, "ingest_stdlib": IngestConfig}
+CONFIGS = {"selfcheck": SelfCheckConfig, "ingest_stdlib": IngestConfig, **dict.fromkeys(
+    ("compress_int8", "compress_int4", "compress_prune", "compress_export"), CompressConfig)}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 import lmaas
-from lmaas.cli import data, models, quickstart, status, train
+from lmaas.cli import compress, data, models, quickstart, status, train
 from lmaas.errors import LmaasError
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ app.command(name="status")(status.status)
 app.command(name="quickstart")(quickstart.quickstart)
 app.command(name="train")(train.train)
 app.command(name="runs")(train.runs)
+app.command(name="compress")(compress.compress)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 

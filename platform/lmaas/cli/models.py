@@ -91,6 +91,10 @@ def show(ref: str = typer.Argument(..., help="name, name:VERSION or name@ALIAS")
     for f in version.files:
         table.add_row(f"  {f.path}", f"{_size(f.size)}  sha256 {f.sha256}")
     console.print(table)
+    if any(f.path == "report.json" for f in version.files):  # a compressed variant: its report against the parent
+        from lmaas.cli.compress import report_table
+
+        console.print(report_table(json.loads(registry.read_file(version.ref, "report.json")[1])))
 
 
 @app.command()

@@ -181,6 +181,9 @@ def copy_tokenizer(source: str | Path, directory: str | Path) -> None:
 def load_model(directory: str | Path, *, dtype: "torch.dtype | None" = None, device: str = "cpu") -> "LlamaForCausalLM":
     """Load a saved model directory (safetensors only; pickle weights are refused).
 
+    Quantized directories (`quantization_config.quant_method == "lmaas"`, see
+    `lmaas.models.quantized`) load with their int8/int4 modules swapped in.
+
     Raises:
         NotFoundError: no `config.json` or no safetensors weights in `directory`.
     """
@@ -191,6 +194,14 @@ def load_model(directory: str | Path, *, dtype: "torch.dtype | None" = None, dev
         raise NotFoundError(f"model {directory}: no config.json there", param="model")
     if not any(directory.glob("*.safetensors")):
         raise NotFoundError(f"model {directory}: no .safetensors weights there", param="model")
+    from lmaas.models.quantized import is_quantized, load_quantized
+
+    if is_quantized(read_config(directory)):
+        import torch
+
+        if dtype not in (None, torch.float32):
+            raise InvalidInputError(f"model {directory} is quantized; it loads only with dtype float32", param="dtype")
+        return load_quantized(directory, device=device)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
     return model.to(device).eval()
 

@@ -1,0 +1,62 @@
+"""`lmaas compress` and `jobs/compress.py` as a user runs them, on an imported tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve_helpers import make_causal_lm  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK = ["--set", "threads=1", "--set", "timing_repeats=1", "--set", "decode_tokens=4", "--set", "eval_tokens=512"]
+
+
+@pytest.fixture
+def imported(cli, lmaas_env, tmp_path: Path) -> dict[str, str]:
+    model_dir = make_causal_lm(tmp_path / "src")
+    result = cli("models", "import", str(model_dir), "--name", "demo", env=lmaas_env)
+    assert result.returncode == 0, result.stderr
+    return lmaas_env
+
+
+def test_compress_registers_a_variant_that_models_show_reports(cli, imported):
+    result = cli("compress", "demo", "--method", "int8-weight", *QUICK, env=imported)
+    assert result.returncode == 0, result.stderr
+    assert "registered demo-int8-weight:1 from demo:1: passed" in result.stdout
+    shown = cli("models", "show", "demo-int8-weight", env=imported)
+    assert shown.returncode == 0, shown.stderr
+    assert "int8-weight vs demo:1" in shown.stdout and "perplexity" in shown.stdout and "report.json" in shown.stdout
+    as_json = json.loads(cli("models", "show", "demo-int8-weight:1", "--json", env=imported).stdout)
+    assert as_json["parent"] == "demo:1" and 0 < as_json["metrics"]["size_ratio"] < 0.4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--method", "int3"], "method"),
+        (["demo", "--method", "prune", "--set", "sparsity=1.5"], "sparsity must be strictly between 0 and 1"),
+        (["nope", "--method", "prune"], "no model named 'nope'"),
+        (["demo", "--method", "prune", "--set", "recovery_steps=10"], "no training dataset"),
+    ],
+)
+def test_bad_input_is_one_line(cli, imported, args, message):
+    result = cli("compress", *args, env=imported)
+    assert result.returncode == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_compress_job_on_a_running_cluster(ray_cluster, imported):
+    env = {**imported, "RAY_ADDRESS": ray_cluster.address_info["gcs_address"]}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "compress.py"), "--config", "jobs/configs/compress_int8.yaml",
+         "--set", "ref=demo", "--set", "alias=null", "--set", "gate.min_agreement=0", *QUICK, "--cpus", "0.5"],
+        env=env, capture_output=True, text=True, timeout=240, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ref"] == "demo-int8-dynamic:1" and report["method"] == "int8-dynamic"

@@ -1,0 +1,199 @@
+"""Compression on a tiny model trained here: every method gives a loadable, generating, reported child version.
+
+The parent is trained for a few hundred steps on stdlib source tokens (a plain torch loop) and
+registered with a dataset version published beside it, so perplexity, agreement and the
+recovery fine-tune all run on real held-out data.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve_helpers import make_causal_lm, stdlib_lines  # noqa: E402
+
+SEQ = 64
+
+
+def train_tiny(model_dir: Path, ids: list[int], steps: int = 300) -> None:
+    """A few hundred AdamW steps on random windows of `ids`; saves over `model_dir`."""
+    import torch
+
+    from lmaas.models import load_model, save_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # on a busy 2-core machine one thread is 10x faster than two contending
+    model = load_model(model_dir).train()
+    data = torch.tensor(ids)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        starts = torch.randint(0, len(data) - SEQ, (16,))
+        batch = torch.stack([data[s : s + SEQ] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 * (1 - step / steps) + 1e-4
+        optimizer.step()
+    save_model(model.eval(), model_dir)  # the tokenizer files stay beside it
+
+
+def publish_dataset(storage, engine, root: Path, ids: list[int], tokenizer_dir: Path) -> str:
+    """A dataset version of `SEQ`-token rows: the first 90% train, the rest validation."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmaas.data.versions import publish_version
+
+    rows = [ids[i : i + SEQ] for i in range(0, len(ids) - SEQ, SEQ)]
+    cut = int(len(rows) * 0.9)
+    for split, part in (("train", rows[:cut]), ("validation", rows[cut:])):
+        (root / split).mkdir(parents=True)
+        pq.write_table(pa.table({"input_ids": part}), root / split / "shard-00000.parquet")
+    shutil.copytree(tokenizer_dir, root / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    record = {"name": "stdlib-test", "sources": ["stdlib"], "content_hash": "0" * 64, "tokenizer_hash": "0" * 64,
+              "block_size": SEQ, "vocab_size": 512, "documents": 1, "train_rows": cut, "validation_rows": len(rows) - cut,
+              "tokens": len(ids)}
+    return publish_version(storage, engine, root, record).ref
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory):
+    """A registry (local files + SQLite) holding `tiny-lm:1`, trained, with its dataset `stdlib-test:1`."""
+    from tokenizers import Tokenizer
+
+    from lmaas import db
+    from lmaas.registry import ModelRegistry
+    from lmaas.storage import Storage
+
+    root = tmp_path_factory.mktemp("compress")
+    model_dir = make_causal_lm(root, size="tiny", vocab_size=512, max_seq_len=128)
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode("\n".join(stdlib_lines(5000))).ids
+    train_tiny(model_dir, ids)
+    registry = ModelRegistry(Storage(f"file://{root / 'store'}"), db.connect(f"sqlite:///{root / 'lmaas.db'}"))
+    dataset = publish_dataset(registry.storage, registry.engine, root / "dataset", ids, model_dir)
+    registry.register_version("tiny-lm", model_dir, task="causal-lm", dataset=dataset)
+    return registry
+
+
+def config(**fields):
+    from lmaas.compress import CompressConfig
+
+    return CompressConfig(**{"ref": "tiny-lm:1", "threads": 1, "eval_tokens": 2048, "decode_tokens": 8, "timing_repeats": 1, "batch_size": 4, **fields})
+
+
+def check_variant(registry, result, tmp_path: Path, method: str) -> dict:
+    """The child loads through `lmaas.models.load_model`, generates, and carries its report and record."""
+    import torch
+
+    from lmaas.models import load_model
+
+    version = result.version
+    assert version.parent == "tiny-lm:1" and version.dataset == "stdlib-test:1"
+    assert registry.lineage("tiny-lm:1").to_dict()["children"].count(version.ref) == 1
+    out = tmp_path / version.ref.replace(":", "-")
+    registry.download(version.ref, out)
+    record = json.loads((out / "compression.json").read_text())
+    assert record["method"] == method and record["parent"] == "tiny-lm:1"
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["source"] == "stdlib-test:1 validation"
+    for key in ("perplexity", "agreement", "size_bytes", "parameters", "sparsity", "latency_ms_per_token", "batch_tokens_per_s"):
+        assert key in version.metrics, key
+    model = load_model(out)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    generated = model.generate(input_ids=prompt, max_length=9, min_length=9, do_sample=False)
+    assert generated.shape == (1, 9)
+    return report
+
+
+@pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight", "int4-weight"])
+def test_quantization_gives_a_smaller_close_variant(registry, tmp_path: Path, method: str):
+    from lmaas.compress import compress
+
+    lines = []
+    result = compress(config(method=method, alias="candidate", gate={"max_perplexity_increase": 0.5}), registry, progress=lines.append)
+    report = check_variant(registry, result, tmp_path, method)
+    assert lines[0] == "downloading tiny-lm:1"
+    assert result.passed and result.version.status == "ready"
+    assert registry.resolve(f"tiny-lm-{method}@candidate").ref == result.version.ref
+    assert report["ratios"]["size_ratio"] < (0.4 if method != "int4-weight" else 0.3)
+    assert report["parent"]["perplexity"] < 60, "the fixture model did not learn"
+    assert report["ratios"]["perplexity_increase"] < (0.05 if method != "int4-weight" else 0.3)
+    assert report["variant"]["agreement"] > (0.9 if method != "int4-weight" else 0.7)
+
+
+def test_unstructured_pruning_with_recovery(registry, tmp_path: Path):
+    from lmaas.compress import compress
+
+    result = compress(config(method="prune", sparsity=0.5, recovery_steps=40), registry)
+    report = check_variant(registry, result, tmp_path, "prune")
+    assert report["variant"]["pruned_sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert report["variant"]["sparsity"] > 0.3  # over every parameter: embeddings and norms stay dense
+    assert report["variant"]["recovery_final_loss"] < report["variant"]["recovery_first_loss"]
+
+
+def test_semi_structured_pruning_is_archived_by_a_strict_gate(registry, tmp_path: Path):
+    from lmaas.compress import compress
+
+    result = compress(config(method="prune", pattern="2:4", alias="production",
+                             gate={"max_perplexity_increase": 0.0001, "min_agreement": 0.999}), registry)
+    check_variant(registry, result, tmp_path, "prune")
+    assert not result.passed and result.version.status == "archived"
+    assert "perplexity" in result.reasons[0] and "gate failed" in result.version.description
+    assert result.version.metrics["gate_passed"] == 0.0
+    assert registry.aliases(result.version.name) == []
+
+
+def test_export_onnx_matches_pytorch(registry, tmp_path: Path):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from lmaas.compress import compress
+    from lmaas.models import load_model
+
+    result = compress(config(method="export", formats=["onnx", "torchscript"], torchscript_dir=str(tmp_path / "ts")), registry)
+    check_variant(registry, result, tmp_path, "export")
+    assert result.report["variant"]["onnx_max_abs_diff"] < 1e-3
+    assert result.report["variant"]["torchscript_max_abs_diff"] < 1e-3
+    assert not any(f.path.endswith(".pt") for f in result.version.files)
+    out = tmp_path / "onnx"
+    registry.download(result.version.ref, out)
+    ids = torch.randint(0, 500, (3, 17))
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        want = load_model(out)(input_ids=ids).logits.numpy()
+    assert np.abs(got - want).max() < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ref": "nope:3"}, "nope"),
+        ({"method": "int4-weight", "group_size": 48}, "group_size 48"),
+        ({"method": "prune", "ref": "tiny-lm-int8-weight"}, "already quantized"),
+    ],
+)
+def test_bad_requests_fail_before_work(registry, fields, message):
+    from lmaas.compress import check_request
+    from lmaas.errors import LmaasError
+
+    with pytest.raises(LmaasError, match=message):
+        check_request(config(**fields), registry)
+
+
+def test_an_embedding_model_is_refused(registry, tmp_path: Path):
+    from serve_helpers import EMBEDDING_DIR
+
+    from lmaas.compress import check_request
+    from lmaas.errors import InvalidInputError
+
+    registry.register_version("minilm", EMBEDDING_DIR, task="embedding")
+    with pytest.raises(InvalidInputError, match="embedding model; int8-dynamic compresses causal-lm"):
+        check_request(config(ref="minilm"), registry)
