@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 import lmaas
-from lmaas.cli import data, models, quickstart, status
+from lmaas.cli import data, deploy, models, quickstart, status
 from lmaas.errors import LmaasError
 
 app = typer.Typer(
@@ -35,6 +35,9 @@ app.command(name="status")(status.status)
 app.command(name="quickstart")(quickstart.quickstart)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
+app.command(name="deploy")(deploy.deploy)
+app.command(name="undeploy")(deploy.undeploy)
+app.command(name="deployments")(deploy.deployments)
 
 
 def main() -> None:

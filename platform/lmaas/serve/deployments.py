@@ -544,3 +544,90 @@ def build_app(args: dict | ServeAppArgs) -> serve.Application:
     return OpenAIIngress.options(
         num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options={"num_cpus": ingress.num_cpus}
     ).bind(models, multiplexed, multiplex, {m.name: m.ref for m in config.models}, config.model_dump(mode="json"))
+
+
+# ---- managing the app on a running cluster (the `lmaas deploy` commands) ----
+
+APP_NAME = "lmaas"
+
+
+@dataclass(frozen=True)
+class DeploymentSummary:
+    """One served model as `lmaas deployments` lists it."""
+
+    name: str
+    ref: str
+    serving: str
+    """`name:version` a replica serves now ("-" when none runs, e.g. scaled to zero)."""
+    status: str
+    running: int
+    """Replicas running now."""
+    min_replicas: int
+    max_replicas: int
+    multiplexed: bool
+
+
+def _current_args(app_name: str) -> ServeAppArgs | None:
+    if app_name not in serve.status().applications:
+        return None
+    return ServeAppArgs.model_validate(serve.get_app_handle(app_name).app_args.remote().result())
+
+
+def deploy_model(served: ServedModel, *, env: dict[str, str], app_name: str = APP_NAME, host: str = "0.0.0.0", port: int = 8000) -> str:
+    """Add (or replace, by name) one model in the app on the connected cluster and wait until it runs.
+
+    Other models keep their settings; Serve updates only deployments whose config changed.
+
+    Returns:
+        The `name:version` the new deployment serves.
+    """
+    args = _current_args(app_name)
+    models = [m for m in (args.models if args else []) if m.name != served.name] + [served]
+    config = (args or ServeAppArgs(models=[served])).model_copy(update={"models": models, "env": env or (args.env if args else {})})
+    serve.start(http_options={"host": host, "port": port})
+    handle = serve.run(build_app(ServeAppArgs.model_validate(config.model_dump())), name=app_name, route_prefix="/")
+    return handle.served_versions.remote().result().get(served.name, served.ref)
+
+
+def undeploy_model(name: str, *, app_name: str = APP_NAME) -> None:
+    """Remove one served model; the app goes away with its last model.
+
+    Raises:
+        NotFoundError: nothing by that name is deployed.
+    """
+    from lmaas.errors import NotFoundError
+
+    args = _current_args(app_name)
+    names = [m.name for m in args.models] if args else []
+    if name not in names:
+        raise NotFoundError(f"no deployment named {name!r} (deployed: {', '.join(names) or 'none'}); see `lmaas deployments`", param="name")
+    rest = [m for m in args.models if m.name != name]
+    if not rest:
+        serve.delete(app_name)
+        return
+    serve.run(build_app(args.model_copy(update={"models": rest})), name=app_name, route_prefix="/")
+
+
+def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
+    """The served models of the app on the connected cluster, with replica counts and status."""
+    args = _current_args(app_name)
+    if args is None:
+        return []
+    app = serve.status().applications[app_name]
+    try:
+        serving = serve.get_app_handle(app_name).served_versions.remote().result(timeout_s=10)
+    except Exception:  # noqa: BLE001 - a model scaled to zero or starting: list it without a version
+        serving = {}
+    out = []
+    for m in args.models:
+        key = MULTIPLEX_NAME if m.multiplexed else deployment_name(m.name)
+        state = app.deployments.get(key)
+        running = sum(n for s, n in state.replica_states.items() if str(getattr(s, "value", s)) == "RUNNING") if state else 0
+        scaling = args.multiplex if m.multiplexed else m
+        out.append(
+            DeploymentSummary(
+                m.name, m.ref, serving.get(m.name, "-"), str(getattr(state.status, "value", state.status)) if state else "MISSING",
+                running, scaling.min_replicas, scaling.max_replicas, m.multiplexed,
+            )
+        )
+    return out
