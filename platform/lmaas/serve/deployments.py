@@ -424,14 +424,12 @@ class DeploymentEngine(Engine):
 
     def __init__(self, model_id: str, handle: DeploymentHandle, multiplexed_id: str | None = None) -> None:
         self.model_id = model_id
-        self._handle = handle
-        self._multiplexed_id = multiplexed_id
+        extra = {"multiplexed_model_id": multiplexed_id} if multiplexed_id is not None else {}
+        # made once: each `options()` call is a new handle whose first request waits to learn the replicas
+        self._handles = {stream: handle.options(stream=stream, **extra) for stream in (False, True)}
 
     def _call(self, stream: bool = False) -> DeploymentHandle:
-        options: dict[str, Any] = {"stream": stream}
-        if self._multiplexed_id is not None:
-            options["multiplexed_model_id"] = self._multiplexed_id
-        return self._handle.options(**options)
+        return self._handles[stream]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
         async for event in _remote_stream(self._call(stream=True).generate.remote(request)):
