@@ -333,6 +333,12 @@ class ModelServer:
         """What this replica serves: `{"ref", "version", "task", "max_context"}`."""
         return {"ref": self.ref, "version": self.current.ref, "task": self.current.task, "max_context": self.current.engine.max_context}
 
+    def stats(self) -> dict[str, int]:
+        """The engine's counters (running, waiting, generated_tokens, ...) and requests in flight here."""
+        from dataclasses import asdict
+
+        return asdict(self.current.engine.stats()) | {"in_flight": self.current.in_flight}
+
     def check_health(self) -> None:
         _check_alive(self.current)
 
