@@ -58,6 +58,8 @@ def served(ray_cluster, tmp_path_factory):
             {"ref": "minilm", **small, "refresh_interval_s": 0},
             {"ref": "tail-a@production", "name": "tail-a", "multiplexed": True},
             {"ref": "tail-b", "multiplexed": True},
+            {"ref": "tail-b", "name": "cold", "min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "num_cpus": 0.1, "downscale_delay_s": 1,
+             "refresh_interval_s": 0, "engine": {"num_threads": 1}},
         ],
         "multiplex": {**small, "max_num_models_per_replica": 1},
         "ingress": {"num_cpus": 0.1},
@@ -177,6 +179,22 @@ def test_sixteen_concurrent_streams_get_their_token_counts(served):
 
     for wanted, got, finish in asyncio.run(run()):
         assert (got, finish) == (wanted, "length")
+
+
+def test_scale_from_zero_cold_start(client, served):
+    """`cold` starts with no replica (min_replicas 0); the first request waits for one, then succeeds."""
+    from ray import serve
+
+    from lmaas.serve.deployments import deployment_name
+
+    def replicas() -> int:
+        state = serve.status().applications[APP].deployments[deployment_name("cold")]
+        return sum(n for s, n in state.replica_states.items() if str(getattr(s, "value", s)) == "RUNNING")
+
+    assert replicas() == 0
+    assert greedy(client, "cold") == local_greedy(served[2][0])
+    assert replicas() == 1
+    wait_for(lambda: replicas() == 0, 60, "scale back to zero", interval=1)
 
 
 def test_client_disconnect_mid_stream_frees_the_engine_slot(served):
