@@ -511,11 +511,14 @@ class OpenAIIngress:
         """The `ServeAppArgs` this app was built from."""
         return self._args
 
-    async def served_versions(self) -> dict[str, str]:
-        """Served name -> `name:version` a replica of it serves now (multiplexed: its reference)."""
-        infos = await asyncio.gather(*(h.info.remote() for h in self._models.values()))
-        out = {name: info["version"] for name, info in zip(self._models, infos)}
-        return out | dict(self._multiplexed)
+    async def served_versions(self, names: list[str] | None = None) -> dict[str, str]:
+        """Served name -> `name:version` a replica of it serves now (multiplexed: its reference).
+
+        Asking about a deployment scaled to zero starts a replica: pass only `names` that have one.
+        """
+        names = [n for n in (self._models if names is None else names) if n in self._models]
+        infos = await asyncio.gather(*(self._models[n].info.remote() for n in names))
+        return {name: info["version"] for name, info in zip(names, infos)} | dict(self._multiplexed)
 
 
 def deployment_name(served_name: str) -> str:
@@ -590,7 +593,9 @@ def deploy_model(served: ServedModel, *, env: dict[str, str], app_name: str = AP
     config = (args or ServeAppArgs(models=[served])).model_copy(update={"models": models, "env": env or (args.env if args else {})})
     serve.start(http_options={"host": host, "port": port})
     handle = serve.run(build_app(ServeAppArgs.model_validate(config.model_dump())), name=app_name, route_prefix="/")
-    return handle.served_versions.remote().result().get(served.name, served.ref)
+    if served.initial_replicas == 0:
+        return served.ref  # nothing runs yet, and asking would start a replica
+    return handle.served_versions.remote([served.name]).result().get(served.name, served.ref)
 
 
 def undeploy_model(name: str, *, app_name: str = APP_NAME) -> None:
@@ -618,20 +623,25 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
     if args is None:
         return []
     app = serve.status().applications[app_name]
+
+    def running(key: str) -> int:
+        state = app.deployments.get(key)
+        return sum(n for s, n in state.replica_states.items() if str(getattr(s, "value", s)) == "RUNNING") if state else 0
+
+    live = [m.name for m in args.models if not m.multiplexed and running(deployment_name(m.name))]
     try:
-        serving = serve.get_app_handle(app_name).served_versions.remote().result(timeout_s=10)
-    except Exception:  # noqa: BLE001 - a model scaled to zero or starting: list it without a version
+        serving = serve.get_app_handle(app_name).served_versions.remote(live).result(timeout_s=10)
+    except Exception:  # noqa: BLE001 - a replica starting or stopping: list it without a version
         serving = {}
     out = []
     for m in args.models:
         key = MULTIPLEX_NAME if m.multiplexed else deployment_name(m.name)
         state = app.deployments.get(key)
-        running = sum(n for s, n in state.replica_states.items() if str(getattr(s, "value", s)) == "RUNNING") if state else 0
         scaling = args.multiplex if m.multiplexed else m
         out.append(
             DeploymentSummary(
                 m.name, m.ref, serving.get(m.name, "-"), str(getattr(state.status, "value", state.status)) if state else "MISSING",
-                running, scaling.min_replicas, scaling.max_replicas, m.multiplexed,
+                running(key), scaling.min_replicas, scaling.max_replicas, m.multiplexed,
             )
         )
     return out
