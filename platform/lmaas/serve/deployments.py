@@ -402,6 +402,12 @@ class MultiplexedModelServer:
         finally:
             await loaded.release()
 
+    async def __del__(self) -> None:
+        # Serve unloads multiplexed models only when the wrapper sits on the replica object; ours sits on the loader
+        wrapper = getattr(self._loader, "__serve_multiplex_wrapper", None)
+        if wrapper is not None:
+            await wrapper.shutdown()
+
     async def loaded_models(self) -> list[str]:
         """The versions this replica holds now (most recently used last)."""
         wrapper = getattr(self._loader, "__serve_multiplex_wrapper", None)
