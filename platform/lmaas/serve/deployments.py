@@ -281,11 +281,11 @@ class ModelServer:
         from lmaas.registry import parse_ref
 
         self.ref, self.model_id = ref, model_id
+        self._refresher: asyncio.Task | None = None
         self.options = EngineOptions(**engine)
         self.registry, self.cache_root = _registry()
         self.current = await asyncio.to_thread(_load_version, self.registry, ref, self.cache_root, self.options, model_id)
         log.info("serving %s as %s", self.current.ref, model_id)
-        self._refresher = None
         if refresh_interval_s > 0 and parse_ref(ref).version is None:
             self._refresher = asyncio.get_running_loop().create_task(self._follow_ref(refresh_interval_s))
 
@@ -346,7 +346,8 @@ class ModelServer:
         # Serve calls this after in-flight requests finished (or graceful_shutdown_timeout_s passed)
         if self._refresher is not None:
             self._refresher.cancel()
-        await self.current.retire()
+        if hasattr(self, "current"):  # __init__ may have failed before loading
+            await self.current.retire()
 
 
 async def _events(start) -> AsyncIterator[TokenEvent]:  # noqa: ANN001 - () -> AsyncIterator[TokenEvent]
