@@ -21,6 +21,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_storage.py
 	$(BIN)/python bench/data_ingest.py
+	$(BIN)/python bench/serve_llm.py
 
 install: $(VENV)/.installed
 

@@ -21,8 +21,10 @@ def stdlib_lines(limit: int = 600) -> list[str]:
     return lines[:limit]
 
 
-def make_causal_lm(root: Path, *, size: str = "tiny", vocab_size: int = 512, max_seq_len: int = 128, chat_template: str | None = None, **overrides) -> Path:
-    """Train a tokenizer, build a random-weight model of `size`, save both under `root/model`."""
+def make_causal_lm(
+    root: Path, *, size: str = "tiny", vocab_size: int = 512, max_seq_len: int = 128, chat_template: str | None = None, seed: int = 0, **overrides
+) -> Path:
+    """Train a tokenizer, build a random-weight model of `size` (weights from `seed`), save both under `root/model`."""
     from lmaas.data.tokenizer import train_bpe
     from lmaas.models import build_model, model_config, save_model
 
@@ -32,4 +34,4 @@ def make_causal_lm(root: Path, *, size: str = "tiny", vocab_size: int = 512, max
         config_file = tok_dir / "tokenizer_config.json"
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "chat_template": chat_template}))
     config = model_config(size, vocab_size=spec.vocab_size, max_seq_len=max_seq_len, eos_id=spec.eos_id, **overrides)
-    return save_model(build_model(config, seed=0), root / "model", tokenizer_dir=tok_dir)
+    return save_model(build_model(config, seed=seed), root / "model", tokenizer_dir=tok_dir)

@@ -119,6 +119,8 @@ def test_bad_input_is_rejected_before_any_worker_starts(home):
         train(TrainConfig(dataset="nope"), storage=store, engine=engine)
     with pytest.raises(InvalidInputError, match="needs 32 CPUs; the cluster has 2"):
         train(TrainConfig(dataset=version.ref, num_workers=64), storage=store, engine=engine)
+    with pytest.raises(InvalidInputError, match="leaves 0 of 2 CPUs for the Ray Data tasks"):
+        train(TrainConfig(dataset=version.ref, num_workers=2, cpus_per_worker=1), storage=store, engine=engine)
     with pytest.raises(InvalidInputError, match="needs 1 GPUs; the cluster has 0"):
         train(TrainConfig(dataset=version.ref, num_workers=1, use_gpu=True), storage=store, engine=engine)
     with pytest.raises(NotFoundError, match="run 'no-such-run' not found"):

@@ -42,7 +42,11 @@ DONE = "data: [DONE]\n\n"
 
 
 class OpenAIServing:
-    """The four OpenAI endpoints over a set of engines keyed by the `model` name clients send."""
+    """The four OpenAI endpoints over a set of engines keyed by the `model` name clients send.
+
+    An engine may run in this process (`CausalLMEngine`) or stand for a remote one: the Ray Serve
+    ingress passes `DeploymentEngine`s that forward each call to a per-model deployment's handle.
+    """
 
     def __init__(self, engines: dict[str, Engine]) -> None:
         self.engines = dict(engines)
@@ -92,16 +96,16 @@ class OpenAIServing:
 
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         engine = self.engine(request.model)
-        prompt = engine.tokenize_chat([{"role": m.role, "content": m.text()} for m in request.messages])
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         top = (request.top_logprobs or 0) if request.logprobs else None
         if request.top_logprobs and not request.logprobs:
             raise InvalidInputError("top_logprobs needs logprobs: true", param="top_logprobs")
         params = _sampling(request, request.max_completion_tokens or request.max_tokens, top)
-        gen = GenerationRequest(new_request_id("chatcmpl"), prompt, params)
-        events = engine.generate(gen)
+        request_id = new_request_id("chatcmpl")
+        events = engine.generate_chat(request_id, messages, params)
         first = await _first(events)
         if request.stream:
-            return self._chat_stream(request, gen.request_id, first, events, top is not None)
+            return self._chat_stream(request, request_id, first, events, top is not None)
         collected = [first] + [e async for e in events]
         last = collected[-1]
         choice = ChatChoice(
@@ -109,7 +113,7 @@ class OpenAIServing:
             finish_reason=last.finish_reason,
             logprobs=_chat_logprobs(collected) if top is not None else None,
         )
-        return ChatCompletionResponse(id=gen.request_id, model=request.model, choices=[choice], usage=_usage(last))
+        return ChatCompletionResponse(id=request_id, model=request.model, choices=[choice], usage=_usage(last))
 
     async def _chat_stream(
         self, request: ChatCompletionRequest, request_id: str, first: TokenEvent, events: AsyncIterator[TokenEvent], logprobs: bool

@@ -94,7 +94,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     seq_len = model_config.max_position_embeddings
     flops = flops_per_token(model_config, seq_len)
     peak = peak_flops(device)
-    validation = _validation_rows(cfg, rank, world, device)
+    validation = _validation_rows(loop_config.get("validation"), rank, world, device)
     batches = _batches(cfg, state, device)  # Ray Train: this worker's shard of the training split
 
     interval_loss, interval_count, interval_tokens, interval_time = 0.0, 0, 0, 0.0
@@ -232,21 +232,14 @@ def _batches(cfg: TrainConfig, state: checkpoint.TrainerState, device: Any):  # 
         state.epoch += 1
 
 
-def _validation_rows(cfg: TrainConfig, rank: int, world: int, device: Any) -> Any:
-    """A fixed validation set (the same rows at every evaluation), this rank's share of it."""
-    import ray.train
+def _validation_rows(rows_ref: Any, rank: int, world: int, device: Any) -> Any:
+    """This rank's share of the fixed validation set (the same rows at every evaluation)."""
+    import ray
+    import torch
 
-    try:
-        shard = ray.train.get_dataset_shard("validation")
-    except KeyError:
+    if rows_ref is None:
         return None
-    if shard is None:
-        return None
-    wanted = cfg.eval_batches * cfg.batch_size * world
-    batch = next(iter(shard.iter_torch_batches(batch_size=wanted, drop_last=False)), None)
-    if batch is None:
-        return None
-    rows = batch["input_ids"]
+    rows = torch.as_tensor(ray.get(rows_ref), dtype=torch.int64)
     # Every rank runs the same number of equal forward passes: FSDP's forward is a collective.
     per_rank = len(rows) // world
     mine = rows[rank * per_rank : (rank + 1) * per_rank] if per_rank else rows  # too few: all ranks use all rows

@@ -39,6 +39,9 @@ RUN_FILE = "run.json"
 FAULT_ENV = "LMAAS_FAULT_KILL_RANK_AT"
 """Chaos testing: `RANK:STEP:MARKER` kills worker RANK with SIGKILL at STEP, once (MARKER records it)."""
 
+DATA_CPUS = 1.0
+"""CPUs a training run leaves free for the Ray Data tasks that read and feed its shards."""
+
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -89,11 +92,20 @@ def check_resources(config: TrainConfig, resources: dict[str, float]) -> None:
         InvalidInputError: not enough CPUs or GPUs in the whole cluster.
     """
     cpus = config.num_workers * config.cpus_per_worker
-    if cpus > resources.get("CPU", 0.0):
+    total = resources.get("CPU", 0.0)
+    if cpus > total:
         raise InvalidInputError(
             f"num_workers={config.num_workers} x cpus_per_worker={config.cpus_per_worker} needs {cpus:g} CPUs; "
-            f"the cluster has {resources.get('CPU', 0.0):g}",
+            f"the cluster has {total:g}",
             param="num_workers",
+        )
+    if total - cpus < DATA_CPUS:
+        # measured: with half a CPU left, the Ray Data tasks that stream the shards never got scheduled
+        raise InvalidInputError(
+            f"num_workers={config.num_workers} x cpus_per_worker={config.cpus_per_worker} leaves {total - cpus:g} of "
+            f"{total:g} CPUs for the Ray Data tasks that feed the workers; leave at least {DATA_CPUS:g} "
+            f"(lower cpus_per_worker: threads_per_worker sets the threads each worker uses)",
+            param="cpus_per_worker",
         )
     if config.use_gpu and config.num_workers > resources.get("GPU", 0.0):
         raise InvalidInputError(
@@ -155,13 +167,13 @@ def train(
     storage.write_text(f"{run_prefix}/{RUN_FILE}", json.dumps(record, indent=1))
 
     datasets = {"train": training_dataset(version, storage, "train")}
-    if version.validation_rows > 0:
-        datasets["validation"] = training_dataset(version, storage, "validation")
+    validation = _validation_rows(version, storage, config.eval_batches * config.batch_size * config.num_workers)
     queue = Queue(actor_options={"num_cpus": 0}) if progress else None
     loop_config = {
         "config": config.model_dump(),
         "model_config": llama.to_dict(),
         "tokenizer_files": tokenizer_files,
+        "validation": validation,
         "progress": queue,
         "fault": _fault_from_env(),
     }
@@ -276,6 +288,20 @@ def _tokenizer(storage: Storage, version: DatasetVersion) -> tuple[dict[str, str
                 files[name] = storage.read_text(path)
                 (Path(tmp) / name).write_text(files[name])
         return files, tok.load_pretrained(tmp)
+
+
+def _validation_rows(version: DatasetVersion, storage: Storage, rows: int) -> Any:
+    """The fixed validation set every evaluation uses (the first `rows` rows), as a Ray object.
+
+    Read once here rather than streamed in the workers: a second Ray Data pipeline beside the
+    training shard's would compete with it for the few CPUs a small cluster leaves to data.
+    """
+    import ray
+
+    if version.validation_rows == 0:
+        return None
+    batch = training_dataset(version, storage, "validation").limit(rows).take_batch(rows, batch_format="numpy")
+    return ray.put(batch["input_ids"])
 
 
 def _fault_from_env() -> dict[str, Any] | None:

@@ -131,5 +131,13 @@ class Engine(abc.ABC):
         """The prompt token ids of a chat conversation under this model's chat template."""
         raise InvalidInputError(f"model {self.model_id!r} has no chat template", param="model")
 
+    def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Stream the reply to a chat conversation: `tokenize_chat` then `generate`.
+
+        One call, so an engine behind a remote handle templates with the same model version that
+        generates (a version swap between two calls could otherwise mix tokenizers).
+        """
+        return self.generate(GenerationRequest(request_id, self.tokenize_chat(messages), params))
+
     async def close(self) -> None:  # noqa: B027
         """Stop background work; pending requests end."""

@@ -1,0 +1,107 @@
+"""`lmaas deploy` / `undeploy` / `deployments`: registry models behind the OpenAI API on the Ray cluster.
+
+    ray start --head && export RAY_ADDRESS=auto       # deployments outlive this command: they need a cluster
+    lmaas deploy tiny-lm@production --min-replicas 0 --max-replicas 2
+    lmaas deployments
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model": "tiny-lm", "prompt": "def"}'
+    lmaas undeploy tiny-lm
+
+Every model lives in one Serve application (`lmaas`, route `/`); the same app runs from
+`serve deploy deployments/serve.yaml`, which holds every scaling knob.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lmaas.config import load_settings
+from lmaas.errors import ConfigError, InvalidInputError
+
+console = Console(highlight=False)
+
+
+def _connect():  # noqa: ANN202 - Settings
+    from lmaas import cluster
+
+    settings = load_settings()
+    if not settings.ray_address:
+        raise ConfigError(
+            "deployments need a running Ray cluster that outlives this command: run `ray start --head` "
+            "and set RAY_ADDRESS=auto (or the head's address)",
+            param="RAY_ADDRESS",
+        )
+    cluster.connect(settings)
+    # Serve's handles log at INFO on the driver; keep the console to our one line per outcome
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    return settings
+
+
+def deploy(
+    ref: str = typer.Argument(..., help="Registry reference: name, name:3 or name@alias."),
+    name: str = typer.Option(None, "--name", help="The `model` clients send (default: the reference's name)."),
+    min_replicas: int = typer.Option(1, "--min-replicas", help="0 scales to zero when idle."),
+    max_replicas: int = typer.Option(None, "--max-replicas", help="Default: max(min-replicas, 1)."),
+    num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPUs per replica (fractions allowed)."),
+    num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per replica."),
+    multiplexed: bool = typer.Option(False, "--multiplexed", help="Host on the shared multiplexed deployment (long-tail models)."),
+    port: int = typer.Option(8000, "--port", help="HTTP port of Serve's proxy (when Serve is not running yet)."),
+) -> None:
+    """Serve a registered model behind the OpenAI API (autoscaled; aliases roll over in place)."""
+    from pydantic import ValidationError
+
+    from lmaas.registry import ModelRegistry
+    from lmaas.serve.deployments import ServedModel, deploy_model
+
+    settings = load_settings()
+    ModelRegistry.from_settings(settings).resolve(ref)  # an unknown reference fails here, not in a replica
+    try:
+        served = ServedModel(
+            ref=ref,
+            name=name,
+            min_replicas=min_replicas,
+            max_replicas=max(min_replicas, 1) if max_replicas is None else max_replicas,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            multiplexed=multiplexed,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidInputError(f"{'.'.join(map(str, first['loc'])) or 'deploy'}: {first['msg']}") from None
+    settings = _connect()
+    with console.status(f"deploying {served.name} ({ref}) ..."):
+        version = deploy_model(served, env=settings.env(), port=port)
+    console.print(f"deployed [bold]{served.name}[/] serving {version}; try:")
+    console.print(
+        f"  curl http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' "
+        f"-d '{{\"model\": \"{served.name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+        soft_wrap=True,
+    )
+
+
+def undeploy(name: str = typer.Argument(..., help="The deployment's name (see `lmaas deployments`).")) -> None:
+    """Stop serving a model (in-flight streams finish first)."""
+    from lmaas.serve.deployments import undeploy_model
+
+    _connect()
+    with console.status(f"undeploying {name} ..."):
+        undeploy_model(name)
+    console.print(f"undeployed {name}")
+
+
+def deployments() -> None:
+    """List served models with their versions, replica counts and status."""
+    from lmaas.serve.deployments import list_deployments
+
+    _connect()
+    rows = list_deployments()
+    if not rows:
+        console.print("nothing deployed; `lmaas deploy REF` serves a registered model")
+        return
+    table = Table("name", "ref", "serving", "status", "replicas", "min..max", "multiplexed")
+    for r in rows:
+        table.add_row(r.name, r.ref, r.serving, r.status, str(r.running), f"{r.min_replicas}..{r.max_replicas}", "yes" if r.multiplexed else "")
+    console.print(table)

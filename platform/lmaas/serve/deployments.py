@@ -1,0 +1,654 @@
+"""Ray Serve deployments (the only `ray.serve` user): registered models behind the OpenAI API.
+
+    serve run deployments/serve.yaml                 # every scaling knob lives in that YAML
+    app = build_app({"models": [{"ref": "tiny-lm@production", "min_replicas": 0}]})
+    serve.run(app, name="lmaas", route_prefix="/")
+
+One application holds:
+
+- `OpenAIIngress` (FastAPI via `@serve.ingress`): the OpenAI API of `openai_app.build_openai_app`
+  over `DeploymentEngine`s, one per served name, which forward each call to a deployment handle
+  (token events stream back through `handle.options(stream=True)`). It routes by the request's
+  `model` field: a model's `name` or its configured reference (`tiny`, `tiny:3`, `tiny@staging`).
+- `ModelServer`: one deployment per served model, autoscaled; each replica resolves the reference
+  in the registry, downloads that version (sha256-checked) and runs its engine.
+- `MultiplexedModelServer`: one shared deployment for long-tail models (`multiplexed: true`);
+  each replica keeps at most `max_num_models_per_replica` engines, least recently used leaves first.
+
+Alias rollout without failed requests: a `ModelServer` serving a moving reference (`name` or
+`name@alias`) re-resolves it every `refresh_interval_s`. When it names a new version, the replica
+downloads and loads the new engine in a thread *while the old one keeps serving*, then swaps the
+pointer: requests that start afterwards use the new engine; streams already running finish on the
+old one, which is closed when its last request ends. No replica restarts, so no request is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from lmaas.errors import InvalidInputError, LmaasError
+from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
+from lmaas.serve.openai_app import MAX_BODY_BYTES
+
+log = logging.getLogger("lmaas.serve")
+
+INGRESS_NAME = "OpenAIIngress"
+MULTIPLEX_NAME = "MultiplexedModelServer"
+ENGINE_TASKS = ("causal-lm", "embedding")
+
+
+# ---- configuration (the Serve YAML's `args`) ----
+
+
+class EngineOptions(BaseModel):
+    """How each replica runs its engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1)
+    """Causal LMs: most requests decoded together (continuous batching); embeddings: texts per forward pass."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch threads per replica (None: Ray's default, 1 per whole CPU of `num_cpus`)."""
+    device: str = "cpu"
+    """"cuda" on GPU replicas (`num_gpus: 1`)."""
+
+
+class ScalingOptions(BaseModel):
+    """Replica count, resources and lifecycle of one deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    """0 scales to zero when idle; the first request then waits for a cold start."""
+    initial_replicas: int | None = Field(None, ge=0)
+    """Replicas at deploy time (None: min_replicas, or 1 when min_replicas is 0 so the app starts warm)."""
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    """Autoscaling target of in-flight requests per replica."""
+    max_ongoing_requests: int = Field(64, ge=1)
+    """Most in-flight requests per replica; more queue in the caller."""
+    upscale_delay_s: float = Field(2.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved per replica (fractions allowed)."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per replica on GPU clusters."""
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
+    """A stopping replica takes no new requests and waits this long for in-flight streams to finish."""
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ScalingOptions":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    def deployment_options(self, env: dict[str, str]) -> dict[str, Any]:
+        """Keyword arguments of `Deployment.options` for these settings."""
+        initial = self.initial_replicas if self.initial_replicas is not None else max(self.min_replicas, 1)
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor["num_gpus"] = self.num_gpus
+        if env:
+            actor["runtime_env"] = {"env_vars": dict(env)}
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": initial,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": actor,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+
+
+class ServedModel(ScalingOptions):
+    """One registered model behind the API."""
+
+    ref: str = Field(min_length=1)
+    """Registry reference: `name` (its production alias, else latest), `name:3`, or `name@alias`."""
+    name: str | None = None
+    """The `model` clients send and the deployment's name (default: the reference's model name)."""
+    multiplexed: bool = False
+    """Host on the shared multiplexed deployment (long-tail small models) instead of a deployment of its own."""
+    refresh_interval_s: float = Field(10.0, ge=0)
+    """How often a replica re-resolves a moving reference (`name`, `name@alias`); 0 never does."""
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+
+    @model_validator(mode="after")
+    def _name(self) -> "ServedModel":
+        from lmaas.registry import parse_ref
+
+        parsed = parse_ref(self.ref)
+        if self.name is None:
+            self.name = parsed.name
+        return self
+
+
+class MultiplexOptions(ScalingOptions):
+    """The shared deployment that hosts `multiplexed: true` models."""
+
+    max_num_models_per_replica: int = Field(4, ge=1)
+    """Engines kept per replica; loading one more unloads the least recently used."""
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+
+
+class IngressOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.1, ge=0)
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
+    """Larger request bodies get 413."""
+
+
+class ServeAppArgs(BaseModel):
+    """The arguments of `build_app`: what `args:` holds in deployments/serve.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ServedModel] = Field(min_length=1)
+    multiplex: MultiplexOptions = Field(default_factory=MultiplexOptions)
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment of model replicas (LMAAS_STORAGE, LMAAS_DATABASE_URL, ...); empty: the cluster's."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ServeAppArgs":
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"served names must be unique; repeated: {dupes} (set `name` to tell them apart)")
+        return self
+
+
+# ---- replicas ----
+
+
+@dataclass(eq=False)
+class LoadedVersion:
+    """An engine serving one registry version, and the requests using it."""
+
+    ref: str
+    """`name:version` of what the engine runs."""
+    task: str
+    engine: Engine
+    directory: Path
+    in_flight: int = 0
+    retired: bool = False
+    _closed: bool = field(default=False, repr=False)
+
+    async def retire(self) -> None:
+        """Take no new requests; close the engine once the last in-flight one ends."""
+        self.retired = True
+        if self.in_flight == 0:
+            await self._close()
+
+    async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.engine.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    async def release(self) -> None:
+        self.in_flight -= 1
+        if self.retired and self.in_flight == 0:
+            await self._close()
+
+
+def _load_version(registry: Any, ref: str, cache_root: Path, options: EngineOptions, model_id: str) -> LoadedVersion:
+    """Download `ref` (integrity-checked) into a fresh directory under `cache_root` and start its engine."""
+    from lmaas.serve.engine import CausalLMEngine, EmbeddingEngine
+
+    version = registry.resolve(ref)
+    if version.task not in ENGINE_TASKS:
+        raise InvalidInputError(f"{version.ref} has task {version.task!r}; lmaas serves {', '.join(ENGINE_TASKS)}", param="model")
+    cache_root.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix=f"{version.name}-{version.version}-", dir=cache_root))
+    try:
+        registry.download(version.ref, directory)
+        if version.task == "causal-lm":
+            engine: Engine = CausalLMEngine(
+                directory, model_id=model_id, max_batch_size=options.max_batch_size, num_threads=options.num_threads, device=options.device
+            )
+        else:
+            engine = EmbeddingEngine(directory, model_id=model_id, max_batch_size=options.max_batch_size, num_threads=options.num_threads)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return LoadedVersion(version.ref, version.task, engine, directory)
+
+
+def _registry() -> tuple[Any, Path]:
+    from lmaas.config import load_settings
+    from lmaas.registry import ModelRegistry
+
+    settings = load_settings()
+    return ModelRegistry.from_settings(settings), settings.home / "cache" / "serve"
+
+
+async def _stream(loaded: LoadedVersion, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+        await loaded.release()
+
+
+def _check_alive(loaded: LoadedVersion) -> None:
+    thread = getattr(loaded.engine, "_thread", None)  # CausalLMEngine's decode loop
+    if isinstance(thread, threading.Thread) and not thread.is_alive():
+        raise RuntimeError(f"{loaded.ref}: the engine's decode thread has stopped")
+
+
+@serve.deployment(name="ModelServer")
+class ModelServer:
+    """Replicas serving one registry reference; see the module docstring for how aliases roll over.
+
+    Args:
+        ref: registry reference (`name`, `name:3`, `name@alias`).
+        model_id: the name clients send.
+        engine: `EngineOptions` as a dict.
+        refresh_interval_s: re-resolve a moving reference this often (0: never).
+    """
+
+    async def __init__(self, ref: str, model_id: str, engine: dict, refresh_interval_s: float = 10.0) -> None:
+        from lmaas.registry import parse_ref
+
+        self.ref, self.model_id = ref, model_id
+        self._refresher: asyncio.Task | None = None
+        self.options = EngineOptions(**engine)
+        self.registry, self.cache_root = _registry()
+        self.current = await asyncio.to_thread(_load_version, self.registry, ref, self.cache_root, self.options, model_id)
+        log.info("serving %s as %s", self.current.ref, model_id)
+        if refresh_interval_s > 0 and parse_ref(ref).version is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._follow_ref(refresh_interval_s))
+
+    async def _follow_ref(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                version = await asyncio.to_thread(self.registry.resolve, self.ref)
+                if version.ref == self.current.ref:
+                    continue
+                log.info("%s moved from %s to %s; loading it", self.ref, self.current.ref, version.ref)
+                new = await asyncio.to_thread(_load_version, self.registry, version.ref, self.cache_root, self.options, self.model_id)
+                old, self.current = self.current, new
+                await old.retire()
+                log.info("now serving %s as %s", new.ref, self.model_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep serving the loaded version; try again next round
+                log.exception("could not follow %s; still serving %s", self.ref, self.current.ref)
+
+    def _acquire(self) -> LoadedVersion:
+        loaded = self.current
+        loaded.in_flight += 1
+        return loaded
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream token events (call through `handle.options(stream=True)`)."""
+        loaded = self._acquire()
+        async for event in _stream(loaded, _events(lambda: loaded.engine.generate(request))):
+            yield event
+
+    async def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        loaded = self._acquire()
+        async for event in _stream(loaded, _events(lambda: loaded.engine.generate_chat(request_id, messages, params))):
+            yield event
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        loaded = self._acquire()
+        try:
+            return await loaded.engine.embed(texts)
+        finally:
+            await loaded.release()
+
+    def info(self) -> dict[str, Any]:
+        """What this replica serves: `{"ref", "version", "task", "max_context"}`."""
+        return {"ref": self.ref, "version": self.current.ref, "task": self.current.task, "max_context": self.current.engine.max_context}
+
+    def stats(self) -> dict[str, int]:
+        """The engine's counters (running, waiting, generated_tokens, ...) and requests in flight here."""
+        from dataclasses import asdict
+
+        return asdict(self.current.engine.stats()) | {"in_flight": self.current.in_flight}
+
+    def check_health(self) -> None:
+        _check_alive(self.current)
+
+    async def __del__(self) -> None:
+        # Serve calls this after in-flight requests finished (or graceful_shutdown_timeout_s passed)
+        if self._refresher is not None:
+            self._refresher.cancel()
+        if hasattr(self, "current"):  # __init__ may have failed before loading
+            await self.current.retire()
+
+
+async def _events(start) -> AsyncIterator[TokenEvent]:  # noqa: ANN001 - () -> AsyncIterator[TokenEvent]
+    """Run `start()` inside the iteration, so a synchronous refusal (an embedding model asked to generate) streams as an error."""
+    events = start()  # a synchronous refusal raises here, inside the stream
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+
+
+@serve.deployment(name=MULTIPLEX_NAME)
+class MultiplexedModelServer:
+    """Many small models per replica, selected per request by `multiplexed_model_id` (a registry reference).
+
+    Args:
+        engine: `EngineOptions` as a dict.
+        max_num_models_per_replica: the LRU bound.
+    """
+
+    def __init__(self, engine: dict, max_num_models_per_replica: int) -> None:
+        self.options = EngineOptions(**engine)
+        self.registry, self.cache_root = _registry()
+
+        async def load_multiplexed_engine(ref: str) -> _Evictable:
+            loaded = await asyncio.to_thread(_load_version, self.registry, ref, self.cache_root, self.options, ref)
+            return _Evictable(loaded, asyncio.get_running_loop())
+
+        # decorated here, not on the class, so the LRU bound comes from the config
+        self.get_model = serve.multiplexed(max_num_models_per_replica=max_num_models_per_replica)(load_multiplexed_engine)
+        self._loader = load_multiplexed_engine  # Serve keeps its LRU cache on the decorated function
+
+    async def _acquire(self) -> LoadedVersion:
+        loaded = (await self.get_model(serve.get_multiplexed_model_id())).loaded
+        loaded.in_flight += 1
+        return loaded
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        loaded = await self._acquire()
+        async for event in _stream(loaded, _events(lambda: loaded.engine.generate(request))):
+            yield event
+
+    async def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        loaded = await self._acquire()
+        async for event in _stream(loaded, _events(lambda: loaded.engine.generate_chat(request_id, messages, params))):
+            yield event
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        loaded = await self._acquire()
+        try:
+            return await loaded.engine.embed(texts)
+        finally:
+            await loaded.release()
+
+    async def __del__(self) -> None:
+        # Serve unloads multiplexed models only when the wrapper sits on the replica object; ours sits on the loader
+        wrapper = getattr(self._loader, "__serve_multiplex_wrapper", None)
+        if wrapper is not None:
+            await wrapper.shutdown()
+
+    async def loaded_models(self) -> list[str]:
+        """The versions this replica holds now (most recently used last)."""
+        wrapper = getattr(self._loader, "__serve_multiplex_wrapper", None)
+        return [m.loaded.ref for m in wrapper.models.values()] if wrapper is not None else []
+
+
+class _Evictable:
+    """What `@serve.multiplexed` caches; Serve calls `__del__` when the LRU bound evicts it."""
+
+    def __init__(self, loaded: LoadedVersion, loop: asyncio.AbstractEventLoop) -> None:
+        self.loaded, self._loop = loaded, loop
+
+    def __del__(self) -> None:
+        # runs in an executor thread (eviction) or at garbage collection: retire on the replica's loop
+        try:
+            asyncio.run_coroutine_threadsafe(self.loaded.retire(), self._loop)
+        except RuntimeError:
+            pass  # the loop is gone: the process is exiting
+
+
+# ---- ingress ----
+
+
+class DeploymentEngine(Engine):
+    """An `Engine` whose calls go to a model deployment through its handle (optionally multiplexed)."""
+
+    def __init__(self, model_id: str, handle: DeploymentHandle, multiplexed_id: str | None = None) -> None:
+        self.model_id = model_id
+        extra = {"multiplexed_model_id": multiplexed_id} if multiplexed_id is not None else {}
+        # made once: each `options()` call is a new handle whose first request waits to learn the replicas
+        self._handles = {stream: handle.options(stream=stream, **extra) for stream in (False, True)}
+
+    def _call(self, stream: bool = False) -> DeploymentHandle:
+        return self._handles[stream]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
+        async for event in _remote_stream(self._call(stream=True).generate.remote(request)):
+            yield event
+
+    async def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
+        async for event in _remote_stream(self._call(stream=True).generate_chat.remote(request_id, messages, params)):
+            yield event
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        try:
+            return await self._call().embed.remote(texts)
+        except Exception as exc:  # noqa: BLE001
+            raise _unwrapped(exc) from None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0, 0, 0)
+
+
+async def _remote_stream(responses: Any) -> AsyncIterator[TokenEvent]:
+    finished = False
+    try:
+        async for event in responses:
+            yield event
+            finished = event.finish_reason is not None
+    except Exception as exc:  # noqa: BLE001
+        raise _unwrapped(exc) from None
+    finally:
+        if not finished:
+            responses.cancel()  # the client left: the replica's generator closes and the engine frees the slot
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The project error a replica raised (Ray wraps it in a RayTaskError), else `exc`."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, LmaasError) else exc
+
+
+@serve.deployment(name=INGRESS_NAME)
+@serve.ingress()
+class OpenAIIngress:
+    """The OpenAI API; routes each request by its `model` field to a model deployment's handle.
+
+    Args:
+        models: served name -> handle of its `ModelServer` deployment.
+        multiplexed: served name -> registry reference, served by `multiplex`.
+        multiplex: handle of the `MultiplexedModelServer` deployment (None when nothing is multiplexed).
+        refs: served name -> its configured reference (also accepted as `model`).
+        args: the app's arguments as a dict (`lmaas deployments` and `lmaas deploy` read them back).
+    """
+
+    def __init__(
+        self,
+        models: dict[str, DeploymentHandle],
+        multiplexed: dict[str, str],
+        multiplex: DeploymentHandle | None,
+        refs: dict[str, str],
+        args: dict,
+    ) -> None:
+        self._models, self._multiplexed, self._multiplex, self._refs, self._args = models, multiplexed, multiplex, refs, args
+
+    def __serve_build_asgi_app__(self):  # noqa: ANN204 - a FastAPI app
+        from lmaas.serve.openai_app import build_openai_app
+
+        engines: dict[str, Engine] = {}
+        for name, handle in self._models.items():
+            engines[name] = engines[self._refs[name]] = DeploymentEngine(name, handle)
+        for name, ref in self._multiplexed.items():
+            engines[name] = engines[ref] = DeploymentEngine(name, self._multiplex, multiplexed_id=ref)
+        return build_openai_app(engines, max_body_bytes=ServeAppArgs(**self._args).ingress.max_body_bytes)
+
+    def app_args(self) -> dict:
+        """The `ServeAppArgs` this app was built from."""
+        return self._args
+
+    async def served_versions(self, names: list[str] | None = None) -> dict[str, str]:
+        """Served name -> `name:version` a replica of it serves now (multiplexed: its reference).
+
+        Asking about a deployment scaled to zero starts a replica: pass only `names` that have one.
+        """
+        names = [n for n in (self._models if names is None else names) if n in self._models]
+        infos = await asyncio.gather(*(self._models[n].info.remote() for n in names))
+        return {name: info["version"] for name, info in zip(names, infos)} | dict(self._multiplexed)
+
+
+def deployment_name(served_name: str) -> str:
+    """The Serve deployment name of a served model (Serve names allow no `:`, `@` or `/`)."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "-", served_name)
+
+
+def build_app(args: dict | ServeAppArgs) -> serve.Application:
+    """The Serve application for `args` (`ServeAppArgs`): `serve run module:build_app` calls this.
+
+    Raises:
+        pydantic.ValidationError: bad arguments (the message names the field).
+    """
+    config = args if isinstance(args, ServeAppArgs) else ServeAppArgs.model_validate(args)
+    models: dict[str, Any] = {}
+    multiplexed: dict[str, str] = {}
+    for served in config.models:
+        if served.multiplexed:
+            multiplexed[served.name] = served.ref
+            continue
+        options = served.deployment_options(config.env) | {"name": deployment_name(served.name)}
+        models[served.name] = ModelServer.options(**options).bind(
+            served.ref, served.name, served.engine.model_dump(), served.refresh_interval_s
+        )
+    multiplex = None
+    if multiplexed:
+        mux = config.multiplex
+        multiplex = MultiplexedModelServer.options(**mux.deployment_options(config.env)).bind(mux.engine.model_dump(), mux.max_num_models_per_replica)
+    ingress = config.ingress
+    return OpenAIIngress.options(
+        num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options={"num_cpus": ingress.num_cpus}
+    ).bind(models, multiplexed, multiplex, {m.name: m.ref for m in config.models}, config.model_dump(mode="json"))
+
+
+# ---- managing the app on a running cluster (the `lmaas deploy` commands) ----
+
+APP_NAME = "lmaas"
+
+
+@dataclass(frozen=True)
+class DeploymentSummary:
+    """One served model as `lmaas deployments` lists it."""
+
+    name: str
+    ref: str
+    serving: str
+    """`name:version` a replica serves now ("-" when none runs, e.g. scaled to zero)."""
+    status: str
+    running: int
+    """Replicas running now."""
+    min_replicas: int
+    max_replicas: int
+    multiplexed: bool
+
+
+def _current_args(app_name: str) -> ServeAppArgs | None:
+    if app_name not in serve.status().applications:
+        return None
+    return ServeAppArgs.model_validate(serve.get_app_handle(app_name).app_args.remote().result())
+
+
+def deploy_model(served: ServedModel, *, env: dict[str, str], app_name: str = APP_NAME, host: str = "0.0.0.0", port: int = 8000) -> str:
+    """Add (or replace, by name) one model in the app on the connected cluster and wait until it runs.
+
+    Other models keep their settings; Serve updates only deployments whose config changed.
+
+    Returns:
+        The `name:version` the new deployment serves.
+    """
+    args = _current_args(app_name)
+    models = [m for m in (args.models if args else []) if m.name != served.name] + [served]
+    config = (args or ServeAppArgs(models=[served])).model_copy(update={"models": models, "env": env or (args.env if args else {})})
+    serve.start(http_options={"host": host, "port": port})
+    handle = serve.run(build_app(ServeAppArgs.model_validate(config.model_dump())), name=app_name, route_prefix="/")
+    if served.initial_replicas == 0:
+        return served.ref  # nothing runs yet, and asking would start a replica
+    return handle.served_versions.remote([served.name]).result().get(served.name, served.ref)
+
+
+def undeploy_model(name: str, *, app_name: str = APP_NAME) -> None:
+    """Remove one served model; the app goes away with its last model.
+
+    Raises:
+        NotFoundError: nothing by that name is deployed.
+    """
+    from lmaas.errors import NotFoundError
+
+    args = _current_args(app_name)
+    names = [m.name for m in args.models] if args else []
+    if name not in names:
+        raise NotFoundError(f"no deployment named {name!r} (deployed: {', '.join(names) or 'none'}); see `lmaas deployments`", param="name")
+    rest = [m for m in args.models if m.name != name]
+    if not rest:
+        serve.delete(app_name)
+        return
+    serve.run(build_app(args.model_copy(update={"models": rest})), name=app_name, route_prefix="/")
+
+
+def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
+    """The served models of the app on the connected cluster, with replica counts and status."""
+    args = _current_args(app_name)
+    if args is None:
+        return []
+    app = serve.status().applications[app_name]
+
+    def running(key: str) -> int:
+        state = app.deployments.get(key)
+        return sum(n for s, n in state.replica_states.items() if str(getattr(s, "value", s)) == "RUNNING") if state else 0
+
+    live = [m.name for m in args.models if not m.multiplexed and running(deployment_name(m.name))]
+    try:
+        serving = serve.get_app_handle(app_name).served_versions.remote(live).result(timeout_s=10)
+    except Exception:  # noqa: BLE001 - a replica starting or stopping: list it without a version
+        serving = {}
+    out = []
+    for m in args.models:
+        key = MULTIPLEX_NAME if m.multiplexed else deployment_name(m.name)
+        state = app.deployments.get(key)
+        scaling = args.multiplex if m.multiplexed else m
+        out.append(
+            DeploymentSummary(
+                m.name, m.ref, serving.get(m.name, "-"), str(getattr(state.status, "value", state.status)) if state else "MISSING",
+                running(key), scaling.min_replicas, scaling.max_replicas, m.multiplexed,
+            )
+        )
+    return out

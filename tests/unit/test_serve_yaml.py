@@ -1,0 +1,44 @@
+"""deployments/serve.yaml is a Serve config Ray accepts, and its `args` are valid `ServeAppArgs` with every knob spelled out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load() -> dict:
+    return yaml.safe_load((REPO / "deployments" / "serve.yaml").read_text())
+
+
+def test_ray_serve_schema_accepts_it():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(load()) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(load())
+    app = config.applications[0]
+    assert app.import_path == "lmaas.serve.deployments:build_app"
+    assert app.runtime_env["working_dir"].startswith("local:///")
+
+
+def test_args_are_valid_and_every_scaling_knob_is_in_the_yaml():
+    from lmaas.serve.deployments import ScalingOptions, ServeAppArgs
+
+    args = load()["applications"][0]["args"]
+    parsed = ServeAppArgs.model_validate(args)
+    assert parsed.models[0].min_replicas == 0
+    knobs = set(ScalingOptions.model_fields)
+    assert knobs <= set(args["models"][0]), knobs - set(args["models"][0])
+
+
+def test_bad_args_name_the_field():
+    from pydantic import ValidationError
+
+    from lmaas.serve.deployments import ServeAppArgs
+
+    with pytest.raises(ValidationError, match="max_replicas"):
+        ServeAppArgs.model_validate({"models": [{"ref": "m", "min_replicas": 3, "max_replicas": 1}]})
+    with pytest.raises(ValidationError, match="unique"):
+        ServeAppArgs.model_validate({"models": [{"ref": "m"}, {"ref": "m@staging"}]})
