@@ -14,11 +14,13 @@ from lmaas.config import load_config
 from lmaas.data.config import IngestConfig
 from lmaas.ops.health import SelfCheckConfig
 from lmaas.train.config import TrainConfig
+from lmaas.train.sweep import SweepConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {"selfcheck": SelfCheckConfig, "ingest_stdlib": IngestConfig, **dict.fromkeys(
     ("compress_int8", "compress_int4", "compress_prune", "compress_export"), CompressConfig),
-    **dict.fromkeys(("train_tiny_cpu", "train_small_gpu_ddp", "train_1b_fsdp"), TrainConfig)}
+    **dict.fromkeys(("train_tiny_cpu", "train_small_gpu_ddp", "train_1b_fsdp"), TrainConfig),
+    "sweep_lr": SweepConfig}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -126,3 +126,34 @@ def test_bad_input_is_rejected_before_any_worker_starts(home):
     with pytest.raises(NotFoundError, match="run 'no-such-run' not found"):
         train(TrainConfig(dataset=version.ref), storage=store, engine=engine, resume="no-such-run")
     assert store.list("runs") == before  # nothing was started or written
+
+
+def test_sweep_runs_every_grid_point_and_registers_the_best(home):
+    from lmaas.train.sweep import SweepConfig, sweep
+
+    store, engine, version = home
+    config = TrainConfig(dataset=version.ref, **{**FAST, "max_steps": 10, "eval_interval": 10, "checkpoint_interval": 10, "cpus_per_worker": 0.25,
+                                                 "output_model": "lm-swept", "alias": "best"})
+    search = SweepConfig(parameters={"lr": [1e-4, 1e-2]})
+    result = sweep(config, search, storage_uri=store.uri, endpoint_url=None, database_url=str(engine.url))
+    assert sorted(t["config"]["lr"] for t in result.trials) == [1e-4, 1e-2]
+    best = min(result.trials, key=lambda t: t["val_loss"])
+    assert result.best["run_id"] == best["run_id"] and best["config"]["lr"] == 1e-2  # 1e-4 barely moves in 10 steps
+    mv = ModelRegistry(store, engine).resolve("lm-swept@best")
+    assert mv.run == best["run_id"] and mv.metrics["val_loss"] == pytest.approx(best["val_loss"])
+    assert read_run(store, best["run_id"])["model"] == "lm-swept:1"
+
+
+def test_sweep_configs_are_checked_before_any_trial(home):
+    from lmaas.train.sweep import SweepConfig, sweep
+
+    store, engine, version = home
+    crowded = TrainConfig(dataset=version.ref, **FAST)  # 2 x 0.5 CPUs of 2
+    with pytest.raises(InvalidInputError, match="leave 1 of 2 CPUs for the data feed; a sweep needs 1.5"):
+        sweep(crowded, SweepConfig(parameters={"lr": [1e-3]}), storage_uri=store.uri, endpoint_url=None,
+              database_url=str(engine.url))
+
+    with pytest.raises(ValueError, match="'dataset' is not a searchable TrainConfig field"):
+        SweepConfig(parameters={"dataset": ["a", "b"]})
+    with pytest.raises(ValueError, match="grid search needs lists of values"):
+        SweepConfig(parameters={"lr": {"loguniform": [1e-4, 1e-2]}})

@@ -31,6 +31,7 @@ LAYERS = {
 ROOMS = {
     "ray.serve": {"serve"},
     "ray.train": {"train", "compress"},
+    "ray.tune": {"train"},
     "ray.data": {"data", "train"},
     "fsspec": {"storage"},
     "s3fs": {"storage"},

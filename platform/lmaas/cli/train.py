@@ -18,6 +18,7 @@ def train(
     config: str = typer.Argument(None, help="TrainConfig YAML (jobs/configs/train_*.yaml); defaults otherwise."),
     overrides: list[str] = typer.Option([], "--set", help="key=value override of any TrainConfig field."),
     resume: str = typer.Option(None, "--resume", help="Continue run RUN_ID from its latest checkpoint."),
+    sweep: str = typer.Option(None, "--sweep", help="SweepConfig YAML: search with Ray Tune, register the best trial."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train a model on the Ray cluster (RAY_ADDRESS, or a local one) and register it."""
@@ -34,6 +35,9 @@ def train(
     else:
         cfg = load_config(TrainConfig, config, overrides)
     engine = db.connect(settings.database_url)
+    if sweep:
+        _sweep(cfg, sweep, settings)
+        return
     console = Console(stderr=True, highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[stats]}"), console=console, transient=True) as bar:
@@ -87,3 +91,27 @@ def runs(
         table.add_row(r["run_id"], r["status"], r["dataset"], r.get("model") or "-", str(m.get("step", "-")),
                       f"{m['loss']:.3f}" if "loss" in m else "-", f"{m['val_loss']:.3f}" if "val_loss" in m else "-")
     Console(highlight=False).print(table if records else "no training runs yet; run `lmaas train`")
+
+
+def _sweep(cfg, path: str, settings) -> None:  # noqa: ANN001 - TrainConfig, Settings
+    from lmaas.data.ingest import quiet_ray_data_logs
+    from lmaas.train.sweep import SweepConfig
+    from lmaas.train.sweep import sweep as run_sweep
+
+    search = load_config(SweepConfig, path)
+    console = Console(stderr=True, highlight=False)
+    with console.status(f"sweep over {', '.join(search.parameters)} ({search.method}, metric {search.metric})"):
+        cluster.connect(settings)
+        quiet_ray_data_logs()
+        result = run_sweep(cfg, search, storage_uri=settings.storage, endpoint_url=settings.s3_endpoint_url,
+                           database_url=settings.database_url)
+    table = Table(title_justify="left")
+    for column in ("run", *search.parameters, search.metric):
+        table.add_column(column)
+    for t in result.trials:
+        table.add_row(t["run_id"], *(str(t["config"].get(k)) for k in search.parameters), f"{t.get(search.metric, float('nan')):.4f}")
+    Console(highlight=False).print(table)
+    mv = result.model_version
+    print(f"best run {result.best['run_id']}: {search.metric} {result.best[search.metric]:.4f}"
+          + (f", registered {mv.name}:{mv.version}" + (f" (alias {cfg.alias})" if cfg.alias else "") if mv else "")
+          + f" ({result.seconds:.0f} s)")

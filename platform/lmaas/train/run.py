@@ -209,73 +209,81 @@ def train(
 
     if result.checkpoint is None:
         raise JobFailedError(f"training run {run_id} finished without a checkpoint")
-    checkpoint_uri = storage.url(f"{run_prefix}/{Path(result.checkpoint.path).name}")
-    with tempfile.TemporaryDirectory(prefix="lmaas-train-") as tmp:
-        with result.checkpoint.as_directory() as ckpt_dir:
-            state = checkpoint.read_state(ckpt_dir)
-            model_dir = checkpoint.export_model(ckpt_dir, Path(tmp) / "model")
-        final = dict(state.history[-1]) if state.history else {}
-        (model_dir / "lmaas_training.json").write_text(
-            json.dumps({"run": run_id, "dataset": version.ref, "dataset_content_hash": version.content_hash, "config": config.model_dump()}, indent=1)
-        )
-        storage.write_bytes(f"{run_prefix}/loss.png", loss_curve_png(state.history, title=run_id))
-        registered = None
-        if config.output_model:
-            registered = _register(storage, engine, config, model_dir, version, run_id, final, parameters)
-    seconds = time.time() - started
+    checkpoint_prefix = f"{run_prefix}/{Path(result.checkpoint.path).name}"
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = checkpoint.read_state(ckpt_dir)
+    final = dict(state.history[-1]) if state.history else {}
+    storage.write_bytes(f"{run_prefix}/loss.png", loss_curve_png(state.history, title=run_id))
     record.update(
         status="finished",
         finished_at=time.time(),
-        seconds=seconds,
+        seconds=time.time() - started,
         metrics=final,
-        checkpoint=checkpoint_uri,
-        model=f"{registered.name}:{registered.version}" if registered else None,
+        checkpoint=storage.url(checkpoint_prefix),
+        checkpoint_prefix=checkpoint_prefix,
+        model=None,
     )
     storage.write_text(f"{run_prefix}/{RUN_FILE}", json.dumps(record, indent=1))
+    registered = register_run(storage, engine, run_id, config.output_model, alias=config.alias) if config.output_model else None
     return TrainResult(
         run_id=run_id,
         run_uri=storage.url(run_prefix),
-        checkpoint_uri=checkpoint_uri,
+        checkpoint_uri=storage.url(checkpoint_prefix),
         metrics=final,
         history=state.history,
         parameters=parameters,
-        seconds=seconds,
+        seconds=time.time() - started,
         model_version=registered,
     )
+
+
+def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, alias: str | None = None) -> ModelVersion:
+    """Register the final checkpoint of a finished run as the next version of `name`.
+
+    The version records its lineage: dataset `name:N` and content hash, the run id, the run's
+    final metrics, and `lmaas_training.json` (the run's config) among its files.
+
+    Raises:
+        NotFoundError: no such run, or it has not finished.
+    """
+    record = read_run(storage, run_id)
+    if record.get("status") != "finished" or not record.get("checkpoint_prefix"):
+        raise NotFoundError(f"run {run_id} has no final checkpoint (status {record.get('status')})", param="run")
+    config = TrainConfig(**record["config"])
+    with tempfile.TemporaryDirectory(prefix="lmaas-register-") as tmp:
+        model_dir = Path(tmp)
+        for rel in checkpoint.MODEL_FILES:
+            path = f"{record['checkpoint_prefix']}/{rel}"
+            if storage.exists(path):
+                storage.get_file(path, model_dir / rel)
+        (model_dir / "lmaas_training.json").write_text(json.dumps(
+            {"run": run_id, "dataset": record["dataset"], "dataset_content_hash": record["dataset_content_hash"],
+             "config": record["config"]}, indent=1))
+        final = record.get("metrics") or {}
+        metrics = {k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and k not in ("epoch", "restarts")}
+        metrics["parameters"] = float(record["parameters"])
+        registry = ModelRegistry(storage, engine)
+        registered = registry.register_version(
+            name,
+            model_dir,
+            task="causal-lm",
+            dataset=record["dataset"],
+            dataset_sha256=record["dataset_content_hash"],
+            run=run_id,
+            metrics=metrics,
+            description=f"{config.model} model, {config.strategy} x{config.num_workers}, {final.get('step', 0)} steps on {record['dataset']}",
+        )
+    if alias:
+        registry.set_alias(registered.name, alias, registered.version)
+    record["model"] = f"{registered.name}:{registered.version}"
+    storage.write_text(f"{RUNS_PREFIX}/{run_id}/{RUN_FILE}", json.dumps(record, indent=1))
+    return registered
 
 
 def _train_func():  # noqa: ANN202 - imported late: `ray.train` costs seconds to import
     from lmaas.train.loop import train_func
 
     return train_func
-
-
-def _register(
-    storage: Storage,
-    engine: Engine,
-    config: TrainConfig,
-    model_dir: Path,
-    version: DatasetVersion,
-    run_id: str,
-    final: dict[str, Any],
-    parameters: int,
-) -> ModelVersion:
-    registry = ModelRegistry(storage, engine)
-    metrics = {k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and k not in ("epoch", "restarts")}
-    metrics["parameters"] = float(parameters)
-    registered = registry.register_version(
-        config.output_model,  # type: ignore[arg-type]
-        model_dir,
-        task="causal-lm",
-        dataset=version.ref,
-        dataset_sha256=version.content_hash,
-        run=run_id,
-        metrics=metrics,
-        description=f"{config.model} model, {config.strategy} x{config.num_workers}, {config.max_steps} steps on {version.ref}",
-    )
-    if config.alias:
-        registry.set_alias(registered.name, config.alias, registered.version)
-    return registered
 
 
 def _tokenizer(storage: Storage, version: DatasetVersion) -> tuple[dict[str, str], tok.TokenizerSpec]:
