@@ -66,9 +66,9 @@ def quickstart(
 
         model, reused = _train_demo_model(settings, v, train_steps, console)
         m = model.metrics
-        state = "reused (already trained on this dataset)" if reused else "trained and registered"
+        trained = "reused (already trained on this dataset)" if reused else "trained and registered"
         console.print(
-            f"  [green]ok[/] train     {model.name}:{model.version} (alias production) {state}: "
+            f"  [green]ok[/] train     {model.name}:{model.version} (alias production) {trained}: "
             f"{int(m.get('parameters', 0)):,} parameters, {int(m.get('step', 0))} steps, "
             f"validation loss {m.get('val_loss', float('nan')):.3f}, {m.get('tokens_per_s', 0):,.0f} tokens/s"
         )
@@ -83,7 +83,7 @@ def quickstart(
         table.add_row("worker objects", ", ".join(w.object_path.rsplit("/", 1)[-1] for w in report.workers))
         table.add_row("dataset", f"{v.ref} ({state}, content {v.content_hash[:16]}...) at {v.uri}")
         table.add_row("model", f"{model.name}:{model.version} @production, run {model.run}, from {model.dataset}")
-        table.add_row("database", f"{redact_url(settings.database_url)} ({report.events_recorded + 1} events added)")
+        table.add_row("database", f"{redact_url(settings.database_url)} (self-check events, datasets, model versions)")
         table.add_row("took", f"{time.perf_counter() - started:.1f} s")
         console.print(table)
         console.print(
