@@ -16,7 +16,6 @@ worker count.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,16 +119,6 @@ def restore(directory: str | Path, *, model: Any, base_model: Any, optimizer: An
     return TrainerState(**record["trainer"])
 
 
-def export_model(checkpoint_dir: str | Path, destination: str | Path) -> Path:
-    """Copy only the model files of a checkpoint (no optimizer or trainer state) into `destination`."""
-    checkpoint_dir, destination = Path(checkpoint_dir), Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES:
-        if (checkpoint_dir / name).is_file():
-            shutil.copyfile(checkpoint_dir / name, destination / name)
-    return destination
-
-
-def read_state(checkpoint_dir: str | Path) -> TrainerState:
-    """The trainer state of a checkpoint directory."""
-    return TrainerState(**json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())["trainer"])
+def parse_state(text: str) -> TrainerState:
+    """The trainer state held in a checkpoint's `trainer_state.json` text."""
+    return TrainerState(**json.loads(text)["trainer"])

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class TrainResult:
     parameters: int
     seconds: float
     model_version: ModelVersion | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def new_run_id(config: TrainConfig) -> str:
@@ -210,8 +209,8 @@ def train(
     if result.checkpoint is None:
         raise JobFailedError(f"training run {run_id} finished without a checkpoint")
     checkpoint_prefix = f"{run_prefix}/{Path(result.checkpoint.path).name}"
-    with result.checkpoint.as_directory() as ckpt_dir:
-        state = checkpoint.read_state(ckpt_dir)
+    # only the small state file: the weights are read once, by register_run
+    state = checkpoint.parse_state(storage.read_text(f"{checkpoint_prefix}/{checkpoint.STATE_FILE}"))
     final = dict(state.history[-1]) if state.history else {}
     storage.write_bytes(f"{run_prefix}/loss.png", loss_curve_png(state.history, title=run_id))
     record.update(

@@ -8,6 +8,7 @@ registered); when all have finished, the best trial by `metric` is registered as
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from lmaas.errors import InvalidInputError, JobFailedError
 from lmaas.registry import ModelVersion
 from lmaas.train.config import TrainConfig
-from lmaas.train.run import DATA_CPUS
+from lmaas.train.run import DATA_CPUS, register_run
 
 FIXED = {"dataset", "output_model", "alias"}
 
@@ -94,7 +95,6 @@ def sweep(
 
     from lmaas import db
     from lmaas.storage import Storage
-    from lmaas.train.run import register_run
 
     import ray
 
@@ -111,8 +111,6 @@ def sweep(
         )
     space = {name: _domain(tune, space, search.method) for name, space in search.parameters.items()}
     if search.method == "grid":
-        import itertools
-
         for combo in itertools.product(*search.parameters.values()):
             _trial_config(config, dict(zip(search.parameters, combo)))
     base = config.model_dump()
