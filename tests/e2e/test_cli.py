@@ -92,7 +92,40 @@ def test_status_bad_settings_fail_in_one_line(cli, lmaas_env, overrides, words):
     assert_one_line_error(result, *words)
 
 
+def free_port() -> int:
+    return closed_port()
+
+
+def assert_quickstart_steps(stdout: str, *, trained: str, port: int) -> None:
+    """Every step quickstart reports, in its words."""
+    assert "What quickstart did" in stdout
+    assert f"tiny-lm:1 (alias production) {trained}" in stdout
+    reused = trained == "reused"
+    assert f"tiny-lm:2 (alias int8) int8-dynamic of tiny-lm:1 {'reused' if reused else 'measured and registered'}" in stdout
+    assert f"minilm:1 (pretrained embedding model) {'reused' if reused else 'registered'}" in stdout
+    assert f"tiny-lm -> tiny-lm:1, tiny-lm-int8 -> tiny-lm:2, minilm -> minilm:1 at http://127.0.0.1:{port}/v1" in stdout
+    assert "POST /v1/completions" in stdout and "24 tokens" in stdout
+    assert "POST /v1/chat/completions   tiny-lm-int8, stream:" in stdout
+    assert "minilm: 2 x 384 floats" in stdout
+    assert "tiny-lm:2 <- compress-int8-dynamic of tiny-lm:1 <- trained on stdlib-demo:1" in stdout
+    assert f"curl http://127.0.0.1:{port}/v1/completions" in stdout
+
+
+def assert_demo_registry(registry) -> None:
+    """What quickstart says it registered is in the registry, with lineage and the compression report."""
+    production, int8, minilm = registry.resolve("tiny-lm@production"), registry.resolve("tiny-lm@int8"), registry.resolve("minilm")
+    assert (production.ref, production.dataset, production.task) == ("tiny-lm:1", "stdlib-demo:1", "causal-lm")
+    assert (int8.ref, int8.parent, int8.run) == ("tiny-lm:2", "tiny-lm:1", "compress-int8-dynamic")
+    assert 0 < int8.metrics["size_ratio"] < 0.5  # measured, stored with the version
+    assert (minilm.ref, minilm.task) == ("minilm:1", "embedding")
+    registry.verify(minilm.ref)
+
+
 def test_quickstart_joined_to_a_cluster_against_s3_and_postgres(cli, lmaas_env, ray_cluster, s3_server, postgres_url):
+    """On a cluster it joins, quickstart leaves its deployments up: call them as a user would."""
+    from openai import OpenAI
+    from ray import serve
+
     env = {
         **lmaas_env,
         "RAY_ADDRESS": ray_cluster.address_info["gcs_address"],
@@ -100,12 +133,23 @@ def test_quickstart_joined_to_a_cluster_against_s3_and_postgres(cli, lmaas_env, 
         "AWS_ENDPOINT_URL": s3_server.endpoint,
         "LMAAS_DATABASE_URL": postgres_url,
     }
-    result = cli("quickstart", "--tasks", "2", "--corpus-files", "10", "--train-steps", "6", env=env, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "What quickstart did" in result.stdout
-    assert "joined" in result.stdout
-    assert "tiny-lm:1 (alias production) trained and registered" in result.stdout
+    port = free_port()
+    try:
+        result = cli("quickstart", "--tasks", "2", "--corpus-files", "10", "--train-steps", "6", "--port", str(port), env=env, timeout=400)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "joined" in result.stdout
+        assert_quickstart_steps(result.stdout, trained="trained and registered", port=port)
+        assert "The deployments stay up on the cluster" in result.stdout
 
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
+        assert {m.id for m in client.models.list().data} >= {"tiny-lm", "tiny-lm-int8", "minilm"}
+        out = client.completions.create(model="tiny-lm-int8", prompt="def ", max_tokens=5, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 5
+        assert len(client.embeddings.create(model="minilm", input="hello").data[0].embedding) == 384
+    finally:
+        serve.shutdown()
+
+    from lmaas.registry import ModelRegistry
     from lmaas.storage import Storage
 
     storage = Storage(s3_server.uri("quickstart"), endpoint_url=s3_server.endpoint)
@@ -113,24 +157,28 @@ def test_quickstart_joined_to_a_cluster_against_s3_and_postgres(cli, lmaas_env, 
     storage.verify(summary)
     assert any(p.endswith("/loss.png") for p in storage.list("runs"))  # checkpoints and run record on S3
     engine = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
+    assert_demo_registry(ModelRegistry(storage, engine))
     with engine.connect() as conn:
         actions = [r[0] for r in conn.execute(sa.text("select action from events order by id"))]
-    assert len([a for a in actions if a not in ("model.register", "alias.set")]) == 3  # the self-check's
-    assert actions[-2:] == ["model.register", "alias.set"]  # the demo model, in PostgreSQL
+    assert actions.count("model.register") == 3 and actions.count("alias.set") == 3  # tiny-lm:1, tiny-lm:2, minilm:1
     engine.dispose()
 
 
 def test_quickstart_starts_its_own_cluster_and_runs_twice(cli, lmaas_env, tmp_path):
-    """What `make demo` runs, on the embedded defaults; the second run must work too."""
+    """What `make demo` runs, on the embedded defaults; the second run reuses what the first made."""
+    from lmaas.config import load_settings
+    from lmaas.registry import ModelRegistry
+
     for run in ("created", "unchanged"):
-        result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", "--train-steps", "8", env=lmaas_env, timeout=300)
+        port = free_port()
+        result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", "--train-steps", "8", "--port", str(port), env=lmaas_env, timeout=400)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "started a local cluster" in result.stdout
-        assert "What quickstart did" in result.stdout
         assert f"stdlib-demo:1 {run}" in result.stdout  # the second run reuses the dataset version
-        trained = "trained and registered" if run == "created" else "reused"
-        assert f"tiny-lm:1 (alias production) {trained}" in result.stdout  # ... and the model
+        assert_quickstart_steps(result.stdout, trained="trained and registered" if run == "created" else "reused", port=port)
+        assert "the endpoints stop with it" in result.stdout
         assert "Traceback" not in result.stderr
+    assert_demo_registry(ModelRegistry.from_settings(load_settings()))
     store = tmp_path / "home" / "store" / "selfcheck"
     assert len(list(store.glob("*/summary/_manifest.json"))) == 2
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'home' / 'lmaas.db'}")

