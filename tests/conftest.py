@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -48,6 +49,59 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> Non
             return
         time.sleep(interval)
     raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def ray_head_process(num_cpus: int = 2, env: dict[str, str] | None = None):
+    """`ray start --head --block` with the dashboard (and so the Jobs API) on a free port.
+
+    Yields (dashboard URL, env): env is what the head runs with plus RAY_ADDRESS of its GCS.
+
+    The head runs in its own process group with its own temp dir, so stopping it never touches the
+    session's cluster (`ray stop` would stop every Ray cluster on the machine).
+    """
+    import signal
+
+    temp_dir = tempfile.mkdtemp(prefix="lmaas-rh-")
+    gcs_port, dashboard_port = free_port(), free_port()
+    # as from an activated venv: job entrypoints' `python` is the one lmaas is installed in
+    env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--num-cpus={num_cpus}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            # the session's own cluster holds the default agent ports on this machine
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        token = None
+        for _ in range(600):  # bounded: 60 s
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}")
+            try:
+                token = token or (Path.home() / ".ray" / "auth_token").read_text().strip()
+                request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+                urllib.request.urlopen(request, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise TimeoutError("Ray head dashboard did not come up in 60 s")
+        yield address, {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     )
     """S3-compatible endpoint (MinIO, Ceph, moto). Unset: AWS. Credentials come from the usual AWS variables."""
 
+    max_running_jobs_per_tenant: int = Field(default=4, ge=1)
+    """Job queue: jobs of one tenant admitted to the cluster at once (`LMAAS_MAX_RUNNING_JOBS_PER_TENANT`)."""
+
     @field_validator("home", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:

@@ -7,71 +7,25 @@ test session's cluster (`ray stop` would stop every Ray cluster on the machine).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import ray_head_process  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` with the dashboard (and so the Jobs API) on a free port."""
-    temp_dir = tempfile.mkdtemp(prefix="lmaas-rh-")
-    gcs_port, dashboard_port = free_port(), free_port()
-    # as from an activated venv: job entrypoints' `python` is the one lmaas is installed in
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        [
-            str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats",
-            # the session's own cluster holds the default agent ports on this machine
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-        ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        token = None
-        for _ in range(600):  # bounded: 60 s
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}")
-            try:
-                token = token or (Path.home() / ".ray" / "auth_token").read_text().strip()
-                request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
-                urllib.request.urlopen(request, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise TimeoutError("Ray head dashboard did not come up in 60 s")
-        yield address, env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    """`ray start --head` with the dashboard (and so the Jobs API): (dashboard URL, env)."""
+    with ray_head_process() as head:
+        yield head
 
 
 def test_ray_job_submit_runs_the_selfcheck_job(ray_head, lmaas_env, tmp_path):

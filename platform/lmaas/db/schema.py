@@ -129,3 +129,24 @@ model_uploads = sa.Table(
 `files` is set for a two-step upload only: `{path: {"size", "sha256", "stored": {"size", "sha256"} | null}}`,
 the files the client declared and, once each has landed, what the store holds (ciphertext if encrypted).
 """
+
+queued_jobs = sa.Table(
+    "queued_jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("tenant", sa.String(200), nullable=False),
+    sa.Column("kind", sa.String(20), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("entrypoint", sa.Text, nullable=True),
+    sa.Column("resources", sa.JSON, nullable=False),
+    sa.Column("submission_id", sa.String(100), nullable=True, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Column("admitted_at", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Column("message", sa.Text, nullable=False, default=""),
+    sa.Index(None, "state", "priority", "id"),
+)
+"""The job queue (`lmaas jobs`): one row per submitted job; `state` moves queued -> submitted ->
+running -> succeeded | failed | cancelled, admission to Ray happening highest priority first, FIFO."""

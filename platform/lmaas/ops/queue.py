@@ -1,0 +1,502 @@
+"""The job queue: admission control in front of the Ray Jobs API.
+
+    lmaas jobs submit jobs/configs/train_tiny_cpu.yaml --priority high
+    lmaas jobs submit --command "python my_eval.py" --cpus 1 --priority low
+    lmaas jobs list / cancel ID / logs ID
+
+Submitting many jobs at once with `ray job submit` starts every driver at once and overloads the
+head (ray#41241). Here a submission is a row in the database (`queued_jobs`), validated before it
+is queued; one admitter (`JobQueue`, a detached Ray actor, or `Admitter.tick` in-process) hands
+jobs to the Ray Jobs API only when the resources they ask for are free:
+
+- highest priority first, FIFO within a priority; a job that does not fit holds back the jobs
+  behind it (no overtaking, so a big job is never starved by a stream of small ones);
+- at most `max_running_per_tenant` jobs of one tenant run at once; the tenant's further jobs wait
+  without blocking other tenants;
+- "free" is the smaller of what Ray reports available now and the cluster total minus what
+  admitted jobs asked for (a just-admitted job has not claimed its workers yet).
+
+The database is the source of truth: a restarted admitter carries on where the last one stopped.
+Each lmaas job (train, ingest, compress) runs as `python -m lmaas.ops.queue ID`, which reads
+its validated config back from the database, so nothing has to be uploaded and any node can run it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from lmaas.db import record_event
+from lmaas.db.schema import queued_jobs
+from lmaas.errors import InvalidInputError, NotFoundError
+
+log = logging.getLogger("lmaas.queue")
+
+PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+KINDS = ("train", "ingest", "compress", "command")
+ACTIVE = ("submitted", "running")
+FINISHED = ("succeeded", "failed", "cancelled")
+ACTOR_NAMESPACE = "lmaas"
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """One row of the queue."""
+
+    id: int
+    tenant: str
+    kind: str
+    priority: int
+    state: str
+    config: dict[str, Any]
+    entrypoint: str | None
+    resources: dict[str, float]
+    submission_id: str | None
+    created_at: float
+    admitted_at: float | None
+    finished_at: float | None
+    message: str
+
+    @property
+    def priority_name(self) -> str:
+        return {v: k for k, v in PRIORITIES.items()}[self.priority]
+
+
+# ---- what a job asks for ----
+
+
+def job_config(kind: str, config: dict[str, Any]) -> Any:
+    """The validated config object of a `kind` job (pydantic raises on bad fields)."""
+    if kind == "train":
+        from lmaas.train.config import TrainConfig
+
+        return TrainConfig.model_validate(config)
+    if kind == "ingest":
+        from lmaas.data.config import IngestConfig
+
+        return IngestConfig.model_validate(config)
+    if kind == "compress":
+        from lmaas.compress import CompressConfig
+
+        return CompressConfig.model_validate(config)
+    raise InvalidInputError(f"unknown job kind {kind!r}; one of {', '.join(KINDS)}", param="kind")
+
+
+def infer_kind(config: dict[str, Any]) -> str:
+    """The one kind whose config schema has every field `config` sets (values are checked later).
+
+    Raises:
+        InvalidInputError: none or several have them (pass the kind explicitly).
+    """
+    from lmaas.compress import CompressConfig
+    from lmaas.data.config import IngestConfig
+    from lmaas.train.config import TrainConfig
+
+    schemas = {"train": TrainConfig, "ingest": IngestConfig, "compress": CompressConfig}
+    fits = [kind for kind, schema in schemas.items() if set(config) <= set(schema.model_fields)]
+    if len(fits) != 1:
+        what = "no job kind" if not fits else f"several job kinds ({', '.join(fits)})"
+        raise InvalidInputError(f"the config's fields fit {what}; pass --kind {'|'.join(KINDS[:-1])}", param="kind")
+    return fits[0]
+
+
+def resources_for(kind: str, config: Any) -> dict[str, float]:
+    """Logical Ray resources a job needs while it runs (what admission checks)."""
+    if kind == "train":
+        from lmaas.train.run import DATA_CPUS
+
+        gpus = config.num_workers if config.use_gpu else 0
+        return {"CPU": config.num_workers * config.cpus_per_worker + DATA_CPUS, **({"GPU": float(gpus)} if gpus else {})}
+    return {"CPU": 1.0}
+
+
+# ---- the queue in the database ----
+
+
+def submit(
+    engine: Engine,
+    *,
+    kind: str,
+    config: dict[str, Any] | None = None,
+    entrypoint: str | None = None,
+    resources: dict[str, float] | None = None,
+    priority: str = "normal",
+    tenant: str = "default",
+    capacity: dict[str, float] | None = None,
+) -> QueuedJob:
+    """Validate and queue one job; nothing runs until the admitter hands it to Ray.
+
+    Args:
+        kind: `train`, `ingest`, `compress`, or `command` (any shell `entrypoint`).
+        config: the job's config (validated now, stored as validated).
+        entrypoint: `command` jobs only.
+        resources: `command` jobs: `{"CPU": 1, "GPU": 0}` reserved for the entrypoint.
+        capacity: the cluster's total resources; a job that could never fit is refused.
+
+    Raises:
+        InvalidInputError: unknown kind or priority, a bad config (the message names the field),
+            a job bigger than the cluster.
+    """
+    from pydantic import ValidationError
+
+    if priority not in PRIORITIES:
+        raise InvalidInputError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}", param="priority")
+    if not tenant or len(tenant) > 200:
+        raise InvalidInputError("tenant must be 1 to 200 characters", param="tenant")
+    if kind == "command":
+        if not entrypoint or not entrypoint.strip():
+            raise InvalidInputError("a command job needs a non-empty command", param="entrypoint")
+        resources = {k: float(v) for k, v in (resources or {"CPU": 1.0}).items() if v}
+        if any(v < 0 for v in resources.values()):
+            raise InvalidInputError("resources must be >= 0", param="resources")
+        stored: dict[str, Any] = {}
+    else:
+        if entrypoint:
+            raise InvalidInputError(f"a {kind} job runs its config; --command is for command jobs", param="entrypoint")
+        try:
+            validated = job_config(kind, config or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or kind
+            raise InvalidInputError(f"{kind} config: {where}: {first['msg']}", param=where) from None
+        stored = validated.model_dump(mode="json")
+        resources = resources_for(kind, validated)
+    if capacity is not None:
+        for name, amount in resources.items():
+            if amount > capacity.get(name, 0.0) + 1e-9:
+                raise InvalidInputError(
+                    f"the job asks for {amount:g} {name} and the cluster has {capacity.get(name, 0.0):g}; "
+                    "it could never start", param="resources")
+    with engine.begin() as conn:
+        job_id = conn.execute(
+            queued_jobs.insert().values(
+                tenant=tenant, kind=kind, priority=PRIORITIES[priority], state="queued", config=stored,
+                entrypoint=entrypoint, resources=resources, created_at=time.time(), message="",
+            )
+        ).inserted_primary_key[0]
+        record_event(conn, actor="queue", action="job.submit", target=f"job:{job_id}", tenant=tenant,
+                     detail={"kind": kind, "priority": priority, "resources": resources})
+    return get(engine, int(job_id))
+
+
+def get(engine: Engine, job_id: int) -> QueuedJob:
+    """One job. Raises `NotFoundError`."""
+    with engine.connect() as conn:
+        row = conn.execute(queued_jobs.select().where(queued_jobs.c.id == job_id)).mappings().first()
+    if row is None:
+        raise NotFoundError(f"no job {job_id}; see `lmaas jobs list`", param="id")
+    return _job(row)
+
+
+def list_jobs(engine: Engine, *, states: Iterable[str] | None = None, tenant: str | None = None, limit: int = 200) -> list[QueuedJob]:
+    """Jobs, newest first."""
+    query = queued_jobs.select().order_by(queued_jobs.c.id.desc()).limit(limit)
+    if states is not None:
+        query = query.where(queued_jobs.c.state.in_(list(states)))
+    if tenant is not None:
+        query = query.where(queued_jobs.c.tenant == tenant)
+    with engine.connect() as conn:
+        return [_job(r) for r in conn.execute(query).mappings()]
+
+
+def cancel(engine: Engine, job_id: int, jobs_api: "JobsApi | None" = None) -> QueuedJob:
+    """Cancel a job: a queued one never starts; a running one is stopped through `jobs_api`.
+
+    Raises:
+        NotFoundError: no such job.
+        InvalidInputError: it already finished, or it runs and no `jobs_api` was given.
+    """
+    job = get(engine, job_id)
+    if job.state in FINISHED:
+        raise InvalidInputError(f"job {job_id} already {job.state}", param="id")
+    if job.state == "queued":
+        with engine.begin() as conn:
+            done = conn.execute(
+                queued_jobs.update().where(queued_jobs.c.id == job_id, queued_jobs.c.state == "queued")
+                .values(state="cancelled", finished_at=time.time(), message="cancelled before it started")
+            ).rowcount
+        if done:
+            return get(engine, job_id)
+        job = get(engine, job_id)  # admitted meanwhile: stop it below
+    if jobs_api is None:
+        raise InvalidInputError(f"job {job_id} is {job.state}; stopping it needs the Ray cluster", param="id")
+    jobs_api.stop(job.submission_id)
+    with engine.begin() as conn:
+        conn.execute(queued_jobs.update().where(queued_jobs.c.id == job_id, queued_jobs.c.state.in_(ACTIVE))
+                     .values(state="cancelled", finished_at=time.time(), message="stopped by request"))
+    return get(engine, job_id)
+
+
+def _job(row: Any) -> QueuedJob:
+    return QueuedJob(**{c.name: row[c.name] for c in queued_jobs.columns})
+
+
+# ---- admission ----
+
+
+def plan(queued: list[QueuedJob], active: list[QueuedJob], free: dict[str, float], max_running_per_tenant: int) -> list[QueuedJob]:
+    """The queued jobs to admit now, in order (pure: no Ray, no database).
+
+    Highest priority first, FIFO within one; a job that does not fit in `free` stops admission
+    (jobs behind it wait their turn); a tenant at its running limit is skipped without blocking.
+    """
+    free = dict(free)
+    running: dict[str, int] = {}
+    for job in active:
+        running[job.tenant] = running.get(job.tenant, 0) + 1
+    admit = []
+    for job in sorted(queued, key=lambda j: (j.priority, j.id)):
+        if running.get(job.tenant, 0) >= max_running_per_tenant:
+            continue
+        if any(amount > free.get(name, 0.0) + 1e-9 for name, amount in job.resources.items()):
+            break
+        for name, amount in job.resources.items():
+            free[name] = free.get(name, 0.0) - amount
+        running[job.tenant] = running.get(job.tenant, 0) + 1
+        admit.append(job)
+    return admit
+
+
+class JobsApi(Protocol):
+    """What the admitter needs from Ray's Jobs API (`RayJobsApi`)."""
+
+    def submit(self, job: QueuedJob, submission_id: str) -> None: ...
+    def status(self, submission_id: str) -> tuple[str, str]: ...
+    def stop(self, submission_id: str) -> None: ...
+    def logs(self, submission_id: str) -> str: ...
+
+
+class RayJobsApi:
+    """`JobsApi` over `ray.job_submission.JobSubmissionClient` (the dashboard's HTTP API).
+
+    Args:
+        address: the dashboard URL (None: found the way `ray job submit` finds it).
+        env: environment variables of every job (the lmaas settings: store, database).
+    """
+
+    STATES = {"PENDING": "submitted", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed", "STOPPED": "cancelled"}
+
+    def __init__(self, address: str | None, env: dict[str, str]) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self.client, self.env = JobSubmissionClient(address), dict(env)
+
+    def submit(self, job: QueuedJob, submission_id: str) -> None:
+        if job.kind == "command":
+            entrypoint = job.entrypoint
+            reserve = {"entrypoint_num_cpus": job.resources.get("CPU", 0), "entrypoint_num_gpus": job.resources.get("GPU", 0)}
+        else:
+            entrypoint = f"{sys.executable} -m lmaas.ops.queue {job.id}"
+            reserve = {}  # the job's Ray Train / Data workers claim its resources, not its driver
+        self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env={"env_vars": self.env},
+                               metadata={"lmaas_job": str(job.id), "tenant": job.tenant, "kind": job.kind}, **reserve)
+
+    def status(self, submission_id: str) -> tuple[str, str]:
+        info = self.client.get_job_info(submission_id)
+        state = self.STATES.get(str(getattr(info.status, "value", info.status)), "running")
+        message = info.message or ""
+        if state == "failed":
+            lines = [line for line in self.logs(submission_id).splitlines() if line.strip()]
+            errors = [line for line in lines if line.startswith("error:")]
+            message = (errors or lines or [message])[-1][:500]
+        return state, message
+
+    def stop(self, submission_id: str) -> None:
+        self.client.stop_job(submission_id)
+
+    def logs(self, submission_id: str) -> str:
+        return self.client.get_job_logs(submission_id)
+
+
+@dataclass
+class Admitter:
+    """Moves the queue forward: syncs admitted jobs' states from Ray, then admits what fits.
+
+    Args:
+        engine: the queue's database.
+        jobs_api: Ray's Jobs API (`RayJobsApi`).
+        resources: () -> (total, available) logical resources of the cluster now.
+        max_running_per_tenant: jobs of one tenant admitted at once.
+    """
+
+    engine: Engine
+    jobs_api: JobsApi
+    resources: Callable[[], tuple[dict[str, float], dict[str, float]]]
+    max_running_per_tenant: int = 4
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def tick(self) -> list[int]:
+        """One round; returns the ids admitted."""
+        with self._lock:
+            self._sync()
+            return self._admit()
+
+    def _sync(self) -> None:
+        for job in list_jobs(self.engine, states=ACTIVE):
+            try:
+                state, message = self.jobs_api.status(job.submission_id)
+            except Exception as exc:  # noqa: BLE001 - the dashboard restarting: try again next tick
+                log.warning("job %s: status unavailable (%s)", job.id, exc)
+                continue
+            if state == job.state:
+                continue
+            values: dict[str, Any] = {"state": state, "message": message}
+            if state in FINISHED:
+                values["finished_at"] = time.time()
+            with self.engine.begin() as conn:
+                changed = conn.execute(queued_jobs.update().where(queued_jobs.c.id == job.id, queued_jobs.c.state == job.state)
+                                       .values(**values)).rowcount
+                if changed and state in FINISHED:
+                    record_event(conn, actor="queue", action=f"job.{state}", target=f"job:{job.id}", tenant=job.tenant,
+                                 outcome="ok" if state == "succeeded" else state, detail={"message": message})
+
+    def _admit(self) -> list[int]:
+        queued = list_jobs(self.engine, states=["queued"], limit=10_000)
+        if not queued:
+            return []
+        active = list_jobs(self.engine, states=ACTIVE, limit=10_000)
+        total, available = self.resources()
+        reserved: dict[str, float] = {}
+        for job in active:
+            for name, amount in job.resources.items():
+                reserved[name] = reserved.get(name, 0.0) + amount
+        free = {name: min(available.get(name, 0.0), amount - reserved.get(name, 0.0)) for name, amount in total.items()}
+        admitted = []
+        for job in plan(queued, active, free, self.max_running_per_tenant):
+            submission_id = f"lmaas-job-{job.id}-{int(time.time() * 1000) % 100000:05d}"
+            with self.engine.begin() as conn:  # claim it first: a concurrent cancel wins or loses cleanly
+                claimed = conn.execute(
+                    queued_jobs.update().where(queued_jobs.c.id == job.id, queued_jobs.c.state == "queued")
+                    .values(state="submitted", submission_id=submission_id, admitted_at=time.time())
+                ).rowcount
+            if not claimed:
+                continue
+            try:
+                self.jobs_api.submit(job, submission_id)
+            except Exception as exc:  # noqa: BLE001 - refused by Ray: record why, keep admitting others
+                with self.engine.begin() as conn:
+                    conn.execute(queued_jobs.update().where(queued_jobs.c.id == job.id)
+                                 .values(state="failed", finished_at=time.time(), message=f"Ray refused the job: {exc}"[:500]))
+                continue
+            admitted.append(job.id)
+        return admitted
+
+
+def ray_resources() -> tuple[dict[str, float], dict[str, float]]:
+    """(total, available) CPU/GPU of the connected cluster."""
+    import ray
+
+    def pick(resources: dict[str, float]) -> dict[str, float]:
+        return {k: float(v) for k, v in resources.items() if k in ("CPU", "GPU")}
+
+    return pick(ray.cluster_resources()), pick(ray.available_resources())
+
+
+# ---- the admitter as a detached actor on the cluster ----
+
+
+class JobQueue:
+    """A queue database's one admitter (a detached, CPU-less actor, see `queue_actor`); ticks every `interval_s`."""
+
+    def __init__(self, database_url: str, dashboard_url: str | None, env: dict[str, str], max_running_per_tenant: int,
+                 interval_s: float = 1.0) -> None:
+        from lmaas import db
+
+        self.admitter = Admitter(db.connect(database_url), RayJobsApi(dashboard_url, env), ray_resources, max_running_per_tenant)
+        self.interval_s = interval_s
+        self._wake = threading.Event()
+        threading.Thread(target=self._loop, name="lmaas-queue", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.admitter.tick()
+            except Exception:  # noqa: BLE001 - the database restarting: log, try again next tick
+                log.exception("queue tick failed")
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    def nudge(self) -> None:
+        """Tick now (a job was submitted or cancelled)."""
+        self._wake.set()
+
+    def stop(self, submission_id: str) -> None:
+        self.admitter.jobs_api.stop(submission_id)
+
+    def logs(self, submission_id: str) -> str:
+        return self.admitter.jobs_api.logs(submission_id)
+
+
+def queue_actor(settings: Any, dashboard_url: str | None, max_running_per_tenant: int = 4) -> Any:
+    """The `JobQueue` actor of this database on the cluster, started if none runs (Ray must be connected).
+
+    One admitter per queue database: its name carries a hash of the database URL, so lmaas
+    installations with their own databases can share a Ray cluster.
+    """
+    import hashlib
+
+    import ray
+
+    name = "lmaas-job-queue-" + hashlib.sha256(settings.database_url.encode()).hexdigest()[:12]
+    actor = ray.remote(JobQueue).options(
+        name=name, namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+        max_restarts=-1, max_concurrency=4, runtime_env={"env_vars": settings.env()},
+    )
+    return actor.remote(settings.database_url, dashboard_url, settings.env(), max_running_per_tenant)
+
+
+# ---- running one job (the Ray job's entrypoint) ----
+
+
+def execute(job_id: int) -> int:
+    """Run queued job `job_id` in this process (its Ray job's driver); returns an exit status."""
+    import json
+
+    from lmaas import cluster, db
+    from lmaas.config import load_settings
+    from lmaas.errors import LmaasError
+    from lmaas.storage import Storage
+
+    settings = load_settings()
+    engine = db.connect(settings.database_url)
+    job = get(engine, job_id)
+    config = job_config(job.kind, job.config)
+    storage = Storage.from_settings(settings)
+    print(f"lmaas job {job.id}: {job.kind} for tenant {job.tenant}", flush=True)
+    try:
+        cluster.connect(settings)
+        if job.kind == "train":
+            from lmaas.train.run import train
+
+            result = train(config, storage=storage, engine=engine, progress=lambda m: print(
+                f"step {m['step']}/{config.max_steps} loss {m['loss']:.3f} {m['tokens_per_s']:,.0f} tokens/s", flush=True))
+            out = {"run_id": result.run_id, "model": result.model_version.ref if result.model_version else None}
+        elif job.kind == "ingest":
+            from lmaas.data.ingest import ingest
+
+            v = ingest(config, storage=storage, engine=engine, endpoint_url=settings.s3_endpoint_url).version
+            out = {"dataset": v.ref, "tokens": v.tokens}
+        else:
+            from lmaas.compress import compress
+            from lmaas.registry import ModelRegistry
+
+            result = compress(config, ModelRegistry(storage, engine), progress=lambda line: print(line, flush=True))
+            out = {"model": result.version.ref, "passed": result.passed}
+    except LmaasError as exc:
+        print(f"error: {exc.message}", file=sys.stderr, flush=True)
+        print(f"error: {exc.message}", flush=True)  # the job log's last line: what `lmaas jobs list` shows
+        return 1
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(execute(int(sys.argv[1])))
