@@ -42,6 +42,8 @@ class DatasetVersion:
     validation_rows: int
     tokens: int
     created_at: float
+    tenant: str = "default"
+    """Who owns it (see `lmaas.auth`)."""
 
     @property
     def ref(self) -> str:

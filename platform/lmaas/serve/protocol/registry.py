@@ -21,6 +21,7 @@ class RegisteredModelOut(BaseModel):
     tags: dict[str, str]
     created_at: float
     latest_version: int
+    public: bool = False
 
 
 class ModelVersionOut(BaseModel):
