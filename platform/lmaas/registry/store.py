@@ -422,6 +422,10 @@ class ModelRegistry:
             self._event(conn, "upload.abort", f"{upload['name']}/{upload_id}", tenant=None)
         self.storage.delete(upload["prefix"])
 
+    def upload_name(self, upload_id: str) -> str:
+        """The model an open upload is for. Raises `NotFoundError` / `AlreadyExistsError` as `commit_upload` does."""
+        return self._open_upload(upload_id)["name"]
+
     def _open_upload(self, upload_id: str) -> dict[str, Any]:
         if len(upload_id) != 32 or any(c not in "0123456789abcdef" for c in upload_id):
             raise NotFoundError(f"no upload {upload_id!r}", param="upload_id")

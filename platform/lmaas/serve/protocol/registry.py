@@ -66,6 +66,10 @@ class SetAliasRequest(BaseModel):
     version: int = Field(..., ge=1, description="The version the alias should point at.")
 
 
+class UpdateModelRequest(BaseModel):
+    public: bool = Field(..., description="Share with every tenant (read and inference), or keep private to its owner.")
+
+
 class AliasOut(BaseModel):
     object: str = "model.alias"
     name: str
