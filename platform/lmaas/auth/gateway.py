@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +21,7 @@ from sqlalchemy.engine import Engine
 from lmaas.auth.entities import Principal
 from lmaas.auth.keys import KeyStore
 from lmaas.auth.quotas import Quotas
-from lmaas.errors import AuthenticationError, LmaasError, NotFoundError
+from lmaas.errors import AuthenticationError, InvalidInputError, NotFoundError
 
 ADMIN_KEY_ENV = "LMAAS_ADMIN_KEY"
 
@@ -86,40 +87,34 @@ class Auth:
         """The registered model `name` (cached for the TTL), or None when it is not in the registry."""
         if self.registry is None:
             return None
-        now = time.monotonic()
-        cached = self._models.get(name)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        try:
-            model = self.registry.get_model(name)
-        except LmaasError:  # not registered (or a name the registry refuses): not a registry model
-            model = None
-        with self._lock:
-            self._models[name] = (now + self.config.cache_ttl_s, model)
-        return model
+        return self._cached(self._models, name, self.registry.get_model)
 
     def visible_model(self, principal: Principal, name: str) -> bool:
         """Whether `principal` may see and call the registry model `name` (True when it is not registered)."""
         model = self.model_owner(name)
         return model is None or model.visible_to(principal.tenant_filter)
 
-    def require_model(self, principal: Principal, name: str, message: str) -> None:
-        """Raise `NotFoundError(message)`, the same as for a model that does not exist, unless visible."""
-        if not self.visible_model(principal, name):
-            raise NotFoundError(message, param="model")
-
     def version_of(self, ref: str) -> str | None:
         """`name:version` a reference names now (cached for the TTL), or None outside the registry."""
         if self.registry is None:
             return None
+        return self._cached(self._versions, ref, lambda r: self.registry.resolve(r).ref)
+
+    def _cached(self, cache: dict[str, tuple[float, Any]], key: str, compute: Callable[[str], Any]) -> Any:
+        """`compute(key)`, remembered for the TTL; an unknown name or a malformed reference is remembered as None.
+
+        Other errors (the database unreachable) propagate: an outage must not make private models look unregistered.
+        """
         now = time.monotonic()
-        cached = self._versions.get(ref)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        hit = cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
         try:
-            version = self.registry.resolve(ref).ref
-        except LmaasError:
-            version = None
+            value = compute(key)
+        except (NotFoundError, InvalidInputError):
+            value = None
         with self._lock:
-            self._versions[ref] = (now + self.config.cache_ttl_s, version)
-        return version
+            if len(cache) >= 10_000:
+                cache.clear()
+            cache[key] = (now + self.config.cache_ttl_s, value)
+        return value
