@@ -386,3 +386,39 @@ def test_bad_key_requests_name_the_field(gateway, body, param):
     r = httpx.post(f"{urls['mgmt']}/api/v1/keys", json=body, headers=_bearer(admin))
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+def _migrate_to(engine, revision: str) -> None:
+    from alembic.runtime.environment import EnvironmentContext
+
+    config, script = db._alembic()
+    with engine.connect() as conn:
+        with EnvironmentContext(config, script, fn=lambda rev, _ctx: script._upgrade_revs(revision, rev), destination_rev=revision) as env:
+            env.configure(connection=conn, transaction_per_migration=False)
+            with env.begin_transaction():
+                env.run_migrations()
+        conn.commit()
+
+
+def test_migration_0006_gives_existing_rows_the_default_tenant(database_url):
+    from lmaas.data import versions
+    from lmaas.db.schema import datasets, registered_models
+
+    engine = db.create_engine(database_url)
+    _migrate_to(engine, "0005")
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "insert into registered_models (name, tenant, description, tags, created_at, last_version) values ('old', 'default', '', '{}', 1, 0)"
+        ))
+        conn.execute(sa.text(
+            "insert into datasets (name, version, uri, sources, content_hash, tokenizer_hash, block_size, vocab_size, documents,"
+            " train_rows, validation_rows, tokens, created_at) values ('wiki', 1, 'u', '[]', 'c', 't', 8, 16, 1, 1, 0, 8, 1)"
+        ))
+    db.upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(registered_models.c.tenant, registered_models.c.public)).one() == ("default", False)
+        assert conn.execute(sa.select(datasets.c.tenant)).scalar_one() == "default"
+    assert [v.ref for v in versions.list_versions(engine, tenant="default")] == ["wiki:1"]
+    assert versions.list_versions(engine, tenant="acme") == []
+    with pytest.raises(Exception, match="not found"):
+        versions.get_version(engine, "wiki:1", tenant="acme")
