@@ -13,6 +13,8 @@ class LmaasError(Exception):
 
     status: int = 500
     type: str = "internal_error"
+    code: str | None = None
+    """The error body's `code` (None: derived from the class name, `NotFoundError` -> `not_found`)."""
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -39,6 +41,34 @@ class UnreachableError(LmaasError):
 
     status = 503
     type = "service_unavailable"
+
+
+class AuthenticationError(LmaasError):
+    """No API key, or one that is malformed, unknown, expired or revoked (401, as OpenAI answers)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(LmaasError):
+    """A valid API key without the scope an action needs."""
+
+    status = 403
+    type = "permission_error"
+    code = "insufficient_scope"
+
+
+class RateLimitError(LmaasError):
+    """A quota or rate limit is exhausted; `retry_after` is how many seconds until the window resets."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = max(1, int(retry_after))
 
 
 class NotFoundError(LmaasError):

@@ -25,9 +25,10 @@ def assert_one_line_error(result, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
-def complete(port: int, model: str) -> dict:
+def complete(port: int, model: str, key: str) -> dict:
     body = json.dumps({"model": model, "prompt": "def f(x):", "max_tokens": 3, "ignore_eos": True}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -47,7 +48,10 @@ def test_deploy_list_undeploy(ray_cluster, lmaas_env, cli, tmp_path):
         deployed = cli("deploy", "tiny", "--name", "tiny-lm", "--min-replicas", "0", "--max-replicas", "2", "--num-cpus", "0.2", "--port", str(port), env=env)
         assert deployed.returncode == 0, deployed.stderr
         assert "serving tiny:1" in deployed.stdout and f":{port}/v1/completions" in deployed.stdout
-        assert complete(port, "tiny-lm")["usage"]["completion_tokens"] == 3
+        assert "admin API key (shown once" in deployed.stdout  # the gateway requires keys: the first deploy makes one
+        created = cli("keys", "create", "--scope", "inference", "--json", env=env)
+        assert created.returncode == 0, created.stderr
+        assert complete(port, "tiny-lm", json.loads(created.stdout)["secret"])["usage"]["completion_tokens"] == 3
 
         listed = cli("deployments", env=env)
         assert listed.returncode == 0, listed.stderr

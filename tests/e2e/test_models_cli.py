@@ -125,7 +125,8 @@ def test_serve_api_command_runs_the_rest_api(lmaas_env, tmp_path):
 
     make_model_dir(tmp_path / "m")
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "lmaas"), "models", "serve-api", "--port", str(port)], env=lmaas_env,
+    admin = "lmaas_e2eadmin_" + "a" * 32
+    proc = subprocess.Popen([str(BIN / "lmaas"), "models", "serve-api", "--port", str(port)], env={**lmaas_env, "LMAAS_ADMIN_KEY": admin},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def up() -> bool:
@@ -136,7 +137,8 @@ def test_serve_api_command_runs_the_rest_api(lmaas_env, tmp_path):
 
         wait_for(up, 60, "lmaas models serve-api")
         assert proc.poll() is None, proc.stderr.read()
-        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/models/tiny", timeout=10)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/models/tiny", timeout=10).status_code == 401
+        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/models/tiny", headers={"Authorization": f"Bearer {admin}"}, timeout=10)
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
         assert httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=10).json()["info"]["title"] == "lmaas management API"
     finally:

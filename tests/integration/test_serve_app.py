@@ -26,6 +26,9 @@ pytestmark = pytest.mark.timeout(300)
 
 PROMPT = "def f(x):"
 APP = "lmaas-test"
+API_KEY = "lmaas_servetest_" + "k" * 40
+"""An inference key the fixture installs: the gateway requires keys (auth is on by default)."""
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,10 @@ def served(ray_cluster, tmp_path_factory):
     emb = root / "minilm"
     shutil.copytree(EMBEDDING_DIR, emb, ignore=shutil.ignore_patterns("*.md"))
     registry.register_version("minilm", emb, task="embedding")
+    from lmaas import db
+    from lmaas.auth import KeyStore
+
+    KeyStore(db.connect(settings.database_url)).create_key("default", ["inference"], create_tenant=True, secret=API_KEY)
 
     small = {"num_cpus": 0.3, "graceful_shutdown_timeout_s": 5, "health_check_period_s": 2}
     args = {
@@ -89,7 +96,7 @@ def _get(url: str) -> int:
 
 @pytest.fixture
 def client(served):
-    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 def greedy(client, model: str = "tiny", max_tokens: int = 8) -> str:
@@ -177,11 +184,24 @@ def test_sixteen_concurrent_streams_get_their_token_counts(served):
         return max_tokens, usage, finish
 
     async def run() -> list:
-        client = openai.AsyncOpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.AsyncOpenAI(base_url=served[0] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
         return await asyncio.gather(*(one(client, 4 + 2 * i) for i in range(16)))
 
     for wanted, got, finish in asyncio.run(run()):
         assert (got, finish) == (wanted, "length")
+
+
+def test_gateway_requires_a_key_and_meters_usage(client, served):
+    import httpx
+
+    r = httpx.post(served[0] + "/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(served[0] + "/v1/models", headers={"Authorization": "Bearer lmaas_x_wrong"}).status_code == 401
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, extra_body={"ignore_eos": True})
+    from lmaas.auth import Quotas
+
+    rows = Quotas(served[1].engine).usage(tenant="default", model="tiny")
+    assert rows and rows[0]["total_tokens"] >= out.usage.total_tokens
 
 
 def test_scale_from_zero_cold_start(client, served):
@@ -208,7 +228,7 @@ def test_client_disconnect_mid_stream_frees_the_engine_slot(served):
     handle = serve.get_deployment_handle(deployment_name("tiny"), app_name=APP)
     before = handle.stats.remote().result()["generated_tokens"]
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 110, "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=30) as http, http.stream("POST", served[0] + "/v1/completions", json=body) as response:
+    with httpx.Client(timeout=30) as http, http.stream("POST", served[0] + "/v1/completions", json=body, headers=AUTH) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: {"))
     wait_for(lambda: handle.stats.remote().result()["in_flight"] == 0 and handle.stats.remote().result()["running"] == 0, 20, "slot freed")
@@ -276,7 +296,7 @@ def test_removing_a_model_finishes_its_in_flight_stream(served):
 
     def stream() -> None:
         try:
-            with httpx.Client(timeout=120) as http, http.stream("POST", base + "/v1/completions", json=body) as response:
+            with httpx.Client(timeout=120) as http, http.stream("POST", base + "/v1/completions", json=body, headers=AUTH) as response:
                 for line in response.iter_lines():
                     started.set()
                     if line.startswith("data: {") and '"usage":{' in line.replace(" ", ""):
@@ -297,4 +317,4 @@ def test_removing_a_model_finishes_its_in_flight_stream(served):
     thread.join(120)
     assert "error" not in outcome, outcome.get("error")
     assert '"completion_tokens":400' in outcome["usage"].replace(" ", "") and outcome["last"] == "data: [DONE]"
-    assert "slow" not in {m.id for m in openai.OpenAI(base_url=base + "/v1", api_key="x").models.list().data}
+    assert "slow" not in {m.id for m in openai.OpenAI(base_url=base + "/v1", api_key=API_KEY).models.list().data}

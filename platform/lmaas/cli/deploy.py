@@ -72,15 +72,28 @@ def deploy(
         first = exc.errors()[0]
         raise InvalidInputError(f"{'.'.join(map(str, first['loc'])) or 'deploy'}: {first['msg']}") from None
     settings = _connect()
+    _bootstrap_admin_key(settings)
     with console.status(f"deploying {served.name} ({ref}) ..."):
         version = deploy_model(served, env=settings.env(), port=port)
     port = http_port()  # Serve may have been running already, on its own port
-    console.print(f"deployed [bold]{served.name}[/] serving {version}; try:")
+    console.print(f"deployed [bold]{served.name}[/] serving {version}; try (a key from `lmaas keys create --scope inference`):")
     console.print(
-        f"  curl http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' "
+        f"  curl http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' -H \"Authorization: Bearer $LMAAS_API_KEY\" "
         f"-d '{{\"model\": \"{served.name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
         soft_wrap=True,
     )
+
+
+def _bootstrap_admin_key(settings) -> None:  # noqa: ANN001 - Settings
+    """The gateway requires API keys: make sure an admin one exists, and show it here, once, if it is new."""
+    import os
+
+    from lmaas import db
+    from lmaas.auth import ADMIN_KEY_ENV, KeyStore
+
+    secret = KeyStore(db.connect(settings.database_url)).bootstrap(secret=os.environ.get(ADMIN_KEY_ENV) or None, actor="cli")
+    if secret:
+        console.print(f"created tenant default and its admin API key (shown once, keep it): {secret}", soft_wrap=True)
 
 
 def undeploy(name: str = typer.Argument(..., help="The deployment's name (see `lmaas deployments`).")) -> None:

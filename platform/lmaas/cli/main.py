@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 import lmaas
-from lmaas.cli import compress, data, deploy, jobs, models, quickstart, status, train
+from lmaas.cli import compress, data, deploy, jobs, keys, models, quickstart, status, train
 from lmaas.errors import LmaasError
 
 app = typer.Typer(
@@ -39,6 +39,8 @@ app.command(name="compress")(compress.compress)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(jobs.app, name="jobs")
+app.add_typer(keys.app, name="keys")
+app.add_typer(keys.tenants_app, name="tenants")
 app.command(name="deploy")(deploy.deploy)
 app.command(name="undeploy")(deploy.undeploy)
 app.command(name="deployments")(deploy.deployments)

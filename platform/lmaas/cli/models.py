@@ -234,10 +234,19 @@ def gc(
 def serve_api(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="No API keys: every caller is an admin (a trusted network only)."),
 ) -> None:
-    """Run the registry REST API (/api/v1/models..., /openapi.json) standalone with uvicorn."""
+    """Run the management REST API (/api/v1/models, keys, usage, audit..., /openapi.json) standalone with uvicorn.
+
+    Every route but /healthz needs `Authorization: Bearer <key>`; on first start an admin key is
+    created and printed once (or taken from LMAAS_ADMIN_KEY). `--no-auth` opens it to every caller.
+    """
     import uvicorn
 
+    from lmaas.auth import AuthConfig
+    from lmaas.serve.auth import build_auth
     from lmaas.serve.management import build_app
 
-    uvicorn.run(build_app(_registry()), host=host, port=port, log_level="warning")
+    registry = _registry()
+    auth = build_auth(AuthConfig(enabled=not no_auth), load_settings())
+    uvicorn.run(build_app(registry, auth=auth), host=host, port=port, log_level="warning")

@@ -42,6 +42,8 @@ class DatasetVersion:
     validation_rows: int
     tokens: int
     created_at: float
+    tenant: str = "default"
+    """Who owns it (see `lmaas.auth`)."""
 
     @property
     def ref(self) -> str:
@@ -85,28 +87,35 @@ def _row(row: sa.Row) -> DatasetVersion:
     return DatasetVersion(**data)
 
 
-def list_versions(engine: Engine, name: str | None = None) -> list[DatasetVersion]:
-    """Every version (of `name`, or of all datasets), by name then version."""
+def list_versions(engine: Engine, name: str | None = None, *, tenant: str | None = None) -> list[DatasetVersion]:
+    """Every version (of `name`, or of all datasets), by name then version; `tenant`: only that tenant's."""
     query = sa.select(datasets).order_by(datasets.c.name, datasets.c.version)
     if name is not None:
         query = query.where(datasets.c.name == name)
+    if tenant is not None:
+        query = query.where(datasets.c.tenant == tenant)
     with engine.connect() as conn:
         return [_row(r) for r in conn.execute(query)]
 
 
-def get_version(engine: Engine, ref: str) -> DatasetVersion:
+def get_version(engine: Engine, ref: str, *, tenant: str | None = None) -> DatasetVersion:
     """The version `name:N`, or the newest version of `name`.
+
+    Args:
+        tenant: only a version this tenant owns (another tenant's answers as missing).
 
     Raises:
         NotFoundError: no such dataset or version.
     """
     name, version = parse_ref(ref)
     query = sa.select(datasets).where(datasets.c.name == name)
+    if tenant is not None:
+        query = query.where(datasets.c.tenant == tenant)
     query = query.where(datasets.c.version == version) if version else query.order_by(datasets.c.version.desc()).limit(1)
     with engine.connect() as conn:
         row = conn.execute(query).first()
     if row is None:
-        known = sorted({v.name for v in list_versions(engine)})
+        known = sorted({v.name for v in list_versions(engine, tenant=tenant)})
         hint = f" (datasets: {', '.join(known)})" if known else " (no datasets yet; run `lmaas data ingest`)"
         raise NotFoundError(f"dataset {ref} not found{hint}", param="dataset")
     return _row(row)

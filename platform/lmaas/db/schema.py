@@ -32,7 +32,9 @@ events = sa.Table(
     sa.Column("detail", sa.JSON, nullable=False, default=dict),
     sa.Index(None, "action", "created_at"),
 )
-"""Append-only record of what happened (who did what to which thing, and how it went)."""
+"""Append-only record of what happened (who did what to which thing, and how it went): the audit log.
+
+Database triggers (migration 0006) refuse UPDATE and DELETE on it, on SQLite and PostgreSQL."""
 
 datasets = sa.Table(
     "datasets",
@@ -51,6 +53,7 @@ datasets = sa.Table(
     sa.Column("validation_rows", sa.Integer, nullable=False),
     sa.Column("tokens", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Column("tenant", sa.String(200), nullable=False, default="default"),
     sa.UniqueConstraint("name", "version"),
     sa.Index(None, "name", "content_hash"),
 )
@@ -76,6 +79,7 @@ registered_models = sa.Table(
     sa.Column("tags", sa.JSON, nullable=False, default=dict),
     sa.Column("created_at", sa.Float, nullable=False, default=time.time),
     sa.Column("last_version", sa.Integer, nullable=False, default=0),
+    sa.Column("public", sa.Boolean, nullable=False, default=False),
 )
 """One row per model name; `last_version` is the version counter, locked while allocating."""
 
@@ -129,6 +133,92 @@ model_uploads = sa.Table(
 `files` is set for a two-step upload only: `{path: {"size", "sha256", "stored": {"size", "sha256"} | null}}`,
 the files the client declared and, once each has landed, what the store holds (ciphertext if encrypted).
 """
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Column("rpm", sa.Integer, nullable=True),
+    sa.Column("tpm", sa.Integer, nullable=True),
+    sa.Column("tpd", sa.BigInteger, nullable=True),
+)
+"""Who owns models, datasets and keys; `rpm`/`tpm`/`tpd` are the tenant-wide limits (NULL: none)."""
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant", sa.String(64), sa.ForeignKey("tenants.name"), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False, default=""),
+    sa.Column("secret_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("scopes", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Column("created_by", sa.String(200), nullable=False, default=""),
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+    sa.Column("last_used_at", sa.Float, nullable=True),
+    sa.Column("rpm", sa.Integer, nullable=True),
+    sa.Column("tpm", sa.Integer, nullable=True),
+    sa.Column("tpd", sa.BigInteger, nullable=True),
+    sa.Index(None, "tenant"),
+)
+"""API keys: only the sha256 of the secret is kept; the secret is shown once, at creation."""
+
+rate_counters = sa.Table(
+    "rate_counters",
+    metadata,
+    sa.Column("subject", sa.String(100), primary_key=True),
+    sa.Column("window", sa.String(8), primary_key=True),
+    sa.Column("start", sa.BigInteger, primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+"""Fixed-window counters (`key:<id>` / `tenant:<name>`, `rpm`/`tpm`/`tpd`, window start), bumped by atomic UPSERTs."""
+
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("model", sa.String(200), primary_key=True),
+    sa.Column("day", sa.Integer, primary_key=True),
+    sa.Column("requests", sa.BigInteger, nullable=False),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=False),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=False),
+)
+"""Inference usage per tenant, key, model and UTC day (days since the epoch)."""
+
+responses = sa.Table(
+    "responses",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("version", sa.String(300), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Index(None, "created_at"),
+)
+"""Which model version produced each OpenAI response `id`, so feedback can be filed against it."""
+
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("response_id", sa.String(100), nullable=False),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("version", sa.String(300), nullable=True),
+    sa.Column("rating", sa.Integer, nullable=False),
+    sa.Column("comment", sa.Text, nullable=False, default=""),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Index(None, "version"),
+    sa.Index(None, "response_id"),
+)
+"""User ratings of responses, stored against the model version that produced each one."""
 
 queued_jobs = sa.Table(
     "queued_jobs",

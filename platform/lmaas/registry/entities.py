@@ -40,6 +40,12 @@ class RegisteredModel:
     created_at: float
     latest_version: int
     """The highest version number ever allocated (0 before the first registration)."""
+    public: bool = False
+    """Visible to (and callable by) every tenant, not only its owner; only an admin sets it."""
+
+    def visible_to(self, tenant: str | None) -> bool:
+        """Whether `tenant` may see it (None: no tenant filter, everything is visible)."""
+        return tenant is None or self.public or self.tenant == tenant
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +55,7 @@ class RegisteredModel:
             "tags": dict(self.tags),
             "created_at": self.created_at,
             "latest_version": self.latest_version,
+            "public": self.public,
         }
 
 

@@ -16,6 +16,7 @@ between the steps leaves an unreferenced prefix that `gc()` deletes after a grac
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -73,6 +74,7 @@ class ModelRegistry:
         deployments_of: `(name, version) -> [deployment names]`; deleting a deployed version is refused.
         encryption_key: 32-byte AES-256 key; versions registered here are stored encrypted
             (AES-GCM, client side) and encrypted versions are decrypted on load.
+        actor: who the events this registry records name as their actor (see `as_actor`).
     """
 
     def __init__(
@@ -85,7 +87,9 @@ class ModelRegistry:
         require_signature: bool = False,
         deployments_of: DeploymentsOf = no_deployments,
         encryption_key: bytes | None = None,
+        actor: str = "registry",
     ) -> None:
+        self.actor = actor
         self.storage = storage
         if encryption_key is not None and len(encryption_key) != 32:
             raise ConfigError("the encryption key must be 32 bytes (AES-256)", param="encryption_key")
@@ -115,6 +119,16 @@ class ModelRegistry:
             "require_signature": os.environ.get(REQUIRE_SIGNATURE_ENV, "").lower() in ("1", "true", "yes"),
         }
         return cls(Storage.from_settings(settings), db.connect(settings.database_url), **{**keys, **kwargs})
+
+    def as_actor(self, actor: str) -> "ModelRegistry":
+        """This registry, recording `actor` (e.g. `key:<id>`) in the audit log for what it changes."""
+        clone = copy.copy(self)
+        clone.actor = actor
+        return clone
+
+    def _event(self, conn: Connection, action: str, target: str, *, tenant: str | None, detail: dict | None = None) -> None:
+        """Record a registry event inside the caller's transaction."""
+        db.record_event(conn, actor=self.actor, action=action, target=target, tenant=tenant, detail=detail)
 
     # -- registration --------------------------------------------------------------------
     def register_version(
@@ -268,7 +282,7 @@ class ModelRegistry:
                 )
             )
             conn.execute(model_uploads.delete().where(model_uploads.c.prefix == staged.prefix))
-            _event(conn, "model.register", f"{staged.name}:{number}", tenant=tenant, detail={"prefix": staged.prefix})
+            self._event(conn, "model.register", f"{staged.name}:{number}", tenant=tenant, detail={"prefix": staged.prefix})
         return self.get_version(staged.name, number)
 
     # -- two-step upload (the REST API's presigned-style path) ----------------------------
@@ -310,7 +324,7 @@ class ModelRegistry:
             conn.execute(
                 model_uploads.insert().values(prefix=f"{MODELS_PREFIX}/{name}/{upload_id}", name=name, created_at=time.time(), files=declared)
             )
-            _event(conn, "upload.begin", f"{name}/{upload_id}", tenant=tenant, detail={"files": len(declared)})
+            self._event(conn, "upload.begin", f"{name}/{upload_id}", tenant=tenant, detail={"files": len(declared)})
         return upload_id
 
     def put_upload_file(self, upload_id: str, path: str, data: BinaryIO) -> ModelFile:
@@ -405,8 +419,12 @@ class ModelRegistry:
         upload = self._open_upload(upload_id)
         with self.engine.begin() as conn:
             conn.execute(model_uploads.delete().where(model_uploads.c.prefix == upload["prefix"]))
-            _event(conn, "upload.abort", f"{upload['name']}/{upload_id}", tenant=None)
+            self._event(conn, "upload.abort", f"{upload['name']}/{upload_id}", tenant=None)
         self.storage.delete(upload["prefix"])
+
+    def upload_name(self, upload_id: str) -> str:
+        """The model an open upload is for. Raises `NotFoundError` / `AlreadyExistsError` as `commit_upload` does."""
+        return self._open_upload(upload_id)["name"]
 
     def _open_upload(self, upload_id: str) -> dict[str, Any]:
         if len(upload_id) != 32 or any(c not in "0123456789abcdef" for c in upload_id):
@@ -441,54 +459,81 @@ class ModelRegistry:
         return dict(conn.execute(query).mappings().one())
 
     # -- reading -------------------------------------------------------------------------
-    def get_model(self, name: str) -> RegisteredModel:
-        """A registered model by name. Raises `NotFoundError`."""
+    def get_model(self, name: str, *, tenant: str | None = None) -> RegisteredModel:
+        """A registered model by name.
+
+        Args:
+            tenant: only a model this tenant owns, or a public one (None: any model).
+
+        Raises:
+            NotFoundError: no such model, or (with `tenant`) one the tenant may not see: the
+                message is the same either way, so another tenant's names do not leak.
+        """
         validate_model_name(name)
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(registered_models).where(registered_models.c.name == name)).mappings().first()
-        if row is None:
+        if row is None or not _model(row).visible_to(tenant):
             raise NotFoundError(f"no model named {name!r}", param="name")
         return _model(row)
 
     def list_models(self, *, search: str | None = None, tenant: str | None = None, offset: int = 0, limit: int = 100) -> list[RegisteredModel]:
-        """Registered models sorted by name; `search` matches a substring of the name."""
+        """Registered models sorted by name; `search` matches a substring of the name.
+
+        Args:
+            tenant: only models this tenant owns, plus public ones (None: every model).
+        """
         query = sa.select(registered_models).order_by(registered_models.c.name).offset(offset).limit(limit)
         if search:
             escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             query = query.where(registered_models.c.name.like(f"%{escaped}%", escape="\\"))
-        if tenant:
-            query = query.where(registered_models.c.tenant == tenant)
+        if tenant is not None:
+            query = query.where(sa.or_(registered_models.c.tenant == tenant, registered_models.c.public.is_(True)))
         with self.engine.connect() as conn:
             return [_model(r) for r in conn.execute(query).mappings()]
 
-    def list_versions(self, name: str, *, offset: int = 0, limit: int = 100, status: str | None = None) -> list[ModelVersion]:
-        """Versions of a model, newest first. Raises `NotFoundError` for an unknown model."""
-        self.get_model(name)
+    def set_public(self, name: str, public: bool) -> RegisteredModel:
+        """Share a model with every tenant (read and inference), or make it private to its owner again."""
+        with self.engine.begin() as conn:
+            model = self._require_model(conn, validate_model_name(name))
+            conn.execute(registered_models.update().where(registered_models.c.id == model.id).values(public=bool(public)))
+            self._event(conn, "model.public" if public else "model.private", name, tenant=model.tenant)
+        return self.get_model(name)
+
+    def list_versions(
+        self, name: str, *, offset: int = 0, limit: int = 100, status: str | None = None, tenant: str | None = None
+    ) -> list[ModelVersion]:
+        """Versions of a model, newest first. Raises `NotFoundError` for an unknown (or, with `tenant`, invisible) model."""
+        self.get_model(name, tenant=tenant)
         query = self._versions_query().where(registered_models.c.name == name).order_by(model_versions.c.version.desc())
         if status:
             query = query.where(model_versions.c.status == status)
         with self.engine.connect() as conn:
             return [self._version(conn, r) for r in conn.execute(query.offset(offset).limit(limit)).mappings()]
 
-    def get_version(self, name: str, version: int) -> ModelVersion:
+    def get_version(self, name: str, version: int, *, tenant: str | None = None) -> ModelVersion:
         """One version by number. Raises `NotFoundError`."""
-        return self.resolve(ModelRef(validate_model_name(name), version=int(version)))
+        return self.resolve(ModelRef(validate_model_name(name), version=int(version)), tenant=tenant)
 
-    def resolve(self, ref: str | ModelRef) -> ModelVersion:
+    def resolve(self, ref: str | ModelRef, *, tenant: str | None = None) -> ModelVersion:
         """The version a reference names: `name`, `name:7` or `name@alias`.
 
         A bare `name` means its `production` alias if set, else its latest ready version.
 
+        Args:
+            tenant: only a model this tenant owns, or a public one (None: any model).
+
         Raises:
             InvalidInputError: a malformed reference.
-            NotFoundError: no such model, version or alias.
+            NotFoundError: no such model, version or alias (or a model `tenant` may not see).
         """
+        if tenant is not None:
+            self.get_model(parse_ref(ref).name, tenant=tenant)
         with self.engine.connect() as conn:
             return self._version(conn, self._version_row(conn, ref))
 
-    def aliases(self, name: str) -> list[Alias]:
+    def aliases(self, name: str, *, tenant: str | None = None) -> list[Alias]:
         """Every alias of a model, by alias name."""
-        self.get_model(name)
+        self.get_model(name, tenant=tenant)
         query = (
             sa.select(model_aliases.c.alias, model_aliases.c.updated_at, model_versions.c.version)
             .join(model_versions, model_versions.c.id == model_aliases.c.version_id)
@@ -530,9 +575,11 @@ class ModelRegistry:
             raise NotFoundError(f"model {parsed.name!r} has no ready version", param="model")
         return dict(row)
 
-    def _require_model(self, conn: Connection, name: str) -> None:
-        if conn.execute(sa.select(registered_models.c.id).where(registered_models.c.name == name)).first() is None:
+    def _require_model(self, conn: Connection, name: str) -> Any:
+        row = conn.execute(sa.select(registered_models.c.id, registered_models.c.tenant).where(registered_models.c.name == name)).first()
+        if row is None:
             raise NotFoundError(f"no model named {name!r}", param="model")
+        return row
 
     def _version(self, conn: Connection, row: Any) -> ModelVersion:
         parent = None
@@ -680,7 +727,7 @@ class ModelRegistry:
                 model_aliases.delete().where(model_aliases.c.model_id == row["model_id"], model_aliases.c.alias == alias)
             )
             conn.execute(model_aliases.insert().values(model_id=row["model_id"], alias=alias, version_id=row["id"], updated_at=now))
-            _event(conn, "alias.set", f"{name}@{alias}", tenant=row["tenant"], detail={"version": int(version)})
+            self._event(conn, "alias.set", f"{name}@{alias}", tenant=row["tenant"], detail={"version": int(version)})
         return Alias(name, alias, int(version), now)
 
     def delete_alias(self, name: str, alias: str) -> None:
@@ -695,7 +742,7 @@ class ModelRegistry:
             ).rowcount
             if not deleted:
                 raise NotFoundError(f"model {name!r} has no alias {alias!r}", param="alias")
-            _event(conn, "alias.delete", f"{name}@{alias}", tenant=model.tenant)
+            self._event(conn, "alias.delete", f"{name}@{alias}", tenant=model.tenant)
 
     def archive(self, ref: str | ModelRef) -> ModelVersion:
         """Mark a version archived (hidden from `name` resolution; files kept). Refused (409) if an alias points at it."""
@@ -711,7 +758,7 @@ class ModelRegistry:
             if status == ARCHIVED:
                 self._refuse_if_in_use(conn, row, "archive")
             conn.execute(model_versions.update().where(model_versions.c.id == row["id"]).values(status=status))
-            _event(conn, f"version.{status}", f"{row['name']}:{row['version']}", tenant=row["tenant"])
+            self._event(conn, f"version.{status}", f"{row['name']}:{row['version']}", tenant=row["tenant"])
         return self.get_version(row["name"], row["version"])
 
     def delete_version(self, ref: str | ModelRef) -> ModelVersion:
@@ -731,7 +778,7 @@ class ModelRegistry:
                 )
             version = self._version(conn, row)
             conn.execute(model_versions.delete().where(model_versions.c.id == row["id"]))
-            _event(conn, "version.delete", version.ref, tenant=row["tenant"])
+            self._event(conn, "version.delete", version.ref, tenant=row["tenant"])
         # the row is gone first: a crash here leaves only unreferenced files, which gc removes
         self.storage.delete(version.prefix)
         return version
@@ -905,11 +952,6 @@ def _is_temporary_path(path: str) -> bool:
     return any(p.startswith(".") and (".tmp-" in p or ".staging-" in p) for p in path.split("/"))
 
 
-def _event(conn: Connection, action: str, target: str, *, tenant: str | None, detail: dict | None = None) -> None:
-    """Record a registry event inside the caller's transaction."""
-    db.record_event(conn, actor="registry", action=action, target=target, tenant=tenant, detail=detail)
-
-
 def _model(row: Any) -> RegisteredModel:
     return RegisteredModel(
         name=row["name"],
@@ -918,6 +960,7 @@ def _model(row: Any) -> RegisteredModel:
         tags=dict(row["tags"] or {}),
         created_at=row["created_at"],
         latest_version=row["last_version"],
+        public=bool(row["public"]),
     )
 
 

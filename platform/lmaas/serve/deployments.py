@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from lmaas.auth import AuthConfig
 from lmaas.errors import InvalidInputError, LmaasError
 from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
 from lmaas.serve.openai_app import MAX_BODY_BYTES
@@ -173,6 +174,8 @@ class ServeAppArgs(BaseModel):
     models: list[ServedModel] = Field(min_length=1)
     multiplex: MultiplexOptions = Field(default_factory=MultiplexOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    """API keys, tenants and quotas on the gateway (`enabled: false` opens it to every caller)."""
     env: dict[str, str] = Field(default_factory=dict)
     """Environment of model replicas (LMAAS_STORAGE, LMAAS_DATABASE_URL, ...); empty: the cluster's."""
 
@@ -505,14 +508,16 @@ class OpenAIIngress:
         self._models, self._multiplexed, self._multiplex, self._refs, self._args = models, multiplexed, multiplex, refs, args
 
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - a FastAPI app
+        from lmaas.serve.auth import build_auth
         from lmaas.serve.openai_app import build_openai_app
 
+        args = ServeAppArgs(**self._args)
         engines: dict[str, Engine] = {}
         for name, handle in self._models.items():
             engines[name] = engines[self._refs[name]] = DeploymentEngine(name, handle)
         for name, ref in self._multiplexed.items():
             engines[name] = engines[ref] = DeploymentEngine(name, self._multiplex, multiplexed_id=ref)
-        return build_openai_app(engines, max_body_bytes=ServeAppArgs(**self._args).ingress.max_body_bytes)
+        return build_openai_app(engines, max_body_bytes=args.ingress.max_body_bytes, auth=build_auth(args.auth), refs=self._refs)
 
     def app_args(self) -> dict:
         """The `ServeAppArgs` this app was built from."""
@@ -555,8 +560,9 @@ def build_app(args: dict | ServeAppArgs) -> serve.Application:
         mux = config.multiplex
         multiplex = MultiplexedModelServer.options(**mux.deployment_options(config.env)).bind(mux.engine.model_dump(), mux.max_num_models_per_replica)
     ingress = config.ingress
+    actor = {"num_cpus": ingress.num_cpus} | ({"runtime_env": {"env_vars": dict(config.env)}} if config.env else {})  # auth reads the database
     return OpenAIIngress.options(
-        num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options={"num_cpus": ingress.num_cpus}
+        num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options=actor
     ).bind(models, multiplexed, multiplex, {m.name: m.ref for m in config.models}, config.model_dump(mode="json"))
 
 

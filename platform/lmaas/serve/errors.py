@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmaas.errors import LmaasError
+from lmaas.errors import AuthenticationError, LmaasError, RateLimitError
 
 
 def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict:
@@ -22,6 +22,8 @@ def error_body(message: str, type_: str, *, param: str | None = None, code: str 
 
 
 def _code(exc: LmaasError) -> str:
+    if exc.code:
+        return exc.code
     # NotFoundError -> "not_found"
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__.removesuffix("Error")).lower()
 
@@ -31,7 +33,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LmaasError)
     async def _lmaas_error(_request: Request, exc: LmaasError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, param=exc.param, code=_code(exc)), status_code=exc.status)
+        headers = {}
+        if isinstance(exc, RateLimitError):
+            headers["Retry-After"] = str(exc.retry_after)
+        elif isinstance(exc, AuthenticationError):
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(error_body(exc.message, exc.type, param=exc.param, code=_code(exc)), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

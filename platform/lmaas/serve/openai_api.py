@@ -7,10 +7,11 @@ closing one early (a client that disconnects) aborts the request in its engine.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from lmaas.errors import InvalidInputError, LmaasError, NotFoundError
 from lmaas.serve.errors import error_body
@@ -39,6 +40,8 @@ from lmaas.serve.protocol.openai import (
 )
 
 DONE = "data: [DONE]\n\n"
+OnFinish = Callable[[str | None, int, int], Awaitable[None]]
+"""Called once per finished request with (response id, prompt tokens, completion tokens): usage metering."""
 
 
 class OpenAIServing:
@@ -63,8 +66,12 @@ class OpenAIServing:
 
     # ---- completions ----
 
-    async def create_completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
-        """A full response, or (when `stream`) an iterator of SSE lines; errors before the first token raise."""
+    async def create_completion(self, request: CompletionRequest, *, on_finish: OnFinish | None = None) -> CompletionResponse | AsyncIterator[str]:
+        """A full response, or (when `stream`) an iterator of SSE lines; errors before the first token raise.
+
+        `on_finish` gets the token counts once the response is complete (a stream: at its end, also
+        when the client leaves early).
+        """
         engine = self.engine(request.model)
         if request.echo:
             raise InvalidInputError("echo is not supported", param="echo")
@@ -73,16 +80,20 @@ class OpenAIServing:
         events = engine.generate(gen)
         first = await _first(events)
         if request.stream:
-            return self._completion_stream(request, gen.request_id, first, events)
+            return self._completion_stream(request, gen.request_id, first, events, on_finish)
         collected = [first] + [e async for e in events]
         text = "".join(e.text for e in collected)
         last = collected[-1]
+        if on_finish is not None:
+            await on_finish(gen.request_id, last.prompt_tokens, last.completion_tokens)
         choice = CompletionChoice(text=text, finish_reason=last.finish_reason, logprobs=_completion_logprobs(collected, params.logprobs is not None))
         return CompletionResponse(id=gen.request_id, model=request.model, choices=[choice], usage=_usage(last))
 
-    async def _completion_stream(self, request: CompletionRequest, request_id: str, first: TokenEvent, events: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:
+    async def _completion_stream(
+        self, request: CompletionRequest, request_id: str, first: TokenEvent, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None
+    ) -> AsyncIterator[str]:
         offset = 0
-        async for event in _chain(first, events):
+        async for event in _metered(request_id, _chain(first, events), on_finish):
             logprobs = _completion_logprobs([event], request.logprobs is not None, offset)
             offset += len(event.text)
             if not event.text and event.finish_reason is None and logprobs is None:
@@ -94,7 +105,9 @@ class OpenAIServing:
 
     # ---- chat ----
 
-    async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+    async def create_chat_completion(
+        self, request: ChatCompletionRequest, *, on_finish: OnFinish | None = None
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
         engine = self.engine(request.model)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         top = (request.top_logprobs or 0) if request.logprobs else None
@@ -105,9 +118,11 @@ class OpenAIServing:
         events = engine.generate_chat(request_id, messages, params)
         first = await _first(events)
         if request.stream:
-            return self._chat_stream(request, request_id, first, events, top is not None)
+            return self._chat_stream(request, request_id, first, events, top is not None, on_finish)
         collected = [first] + [e async for e in events]
         last = collected[-1]
+        if on_finish is not None:
+            await on_finish(request_id, last.prompt_tokens, last.completion_tokens)
         choice = ChatChoice(
             message=ChatMessageOut(content="".join(e.text for e in collected)),
             finish_reason=last.finish_reason,
@@ -116,10 +131,16 @@ class OpenAIServing:
         return ChatCompletionResponse(id=request_id, model=request.model, choices=[choice], usage=_usage(last))
 
     async def _chat_stream(
-        self, request: ChatCompletionRequest, request_id: str, first: TokenEvent, events: AsyncIterator[TokenEvent], logprobs: bool
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        first: TokenEvent,
+        events: AsyncIterator[TokenEvent],
+        logprobs: bool,
+        on_finish: OnFinish | None = None,
     ) -> AsyncIterator[str]:
         yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))]))
-        async for event in _chain(first, events):
+        async for event in _metered(request_id, _chain(first, events), on_finish):
             if not event.text and event.finish_reason is None and not logprobs:
                 continue
             choice = ChatChunkChoice(
@@ -133,11 +154,13 @@ class OpenAIServing:
 
     # ---- embeddings ----
 
-    async def create_embedding(self, request: EmbeddingRequest) -> EmbeddingResponse:
+    async def create_embedding(self, request: EmbeddingRequest, *, on_finish: OnFinish | None = None) -> EmbeddingResponse:
         engine = self.engine(request.model)
         if request.dimensions is not None:
             raise InvalidInputError("dimensions is not supported by this model", param="dimensions")
         vectors, tokens = await engine.embed(request.input)
+        if on_finish is not None:
+            await on_finish(None, tokens, 0)
         data = [EmbeddingData(index=i, embedding=_encode_vector(v, request.encoding_format)) for i, v in enumerate(vectors)]
         return EmbeddingResponse(data=data, model=request.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
 
@@ -175,6 +198,29 @@ async def _chain(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> AsyncI
                 yield event
     finally:
         await events.aclose()
+
+
+async def _metered(request_id: str, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None) -> AsyncIterator[TokenEvent]:
+    """`events`, calling `on_finish` with the last event's token counts when they end (or are abandoned)."""
+    last, reported = None, False
+    try:
+        async for event in events:
+            last = event
+            yield event
+        if on_finish is not None and last is not None:
+            reported = True
+            await on_finish(request_id, last.prompt_tokens, last.completion_tokens)  # before [DONE]: usage is current once a client sees it
+    finally:
+        await events.aclose()
+        if on_finish is not None and last is not None and not reported:
+            # the client left (or the engine failed) mid-stream: bill what was generated, without blocking the teardown
+            task = asyncio.ensure_future(on_finish(request_id, last.prompt_tokens, last.completion_tokens))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Future] = set()
+"""Metering tasks of abandoned streams (a reference keeps them from being garbage-collected mid-run)."""
 
 
 def _usage(event: TokenEvent) -> Usage:

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import lmaas
+from lmaas.auth import Auth
 from lmaas.serve.engine import Engine
 from lmaas.serve.errors import error_body, install_error_handlers
 from lmaas.serve.openai_api import OpenAIServing
@@ -24,12 +25,22 @@ from lmaas.serve.routers import openai as openai_router
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
-def build_openai_app(engines: dict[str, Engine], *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def build_openai_app(
+    engines: dict[str, Engine],
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    auth: Auth | None = None,
+    refs: dict[str, str] | None = None,
+) -> FastAPI:
     """A FastAPI app serving `engines` (keyed by the `model` name clients send) with OpenAI's API.
 
     Args:
         engines: one engine per served model name.
         max_body_bytes: larger request bodies are refused with 413 before they are parsed.
+        auth: require API keys, enforce scopes, tenants and quotas, meter usage (see `lmaas.serve.auth`);
+            None: open to every caller (tests, one-machine setups behind something else).
+        refs: served name -> registry reference, where they differ (which model a name's tenant owns,
+            which version answered a response); a name not listed is taken as the reference itself.
     """
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -39,6 +50,8 @@ def build_openai_app(engines: dict[str, Engine], *, max_body_bytes: int = MAX_BO
 
     app = FastAPI(title="lmaas inference API", version=lmaas.__version__, lifespan=lifespan)
     app.state.openai = OpenAIServing(engines)
+    app.state.auth = auth
+    app.state.refs = dict(refs or {})
     install_error_handlers(app)
     app.include_router(openai_router.router)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)

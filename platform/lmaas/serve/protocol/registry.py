@@ -21,6 +21,7 @@ class RegisteredModelOut(BaseModel):
     tags: dict[str, str]
     created_at: float
     latest_version: int
+    public: bool = False
 
 
 class ModelVersionOut(BaseModel):
@@ -63,6 +64,10 @@ class VersionPage(BaseModel):
 
 class SetAliasRequest(BaseModel):
     version: int = Field(..., ge=1, description="The version the alias should point at.")
+
+
+class UpdateModelRequest(BaseModel):
+    public: bool = Field(..., description="Share with every tenant (read and inference), or keep private to its owner.")
 
 
 class AliasOut(BaseModel):

@@ -1,13 +1,22 @@
-"""OpenAI-compatible inference API under `/v1/`: a thin map from HTTP onto `OpenAIServing`."""
+"""OpenAI-compatible inference API under `/v1/`: a thin map from HTTP onto `OpenAIServing`.
+
+Every route needs a key with the `inference` scope (`serve.auth.inference_access`); a model of
+another tenant answers 404 exactly as a model that is not served, and each finished response is
+metered (tokens, usage, response id -> model version) through `on_finish`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from lmaas.serve.openai_api import DONE, OpenAIServing, error_event
+from lmaas.auth import Principal
+from lmaas.errors import LmaasError, NotFoundError
+from lmaas.serve.auth import authenticate, get_auth, inference_access
+from lmaas.serve.openai_api import DONE, OnFinish, OpenAIServing, error_event
 from lmaas.serve.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -18,31 +27,77 @@ from lmaas.serve.protocol.openai import (
     ModelList,
 )
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(inference_access)])
 
 
 def _serving(request: Request) -> OpenAIServing:
     return request.app.state.openai
 
 
+def _registry_name(request: Request, model: str) -> str | None:
+    from lmaas.registry import parse_ref
+
+    try:
+        return parse_ref(request.app.state.refs.get(model, model)).name
+    except LmaasError:
+        return None
+
+
+def _visible(request: Request, principal: Principal, model: str) -> bool:
+    auth = get_auth(request)
+    if auth is None:
+        return True
+    name = _registry_name(request, model)
+    return name is None or auth.visible_model(principal, name)
+
+
+async def _admit_model(request: Request, model: str) -> OnFinish | None:
+    """404 unless `model` is served and visible to the caller; returns the metering callback."""
+    auth, principal = get_auth(request), authenticate(request)
+    serving = _serving(request)
+    if auth is None:
+        return None
+    if model not in serving.engines or not await run_in_threadpool(_visible, request, principal, model):
+        served = await run_in_threadpool(lambda: sorted(n for n in serving.engines if _visible(request, principal, n)))
+        raise NotFoundError(f"model {model!r} is not served here (served: {', '.join(served) or 'none'})", param="model")
+    ref = request.app.state.refs.get(model, model)
+
+    async def on_finish(response_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        def record() -> None:
+            auth.quotas.record(
+                principal, model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                response_id=response_id, version=auth.version_of(ref) if response_id else None,
+            )
+
+        await run_in_threadpool(record)
+
+    return on_finish
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return _serving(request).list_models()
+    models = _serving(request).list_models()
+    principal = authenticate(request)
+    visible = await run_in_threadpool(lambda: [m for m in models.data if _visible(request, principal, m.id)])
+    return ModelList(data=visible)
 
 
 @router.post("/completions", response_model=CompletionResponse)
 async def create_completion(request: Request, body: CompletionRequest):  # noqa: ANN201 - JSON or SSE
-    return _respond(await _serving(request).create_completion(body))
+    on_finish = await _admit_model(request, body.model)
+    return _respond(await _serving(request).create_completion(body, on_finish=on_finish))
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(request: Request, body: ChatCompletionRequest):  # noqa: ANN201 - JSON or SSE
-    return _respond(await _serving(request).create_chat_completion(body))
+    on_finish = await _admit_model(request, body.model)
+    return _respond(await _serving(request).create_chat_completion(body, on_finish=on_finish))
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def create_embedding(request: Request, body: EmbeddingRequest) -> EmbeddingResponse:
-    return await _serving(request).create_embedding(body)
+    on_finish = await _admit_model(request, body.model)
+    return await _serving(request).create_embedding(body, on_finish=on_finish)
 
 
 def _respond(result):  # noqa: ANN001, ANN202

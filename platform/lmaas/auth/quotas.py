@@ -1,0 +1,178 @@
+"""Rate limits and quotas shared by every gateway replica, and the usage they meter.
+
+State lives in the metadata database, so replicas agree: one row per (subject, window, window
+start) in `rate_counters`, bumped by an atomic `INSERT ... ON CONFLICT DO UPDATE ... RETURNING`
+(SQLite 3.35+ and PostgreSQL). Windows are fixed and aligned to the epoch (a minute, a UTC day):
+a client can burst up to twice a limit across a window boundary, never more.
+
+- Requests per minute: `admit` bumps the counter and refuses (429) when the new count passes the
+  limit; the refused request is rolled back, so it does not count.
+- Tokens per minute/day: `admit` refuses while the tokens already counted reach the limit;
+  `record` adds a response's prompt + completion tokens once it is finished. A request is admitted
+  on the tokens counted so far, so a limit is overshot by at most the requests then in flight.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from lmaas.auth.entities import WINDOWS, Principal
+from lmaas.db.schema import rate_counters, responses, usage
+from lmaas.errors import RateLimitError
+
+_WHAT = {"rpm": "requests per minute", "tpm": "tokens per minute", "tpd": "tokens per day"}
+_KEEP_SECONDS = 2 * 86400
+
+
+def _insert(conn: Connection):  # noqa: ANN202 - the dialect's insert construct
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+def window_start(window: str, now: float) -> int:
+    period = WINDOWS[window]
+    return int(now // period) * period
+
+
+def bump(conn: Connection, subject: str, window: str, start: int, amount: int) -> int:
+    """Add `amount` to one counter atomically and return its new value."""
+    stmt = _insert(conn)(rate_counters).values(subject=subject, window=window, start=start, count=amount)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["subject", "window", "start"], set_={"count": rate_counters.c["count"] + stmt.excluded["count"]}
+    ).returning(rate_counters.c["count"])
+    return int(conn.execute(stmt).scalar_one())
+
+
+class Quotas:
+    """Admit requests under their key's and tenant's limits; record what they used.
+
+    Args:
+        engine: the metadata database every replica shares.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def admit(self, principal: Principal, *, now: float | None = None) -> None:
+        """Count one request against `principal`'s limits.
+
+        Raises:
+            RateLimitError (429): a limit is reached; `retry_after` is the seconds until its window ends.
+        """
+        metered = principal.metered()
+        if not metered or principal.anonymous:
+            return
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            for subject, window, limit in metered:
+                start = window_start(window, now)
+                if window == "rpm":
+                    count = bump(conn, subject, window, start, 1)
+                    over = count > limit
+                else:
+                    count = conn.execute(
+                        sa.select(rate_counters.c["count"]).where(
+                            rate_counters.c.subject == subject, rate_counters.c.window == window, rate_counters.c.start == start
+                        )
+                    ).scalar_one_or_none() or 0
+                    over = count >= limit
+                if over:
+                    retry = math.ceil(start + WINDOWS[window] - now)
+                    who = "this API key" if subject.startswith("key:") else f"tenant {principal.tenant!r}"
+                    raise RateLimitError(
+                        f"rate limit reached: {who} allows {limit} {_WHAT[window]}; retry after {retry} s", retry_after=retry, param=window
+                    )
+
+    def record(
+        self,
+        principal: Principal,
+        *,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        response_id: str | None = None,
+        version: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Add one finished request to the token counters and usage, and remember which version answered it."""
+        if principal.anonymous:
+            return
+        now = time.time() if now is None else now
+        tokens = int(prompt_tokens) + int(completion_tokens)
+        with self.engine.begin() as conn:
+            if tokens:
+                for subject in (f"key:{principal.key_id}", f"tenant:{principal.tenant}"):
+                    for window in ("tpm", "tpd"):
+                        bump(conn, subject, window, window_start(window, now), tokens)
+            stmt = _insert(conn)(usage).values(
+                tenant=principal.tenant, key_id=principal.key_id, model=model, day=int(now // 86400),
+                requests=1, prompt_tokens=int(prompt_tokens), completion_tokens=int(completion_tokens),
+            )
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["tenant", "key_id", "model", "day"],
+                    set_={
+                        "requests": usage.c.requests + 1,
+                        "prompt_tokens": usage.c.prompt_tokens + stmt.excluded.prompt_tokens,
+                        "completion_tokens": usage.c.completion_tokens + stmt.excluded.completion_tokens,
+                    },
+                )
+            )
+            if response_id:
+                conn.execute(
+                    _insert(conn)(responses)
+                    .values(
+                        id=response_id, tenant=principal.tenant, key_id=principal.key_id, model=model, version=version,
+                        created_at=now, prompt_tokens=int(prompt_tokens), completion_tokens=int(completion_tokens),
+                    )
+                    .on_conflict_do_nothing(index_elements=["id"])
+                )
+            if random.random() < 0.01:  # old windows are never read again
+                conn.execute(rate_counters.delete().where(rate_counters.c.start < now - _KEEP_SECONDS))
+
+    def usage(
+        self,
+        *,
+        tenant: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: dt.date | None = None,
+        until: dt.date | None = None,
+    ) -> list[dict[str, Any]]:
+        """Requests and tokens per (tenant, key, model) over the UTC days `since`..`until` (inclusive)."""
+        query = sa.select(
+            usage.c.tenant,
+            usage.c.key_id,
+            usage.c.model,
+            sa.func.sum(usage.c.requests).label("requests"),
+            sa.func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
+            sa.func.sum(usage.c.completion_tokens).label("completion_tokens"),
+        ).group_by(usage.c.tenant, usage.c.key_id, usage.c.model).order_by(usage.c.tenant, usage.c.key_id, usage.c.model)
+        for column, value in ((usage.c.tenant, tenant), (usage.c.key_id, key_id), (usage.c.model, model)):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(usage.c.day >= _day(since))
+        if until is not None:
+            query = query.where(usage.c.day <= _day(until))
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(query).mappings()]
+        for row in rows:
+            for field in ("requests", "prompt_tokens", "completion_tokens"):
+                row[field] = int(row[field])
+            row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
+        return rows
+
+
+def _day(date: dt.date) -> int:
+    return (date - dt.date(1970, 1, 1)).days
