@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve_helpers import make_causal_lm, stdlib_lines  # noqa: E402
+from serve_helpers import SEQ, make_causal_lm, publish_dataset, stdlib_lines  # noqa: E402
 
-SEQ = 64
 
 
 def train_tiny(model_dir: Path, ids: list[int], steps: int = 300) -> None:
@@ -40,27 +39,6 @@ def train_tiny(model_dir: Path, ids: list[int], steps: int = 300) -> None:
             group["lr"] = 1e-2 * (1 - step / steps) + 1e-4
         optimizer.step()
     save_model(model.eval(), model_dir)  # the tokenizer files stay beside it
-
-
-def publish_dataset(storage, engine, root: Path, ids: list[int], tokenizer_dir: Path) -> str:
-    """A dataset version of `SEQ`-token rows: the first 90% train, the rest validation."""
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from lmaas.data.versions import publish_version
-
-    rows = [ids[i : i + SEQ] for i in range(0, len(ids) - SEQ, SEQ)]
-    cut = int(len(rows) * 0.9)
-    for split, part in (("train", rows[:cut]), ("validation", rows[cut:])):
-        (root / split).mkdir(parents=True)
-        pq.write_table(pa.table({"input_ids": part}), root / split / "shard-00000.parquet")
-    shutil.copytree(tokenizer_dir, root / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    record = {"name": "stdlib-test", "sources": ["stdlib"], "content_hash": "0" * 64, "tokenizer_hash": "0" * 64,
-              "block_size": SEQ, "vocab_size": 512, "documents": 1, "train_rows": cut, "validation_rows": len(rows) - cut,
-              "tokens": len(ids)}
-    return publish_version(storage, engine, root, record).ref
 
 
 @pytest.fixture(scope="module")
