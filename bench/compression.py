@@ -1,6 +1,7 @@
 """Compression variants vs their fp32 parent: size ratio, perplexity change, CPU decode speed ratio.
 
     PYTHONPATH=platform python bench/compression.py [--size small] [--steps 200] [--threads 1]
+    PYTHONPATH=platform python bench/compression.py --only distill [--distill-steps 200]
 
 Trains a parent here (plain torch loop on stdlib source, the `small` size by default), registers
 it with a dataset version in a temporary registry, then runs every method through
@@ -8,6 +9,12 @@ it with a dataset version in a temporary registry, then runs every method throug
 validation rows and prompts (decode timings interleaved parent/variant). Prints one table and
 writes bench/results/compression.json. Targets (issue 7): int8-dynamic <= 0.30x size, perplexity
 within +2%, decode >= 1.3x faster; 50% pruning + recovery within +5% perplexity.
+
+Distillation (a Ray Train job on a local 2-CPU Ray cluster): the parent is the teacher; one
+student config with about 4x fewer parameters is trained twice for the same steps on the same
+data and worker setup, once distilled (`lmaas.compress.distill`) and once from scratch
+(`lmaas.train.run.train`, the same loop without a teacher), and both are measured on the same
+held-out rows. Target (issue 7): the distilled student's perplexity beats the scratch one's.
 
 Read the recovery rows with care: the parent is trained only briefly here, so the recovery
 fine-tune is also extra training, and a pruned + recovered variant can beat its parent.
@@ -31,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lmaas import db
-from lmaas.compress import CompressConfig, compress
+from lmaas.compress import CompressConfig, DistillConfig, compress
 from lmaas.data.tokenizer import train_bpe
 from lmaas.data.versions import publish_version
 from lmaas.models import build_model, model_config, parameter_count, save_model
@@ -102,6 +109,85 @@ def publish(registry: ModelRegistry, root: Path, train_rows, val_rows, tok_dir: 
     return publish_version(registry.storage, registry.engine, root, record).ref
 
 
+# the student: the `tiny` size widened to 128 with 3 layers; at vocab 2048 about 0.85M parameters, 4x fewer than `small`
+STUDENT = {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 384}
+
+
+def distill_vs_scratch(registry: ModelRegistry, parent, parent_dir: Path, val_rows, args: argparse.Namespace) -> dict:
+    """Distill the parent into STUDENT and train STUDENT from scratch, same steps and data; perplexity of each."""
+    import ray
+
+    from lmaas.compress import evaluate as ev
+    from lmaas.data.ingest import quiet_ray_data_logs
+    from lmaas.models import load_model
+    from lmaas.train.config import TrainConfig
+    from lmaas.train.run import fetch_model, train
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    quiet_ray_data_logs()
+    steps = args.distill_steps
+    run = {"num_workers": 2, "cpus_per_worker": 0.5, "threads_per_worker": 1, "batch_size": args.batch, "max_steps": steps,
+           "lr": args.lr, "warmup_steps": 20, "log_interval": 25, "eval_interval": steps, "checkpoint_interval": steps}
+    say = lambda line: print(f"  {line}", flush=True)  # noqa: E731
+    started = time.time()
+    distilled = compress(DistillConfig(teacher=parent.ref, student="tiny", student_overrides=STUDENT, temperature=args.temperature,
+                                       alpha=args.alpha, output_model="bench-distilled", eval_threads=args.threads,
+                                       eval_tokens=len(val_rows) * args.seq, timing_repeats=args.repeats, **run),
+                         registry, progress=say)
+    distill_seconds = time.time() - started
+    print(f"  from scratch: the same student, {steps} steps, no teacher", flush=True)
+    started = time.time()
+    scratch = train(TrainConfig(dataset=parent.dataset, model="tiny", output_model="bench-scratch", **run),
+                    storage=registry.storage, engine=registry.engine, model_overrides=STUDENT, register=False,
+                    progress=lambda m: m["step"] % 50 == 0 and say(f"step {m['step']}/{steps} loss {m['loss']:.3f}"))
+    scratch_seconds = time.time() - started
+    fetch_model(registry.storage, scratch.run_id, parent_dir.parent / "scratch")
+    data = ev.held_out_data(parent, registry, parent_dir, tokens=len(val_rows) * args.seq, seq_len=128, batch_size=8,
+                            max_seq_len=args.seq)  # the rows distill's report used
+    scratch_ppl = ev.perplexity(ev.logits_of(load_model(parent_dir.parent / "scratch"), data.ids), data.ids)
+    report = distilled.report
+    result = {
+        "teacher_parameters": report["parent"]["parameters"], "student_parameters": report["variant"]["parameters"],
+        "parameter_ratio": report["variant"]["parameters"] / report["parent"]["parameters"], "steps": steps,
+        "temperature": args.temperature, "alpha": args.alpha, "teacher_perplexity": report["parent"]["perplexity"],
+        "distilled_perplexity": report["variant"]["perplexity"], "scratch_perplexity": scratch_ppl,
+        "distilled_over_scratch": report["variant"]["perplexity"] / scratch_ppl,
+        "distilled_agreement_with_teacher": report["variant"]["agreement"],
+        "distill_seconds": round(distill_seconds, 1), "scratch_seconds": round(scratch_seconds, 1),
+        "target_met": report["variant"]["perplexity"] < scratch_ppl,
+    }
+    ray.shutdown()
+    return result
+
+
+def variants(registry: ModelRegistry, parent, parent_dir: Path, val_rows, args: argparse.Namespace) -> dict:
+    """Every quantize/prune variant through `compress`, measured against the parent."""
+    rows = []
+    for method, params in VARIANTS:
+        params = {k: (args.recovery_steps if v is None else v) for k, v in params.items()}
+        config = CompressConfig(ref=parent.ref, method=method, threads=args.threads, timing_repeats=args.repeats,
+                                eval_tokens=len(val_rows) * args.seq, decode_tokens=32, batch_size=8,
+                                output_name=f"bench-{method}-{len(rows)}", **params)
+        started = time.time()
+        result = compress(config, registry, progress=lambda line: print(f"  {line}", flush=True))
+        r, v = result.report["ratios"], result.report["variant"]
+        label = method + "".join(f" {k}={val}" for k, val in params.items())
+        rows.append({"variant": label, "size_ratio": r["size_ratio"], "perplexity_increase": r["perplexity_increase"],
+                     "decode_speedup": r["decode_speedup"], "throughput_ratio": r["throughput_ratio"],
+                     "agreement": v["agreement"], "perplexity": v["perplexity"], "parent_perplexity": result.report["parent"]["perplexity"],
+                     "parent_latency_ms_per_token": result.report["parent"]["latency_ms_per_token"],
+                     "latency_ms_per_token": v["latency_ms_per_token"], "seconds": round(time.time() - started, 1)})
+        print(f"{label}: {json.dumps({k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()})}", flush=True)
+    print(f"\n{'variant':<44}{'size':>8}{'ppl change':>12}{'decode speed':>14}{'batch tput':>12}{'agreement':>11}")
+    for row in rows:
+        print(f"{row['variant']:<44}{row['size_ratio']:>7.3f}x{row['perplexity_increase']:>+11.2%}"
+              f"{row['decode_speedup']:>13.2f}x{row['throughput_ratio']:>11.2f}x{row['agreement']:>10.1%}")
+    return {"machine": f"{platform.machine()}, torch threads {args.threads}", "torch": torch.__version__,
+            "args": {k: v for k, v in vars(args).items() if k not in ("only", "distill_steps", "temperature", "alpha")},
+            "parent_parameters": parameter_count(__import__("lmaas.models", fromlist=["load_model"]).load_model(parent_dir)),
+            "variants": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small")
@@ -113,6 +199,10 @@ def main() -> None:
     parser.add_argument("--recovery-steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared 2-core machine)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["variants", "distill"], help="run one part (the other keeps its recorded numbers)")
+    parser.add_argument("--distill-steps", type=int, default=200, help="steps of each student (distilled and from scratch)")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--alpha", type=float, default=0.5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="lmaas-bench-compress-"))
@@ -121,31 +211,21 @@ def main() -> None:
         registry = ModelRegistry(Storage(f"file://{root / 'store'}"), db.connect(f"sqlite:///{root / 'lmaas.db'}"))
         dataset = publish(registry, root / "dataset", train_rows, val_rows, root / "tokenizer", args)
         parent = registry.register_version("bench-lm", parent_dir, task="causal-lm", dataset=dataset)
-        rows = []
-        for method, params in VARIANTS:
-            params = {k: (args.recovery_steps if v is None else v) for k, v in params.items()}
-            config = CompressConfig(ref=parent.ref, method=method, threads=args.threads, timing_repeats=args.repeats,
-                                    eval_tokens=len(val_rows) * args.seq, decode_tokens=32, batch_size=8,
-                                    output_name=f"bench-{method}-{len(rows)}", **params)
-            started = time.time()
-            result = compress(config, registry, progress=lambda line: print(f"  {line}", flush=True))
-            r, v = result.report["ratios"], result.report["variant"]
-            label = method + "".join(f" {k}={val}" for k, val in params.items())
-            rows.append({"variant": label, "size_ratio": r["size_ratio"], "perplexity_increase": r["perplexity_increase"],
-                         "decode_speedup": r["decode_speedup"], "throughput_ratio": r["throughput_ratio"],
-                         "agreement": v["agreement"], "perplexity": v["perplexity"], "parent_perplexity": result.report["parent"]["perplexity"],
-                         "parent_latency_ms_per_token": result.report["parent"]["latency_ms_per_token"],
-                         "latency_ms_per_token": v["latency_ms_per_token"], "seconds": round(time.time() - started, 1)})
-            print(f"{label}: {json.dumps({k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()})}", flush=True)
-        print(f"\n{'variant':<44}{'size':>8}{'ppl change':>12}{'decode speed':>14}{'batch tput':>12}{'agreement':>11}")
-        for row in rows:
-            print(f"{row['variant']:<44}{row['size_ratio']:>7.3f}x{row['perplexity_increase']:>+11.2%}"
-                  f"{row['decode_speedup']:>13.2f}x{row['throughput_ratio']:>11.2f}x{row['agreement']:>10.1%}")
+        recorded = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        if args.only != "distill":
+            recorded.update(variants(registry, parent, parent_dir, val_rows, args))
+        if args.only != "variants":
+            distill = distill_vs_scratch(registry, parent, parent_dir, val_rows, args)
+            recorded["distill"] = {**distill, "args": {k: getattr(args, k) for k in ("size", "vocab", "seq", "steps", "batch", "lr",
+                                                                                   "distill_steps", "threads")}}
+            print(f"\ndistilled student vs the same student from scratch ({distill['steps']} steps each, "
+                  f"{distill['student_parameters']:,} vs teacher {distill['teacher_parameters']:,} parameters = "
+                  f"{1 / distill['parameter_ratio']:.2f}x fewer):")
+            print(f"  teacher perplexity {distill['teacher_perplexity']:.2f}, distilled {distill['distilled_perplexity']:.2f}, "
+                  f"from scratch {distill['scratch_perplexity']:.2f}; distilled/scratch {distill['distilled_over_scratch']:.3f}x "
+                  f"({'target met' if distill['target_met'] else 'target MISSED'})")
         RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps({"machine": f"{platform.machine()}, torch threads {args.threads}",
-                                       "torch": torch.__version__, "args": vars(args), "parent_parameters": parameter_count(
-                                           __import__("lmaas.models", fromlist=["load_model"]).load_model(parent_dir)),
-                                       "variants": rows}, indent=1))
+        RESULTS.write_text(json.dumps(recorded, indent=1))
         print(f"wrote {RESULTS}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

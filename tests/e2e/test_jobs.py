@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmaas.compress import CompressConfig
+from lmaas.compress import CompressConfig, DistillConfig
 from lmaas.config import load_config
 from lmaas.data.config import IngestConfig
 from lmaas.ops.health import SelfCheckConfig
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {"selfcheck": SelfCheckConfig, "ingest_stdlib": IngestConfig, **dict.fromkeys(
     ("compress_int8", "compress_int4", "compress_prune", "compress_export"), CompressConfig),
     **dict.fromkeys(("train_tiny_cpu", "train_small_gpu_ddp", "train_1b_fsdp"), TrainConfig),
-    "sweep_lr": SweepConfig}
+    "sweep_lr": SweepConfig, "distill_tiny": DistillConfig}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)

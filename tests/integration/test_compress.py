@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve_helpers import make_causal_lm, stdlib_lines  # noqa: E402
+from serve_helpers import SEQ, make_causal_lm, publish_dataset, stdlib_lines  # noqa: E402
 
-SEQ = 64
 
 
 def train_tiny(model_dir: Path, ids: list[int], steps: int = 300) -> None:
@@ -40,27 +39,6 @@ def train_tiny(model_dir: Path, ids: list[int], steps: int = 300) -> None:
             group["lr"] = 1e-2 * (1 - step / steps) + 1e-4
         optimizer.step()
     save_model(model.eval(), model_dir)  # the tokenizer files stay beside it
-
-
-def publish_dataset(storage, engine, root: Path, ids: list[int], tokenizer_dir: Path) -> str:
-    """A dataset version of `SEQ`-token rows: the first 90% train, the rest validation."""
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from lmaas.data.versions import publish_version
-
-    rows = [ids[i : i + SEQ] for i in range(0, len(ids) - SEQ, SEQ)]
-    cut = int(len(rows) * 0.9)
-    for split, part in (("train", rows[:cut]), ("validation", rows[cut:])):
-        (root / split).mkdir(parents=True)
-        pq.write_table(pa.table({"input_ids": part}), root / split / "shard-00000.parquet")
-    shutil.copytree(tokenizer_dir, root / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    record = {"name": "stdlib-test", "sources": ["stdlib"], "content_hash": "0" * 64, "tokenizer_hash": "0" * 64,
-              "block_size": SEQ, "vocab_size": 512, "documents": 1, "train_rows": cut, "validation_rows": len(rows) - cut,
-              "tokens": len(ids)}
-    return publish_version(storage, engine, root, record).ref
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +175,86 @@ def test_an_embedding_model_is_refused(registry, tmp_path: Path):
     registry.register_version("minilm", EMBEDDING_DIR, task="embedding")
     with pytest.raises(InvalidInputError, match="embedding model; int8-dynamic compresses causal-lm"):
         check_request(config(ref="minilm"), registry)
+
+
+# -- distill: a Ray Train job on the session cluster (each fit costs ~20 s of fixed start-up here)
+
+def distill_config(**fields):
+    from lmaas.compress import DistillConfig
+
+    return DistillConfig(**{
+        "teacher": "tiny-lm:1", "student": "tiny", "student_overrides": {"num_hidden_layers": 1, "intermediate_size": 128},
+        "num_workers": 2, "cpus_per_worker": 0.5, "batch_size": 8, "max_steps": 20, "warmup_steps": 2, "lr": 1e-2,
+        "log_interval": 5, "eval_interval": 10, "checkpoint_interval": 10, "eval_threads": 1, "eval_tokens": 2048,
+        "decode_tokens": 8, "timing_repeats": 1, "decode_batch_size": 4, **fields})
+
+
+def test_distill_survives_a_killed_worker_and_registers_a_student_that_generates(ray_cluster, registry, tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmaas.compress import compress
+    from lmaas.train.run import FAULT_ENV, read_run
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"1:17:{marker}")  # rank 1 dies (SIGKILL) at step 17, once (after the step-10 checkpoint is in)
+    lines: list[str] = []
+    result = compress(distill_config(alias="candidate", gate={"max_perplexity_increase": 5.0}), registry, progress=lines.append)
+    assert marker.read_text().startswith("killed rank 1 at step 17")
+
+    report = check_variant(registry, result, tmp_path, "distill")
+    version = result.version
+    assert version.name == "tiny-lm-distilled" and result.passed
+    assert registry.resolve("tiny-lm-distilled@candidate").ref == version.ref
+    assert report["parameters"]["temperature"] == 2.0 and report["parameters"]["student_overrides"]["num_hidden_layers"] == 1
+    variant = report["variant"]
+    assert variant["parameters"] < report["parent"]["parameters"] and variant["parameter_ratio"] < 0.6
+    assert variant["train_steps"] == 20 and variant["train_restarts"] == 1  # the restarted group resumed from the step-10 checkpoint
+    assert variant["train_lm_loss"] < 6.0 and variant["perplexity"] < 300  # it learned something in 20 steps
+    run = read_run(registry.storage, version.run)
+    assert run["status"] == "finished" and run["teacher"] == {"ref": "tiny-lm:1", "temperature": 2.0, "alpha": 0.5}
+    assert any(line.startswith("step 20/20 loss") for line in lines), lines
+
+    out = tmp_path / "student"
+    registry.download(version.ref, out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1 and model.config.vocab_size == report_vocab(registry)
+    generated = model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert generated.shape == (1, 9)
+
+
+def report_vocab(registry) -> int:
+    _, raw = registry.read_file("tiny-lm:1", "config.json")
+    return json.loads(raw)["vocab_size"]
+
+
+def test_distill_bad_input_fails_before_any_work(registry, tmp_path):
+    from serve_helpers import EMBEDDING_DIR
+
+    from lmaas.compress import check_request
+    from lmaas.errors import InvalidInputError, NotFoundError
+    from lmaas.models import load_model
+    from lmaas.models.quantized import save_quantized
+
+    registry.register_version("minilm-teacher", EMBEDDING_DIR, task="embedding")
+    registry.download("tiny-lm:1", tmp_path / "fp32")
+    save_quantized(load_model(tmp_path / "fp32"), tmp_path / "q8", "int8-weight", tokenizer_dir=tmp_path / "fp32")
+    registry.register_version("tiny-q8", tmp_path / "q8", task="causal-lm", dataset="stdlib-test:1")
+    other = make_causal_lm(tmp_path / "other", vocab_size=300)
+    registry.register_version("other-vocab", other, task="causal-lm", dataset="stdlib-test:1")
+    registry.register_version("no-dataset", tmp_path / "fp32", task="causal-lm")
+    before = registry.storage.list("runs")
+    cases = [
+        ({"student": "small"}, InvalidInputError, "not fewer than teacher tiny-lm:1's"),
+        ({"student_overrides": {}}, InvalidInputError, "not fewer than"),  # the same shape as the teacher
+        ({"teacher": "minilm-teacher"}, InvalidInputError, "embedding model; distill needs a causal-lm teacher"),
+        ({"teacher": "tiny-q8"}, InvalidInputError, "tiny-q8:1 is quantized"),
+        ({"teacher": "other-vocab"}, InvalidInputError, "has vocab_size 300"),
+        ({"teacher": "no-dataset"}, InvalidInputError, "records no training dataset; set dataset="),
+        ({"teacher": "nope"}, NotFoundError, "nope"),
+        ({"dataset": "nope:1"}, NotFoundError, "nope"),
+    ]
+    for fields, error, message in cases:
+        with pytest.raises(error, match=message):
+            check_request(distill_config(**fields), registry)
+    assert registry.storage.list("runs") == before  # nothing started

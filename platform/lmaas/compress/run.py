@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lmaas.compress.config import CompressConfig, GateConfig
+from lmaas.compress.config import CompressConfig, DistillConfig, GateConfig
 from lmaas.errors import InvalidInputError
 from lmaas.registry import ModelRegistry, ModelVersion
 
@@ -40,13 +40,18 @@ class CompressResult:
     reasons: list[str]
 
 
-def check_request(config: CompressConfig, registry: ModelRegistry) -> ModelVersion:
+def check_request(config: CompressConfig | DistillConfig, registry: ModelRegistry) -> ModelVersion:
     """Resolve the parent and refuse what this method cannot compress, before any work starts.
 
     Raises:
         NotFoundError: the reference does not resolve.
-        InvalidInputError: not a causal LM, already quantized, or recovery without a training dataset.
+        InvalidInputError: not a causal LM, already quantized, or recovery without a training dataset
+            (for distill: see `distill.check_distill`).
     """
+    if isinstance(config, DistillConfig):
+        from lmaas.compress.distill import check_distill
+
+        return check_distill(config, registry).teacher
     parent = registry.resolve(config.ref)
     if parent.task != "causal-lm":
         raise InvalidInputError(
@@ -90,12 +95,13 @@ def gate_reasons(report: dict[str, Any], gate: GateConfig) -> list[str]:
     return reasons
 
 
-def compress(config: CompressConfig, registry: ModelRegistry, *, progress: Progress | None = None,
+def compress(config: CompressConfig | DistillConfig, registry: ModelRegistry, *, progress: Progress | None = None,
              workdir: str | Path | None = None) -> CompressResult:
     """Apply `config.method` to `config.ref`, evaluate, register the child version and gate it.
 
     Args:
-        config: the run.
+        config: the run; a `DistillConfig` runs `distill.distill` (a Ray Train job: needs a
+            connected Ray cluster).
         registry: where the parent is and the child goes (its storage and engine also reach the dataset).
         progress: called with a short line as each step starts.
         workdir: scratch directory (default: a temporary one, removed after).
@@ -104,6 +110,10 @@ def compress(config: CompressConfig, registry: ModelRegistry, *, progress: Progr
         NotFoundError, InvalidInputError: from `check_request`, before any work.
         JobFailedError: an export does not match PyTorch.
     """
+    if isinstance(config, DistillConfig):
+        from lmaas.compress.distill import distill
+
+        return distill(config, registry, progress=progress, workdir=workdir)
     say = progress or (lambda _line: None)
     parent = check_request(config, registry)
     scratch = Path(tempfile.mkdtemp(prefix="lmaas-compress-", dir=workdir))
@@ -129,28 +139,52 @@ def _compress(config: CompressConfig, registry: ModelRegistry, parent: ModelVers
     started = time.time()
     say(f"{config.method} {json.dumps(config.parameters())}")
     extra = _apply(config, registry, parent, parent_dir, child_dir, data, say)
-    compression = {"method": config.method, "parameters": config.parameters(), "parent": parent.ref,
-                   "seconds": round(time.time() - started, 2), **extra.pop("record", {})}
-    (child_dir / COMPRESSION_FILE).write_text(json.dumps(compression, indent=1))
+    record = {"seconds": round(time.time() - started, 2), **extra.pop("record", {})}
+    return register_variant(
+        registry, parent, parent_model, parent_dir, child_dir, data, method=config.method, parameters=config.parameters(),
+        record=record, extra=extra, gate=config.gate, name=config.output_name or f"{parent.name}-{config.method}",
+        alias=config.alias, dataset=parent.dataset, run=f"compress-{config.method}", new_tokens=config.decode_tokens,
+        repeats=config.timing_repeats, say=say)
+
+
+def register_variant(
+    registry: ModelRegistry, parent: ModelVersion, parent_model: Any, parent_dir: Path, child_dir: Path, data: Any, *,
+    method: str, parameters: dict[str, Any], record: dict[str, Any], extra: dict[str, Any], gate: GateConfig, name: str,
+    alias: str | None, dataset: str | None, run: str, new_tokens: int, repeats: int, say: Progress,
+    dataset_sha256: str | None = None,
+) -> CompressResult:
+    """The common end of every method: evaluate the variant in `child_dir` against its parent, gate it, register it.
+
+    Writes `compression.json` (method, parameters, parent, `record`) and `report.json` into
+    `child_dir`, registers it as the next version of `name` with `parent` lineage and the report
+    as metrics, then archives it if it misses `gate`, or points `alias` at it if it passes.
+
+    Args:
+        extra: numbers of the method's own added to the report's `variant` side.
+    """
+    from lmaas.compress import evaluate as ev
+    from lmaas.models import load_model
+
+    (child_dir / COMPRESSION_FILE).write_text(json.dumps({"method": method, "parameters": parameters, "parent": parent.ref,
+                                                          **record}, indent=1))
     say(f"evaluating against {parent.ref} on {data.source}")
     variant_model = load_model(child_dir)
     report = ev.evaluate(variant_model, parent_model, data, variant_dir=child_dir, parent_dir=parent_dir,
-                         new_tokens=config.decode_tokens, repeats=config.timing_repeats)
+                         new_tokens=new_tokens, repeats=repeats)
     report["variant"].update(extra)
-    reasons = gate_reasons(report, config.gate)
-    report.update(method=config.method, parameters=config.parameters(), parent_ref=parent.ref,
-                  gate={**config.gate.model_dump(), "passed": not reasons, "reasons": reasons})
+    reasons = gate_reasons(report, gate)
+    report.update(method=method, parameters=parameters, parent_ref=parent.ref,
+                  gate={**gate.model_dump(), "passed": not reasons, "reasons": reasons})
     (child_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
-    name = config.output_name or f"{parent.name}-{config.method.replace(':', '')}"
     verdict = "passed the gate" if not reasons else "gate failed: " + "; ".join(reasons)
     say(f"registering {name} ({verdict})")
     version = registry.register_version(
-        name, child_dir, task="causal-lm", parent=parent.ref, dataset=parent.dataset, run=f"compress-{config.method}",
-        metrics=report_metrics(report), description=f"{config.method} {json.dumps(config.parameters())} of {parent.ref}; {verdict}")
+        name, child_dir, task="causal-lm", parent=parent.ref, dataset=dataset, dataset_sha256=dataset_sha256, run=run,
+        metrics=report_metrics(report), description=f"{method} {json.dumps(parameters)} of {parent.ref}; {verdict}")
     if reasons:
         version = registry.archive(version.ref)
-    elif config.alias:
-        registry.set_alias(version.name, config.alias, version.version)
+    elif alias:
+        registry.set_alias(version.name, alias, version.version)
     return CompressResult(version=version, report=report, passed=not reasons, reasons=reasons)
 
 

@@ -2,12 +2,18 @@
 
 Ray-specific steps are marked `# Ray Train:`; the rest is a plain PyTorch loop: AdamW, cosine
 schedule with warmup, gradient clipping and accumulation, bf16 autocast on GPU, DDP or FSDP2.
+
+With a `teacher` in the loop config the same loop distills: every worker loads the teacher
+from its registry artifact directory (frozen, eval mode, no grad, same dtype and autocast as
+the student) and the loss becomes `distillation_loss` (KL to the teacher at a temperature plus
+the LM loss). Checkpoints, resume and restarts are the training ones: only the student trains.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -30,6 +36,21 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     span = max(1, config.max_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def distillation_loss(student_logits: Any, teacher_logits: Any, lm_loss: Any, *, temperature: float, alpha: float) -> Any:
+    """`alpha * KL(teacher || student) * T^2 + (1 - alpha) * lm_loss`, the KL averaged over token positions.
+
+    Both distributions are softened by `temperature`; the T^2 factor keeps the KL gradients on the
+    scale of the LM loss's as T changes (Hinton et al., 2015).
+    """
+    import torch.nn.functional as F
+
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # sum over vocab, mean over positions
+    return alpha * kl * temperature**2 + (1 - alpha) * lm_loss
 
 
 def peak_flops(device: Any) -> float | None:
@@ -69,6 +90,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
     queue = loop_config.get("progress")
     fault = loop_config.get("fault")
 
+    distill = loop_config.get("teacher")
+    teacher = _load_teacher(distill, device) if distill else None
+
     base = build_model(model_config, seed=cfg.seed)
     model = _wrap(base, cfg, device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -97,19 +121,27 @@ def train_func(loop_config: dict[str, Any]) -> None:
     validation = _validation_rows(loop_config.get("validation"), rank, world, device)
     batches = _batches(cfg, state, device)  # Ray Train: this worker's shard of the training split
 
-    interval_loss, interval_count, interval_tokens, interval_time = 0.0, 0, 0, 0.0
+    interval_loss, interval_lm_loss, interval_count, interval_tokens, interval_time = 0.0, 0.0, 0, 0, 0.0
     stall: float | None = None
     while state.step < cfg.max_steps:
         started = time.perf_counter()
         model.train()
-        step_loss = 0.0
+        step_loss = step_lm_loss = 0.0
         for micro in range(cfg.grad_accum):
             input_ids = next(batches)
             with _no_sync(model, last=micro == cfg.grad_accum - 1):
                 with autocast:
-                    loss = model(input_ids=input_ids, labels=input_ids).loss / cfg.grad_accum
+                    out = model(input_ids=input_ids, labels=input_ids)
+                    loss = out.loss
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
+                        loss = distillation_loss(out.logits, teacher_logits, out.loss,
+                                                 temperature=distill["temperature"], alpha=distill["alpha"])
+                    loss = loss / cfg.grad_accum
                 loss.backward()
             step_loss += loss.item()
+            step_lm_loss += out.loss.item() / cfg.grad_accum
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = scheduler.get_last_lr()[0]
@@ -120,6 +152,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         step_tokens = cfg.batch_size * cfg.grad_accum * seq_len
         state.tokens += step_tokens * world
         interval_loss += step_loss
+        interval_lm_loss += step_lm_loss
         interval_count += 1
         interval_tokens += step_tokens
         interval_time += time.perf_counter() - started
@@ -132,7 +165,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if not (last or state.step % cfg.log_interval == 0 or state.step % cfg.checkpoint_interval == 0):
             continue
         worker_tps = interval_tokens / interval_time if interval_time else 0.0
-        totals = torch.tensor([interval_loss / max(1, interval_count), worker_tps], dtype=torch.float64)
+        count = max(1, interval_count)
+        totals = torch.tensor([interval_loss / count, worker_tps, interval_lm_loss / count], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(totals)
         metrics: dict[str, Any] = {
@@ -145,12 +179,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
             "tokens_per_s_per_worker": totals[1].item() / world,
             "restarts": state.restarts,
         }
+        if teacher is not None:
+            metrics["lm_loss"] = totals[2].item() / world  # the student's own next-token loss, inside `loss`
         if peak:
             metrics["mfu"] = flops * worker_tps / peak
         if validation is not None and (last or state.step % cfg.eval_interval == 0):
             metrics["val_loss"] = _evaluate(model, validation, autocast, cfg.batch_size)
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
-        interval_loss, interval_count, interval_tokens, interval_time = 0.0, 0, 0, 0.0
+        interval_loss, interval_lm_loss, interval_count, interval_tokens, interval_time = 0.0, 0.0, 0, 0, 0.0
 
         if stall is not None:
             metrics["checkpoint_stall_s"] = stall  # of the previous checkpoint
@@ -175,6 +211,26 @@ def train_func(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)  # Ray Train: a barrier; every rank reports equally often
         if rank == 0 and queue is not None:
             queue.put(metrics)
+
+
+def _load_teacher(spec: dict[str, Any], device: Any) -> Any:
+    """The teacher from its registry artifact directory: every file's sha256 checked, frozen, eval mode.
+
+    Every worker holds a whole replica (also under FSDP: only the student is sharded). It keeps the
+    dtype it was stored in (fp32 for the lmaas family) and runs under the student's autocast.
+    """
+    from lmaas.errors import IntegrityError
+    from lmaas.models import load_model
+    from lmaas.storage import Storage
+
+    directory = tempfile.mkdtemp(prefix="lmaas-teacher-")
+    manifest = Storage(spec["storage_uri"], endpoint_url=spec["endpoint_url"]).download_dir(spec["prefix"], directory)
+    if manifest.sha256 != spec["manifest_sha256"]:
+        raise IntegrityError(f"teacher {spec['ref']}: the stored manifest under {spec['prefix']} was altered")
+    teacher = load_model(directory, device=str(device))
+    shutil.rmtree(directory, ignore_errors=True)
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def _wrap(model: Any, cfg: TrainConfig, device: Any) -> Any:

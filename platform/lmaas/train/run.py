@@ -120,6 +120,9 @@ def train(
     engine: Engine,
     resume: str | None = None,
     progress: Progress | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    teacher: dict[str, Any] | None = None,
+    register: bool = True,
 ) -> TrainResult:
     """Run one training job on the connected Ray cluster and register its final model.
 
@@ -129,6 +132,13 @@ def train(
         engine: metadata database (datasets, registry).
         resume: id of an earlier run to continue from its latest checkpoint.
         progress: called on the driver with each metrics report of rank 0.
+        model_overrides: `LlamaConfig` fields that change the named size `config.model`
+            (e.g. `num_hidden_layers`), applied after the dataset's vocabulary and block size.
+        teacher: distill instead of plain training (see `lmaas.compress.distill`): where each worker
+            loads the frozen teacher from (`storage_uri`, `endpoint_url`, `prefix`,
+            `manifest_sha256`, `ref`) and the loss's `temperature` and `alpha`.
+        register: register the final checkpoint as `config.output_model` (distillation evaluates
+            and registers it itself).
 
     Raises:
         NotFoundError: the dataset or the resumed run does not exist.
@@ -148,7 +158,8 @@ def train(
     run_id = resume or new_run_id(config)
     run_prefix = f"{RUNS_PREFIX}/{run_id}"
     tokenizer_files, spec = _tokenizer(storage, version)
-    llama = model_config(config.model, vocab_size=spec.vocab_size, max_seq_len=version.block_size, eos_id=spec.eos_id)
+    llama = model_config(config.model, vocab_size=spec.vocab_size, max_seq_len=version.block_size, eos_id=spec.eos_id,
+                         **(model_overrides or {}))
     import torch
 
     with torch.device("meta"):
@@ -162,6 +173,8 @@ def train(
         "dataset_content_hash": version.content_hash,
         "parameters": parameters,
         "resumed": resume is not None,
+        **({"model_overrides": model_overrides} if model_overrides else {}),
+        **({"teacher": {k: teacher[k] for k in ("ref", "temperature", "alpha")}} if teacher else {}),
     }
     storage.write_text(f"{run_prefix}/{RUN_FILE}", json.dumps(record, indent=1))
 
@@ -175,6 +188,7 @@ def train(
         "validation": validation,
         "progress": queue,
         "fault": _fault_from_env(),
+        "teacher": teacher,
     }
     filesystem, root = storage.pyarrow_filesystem()
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
@@ -223,7 +237,9 @@ def train(
         model=None,
     )
     storage.write_text(f"{run_prefix}/{RUN_FILE}", json.dumps(record, indent=1))
-    registered = register_run(storage, engine, run_id, config.output_model, alias=config.alias) if config.output_model else None
+    registered = None
+    if register and config.output_model:
+        registered = register_run(storage, engine, run_id, config.output_model, alias=config.alias)
     return TrainResult(
         run_id=run_id,
         run_uri=storage.url(run_prefix),
@@ -245,19 +261,10 @@ def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, al
     Raises:
         NotFoundError: no such run, or it has not finished.
     """
-    record = read_run(storage, run_id)
-    if record.get("status") != "finished" or not record.get("checkpoint_prefix"):
-        raise NotFoundError(f"run {run_id} has no final checkpoint (status {record.get('status')})", param="run")
-    config = TrainConfig(**record["config"])
     with tempfile.TemporaryDirectory(prefix="lmaas-register-") as tmp:
         model_dir = Path(tmp)
-        for rel in checkpoint.MODEL_FILES:
-            path = f"{record['checkpoint_prefix']}/{rel}"
-            if storage.exists(path):
-                storage.get_file(path, model_dir / rel)
-        (model_dir / "lmaas_training.json").write_text(json.dumps(
-            {"run": run_id, "dataset": record["dataset"], "dataset_content_hash": record["dataset_content_hash"],
-             "config": record["config"]}, indent=1))
+        record = fetch_model(storage, run_id, model_dir)
+        config = TrainConfig(**record["config"])
         final = record.get("metrics") or {}
         metrics = {k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and k not in ("epoch", "restarts")}
         metrics["parameters"] = float(record["parameters"])
@@ -277,6 +284,29 @@ def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, al
     record["model"] = f"{registered.name}:{registered.version}"
     storage.write_text(f"{RUNS_PREFIX}/{run_id}/{RUN_FILE}", json.dumps(record, indent=1))
     return registered
+
+
+def fetch_model(storage: Storage, run_id: str, directory: str | Path) -> dict[str, Any]:
+    """Copy the final checkpoint's model files of a finished run into `directory` (no optimizer
+    state), plus `lmaas_training.json` (run, dataset, config); returns the run record.
+
+    Raises:
+        NotFoundError: no such run, or it has not finished.
+    """
+    record = read_run(storage, run_id)
+    if record.get("status") != "finished" or not record.get("checkpoint_prefix"):
+        raise NotFoundError(f"run {run_id} has no final checkpoint (status {record.get('status')})", param="run")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for rel in checkpoint.MODEL_FILES:
+        path = f"{record['checkpoint_prefix']}/{rel}"
+        if storage.exists(path):
+            storage.get_file(path, directory / rel)
+    lineage = {"run": run_id, "dataset": record["dataset"], "dataset_content_hash": record["dataset_content_hash"],
+               "config": record["config"]}
+    lineage.update({k: record[k] for k in ("model_overrides", "teacher") if k in record})
+    (directory / "lmaas_training.json").write_text(json.dumps(lineage, indent=1))
+    return record
 
 
 def _train_func():  # noqa: ANN202 - imported late: `ray.train` costs seconds to import
