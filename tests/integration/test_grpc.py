@@ -29,7 +29,7 @@ PROMPT = "def f(x):"
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
-    """(HTTP base URL, gRPC stub) of a running Serve app with gRPC on; Serve shuts down at module end."""
+    """(HTTP base URL, gRPC stub, channel) of a running Serve app with gRPC on; Serve shuts down at module end."""
     from ray import serve
 
     from lmaas.config import load_settings
@@ -53,7 +53,7 @@ def served(ray_cluster, tmp_path_factory):
         serve.run(build_app(args), name=APP, route_prefix="/")
         stub = pb_grpc.InferenceStub(channel)
         wait_for(lambda: _grpc_up(stub), 60, "Serve gRPC proxy")
-        yield f"http://127.0.0.1:{http_port}", stub
+        yield f"http://127.0.0.1:{http_port}", stub, channel
     finally:
         channel.close()
         serve.shutdown()
@@ -72,13 +72,21 @@ def _metadata() -> tuple:
 
 
 def test_list_models(served):
-    _, stub = served
+    _, stub, _ = served
     models = stub.ListModels(pb.ListModelsRequest(), metadata=_metadata(), timeout=30).models
     assert {"tiny", "minilm"} <= {m.id for m in models}
 
 
+def test_reflection_describes_the_service_for_grpcurl(served):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    database = ProtoReflectionDescriptorDatabase(served[2])
+    assert "lmaas.v1.Inference" in database.get_services()
+    assert database.FindFileContainingSymbol("lmaas.v1.CompletionRequest").package == "lmaas.v1"
+
+
 def test_streaming_completion_gives_max_tokens_chunks(served):
-    _, stub = served
+    _, stub, _ = served
     request = pb.CompletionRequest(model="tiny", prompt=PROMPT, max_tokens=7, temperature=0, ignore_eos=True, logprobs=2)
     chunks = list(stub.Complete(request, metadata=_metadata(), timeout=60))
     tokens = [c for c in chunks if c.HasField("token_id")]
@@ -94,7 +102,7 @@ def test_streaming_completion_gives_max_tokens_chunks(served):
 def test_embeddings_match_http(served):
     import numpy as np
 
-    base, stub = served
+    base, stub, _ = served
     texts = ["The cat sits on the mat.", "Ray Serve routes requests to replicas.", "short"]
     out = stub.Embed(pb.EmbeddingRequest(model="minilm", input=texts), metadata=_metadata(), timeout=60)
     http = _post(base + "/v1/embeddings", {"model": "minilm", "input": texts})
@@ -106,7 +114,7 @@ def test_embeddings_match_http(served):
 
 
 def test_unknown_model_is_not_found_naming_the_ref(served):
-    _, stub = served
+    _, stub, _ = served
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Complete(pb.CompletionRequest(model="nope@staging", prompt="x"), metadata=_metadata(), timeout=30))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
@@ -126,7 +134,7 @@ def test_unknown_model_is_not_found_naming_the_ref(served):
     ],
 )
 def test_bad_completion_is_invalid_argument(served, fields, words):
-    _, stub = served
+    _, stub, _ = served
     request = pb.CompletionRequest(**{"model": "tiny", "prompt": PROMPT, **fields})
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Complete(request, metadata=_metadata(), timeout=30))
@@ -135,7 +143,7 @@ def test_bad_completion_is_invalid_argument(served, fields, words):
 
 
 def test_bad_embedding_is_invalid_argument(served):
-    _, stub = served
+    _, stub, _ = served
     for request in (pb.EmbeddingRequest(model="minilm", input=[]), pb.EmbeddingRequest(model="tiny", input=["x"])):
         with pytest.raises(grpc.RpcError) as info:
             stub.Embed(request, metadata=_metadata(), timeout=30)
