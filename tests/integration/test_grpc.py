@@ -113,6 +113,26 @@ def test_embeddings_match_http(served):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_cancelled_stream_frees_the_engine_slot(served):
+    from ray import serve
+
+    from lmaas.serve.deployments import deployment_name
+
+    _, stub, _ = served
+    handle = serve.get_deployment_handle(deployment_name("tiny"), app_name=APP)
+    before = handle.stats.remote().result()["generated_tokens"]
+    call = stub.Complete(pb.CompletionRequest(model="tiny", prompt=PROMPT, max_tokens=110, ignore_eos=True), metadata=_metadata(), timeout=60)
+    assert next(call).HasField("token_id")
+    call.cancel()
+
+    def freed() -> bool:
+        stats = handle.stats.remote().result()
+        return stats["in_flight"] == 0 and stats["running"] == 0
+
+    wait_for(freed, 20, "slot freed")
+    assert 0 < handle.stats.remote().result()["generated_tokens"] - before < 110, "the cancel must abort the request in the engine"
+
+
 def test_unknown_model_is_not_found_naming_the_ref(served):
     _, stub, _ = served
     with pytest.raises(grpc.RpcError) as info:

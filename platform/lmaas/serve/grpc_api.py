@@ -54,10 +54,15 @@ class GrpcServing:
         try:
             parsed = _parse(CompletionRequest, completion_fields(request))
             request_id, events = await self.serving.start_completion(parsed)
+        except Exception as exc:
+            _fail(context, exc)
+        try:
             async for event in events:
                 yield completion_chunk(request_id, parsed.model, event, parsed.logprobs is not None)
         except Exception as exc:
             _fail(context, exc)
+        finally:
+            await events.aclose()  # a client that leaves mid-stream: the model's engine frees the slot now
 
     async def embed(self, request: pb.EmbeddingRequest, context: StatusContext) -> pb.EmbeddingResponse:
         try:
