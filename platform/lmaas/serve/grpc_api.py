@@ -119,8 +119,9 @@ def _parse(model: type[BaseModel], fields: dict[str, Any]) -> Any:
         raise InvalidInputError(message, param=param) from None
 
 
-def _fail(context: StatusContext, exc: BaseException) -> NoReturn:
-    code, message = grpc_status(exc)
-    context.set_code(code)
-    context.set_details(message)
+def _fail(context: StatusContext | None, exc: BaseException) -> NoReturn:
+    if context is not None:  # None: called through a deployment handle, not the gRPC proxy
+        code, message = grpc_status(exc)
+        context.set_code(code)
+        context.set_details(message)
     raise exc
