@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean proto
 
 demo: $(VENV)/.installed
 	$(BIN)/lmaas quickstart $(ARGS)
@@ -22,11 +22,16 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_storage.py
 	$(BIN)/python bench/data_ingest.py
 	$(BIN)/python bench/serve_llm.py
+	$(BIN)/python bench/serve_embeddings.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/engine_batching.py
 
 install: $(VENV)/.installed
+
+# regenerate the gRPC modules after editing platform/lmaas/serve/protocol/lmaas.proto
+proto: $(VENV)/.installed-test
+	$(BIN)/python -m grpc_tools.protoc -I platform --python_out=platform --pyi_out=platform --grpc_python_out=platform platform/lmaas/serve/protocol/lmaas.proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

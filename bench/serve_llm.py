@@ -19,12 +19,14 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_common import free_port, pct, start_lmaas, stop_lmaas, wait_http  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2
@@ -156,10 +158,6 @@ async def load(url: str, model: str, prompts: list[str], concurrency: int, reque
     }
 
 
-def pct(values: list[float], p: float) -> float:
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] if values else float("nan")
-
-
 def sweep(name: str, url: str, model: str, prompts: list[str], levels: list[int], n: int) -> list[dict]:
     asyncio.run(load(url, model, prompts, 2, 2, 8))  # warm up
     out = []
@@ -169,27 +167,6 @@ def sweep(name: str, url: str, model: str, prompts: list[str], levels: list[int]
               f"ITL p50 {row['itl_p50_ms']:6.1f} p99 {row['itl_p99_ms']:6.1f} ms", flush=True)
         out.append(row)
     return out
-
-
-def wait_http(url: str, timeout: float) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=2)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not come up")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def roofline(params: int) -> dict:
@@ -203,43 +180,6 @@ def roofline(params: int) -> dict:
         a @ b
     gflops = 2 * 2048**3 * reps / (time.perf_counter() - start) / 1e9
     return {"matmul_gflops": gflops, "flops_per_token": 2 * params, "roofline_tokens_per_s": gflops * 1e9 / (2 * params)}
-
-
-def start_lmaas(model_dir: Path, home: Path, haproxy: bool) -> str:
-    """Register the model in a temporary registry and serve it with `build_app` on a local Ray cluster; returns the URL."""
-    os.environ["LMAAS_HOME"] = str(home)
-    if haproxy:  # HAProxy instead of Serve's Python proxy: set before the cluster starts (see NOTES.md)
-        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
-    import ray
-    from ray import serve
-
-    from lmaas.config import load_settings
-    from lmaas.registry import ModelRegistry
-    from lmaas.serve.deployments import build_app
-
-    settings = load_settings()
-    ModelRegistry.from_settings(settings).register_version("bench-lm", model_dir, task="causal-lm")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {
-        "models": [{"ref": "bench-lm", "num_cpus": 1, "max_ongoing_requests": 64, "target_ongoing_requests": 32, "refresh_interval_s": 0,
-                    "engine": {"max_batch_size": 32, "num_threads": THREADS}}],
-        "ingress": {"num_cpus": 0.1},
-        "env": settings.env(),
-    }
-    serve.run(build_app(args), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url, 60)
-    return url
-
-
-def stop_lmaas() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 def main() -> None:
@@ -269,7 +209,12 @@ def main() -> None:
     try:
         base_url = f"http://127.0.0.1:{port}"
         wait_http(base_url, 60)
-        lmaas_url = start_lmaas(model_dir, root / "home", args.proxy == "haproxy")
+        lmaas_url = start_lmaas(
+            root / "home", [("bench-lm", model_dir, "causal-lm")],
+            [{"ref": "bench-lm", "num_cpus": 1, "max_ongoing_requests": 64, "target_ongoing_requests": 32, "refresh_interval_s": 0,
+              "engine": {"max_batch_size": 32, "num_threads": THREADS}}],
+            haproxy=args.proxy == "haproxy",
+        )
         for level in levels:
             if args.only != "lmaas":
                 baseline += sweep("baseline", base_url, "m", prompts, [level], args.new_tokens)

@@ -33,6 +33,17 @@ def complete(port: int, model: str, key: str) -> dict:
         return json.loads(response.read())
 
 
+def list_models_grpc(port: int, key: str) -> list:
+    import grpc
+
+    from lmaas.serve.protocol import lmaas_pb2 as pb
+    from lmaas.serve.protocol import lmaas_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        metadata = (("authorization", f"Bearer {key}"),)
+        return list(pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=60).models)
+
+
 def test_deploy_list_undeploy(ray_cluster, lmaas_env, cli, tmp_path):
     from ray import serve
 
@@ -43,15 +54,21 @@ def test_deploy_list_undeploy(ray_cluster, lmaas_env, cli, tmp_path):
     assert_one_line_error(cli("deploy", "tiny", env=lmaas_env), "RAY_ADDRESS")
     env = {**lmaas_env, "RAY_ADDRESS": ray_cluster.address_info["gcs_address"]}
     assert_one_line_error(cli("deploy", "nope", env=env), "nope")
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     try:
-        deployed = cli("deploy", "tiny", "--name", "tiny-lm", "--min-replicas", "0", "--max-replicas", "2", "--num-cpus", "0.2", "--port", str(port), env=env)
+        deployed = cli(
+            "deploy", "tiny", "--name", "tiny-lm", "--min-replicas", "0", "--max-replicas", "2", "--num-cpus", "0.2",
+            "--port", str(port), "--grpc-port", str(grpc_port), env=env,
+        )
         assert deployed.returncode == 0, deployed.stderr
         assert "serving tiny:1" in deployed.stdout and f":{port}/v1/completions" in deployed.stdout
         assert "admin API key (shown once" in deployed.stdout  # the gateway requires keys: the first deploy makes one
+        assert f":{grpc_port} lmaas.v1.Inference/Complete" in deployed.stdout
         created = cli("keys", "create", "--scope", "inference", "--json", env=env)
         assert created.returncode == 0, created.stderr
-        assert complete(port, "tiny-lm", json.loads(created.stdout)["secret"])["usage"]["completion_tokens"] == 3
+        key = json.loads(created.stdout)["secret"]
+        assert complete(port, "tiny-lm", key)["usage"]["completion_tokens"] == 3
+        assert "tiny-lm" in {m.id for m in list_models_grpc(grpc_port, key)}
 
         listed = cli("deployments", env=env)
         assert listed.returncode == 0, listed.stderr

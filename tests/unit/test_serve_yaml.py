@@ -23,6 +23,17 @@ def test_ray_serve_schema_accepts_it():
     assert app.runtime_env["working_dir"].startswith("local:///")
 
 
+def test_grpc_options_register_the_lmaas_servicer():
+    from ray.serve.config import gRPCOptions
+
+    from lmaas.serve.deployments import GRPC_SERVICER, grpc_options
+
+    options = gRPCOptions(**load()["grpc_options"])
+    assert options.grpc_servicer_functions == [GRPC_SERVICER] == grpc_options(options.port)["grpc_servicer_functions"]
+    (add_servicer,) = options.grpc_servicer_func_callable  # importable, as Serve's proxy imports it
+    assert add_servicer.__name__ == "add_InferenceServicer_to_server"
+
+
 def test_args_are_valid_and_every_scaling_knob_is_in_the_yaml():
     from lmaas.serve.deployments import ScalingOptions, ServeAppArgs
 

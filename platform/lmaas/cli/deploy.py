@@ -4,6 +4,7 @@
     lmaas deploy tiny-lm@production --min-replicas 0 --max-replicas 2
     lmaas deployments
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model": "tiny-lm", "prompt": "def"}'
+    grpcurl -plaintext -d '{"model": "tiny-lm", "prompt": "def"}' 127.0.0.1:9000 lmaas.v1.Inference/Complete
     lmaas undeploy tiny-lm
 
 Every model lives in one Serve application (`lmaas`, route `/`); the same app runs from
@@ -49,6 +50,9 @@ def deploy(
     num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per replica."),
     multiplexed: bool = typer.Option(False, "--multiplexed", help="Host on the shared multiplexed deployment (long-tail models)."),
     port: int = typer.Option(8000, "--port", help="HTTP port of Serve's proxy (when Serve is not running yet)."),
+    grpc_port: int = typer.Option(
+        9000, "--grpc-port", help="gRPC port of Serve's proxy (lmaas.v1.Inference; 0: no gRPC), when Serve is not running yet."
+    ),
 ) -> None:
     """Serve a registered model behind the OpenAI API (autoscaled; aliases roll over in place)."""
     from pydantic import ValidationError
@@ -74,7 +78,7 @@ def deploy(
     settings = _connect()
     _bootstrap_admin_key(settings)
     with console.status(f"deploying {served.name} ({ref}) ..."):
-        version = deploy_model(served, env=settings.env(), port=port)
+        version = deploy_model(served, env=settings.env(), port=port, grpc_port=grpc_port or None)
     port = http_port()  # Serve may have been running already, on its own port
     console.print(f"deployed [bold]{served.name}[/] serving {version}; try (a key from `lmaas keys create --scope inference`):")
     console.print(
@@ -82,6 +86,12 @@ def deploy(
         f"-d '{{\"model\": \"{served.name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
         soft_wrap=True,
     )
+    if grpc_port:
+        console.print(
+            f"  grpcurl -plaintext -H \"authorization: Bearer $LMAAS_API_KEY\" -d '{{\"model\": \"{served.name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}' "
+            f"127.0.0.1:{grpc_port} lmaas.v1.Inference/Complete",
+            soft_wrap=True,
+        )
 
 
 def _bootstrap_admin_key(settings) -> None:  # noqa: ANN001 - Settings

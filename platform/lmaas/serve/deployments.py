@@ -10,6 +10,10 @@ One application holds:
   over `DeploymentEngine`s, one per served name, which forward each call to a deployment handle
   (token events stream back through `handle.options(stream=True)`). It routes by the request's
   `model` field: a model's `name` or its configured reference (`tiny`, `tiny:3`, `tiny@staging`).
+  The same replica answers the gRPC API (`protocol/lmaas.proto`) through Serve's gRPC proxy: its
+  methods `ListModels`, `Complete` (server streaming) and `Embed` are named like the RPCs and call
+  `grpc_api.GrpcServing` over the same engines. Serve serves gRPC only when started with
+  `grpc_options(port)` (`grpc_options:` at the top of serve.yaml; `lmaas deploy --grpc-port`).
 - `ModelServer`: one deployment per served model, autoscaled; each replica resolves the reference
   in the registry, downloads that version (sha256-checked) and runs its engine.
 - `MultiplexedModelServer`: one shared deployment for long-tail models (`multiplexed: true`);
@@ -47,6 +51,9 @@ from lmaas.serve.openai_app import MAX_BODY_BYTES
 log = logging.getLogger("lmaas.serve")
 
 INGRESS_NAME = "OpenAIIngress"
+GRPC_SERVICER = "lmaas.serve.protocol.lmaas_pb2_grpc.add_InferenceServicer_to_server"
+"""What Serve's gRPC proxy registers (`grpc_options.grpc_servicer_functions`) to serve `lmaas.v1.Inference`."""
+DEFAULT_GRPC_PORT = 9000
 MULTIPLEX_NAME = "MultiplexedModelServer"
 ENGINE_TASKS = ("causal-lm", "embedding")
 
@@ -487,7 +494,7 @@ def _unwrapped(exc: BaseException) -> BaseException:
 @serve.deployment(name=INGRESS_NAME)
 @serve.ingress()
 class OpenAIIngress:
-    """The OpenAI API; routes each request by its `model` field to a model deployment's handle.
+    """The OpenAI API over HTTP and the `lmaas.v1.Inference` gRPC API; routes each request by its `model` field to a model deployment's handle.
 
     Args:
         models: served name -> handle of its `ModelServer` deployment.
@@ -505,19 +512,36 @@ class OpenAIIngress:
         refs: dict[str, str],
         args: dict,
     ) -> None:
+        from lmaas.serve.grpc_api import GrpcServing
+        from lmaas.serve.openai_api import OpenAIServing
+
         self._models, self._multiplexed, self._multiplex, self._refs, self._args = models, multiplexed, multiplex, refs, args
+        self._engines: dict[str, Engine] = {}
+        for name, handle in models.items():
+            self._engines[name] = self._engines[refs[name]] = DeploymentEngine(name, handle)
+        for name, ref in multiplexed.items():
+            self._engines[name] = self._engines[ref] = DeploymentEngine(name, multiplex, multiplexed_id=ref)
+        self._grpc = GrpcServing(OpenAIServing(self._engines), refs=refs)
 
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - a FastAPI app
         from lmaas.serve.auth import build_auth
         from lmaas.serve.openai_app import build_openai_app
 
         args = ServeAppArgs(**self._args)
-        engines: dict[str, Engine] = {}
-        for name, handle in self._models.items():
-            engines[name] = engines[self._refs[name]] = DeploymentEngine(name, handle)
-        for name, ref in self._multiplexed.items():
-            engines[name] = engines[ref] = DeploymentEngine(name, self._multiplex, multiplexed_id=ref)
-        return build_openai_app(engines, max_body_bytes=args.ingress.max_body_bytes, auth=build_auth(args.auth), refs=self._refs)
+        self._grpc.auth = build_auth(args.auth)  # gRPC calls need the same keys as HTTP
+        return build_openai_app(self._engines, max_body_bytes=args.ingress.max_body_bytes, auth=self._grpc.auth, refs=self._refs)
+
+    # gRPC (`lmaas.v1.Inference`): Serve's gRPC proxy calls the method named like the RPC
+
+    async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - the RPC's name
+        return await self._grpc.list_models(request, grpc_context)
+
+    async def Complete(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
+        async for chunk in self._grpc.complete(request, grpc_context):
+            yield chunk
+
+    async def Embed(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self._grpc.embed(request, grpc_context)
 
     def app_args(self) -> dict:
         """The `ServeAppArgs` this app was built from."""
@@ -593,22 +617,31 @@ def _current_args(app_name: str) -> ServeAppArgs | None:
     return ServeAppArgs.model_validate(serve.get_app_handle(app_name).app_args.remote().result())
 
 
-def deploy_model(served: ServedModel, *, env: dict[str, str], app_name: str = APP_NAME, host: str = "0.0.0.0", port: int = 8000) -> str:
+def grpc_options(port: int) -> dict[str, Any]:
+    """Serve's `grpc_options` that serve the gRPC API (`lmaas.v1.Inference`) on `port`."""
+    return {"port": port, "grpc_servicer_functions": [GRPC_SERVICER]}
+
+
+def deploy_model(
+    served: ServedModel, *, env: dict[str, str], app_name: str = APP_NAME, host: str = "0.0.0.0", port: int = 8000, grpc_port: int | None = DEFAULT_GRPC_PORT
+) -> str:
     """Add (or replace, by name) one model in the app on the connected cluster and wait until it runs.
 
     Returns:
         The `name:version` the new deployment serves.
     """
-    return deploy_models([served], env=env, app_name=app_name, host=host, port=port)[served.name]
+    return deploy_models([served], env=env, app_name=app_name, host=host, port=port, grpc_port=grpc_port)[served.name]
 
 
 def deploy_models(
-    served: list[ServedModel], *, env: dict[str, str], app_name: str = APP_NAME, host: str = "0.0.0.0", port: int = 8000
+    served: list[ServedModel], *, env: dict[str, str], app_name: str = APP_NAME, host: str = "0.0.0.0", port: int = 8000,
+    grpc_port: int | None = DEFAULT_GRPC_PORT,
 ) -> dict[str, str]:
     """Add (or replace, by name) models in the app on the connected cluster and wait until they run.
 
-    Other models keep their settings; Serve updates only deployments whose config changed.
-    `host` and `port` apply when Serve is not running yet (`http_port()` tells where it listens).
+    Other models keep their settings; Serve updates only deployments whose config changed. `port`
+    (HTTP) and `grpc_port` (None: no gRPC) apply when this call starts Serve; a running Serve keeps
+    its own (`http_port()` tells where it listens).
 
     Returns:
         Served name -> the `name:version` it serves (its reference while scaled to zero).
@@ -617,7 +650,7 @@ def deploy_models(
     names = {m.name for m in served}
     models = [m for m in (args.models if args else []) if m.name not in names] + list(served)
     config = (args or ServeAppArgs(models=models)).model_copy(update={"models": models, "env": env or (args.env if args else {})})
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, grpc_options=grpc_options(grpc_port) if grpc_port else None)
     handle = serve.run(build_app(ServeAppArgs.model_validate(config.model_dump())), name=app_name, route_prefix="/")
     warm = [m.name for m in served if m.initial_replicas != 0 and not m.multiplexed]  # asking a cold one would start it
     versions = handle.served_versions.remote(warm).result() if warm else {}

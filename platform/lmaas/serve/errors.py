@@ -1,19 +1,33 @@
-"""The one place HTTP errors are shaped: `LmaasError` and bad requests -> OpenAI-style JSON.
+"""The one place API errors are shaped: `LmaasError` and bad requests -> OpenAI-style JSON or a gRPC status.
 
-Every error body is `{"error": {"message", "type", "param", "code"}}` with the exception's
-4xx/5xx status, as OpenAI's API does, so clients need to handle one shape.
+Every HTTP error body is `{"error": {"message", "type", "param", "code"}}` with the exception's
+4xx/5xx status, as OpenAI's API does, so clients need to handle one shape. The gRPC API sends the
+same message with the status code that matches the HTTP status (`grpc_status`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmaas.errors import AuthenticationError, LmaasError, RateLimitError
+
+_GRPC_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
 
 
 def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict:
@@ -26,6 +40,20 @@ def _code(exc: LmaasError) -> str:
         return exc.code
     # NotFoundError -> "not_found"
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__.removesuffix("Error")).lower()
+
+
+def validation_message(errors: Sequence[dict], skip: int = 0) -> tuple[str, str | None]:
+    """(message, param) of the first pydantic validation error; `skip` drops leading `loc` parts ("body")."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first.get("loc", ())[skip:]) or None
+    return (f"{param}: {first['msg']}" if param else first["msg"]), param
+
+
+def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message for an error: the code that matches its HTTP status, else INTERNAL."""
+    if isinstance(exc, LmaasError):
+        return _GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message
+    return grpc.StatusCode.INTERNAL, f"request failed: {type(exc).__name__}: {exc}"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -42,9 +70,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
+        message, param = validation_message(exc.errors(), skip=1)
         return JSONResponse(error_body(message, "invalid_request_error", param=param, code="invalid_input"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -66,11 +66,11 @@ class OpenAIServing:
 
     # ---- completions ----
 
-    async def create_completion(self, request: CompletionRequest, *, on_finish: OnFinish | None = None) -> CompletionResponse | AsyncIterator[str]:
-        """A full response, or (when `stream`) an iterator of SSE lines; errors before the first token raise.
+    async def start_completion(self, request: CompletionRequest) -> tuple[str, AsyncIterator[TokenEvent]]:
+        """Check `request` and start generating: its id and its token events (HTTP and gRPC share this).
 
-        `on_finish` gets the token counts once the response is complete (a stream: at its end, also
-        when the client leaves early).
+        Raises:
+            NotFoundError, InvalidInputError: before the first token, so no stream has begun.
         """
         engine = self.engine(request.model)
         if request.echo:
@@ -79,21 +79,30 @@ class OpenAIServing:
         gen = GenerationRequest(new_request_id("cmpl"), request.prompt, params)
         events = engine.generate(gen)
         first = await _first(events)
+        return gen.request_id, _chain(first, events)
+
+    async def create_completion(self, request: CompletionRequest, *, on_finish: OnFinish | None = None) -> CompletionResponse | AsyncIterator[str]:
+        """A full response, or (when `stream`) an iterator of SSE lines; errors before the first token raise.
+
+        `on_finish` gets the token counts once the response is complete (a stream: at its end, also
+        when the client leaves early).
+        """
+        request_id, events = await self.start_completion(request)
         if request.stream:
-            return self._completion_stream(request, gen.request_id, first, events, on_finish)
-        collected = [first] + [e async for e in events]
+            return self._completion_stream(request, request_id, events, on_finish)
+        collected = [e async for e in events]
         text = "".join(e.text for e in collected)
         last = collected[-1]
         if on_finish is not None:
-            await on_finish(gen.request_id, last.prompt_tokens, last.completion_tokens)
-        choice = CompletionChoice(text=text, finish_reason=last.finish_reason, logprobs=_completion_logprobs(collected, params.logprobs is not None))
-        return CompletionResponse(id=gen.request_id, model=request.model, choices=[choice], usage=_usage(last))
+            await on_finish(request_id, last.prompt_tokens, last.completion_tokens)
+        choice = CompletionChoice(text=text, finish_reason=last.finish_reason, logprobs=_completion_logprobs(collected, request.logprobs is not None))
+        return CompletionResponse(id=request_id, model=request.model, choices=[choice], usage=_usage(last))
 
     async def _completion_stream(
-        self, request: CompletionRequest, request_id: str, first: TokenEvent, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None
+        self, request: CompletionRequest, request_id: str, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None
     ) -> AsyncIterator[str]:
         offset = 0
-        async for event in _metered(request_id, _chain(first, events), on_finish):
+        async for event in _metered(request_id, events, on_finish):
             logprobs = _completion_logprobs([event], request.logprobs is not None, offset)
             offset += len(event.text)
             if not event.text and event.finish_reason is None and logprobs is None:
