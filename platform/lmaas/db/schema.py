@@ -240,3 +240,23 @@ queued_jobs = sa.Table(
 )
 """The job queue (`lmaas jobs`): one row per submitted job; `state` moves queued -> submitted ->
 running -> succeeded | failed | cancelled, admission to Ray happening highest priority first, FIFO."""
+
+canaries = sa.Table(
+    "canaries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("app", sa.String(100), nullable=False),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("rollout", sa.String(64), nullable=False),
+    sa.Column("stable_ref", sa.String(300), nullable=False),
+    sa.Column("canary_ref", sa.String(300), nullable=False),
+    sa.Column("weight", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("started_at", sa.Float, nullable=False, default=time.time),
+    sa.Column("updated_at", sa.Float, nullable=False, default=time.time),
+    sa.UniqueConstraint("app", "model"),
+)
+"""Canary rollouts (`serve.canary`): one row per served model of a Serve app that has a canary. `rollout`
+is a hash of the canary's configuration; `state` moves running -> rolled_back | promoted, each move
+made by one conditional UPDATE so exactly one gateway replica performs it."""

@@ -132,6 +132,42 @@ class ScalingOptions(BaseModel):
         }
 
 
+class CanaryOptions(ScalingOptions):
+    """A canary of a served model: a second deployment taking `weight`% of its traffic, watched by the gateway.
+
+    See `lmaas.serve.canary`. Its own replicas (default 1) serve `ref`; past the limits below it is
+    rolled back to 0% (audited with the numbers); healthy for `promote_after_s`, it becomes the stable version.
+    """
+
+    ref: str = Field(min_length=1)
+    """Registry reference the canary serves (`name:7`, `name@candidate`, ...)."""
+    weight: int = Field(10, ge=0, le=100)
+    """Percent of the model's requests sent to the canary."""
+    sticky: bool = False
+    """Keep each caller on one side: by the request's `user` field, else the `X-Lmaas-User` header, else the API key."""
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    """Roll back when more than this share of canary requests fail with a server error."""
+    max_latency_ratio: float = Field(2.0, gt=0)
+    """Roll back when the canary's p99 latency exceeds this multiple of the stable side's."""
+    min_requests: int = Field(20, ge=1)
+    """Canary requests in the window before any verdict."""
+    window_s: float = Field(60.0, gt=0)
+    """Sliding window of outcomes the verdict looks at."""
+    promote_after_s: float | None = Field(None, gt=0)
+    """Promote once the canary has run this long and is healthy (None: never on its own)."""
+
+    @model_validator(mode="after")
+    def _ref(self) -> "CanaryOptions":
+        from lmaas.registry import parse_ref
+
+        parse_ref(self.ref)
+        return self
+
+    def policy(self) -> dict[str, Any]:
+        """The settings that name a rollout (`canary.rollout_id`): scaling changes do not restart it."""
+        return self.model_dump(include={"ref", "weight", "sticky", "max_error_rate", "max_latency_ratio", "min_requests", "window_s", "promote_after_s"})
+
+
 class ServedModel(ScalingOptions):
     """One registered model behind the API."""
 
@@ -144,6 +180,8 @@ class ServedModel(ScalingOptions):
     refresh_interval_s: float = Field(10.0, ge=0)
     """How often a replica re-resolves a moving reference (`name`, `name@alias`); 0 never does."""
     engine: EngineOptions = Field(default_factory=EngineOptions)
+    canary: CanaryOptions | None = None
+    """Split traffic with a canary version (its own deployment, `model-<name>-canary`); see `lmaas.serve.canary`."""
 
     @model_validator(mode="after")
     def _name(self) -> "ServedModel":
@@ -152,6 +190,8 @@ class ServedModel(ScalingOptions):
         parsed = parse_ref(self.ref)
         if self.name is None:
             self.name = parsed.name
+        if self.canary is not None and self.multiplexed:
+            raise ValueError("canary: a multiplexed model cannot have a canary (give it a deployment of its own)")
         return self
 
 
@@ -502,6 +542,7 @@ class OpenAIIngress:
         multiplex: handle of the `MultiplexedModelServer` deployment (None when nothing is multiplexed).
         refs: served name -> its configured reference (also accepted as `model`).
         args: the app's arguments as a dict (`lmaas deployments` and `lmaas deploy` read them back).
+        canaries: served name -> handle of its canary's `ModelServer` deployment (`serve.canary` splits the traffic).
     """
 
     def __init__(
@@ -511,6 +552,7 @@ class OpenAIIngress:
         multiplex: DeploymentHandle | None,
         refs: dict[str, str],
         args: dict,
+        canaries: dict[str, DeploymentHandle] | None = None,
     ) -> None:
         from lmaas.serve.grpc_api import GrpcServing
         from lmaas.serve.openai_api import OpenAIServing
@@ -521,15 +563,42 @@ class OpenAIIngress:
             self._engines[name] = self._engines[refs[name]] = DeploymentEngine(name, handle)
         for name, ref in multiplexed.items():
             self._engines[name] = self._engines[ref] = DeploymentEngine(name, multiplex, multiplexed_id=ref)
+        if canaries:
+            self._split_traffic(canaries)
         self._grpc = GrpcServing(OpenAIServing(self._engines), refs=refs)
+
+    def _split_traffic(self, canaries: dict[str, DeploymentHandle]) -> None:
+        """Put a `CanaryEngine` (stable + canary deployments, state in the database) behind each name with a canary."""
+        from lmaas.serve.canary import CanaryEngine, CanaryStore, rollout_id
+        from lmaas.serve.control import request_promotion
+
+        app = serve.get_replica_context().app_name
+        store = CanaryStore.from_settings()
+        config = ServeAppArgs(**self._args)
+        for served in config.models:
+            if served.name not in canaries or served.canary is None:
+                continue
+            rollout = rollout_id(served.ref, served.canary.policy())
+            engine = CanaryEngine(
+                app, served.name, self._engines[served.name], DeploymentEngine(served.name, canaries[served.name]), served.ref,
+                served.canary, store, rollout,
+                on_promote=lambda name=served.name, ref=served.canary.ref: request_promotion(app, name, ref, config.env),
+            )
+            self._engines[served.name] = self._engines[served.ref] = engine
 
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - a FastAPI app
         from lmaas.serve.auth import build_auth
+        from lmaas.serve.control import DeploymentControl
+        from lmaas.serve.management import add_management_routes
         from lmaas.serve.openai_app import build_openai_app
 
         args = ServeAppArgs(**self._args)
         self._grpc.auth = build_auth(args.auth)  # gRPC calls need the same keys as HTTP
-        return build_openai_app(self._engines, max_body_bytes=args.ingress.max_body_bytes, auth=self._grpc.auth, refs=self._refs)
+        app = build_openai_app(self._engines, max_body_bytes=args.ingress.max_body_bytes, auth=self._grpc.auth, refs=self._refs)
+        # one port for /v1 and /api/v1: the registry, auth and deployment REST APIs ride on the same app
+        control = DeploymentControl(serve.get_replica_context().app_name, args)
+        add_management_routes(app, self._grpc.auth.registry if self._grpc.auth else None, auth=self._grpc.auth, deployments=control)
+        return app
 
     # gRPC (`lmaas.v1.Inference`): Serve's gRPC proxy calls the method named like the RPC
 
@@ -562,6 +631,11 @@ def deployment_name(served_name: str) -> str:
     return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "-", served_name)
 
 
+def canary_deployment_name(served_name: str) -> str:
+    """The Serve deployment name of a served model's canary."""
+    return deployment_name(served_name) + "-canary"
+
+
 def build_app(args: dict | ServeAppArgs) -> serve.Application:
     """The Serve application for `args` (`ServeAppArgs`): `serve run module:build_app` calls this.
 
@@ -570,6 +644,7 @@ def build_app(args: dict | ServeAppArgs) -> serve.Application:
     """
     config = args if isinstance(args, ServeAppArgs) else ServeAppArgs.model_validate(args)
     models: dict[str, Any] = {}
+    canaries: dict[str, Any] = {}
     multiplexed: dict[str, str] = {}
     for served in config.models:
         if served.multiplexed:
@@ -579,6 +654,11 @@ def build_app(args: dict | ServeAppArgs) -> serve.Application:
         models[served.name] = ModelServer.options(**options).bind(
             served.ref, served.name, served.engine.model_dump(), served.refresh_interval_s
         )
+        if served.canary is not None:  # its own deployment and replicas; the ingress splits the traffic
+            options = served.canary.deployment_options(config.env) | {"name": canary_deployment_name(served.name)}
+            canaries[served.name] = ModelServer.options(**options).bind(
+                served.canary.ref, served.name, served.engine.model_dump(), served.refresh_interval_s
+            )
     multiplex = None
     if multiplexed:
         mux = config.multiplex
@@ -587,7 +667,7 @@ def build_app(args: dict | ServeAppArgs) -> serve.Application:
     actor = {"num_cpus": ingress.num_cpus} | ({"runtime_env": {"env_vars": dict(config.env)}} if config.env else {})  # auth reads the database
     return OpenAIIngress.options(
         num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options=actor
-    ).bind(models, multiplexed, multiplex, {m.name: m.ref for m in config.models}, config.model_dump(mode="json"))
+    ).bind(models, multiplexed, multiplex, {m.name: m.ref for m in config.models}, config.model_dump(mode="json"), canaries)
 
 
 # ---- managing the app on a running cluster (the `lmaas deploy` commands) ----
@@ -609,6 +689,8 @@ class DeploymentSummary:
     min_replicas: int
     max_replicas: int
     multiplexed: bool
+    canary: dict[str, Any] | None = None
+    """`{ref, weight, state, reason, serving}` while a canary is configured (`state`: running, rolled_back, promoted)."""
 
 
 def _current_args(app_name: str) -> ServeAppArgs | None:
@@ -650,11 +732,19 @@ def deploy_models(
     names = {m.name for m in served}
     models = [m for m in (args.models if args else []) if m.name not in names] + list(served)
     config = (args or ServeAppArgs(models=models)).model_copy(update={"models": models, "env": env or (args.env if args else {})})
+    _reset_canaries(app_name, list(names))
     serve.start(http_options={"host": host, "port": port}, grpc_options=grpc_options(grpc_port) if grpc_port else None)
     handle = serve.run(build_app(ServeAppArgs.model_validate(config.model_dump())), name=app_name, route_prefix="/")
     warm = [m.name for m in served if m.initial_replicas != 0 and not m.multiplexed]  # asking a cold one would start it
     versions = handle.served_versions.remote(warm).result() if warm else {}
     return {m.name: versions.get(m.name, m.ref) for m in served}
+
+
+def _reset_canaries(app_name: str, names: list[str]) -> None:
+    """A deploy starts the canaries of `names` afresh (their rows go; the new gateway replicas write new ones)."""
+    from lmaas.serve.canary import CanaryStore
+
+    CanaryStore.from_settings().reset(app_name, names)
 
 
 def http_port() -> int:
@@ -677,6 +767,7 @@ def undeploy_model(name: str, *, app_name: str = APP_NAME) -> None:
     if name not in names:
         raise NotFoundError(f"no deployment named {name!r} (deployed: {', '.join(names) or 'none'}); see `lmaas deployments`", param="name")
     rest = [m for m in args.models if m.name != name]
+    _reset_canaries(app_name, [name])
     if not rest:
         serve.delete(app_name)
         return
@@ -699,15 +790,29 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
         serving = serve.get_app_handle(app_name).served_versions.remote(live).result(timeout_s=10)
     except Exception:  # noqa: BLE001 - a replica starting or stopping: list it without a version
         serving = {}
+    from lmaas.serve.canary import CanaryStore
+
+    splits = CanaryStore.from_settings().list(app_name) if any(m.canary for m in args.models) else {}
     out = []
     for m in args.models:
         key = MULTIPLEX_NAME if m.multiplexed else deployment_name(m.name)
         state = app.deployments.get(key)
         scaling = args.multiplex if m.multiplexed else m
+        canary = None
+        if m.canary is not None:
+            split = splits.get(m.name)
+            canary_state = app.deployments.get(canary_deployment_name(m.name))
+            canary = {
+                "ref": m.canary.ref,
+                "weight": m.canary.weight if split is None else split.routed_weight,
+                "state": "pending" if split is None else split.state,
+                "reason": "" if split is None else split.reason,
+                "status": str(getattr(canary_state.status, "value", canary_state.status)) if canary_state else "MISSING",
+            }
         out.append(
             DeploymentSummary(
                 m.name, m.ref, serving.get(m.name, "-"), str(getattr(state.status, "value", state.status)) if state else "MISSING",
-                running(key), scaling.min_replicas, scaling.max_replicas, m.multiplexed,
+                running(key), scaling.min_replicas, scaling.max_replicas, m.multiplexed, canary,
             )
         )
     return out

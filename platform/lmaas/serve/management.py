@@ -1,11 +1,14 @@
 """The management HTTP app: registry and auth REST APIs (`/api/v1/...`), `/healthz`, `/openapi.json`.
 
-It is mounted into the gateway Serve app and runs standalone for tests and small setups:
+Its routes ride on the gateway Serve app (one port for `/v1` and `/api/v1`, plus `/api/v1/deployments`
+there) and it runs standalone for tests and small setups:
 
     lmaas models serve-api --port 8080
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -27,15 +30,34 @@ def build_app(registry: ModelRegistry, *, auth: Auth | None = None) -> FastAPI:
             None: open to every caller, as an admin (tests, a trusted network).
     """
     app = FastAPI(title="lmaas management API", version=lmaas.__version__)
-    app.state.registry = registry
-    app.state.auth = auth
     install_error_handlers(app)
-    app.include_router(registry_router.router)
-    app.include_router(auth_router.router)
-    app.add_middleware(AuditFailures, get_engine=lambda: auth.engine if auth is not None else None)
+    add_management_routes(app, registry, auth=auth)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     return app
+
+
+def add_management_routes(app: FastAPI, registry: ModelRegistry | None, *, auth: Auth | None = None, deployments: Any = None) -> None:
+    """Add the `/api/v1/` routers to `app` (the standalone app above, or the gateway's inference app).
+
+    Args:
+        registry: the model registry (None: the one of this process's settings).
+        deployments: a `serve.control.DeploymentControl` (the gateway has one): adds `/api/v1/deployments`.
+    """
+    if registry is None:
+        from lmaas.config import load_settings
+
+        registry = ModelRegistry.from_settings(load_settings())
+    app.state.registry = registry
+    app.state.auth = auth
+    app.include_router(registry_router.router)
+    app.include_router(auth_router.router)
+    if deployments is not None:
+        from lmaas.serve.routers import deployments as deployments_router
+
+        app.state.deployments = deployments
+        app.include_router(deployments_router.router)
+    app.add_middleware(AuditFailures, get_engine=lambda: auth.engine if auth is not None else None)

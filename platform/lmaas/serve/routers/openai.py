@@ -3,19 +3,24 @@
 Every route needs a key with the `inference` scope (`serve.auth.inference_access`); a model of
 another tenant answers 404 exactly as a model that is not served, and each finished response is
 metered (tokens, usage, response id -> model version) through `on_finish`.
+
+Each response names the model version that produced it in `X-Lmaas-Model-Version` (with a canary,
+the side that answered: `serve.canary` fills in `ROUTED`); a sticky canary split keeps a caller on one
+side by the request's `user`, else the `X-Lmaas-User` header, else the API key (`CALLER`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from lmaas.auth import Principal
 from lmaas.errors import LmaasError, NotFoundError
 from lmaas.serve.auth import authenticate, get_auth, inference_access
+from lmaas.serve.canary import CALLER, ROUTED, Routed
 from lmaas.serve.openai_api import DONE, OnFinish, OpenAIServing, error_event
 from lmaas.serve.protocol.openai import (
     ChatCompletionRequest,
@@ -28,6 +33,7 @@ from lmaas.serve.protocol.openai import (
 )
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(inference_access)])
+VERSION_HEADER = "X-Lmaas-Model-Version"
 
 
 def _serving(request: Request) -> OpenAIServing:
@@ -51,22 +57,25 @@ def _visible(request: Request, principal: Principal, model: str) -> bool:
     return name is None or auth.visible_model(principal, name)
 
 
-async def _admit_model(request: Request, model: str) -> OnFinish | None:
+async def _admit_model(request: Request, model: str, user: str | None = None) -> OnFinish | None:
     """404 unless `model` is served and visible to the caller; returns the metering callback."""
     auth, principal = get_auth(request), authenticate(request)
     serving = _serving(request)
+    ROUTED.set(Routed())
+    CALLER.set(user or request.headers.get("x-lmaas-user") or principal.key_id)
     if auth is None:
         return None
     if model not in serving.engines or not await run_in_threadpool(_visible, request, principal, model):
         served = await run_in_threadpool(lambda: sorted(n for n in serving.engines if _visible(request, principal, n)))
         raise NotFoundError(f"model {model!r} is not served here (served: {', '.join(served) or 'none'})", param="model")
     ref = request.app.state.refs.get(model, model)
+    routed = ROUTED.get()
 
     async def on_finish(response_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
         def record() -> None:
             auth.quotas.record(
                 principal, model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                response_id=response_id, version=auth.version_of(ref) if response_id else None,
+                response_id=response_id, version=auth.version_of(routed.ref or ref) if response_id else None,
             )
 
         await run_in_threadpool(record)
@@ -83,27 +92,42 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.post("/completions", response_model=CompletionResponse)
-async def create_completion(request: Request, body: CompletionRequest):  # noqa: ANN201 - JSON or SSE
-    on_finish = await _admit_model(request, body.model)
-    return _respond(await _serving(request).create_completion(body, on_finish=on_finish))
+async def create_completion(request: Request, response: Response, body: CompletionRequest):  # noqa: ANN201 - JSON or SSE
+    on_finish = await _admit_model(request, body.model, body.user)
+    result = await _serving(request).create_completion(body, on_finish=on_finish)
+    return _respond(result, response, await _version(request, body.model))
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
-async def create_chat_completion(request: Request, body: ChatCompletionRequest):  # noqa: ANN201 - JSON or SSE
-    on_finish = await _admit_model(request, body.model)
-    return _respond(await _serving(request).create_chat_completion(body, on_finish=on_finish))
+async def create_chat_completion(request: Request, response: Response, body: ChatCompletionRequest):  # noqa: ANN201 - JSON or SSE
+    on_finish = await _admit_model(request, body.model, body.user)
+    result = await _serving(request).create_chat_completion(body, on_finish=on_finish)
+    return _respond(result, response, await _version(request, body.model))
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse)
-async def create_embedding(request: Request, body: EmbeddingRequest) -> EmbeddingResponse:
-    on_finish = await _admit_model(request, body.model)
-    return await _serving(request).create_embedding(body, on_finish=on_finish)
+async def create_embedding(request: Request, response: Response, body: EmbeddingRequest) -> EmbeddingResponse:
+    on_finish = await _admit_model(request, body.model, body.user)
+    result = await _serving(request).create_embedding(body, on_finish=on_finish)
+    response.headers[VERSION_HEADER] = await _version(request, body.model)
+    return result
 
 
-def _respond(result):  # noqa: ANN001, ANN202
+async def _version(request: Request, model: str) -> str:
+    """`name:version` that answered (the reference itself when it is not in a registry)."""
+    routed = ROUTED.get()
+    ref = (routed.ref if routed is not None else None) or request.app.state.refs.get(model, model)
+    auth = get_auth(request)
+    version = await run_in_threadpool(auth.version_of, ref) if auth is not None else None
+    return version or ref
+
+
+def _respond(result, response: Response, version: str):  # noqa: ANN001, ANN202
     if isinstance(result, (CompletionResponse, ChatCompletionResponse)):
+        response.headers[VERSION_HEADER] = version
         return result
-    return StreamingResponse(_sse(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    headers = {"Cache-Control": "no-cache", VERSION_HEADER: version}
+    return StreamingResponse(_sse(result), media_type="text/event-stream", headers=headers)
 
 
 async def _sse(lines: AsyncIterator[str]) -> AsyncIterator[str]:
