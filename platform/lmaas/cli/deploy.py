@@ -2,7 +2,8 @@
 
     ray start --head && export RAY_ADDRESS=auto       # deployments outlive this command: they need a cluster
     lmaas deploy tiny-lm@production --min-replicas 0 --max-replicas 2
-    lmaas deployments
+    lmaas deploy tiny-lm@production --canary tiny-lm:7 --weight 10 --sticky --promote-after 10m
+    lmaas deployments                                  # the canary column: ref, weight, state
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model": "tiny-lm", "prompt": "def"}'
     grpcurl -plaintext -d '{"model": "tiny-lm", "prompt": "def"}' 127.0.0.1:9000 lmaas.v1.Inference/Complete
     lmaas undeploy tiny-lm
@@ -53,15 +54,31 @@ def deploy(
     grpc_port: int = typer.Option(
         9000, "--grpc-port", help="gRPC port of Serve's proxy (lmaas.v1.Inference; 0: no gRPC), when Serve is not running yet."
     ),
+    canary: str = typer.Option(None, "--canary", help="A canary reference (e.g. name:7) that takes --weight percent of the traffic."),
+    weight: int = typer.Option(10, "--weight", help="The canary's share of requests in percent (0-100)."),
+    sticky: bool = typer.Option(False, "--sticky", help="Keep each user (request `user`, X-Lmaas-User, else API key) on one side."),
+    promote_after: str = typer.Option(None, "--promote-after", help="Promote the canary when healthy this long (10m, 1h); default: never."),
+    max_error_rate: float = typer.Option(0.05, "--max-error-rate", help="Roll back above this canary server-error rate."),
+    max_latency_ratio: float = typer.Option(2.0, "--max-latency-ratio", help="Roll back when canary p99 latency exceeds this x stable's."),
 ) -> None:
-    """Serve a registered model behind the OpenAI API (autoscaled; aliases roll over in place)."""
+    """Serve a registered model behind the OpenAI API (autoscaled; aliases roll over in place), optionally with a canary."""
     from pydantic import ValidationError
 
+    from lmaas.auth import parse_duration
     from lmaas.registry import ModelRegistry
     from lmaas.serve.deployments import ServedModel, deploy_model, http_port
 
     settings = load_settings()
-    ModelRegistry.from_settings(settings).resolve(ref)  # an unknown reference fails here, not in a replica
+    registry = ModelRegistry.from_settings(settings)
+    registry.resolve(ref)  # an unknown reference fails here, not in a replica
+    canary_options = None
+    if canary is not None:
+        registry.resolve(canary)
+        canary_options = {
+            "ref": canary, "weight": weight, "sticky": sticky, "max_error_rate": max_error_rate, "max_latency_ratio": max_latency_ratio,
+            "promote_after_s": parse_duration(promote_after, param="--promote-after") if promote_after else None,
+            "num_cpus": num_cpus, "num_gpus": num_gpus,
+        }
     try:
         served = ServedModel(
             ref=ref,
@@ -71,6 +88,7 @@ def deploy(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             multiplexed=multiplexed,
+            canary=canary_options,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -81,6 +99,8 @@ def deploy(
         version = deploy_model(served, env=settings.env(), port=port, grpc_port=grpc_port or None)
     port = http_port()  # Serve may have been running already, on its own port
     console.print(f"deployed [bold]{served.name}[/] serving {version}; try (a key from `lmaas keys create --scope inference`):")
+    if served.canary is not None:
+        console.print(f"canary {served.canary.ref} takes {served.canary.weight}% of {served.name}'s requests; `lmaas deployments` shows its state")
     console.print(
         f"  curl http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' -H \"Authorization: Bearer $LMAAS_API_KEY\" "
         f"-d '{{\"model\": \"{served.name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
@@ -125,7 +145,8 @@ def deployments() -> None:
     if not rows:
         console.print("nothing deployed; `lmaas deploy REF` serves a registered model")
         return
-    table = Table("name", "ref", "serving", "status", "replicas", "min..max", "multiplexed")
+    table = Table("name", "ref", "serving", "status", "replicas", "min..max", "multiplexed", "canary")
     for r in rows:
-        table.add_row(r.name, r.ref, r.serving, r.status, str(r.running), f"{r.min_replicas}..{r.max_replicas}", "yes" if r.multiplexed else "")
+        canary = f"{r.canary['ref']} {r.canary['weight']}% {r.canary['state']}" if r.canary else ""
+        table.add_row(r.name, r.ref, r.serving, r.status, str(r.running), f"{r.min_replicas}..{r.max_replicas}", "yes" if r.multiplexed else "", canary)
     console.print(table)

@@ -1,0 +1,238 @@
+"""Canary rollouts on a real Serve app (`lmaas.serve.canary`), over real HTTP with API keys.
+
+Models: `tiny:1` and `tiny:2` (random tiny Llamas, different seeds) and `slow:1` (the `small` size,
+~10x tiny's decode time). Every served name splits between `tiny:1` and a canary; responses carry
+`X-Lmaas-Model-Version`, so each test counts which side answered.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import free_port, wait_for  # noqa: E402
+from serve_helpers import make_causal_lm  # noqa: E402
+
+httpx = pytest.importorskip("httpx")
+pytestmark = pytest.mark.timeout(600)
+
+APP = "lmaas-canary-test"
+KEY = "lmaas_canarytest_" + "k" * 40
+DEPLOY_KEY = "lmaas_canarydeploy_" + "d" * 40
+HEADER = "X-Lmaas-Model-Version"
+
+
+@pytest.fixture(scope="module")
+def gateway(ray_cluster, tmp_path_factory):
+    """(base URL, canary store) of a running app; Serve shuts down at module end."""
+    from ray import serve
+
+    from lmaas import db
+    from lmaas.auth import KeyStore
+    from lmaas.config import load_settings
+    from lmaas.registry import ModelRegistry
+    from lmaas.serve.canary import CanaryStore
+    from lmaas.serve.deployments import build_app
+
+    root = tmp_path_factory.mktemp("canary")
+    settings = load_settings(home=root / "home")
+    registry = ModelRegistry.from_settings(settings)
+    for seed in (0, 1):
+        registry.register_version("tiny", make_causal_lm(root / f"lm{seed}", seed=seed, max_seq_len=128), task="causal-lm")
+    registry.register_version("slow", make_causal_lm(root / "slow", size="small", max_seq_len=128), task="causal-lm")
+    engine = db.connect(settings.database_url)
+    keys = KeyStore(engine)
+    keys.create_key("default", ["inference"], create_tenant=True, secret=KEY)
+    keys.create_key("default", ["inference", "deploy"], secret=DEPLOY_KEY)
+
+    small = {"num_cpus": 0.05, "graceful_shutdown_timeout_s": 5, "health_check_period_s": 2, "refresh_interval_s": 0,
+             "engine": {"num_threads": 1}}
+    canary = {"num_cpus": 0.05, "graceful_shutdown_timeout_s": 5, "min_requests": 1000}
+
+    def model(name: str, **canary_options) -> dict:
+        return {"ref": "tiny:1", "name": name, **small, "canary": {**canary, **canary_options}}
+
+    args = {
+        "models": [
+            model("split", ref="tiny:2", weight=10),
+            model("sticky", ref="tiny:2", weight=50, sticky=True),
+            model("guarded", ref="slow:1", weight=30, min_requests=6, max_latency_ratio=2, window_s=120),
+            model("promoted", ref="tiny:2", weight=50, min_requests=4, promote_after_s=6, window_s=120),
+        ],
+        "ingress": {"num_cpus": 0.05},
+        "env": settings.env(),
+    }
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _status(base + "/healthz") == 200, 60, "Serve ingress")
+        yield base, CanaryStore(engine), engine
+    finally:
+        serve.shutdown()
+        _kill_applier(settings.env())
+
+
+def _kill_applier(env: dict) -> None:
+    import ray
+
+    from lmaas.serve.control import applier
+
+    try:
+        ray.kill(applier(env))
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except OSError:
+        return 0
+
+
+def complete(base: str, model: str, *, user: str | None = None, max_tokens: int = 4, client=None) -> tuple[int, str | None]:
+    """(status, version header) of one completion."""
+    body = {"model": model, "prompt": "def f(x):", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if user is not None:
+        body["user"] = user
+    post = (client or httpx).post
+    r = post(base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    return r.status_code, r.headers.get(HEADER)
+
+
+def test_weighted_split_sends_about_ten_percent_to_the_canary(gateway):
+    base = gateway[0]
+    with httpx.Client() as client:
+        answers = [complete(base, "split", client=client) for _ in range(100)]
+    assert {s for s, _ in answers} == {200}
+    versions = [v for _, v in answers]
+    assert set(versions) <= {"tiny:1", "tiny:2"}
+    assert 1 <= versions.count("tiny:2") <= 22, versions.count("tiny:2")  # Binomial(100, 0.1): 10 +- 4 sd
+
+
+def test_sticky_split_keeps_each_user_on_one_side(gateway):
+    base = gateway[0]
+    seen = {}
+    with httpx.Client() as client:
+        for i in range(12):
+            seen[f"user-{i}"] = {complete(base, "sticky", user=f"user-{i}", max_tokens=1, client=client)[1] for _ in range(4)}
+    assert all(len(v) == 1 for v in seen.values()), seen
+    assert set().union(*seen.values()) == {"tiny:1", "tiny:2"}  # 50/50 over 12 users: both sides (p of not ~ 5e-4)
+
+
+def _audit(engine, action: str) -> list[dict]:
+    import sqlalchemy as sa
+
+    from lmaas.db.schema import events
+
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(events).where(events.c.action == action)).mappings()]
+
+
+class Loop:
+    """Clients calling `model` in threads until stopped; every answer (status, version) is kept."""
+
+    def __init__(self, base: str, model: str, threads: int = 3) -> None:
+        self.base, self.model, self.answers, self._stop = base, model, [], threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with httpx.Client() as client:
+            while not self._stop.is_set():
+                try:
+                    self.answers.append(complete(self.base, self.model, client=client))
+                except Exception as exc:  # noqa: BLE001 - a failed request is a finding
+                    self.answers.append((0, repr(exc)))
+
+    def __enter__(self) -> "Loop":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+
+def test_slow_canary_is_rolled_back_while_clients_run(gateway):
+    base, store, engine = gateway
+    with Loop(base, "guarded") as loop:
+        wait_for(lambda: store.get(APP, "guarded") is not None and store.get(APP, "guarded").state == "rolled_back", 180, "rollback")
+        rolled_back_at = len(loop.answers)
+        time.sleep(3)  # past the gateway's state TTL: no more canary answers
+        settled = len(loop.answers)
+        time.sleep(3)
+    assert [a for a in loop.answers if a[0] != 200] == []
+    assert "slow:1" in {v for _, v in loop.answers[:rolled_back_at]}
+    assert {v for _, v in loop.answers[settled:]} == {"tiny:1"}
+    state = store.get(APP, "guarded")
+    assert state.routed_weight == 0 and "p99" in state.reason
+    events = [e for e in _audit(engine, "deployment.canary.rollback") if e["target"] == f"{APP}/guarded"]
+    assert len(events) == 1 and "p99" in events[0]["detail"]["reason"] and events[0]["detail"]["canary"]["requests"] >= 6
+
+
+def _deployments(base: str, key: str = DEPLOY_KEY) -> httpx.Response:
+    return httpx.get(base + "/api/v1/deployments", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def _listed(base: str) -> dict[str, dict]:
+    r = _deployments(base)
+    return {d["name"]: d for d in r.json()["data"]} if r.status_code == 200 else {}
+
+
+def test_deployments_rest_api(gateway):
+    base = gateway[0]
+    auth = {"Authorization": f"Bearer {DEPLOY_KEY}"}
+    assert _deployments(base, KEY).status_code == 403  # inference only: no `deploy` scope
+    listed = _listed(base)
+    assert listed["split"]["canary"]["ref"] == "tiny:2" and listed["split"]["canary"]["state"] == "running"
+    bad = httpx.patch(base + "/api/v1/deployments/split", json={"weight": 150}, headers=auth, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "weight"
+    unknown = httpx.post(base + "/api/v1/deployments", json={"ref": "nope:9"}, headers=auth, timeout=60)
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "ref"
+    bad_canary = httpx.post(base + "/api/v1/deployments", json={"ref": "tiny:1", "canary": {"ref": "tiny:2", "weight": 150}}, headers=auth, timeout=60)
+    assert bad_canary.status_code == 400 and "weight" in bad_canary.json()["error"]["param"]
+
+    body = {"ref": "tiny:1", "name": "rest-m", "min_replicas": 0, "initial_replicas": 0, "num_cpus": 0.05,
+            "canary": {"ref": "tiny:2", "weight": 20, "min_replicas": 0, "initial_replicas": 0, "num_cpus": 0.05}}
+    created = httpx.post(base + "/api/v1/deployments", json=body, headers=auth, timeout=60)
+    assert created.status_code == 202, created.text
+    assert created.json()["deployment"]["canary"]["weight"] == 20 and created.json()["change"]["status"] == "pending"
+    wait_for(lambda: "rest-m" in _listed(base), 180, "the created deployment")
+    patched = httpx.patch(base + "/api/v1/deployments/rest-m", json={"weight": 40}, headers=auth, timeout=60)
+    assert patched.status_code == 202 and patched.json()["deployment"]["canary"]["weight"] == 40
+    wait_for(lambda: (_listed(base).get("rest-m") or {}).get("change", {}).get("status") == "done"
+             and _listed(base)["rest-m"]["canary"]["weight"] == 40, 180, "the patched weight")
+    deleted = httpx.delete(base + "/api/v1/deployments/rest-m", headers=auth, timeout=60)
+    assert deleted.status_code == 202 and deleted.json()["deployment"] is None
+    wait_for(lambda: "rest-m" not in _listed(base) and "split" in _listed(base), 180, "the deleted deployment")
+    actions = {e["action"] for e in _audit(gateway[2], "deployment.deploy") + _audit(gateway[2], "deployment.undeploy")}
+    assert actions == {"deployment.deploy", "deployment.undeploy"}
+
+
+def test_healthy_canary_is_promoted(gateway):
+    base, store, engine = gateway
+    with Loop(base, "promoted", threads=2) as loop:
+        wait_for(lambda: (store.get(APP, "promoted") or store.get(APP, "nothing")) is not None
+                 and store.get(APP, "promoted").state == "promoted", 120, "promotion")
+        # the promotion redeploys `promoted` with tiny:2 as its stable ref (no canary left)
+        wait_for(lambda: (_listed(base).get("promoted") or {}).get("ref") == "tiny:2", 180, "the promotion redeploy")
+        time.sleep(2)
+        after = len(loop.answers)
+        time.sleep(3)
+    events = [e for e in _audit(engine, "deployment.canary.promote") if e["target"] == f"{APP}/promoted"]
+    assert len(events) == 1 and "healthy" in events[0]["detail"]["reason"]
+    assert {v for _, v in loop.answers[after:]} == {"tiny:2"}
+    assert _listed(base)["promoted"]["canary"] is None
+    failed = [a for a in loop.answers if a[0] != 200]
+    assert len(failed) <= 2, failed  # a redeploy may refuse a request or two while the old gateway drains
