@@ -141,15 +141,16 @@ def _audit(engine, action: str) -> list[dict]:
 class Loop:
     """Clients calling `model` in threads until stopped; every answer (status, version) is kept."""
 
-    def __init__(self, base: str, model: str, threads: int = 3) -> None:
+    def __init__(self, base: str, model: str, threads: int = 3, max_tokens: int = 4) -> None:
         self.base, self.model, self.answers, self._stop = base, model, [], threading.Event()
+        self.max_tokens = max_tokens
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self) -> None:
         with httpx.Client() as client:
             while not self._stop.is_set():
                 try:
-                    self.answers.append(complete(self.base, self.model, client=client))
+                    self.answers.append(complete(self.base, self.model, client=client, max_tokens=self.max_tokens))
                 except Exception as exc:  # noqa: BLE001 - a failed request is a finding
                     self.answers.append((0, repr(exc)))
 
@@ -166,7 +167,7 @@ class Loop:
 
 def test_slow_canary_is_rolled_back_while_clients_run(gateway):
     base, store, engine = gateway
-    with Loop(base, "guarded") as loop:
+    with Loop(base, "guarded", threads=2, max_tokens=32) as loop:  # 32 tokens: decode time, not overhead, sets the latency
         wait_for(lambda: store.get(APP, "guarded") is not None and store.get(APP, "guarded").state == "rolled_back", 180, "rollback")
         rolled_back_at = len(loop.answers)
         time.sleep(3)  # past the gateway's state TTL: no more canary answers

@@ -135,3 +135,11 @@ def test_sticky_split_follows_the_caller(tmp_path):
 
     seen = [asyncio.run(sides(f"u{i}")) for i in range(20)]
     assert all(len(s) == 1 for s in seen) and {"stable", "canary"} == set().union(*seen)
+
+
+def test_a_replaced_replica_never_overwrites_its_successors_row(tmp_path):
+    store = CanaryStore(db.connect(f"sqlite:///{tmp_path / 'x.db'}"))
+    store.restart("app", "m", "new", "m", "m:3", 40)  # the deploy writes the new rollout first
+    old = store.ensure("app", "m", "old", "m", "m:2", 10, replace_before=0.0)  # the old gateway, started earlier
+    assert old.rollout == "new" and old.weight == 40
+    assert store.ensure("app", "m", "newer", "m", "m:4", 5).rollout == "newer"  # a replica newer than the row replaces it

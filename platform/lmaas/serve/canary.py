@@ -147,8 +147,15 @@ class CanaryStore:
             rows = conn.execute(sa.select(canaries).where(canaries.c.app == app)).mappings().all()
         return {r["model"]: _state(r) for r in rows}
 
-    def ensure(self, app: str, model: str, rollout: str, stable_ref: str, canary_ref: str, weight: int) -> CanaryState:
-        """The row of this rollout: kept as it is when it exists, else (re)started at `weight`."""
+    def ensure(
+        self, app: str, model: str, rollout: str, stable_ref: str, canary_ref: str, weight: int, *, replace_before: float = float("inf")
+    ) -> CanaryState:
+        """The row of this rollout: kept as it is when it exists, else (re)started at `weight`.
+
+        Args:
+            replace_before: replace another rollout's row only if it started before this time (a gateway
+                replica passes its own start, so a replica being replaced never overwrites its successor's row).
+        """
         now = time.time()
         values = {"rollout": rollout, "stable_ref": stable_ref, "canary_ref": canary_ref, "weight": weight, "state": RUNNING,
                   "reason": "started", "started_at": now, "updated_at": now}
@@ -156,11 +163,16 @@ class CanaryStore:
             row = conn.execute(sa.select(canaries).where(canaries.c.app == app, canaries.c.model == model)).mappings().first()
             if row is None:
                 conn.execute(canaries.insert().values(app=app, model=model, **values))
-            elif row["rollout"] != rollout:
+            elif row["rollout"] != rollout and row["started_at"] < replace_before:
                 conn.execute(canaries.update().where(canaries.c.id == row["id"]).values(**values))
             else:
                 return _state(row)
         return self.get(app, model)  # type: ignore[return-value]
+
+    def restart(self, app: str, model: str, rollout: str, stable_ref: str, canary_ref: str, weight: int) -> CanaryState:
+        """Start this rollout afresh (a deploy): running at `weight`, whatever the row held."""
+        self.reset(app, [model])
+        return self.ensure(app, model, rollout, stable_ref, canary_ref, weight)
 
     def transition(self, app: str, model: str, rollout: str, *, state: str, weight: int, reason: str, detail: dict[str, Any], actor: str = ACTOR) -> bool:
         """Move a running rollout to `state` and audit it, if it is still running: True for the one caller that did."""
@@ -271,6 +283,7 @@ class CanaryEngine(Engine):
         self._read_at = 0.0
         self._evaluated_at = 0.0
         self._lock = asyncio.Lock()
+        self._created_at = time.time()
 
     # -- the split --
 
@@ -291,10 +304,16 @@ class CanaryEngine(Engine):
                 self._state, self._read_at = state, time.monotonic()
         return self._state
 
+    def start(self) -> None:
+        """Write this rollout's row now (it is kept as it is when it exists), so listings show the split at once."""
+        self._read()
+
     def _read(self) -> CanaryState:
         state = self.store.get(self.app, self.model_id)
-        if state is None:
-            state = self.store.ensure(self.app, self.model_id, self.rollout, self.refs[STABLE], self.refs[CANARY], self.policy.weight)
+        if state is None or (state.rollout != self.rollout and state.started_at < self._created_at):
+            state = self.store.ensure(
+                self.app, self.model_id, self.rollout, self.refs[STABLE], self.refs[CANARY], self.policy.weight, replace_before=self._created_at
+            )
         return state
 
     def weight(self, state: CanaryState | None) -> int:

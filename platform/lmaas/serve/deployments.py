@@ -585,6 +585,10 @@ class OpenAIIngress:
                 on_promote=lambda name=served.name, ref=served.canary.ref: request_promotion(app, name, ref, config.env),
             )
             self._engines[served.name] = self._engines[served.ref] = engine
+            try:
+                engine.start()
+            except Exception:  # noqa: BLE001 - the first request tries again
+                log.exception("canary of %s: cannot record its split", served.name)
 
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - a FastAPI app
         from lmaas.serve.auth import build_auth
@@ -732,7 +736,7 @@ def deploy_models(
     names = {m.name for m in served}
     models = [m for m in (args.models if args else []) if m.name not in names] + list(served)
     config = (args or ServeAppArgs(models=models)).model_copy(update={"models": models, "env": env or (args.env if args else {})})
-    _reset_canaries(app_name, list(names))
+    _start_canaries(app_name, served)
     serve.start(http_options={"host": host, "port": port}, grpc_options=grpc_options(grpc_port) if grpc_port else None)
     handle = serve.run(build_app(ServeAppArgs.model_validate(config.model_dump())), name=app_name, route_prefix="/")
     warm = [m.name for m in served if m.initial_replicas != 0 and not m.multiplexed]  # asking a cold one would start it
@@ -740,11 +744,15 @@ def deploy_models(
     return {m.name: versions.get(m.name, m.ref) for m in served}
 
 
-def _reset_canaries(app_name: str, names: list[str]) -> None:
-    """A deploy starts the canaries of `names` afresh (their rows go; the new gateway replicas write new ones)."""
-    from lmaas.serve.canary import CanaryStore
+def _start_canaries(app_name: str, served: list[ServedModel]) -> None:
+    """A deploy starts each canary of `served` afresh (before the new gateway replicas read it); models without one lose their row."""
+    from lmaas.serve.canary import CanaryStore, rollout_id
 
-    CanaryStore.from_settings().reset(app_name, names)
+    store = CanaryStore.from_settings()
+    store.reset(app_name, [m.name for m in served if m.canary is None])
+    for m in served:
+        if m.canary is not None:
+            store.restart(app_name, m.name, rollout_id(m.ref, m.canary.policy()), m.ref, m.canary.ref, m.canary.weight)
 
 
 def http_port() -> int:
@@ -767,7 +775,9 @@ def undeploy_model(name: str, *, app_name: str = APP_NAME) -> None:
     if name not in names:
         raise NotFoundError(f"no deployment named {name!r} (deployed: {', '.join(names) or 'none'}); see `lmaas deployments`", param="name")
     rest = [m for m in args.models if m.name != name]
-    _reset_canaries(app_name, [name])
+    from lmaas.serve.canary import CanaryStore
+
+    CanaryStore.from_settings().reset(app_name, [name])
     if not rest:
         serve.delete(app_name)
         return
@@ -790,7 +800,7 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
         serving = serve.get_app_handle(app_name).served_versions.remote(live).result(timeout_s=10)
     except Exception:  # noqa: BLE001 - a replica starting or stopping: list it without a version
         serving = {}
-    from lmaas.serve.canary import CanaryStore
+    from lmaas.serve.canary import CanaryStore, rollout_id
 
     splits = CanaryStore.from_settings().list(app_name) if any(m.canary for m in args.models) else {}
     out = []
@@ -801,6 +811,8 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
         canary = None
         if m.canary is not None:
             split = splits.get(m.name)
+            if split is not None and split.rollout != rollout_id(m.ref, m.canary.policy()):
+                split = None  # an earlier rollout's row: the gateway has not taken the new config yet
             canary_state = app.deployments.get(canary_deployment_name(m.name))
             canary = {
                 "ref": m.canary.ref,
