@@ -182,6 +182,24 @@ def test_slow_canary_is_rolled_back_while_clients_run(gateway):
     assert len(events) == 1 and "p99" in events[0]["detail"]["reason"] and events[0]["detail"]["canary"]["requests"] >= 6
 
 
+def test_healthy_canary_is_promoted(gateway):
+    base, store, engine = gateway
+    with Loop(base, "promoted", threads=2) as loop:
+        wait_for(lambda: (store.get(APP, "promoted") or store.get(APP, "nothing")) is not None
+                 and store.get(APP, "promoted").state == "promoted", 120, "promotion")
+        # the promotion redeploys `promoted` with tiny:2 as its stable ref (no canary left)
+        wait_for(lambda: (_listed(base).get("promoted") or {}).get("ref") == "tiny:2", 180, "the promotion redeploy")
+        time.sleep(2)
+        after = len(loop.answers)
+        time.sleep(3)
+    events = [e for e in _audit(engine, "deployment.canary.promote") if e["target"] == f"{APP}/promoted"]
+    assert len(events) == 1 and "healthy" in events[0]["detail"]["reason"]
+    assert {v for _, v in loop.answers[after:]} == {"tiny:2"}, loop.answers[-20:]
+    assert _listed(base)["promoted"]["canary"] is None
+    failed = [a for a in loop.answers if a[0] != 200]
+    assert len(failed) <= 2, failed  # a redeploy may refuse a request or two while the old gateway drains
+
+
 def _deployments(base: str, key: str = DEPLOY_KEY) -> httpx.Response:
     return httpx.get(base + "/api/v1/deployments", headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
@@ -219,21 +237,3 @@ def test_deployments_rest_api(gateway):
     wait_for(lambda: "rest-m" not in _listed(base) and "split" in _listed(base), 180, "the deleted deployment")
     actions = {e["action"] for e in _audit(gateway[2], "deployment.deploy") + _audit(gateway[2], "deployment.undeploy")}
     assert actions == {"deployment.deploy", "deployment.undeploy"}
-
-
-def test_healthy_canary_is_promoted(gateway):
-    base, store, engine = gateway
-    with Loop(base, "promoted", threads=2) as loop:
-        wait_for(lambda: (store.get(APP, "promoted") or store.get(APP, "nothing")) is not None
-                 and store.get(APP, "promoted").state == "promoted", 120, "promotion")
-        # the promotion redeploys `promoted` with tiny:2 as its stable ref (no canary left)
-        wait_for(lambda: (_listed(base).get("promoted") or {}).get("ref") == "tiny:2", 180, "the promotion redeploy")
-        time.sleep(2)
-        after = len(loop.answers)
-        time.sleep(3)
-    events = [e for e in _audit(engine, "deployment.canary.promote") if e["target"] == f"{APP}/promoted"]
-    assert len(events) == 1 and "healthy" in events[0]["detail"]["reason"]
-    assert {v for _, v in loop.answers[after:]} == {"tiny:2"}
-    assert _listed(base)["promoted"]["canary"] is None
-    failed = [a for a in loop.answers if a[0] != 200]
-    assert len(failed) <= 2, failed  # a redeploy may refuse a request or two while the old gateway drains
