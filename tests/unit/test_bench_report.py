@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -12,6 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 def load_report_module():
     spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_report"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
