@@ -66,7 +66,8 @@ def test_readme_tour_runs_as_written(lmaas_env, tmp_path):
     assert completion["model"] == "tour-lm" and completion["usage"]["completion_tokens"] >= 1
     models = next(line for line in out.splitlines() if line.startswith("['"))
     assert "tour-lm" in models and "tour-lm-int8" in models
-    assert "streamed: '" in out
+    assert "streamed: " in out
+    assert re.search(r"completion \(\d+ tokens\): ['\"]", out) and "chat, streamed: " in out  # examples/openai_client.py
     assert "undeployed tour-lm" in out
 
     from lmaas.config import load_settings
