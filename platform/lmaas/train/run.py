@@ -189,6 +189,7 @@ def train(
         "progress": queue,
         "fault": _fault_from_env(),
         "teacher": teacher,
+        "run_id": run_id,
     }
     filesystem, root = storage.pyarrow_filesystem()
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
