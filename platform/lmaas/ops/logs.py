@@ -67,14 +67,19 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: int | str = logging.INFO, stream=None) -> logging.Logger:  # noqa: ANN001 - a text stream
-    """Send the `lmaas` loggers to `stream` (default stderr) as JSON lines; safe to call more than once per process."""
+    """Send the `lmaas` loggers to `stream` as JSON lines; safe to call more than once per process.
+
+    The default is the process's own stderr (`sys.__stderr__`): a Serve replica replaces `sys.stderr`
+    with a writer into Serve's logger, which would wrap each JSON line in Serve's text format.
+    """
+    stream = stream or sys.__stderr__
     logger = logging.getLogger("lmaas")
     for handler in logger.handlers:
         if isinstance(handler.formatter, JsonFormatter):
-            handler.setStream(stream or sys.stderr)
+            handler.setStream(stream)
             break
     else:
-        handler = logging.StreamHandler(stream or sys.stderr)
+        handler = logging.StreamHandler(stream)
         handler.setFormatter(JsonFormatter())
         logger.addHandler(handler)
     logger.setLevel(level)
@@ -85,6 +90,8 @@ def configure_logging(level: int | str = logging.INFO, stream=None) -> logging.L
 # ---- reading replica logs back (`lmaas logs`) ----
 
 SERVE_NAMESPACE = "serve"
+_RAY_MARKER = re.compile(r"^:(job_id|actor_name|task_name):")
+"""Lines Ray writes into worker logs to attribute what follows (not the replica's own output)."""
 
 
 def replica_actors(deployment: str, app_name: str) -> list[tuple[str, str]]:
@@ -109,28 +116,34 @@ def replica_logs(deployment: str, app_name: str, *, tail: int = 100) -> dict[str
     Returns:
         replica actor name -> its lines, oldest first.
     """
-    return {name: _actor_log(actor_id, tail) for name, actor_id in replica_actors(deployment, app_name)}
+    return {name: [line for line in _actor_log(actor_id, tail) if not _RAY_MARKER.match(line)]
+            for name, actor_id in replica_actors(deployment, app_name)}
 
 
 def _actor_log(actor_id: str, tail: int) -> list[str]:
+    import ray
     from ray.util.state import get_log
     from ray.util.state.exception import RayStateApiException
 
     try:
-        text = "".join(get_log(actor_id=actor_id, suffix="err", tail=tail, timeout=10))
+        # the GCS address names this cluster (several may run on one machine); Ray finds its dashboard from it
+        address = ray.get_runtime_context().gcs_address
+        text = "".join(get_log(address=address, actor_id=actor_id, suffix="err", tail=tail, timeout=10))
         return text.splitlines()[-tail:] if tail > 0 else text.splitlines()
-    except (RayStateApiException, ConnectionError):  # no dashboard on this cluster: read the local node's files
+    except (RayStateApiException, OSError):  # no dashboard (requests' ConnectionError is an OSError) on this cluster: read the local node's files
         return _local_worker_log(actor_id, tail)
 
 
 def _local_worker_log(actor_id: str, tail: int) -> list[str]:
+    """The actor's stderr file, when it runs on this machine's node (clusters started without the dashboard)."""
     import ray
 
     info = ray._private.state.actors(actor_id)  # the GCS's actor table: no dashboard needed
-    worker_id = (info.get("Address") or {}).get("WorkerID")
-    logs_dir = ray._private.worker.global_worker.node.get_logs_dir_path()
+    node = ray._private.worker.global_worker.node
+    if (info.get("Address") or {}).get("NodeID") != node.node_id:
+        return [f"(replica {actor_id} runs on another node; its logs need the Ray dashboard's log API)"]
     lines: list[str] = []
-    for path in sorted(glob.glob(os.path.join(logs_dir, f"worker-{worker_id}-*.err"))):
+    for path in sorted(glob.glob(os.path.join(node.get_logs_dir_path(), f"worker-*-{info['Pid']}.err"))):
         with open(path, errors="replace") as f:
             lines += f.read().splitlines()
     return lines[-tail:] if tail > 0 else lines
