@@ -89,6 +89,11 @@ def train_func(loop_config: dict[str, Any]) -> None:
         (Path(tokenizer_dir) / name).write_text(text)
     queue = loop_config.get("progress")
     fault = loop_config.get("fault")
+    recorder = None
+    if rank == 0:  # Prometheus gauges through Ray's metrics system (`lmaas.ops.metrics`)
+        from lmaas.ops.metrics import TrainMetrics
+
+        recorder = TrainMetrics(loop_config.get("run_id") or ctx.get_experiment_name(), cfg.output_model or cfg.model)
 
     distill = loop_config.get("teacher")
     teacher = _load_registered(distill, device).requires_grad_(False).eval() if distill else None
@@ -212,6 +217,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         else:
             state.history.append(dict(metrics))
             ray.train.report(metrics)  # Ray Train: a barrier; every rank reports equally often
+        if recorder is not None:
+            recorder.report(metrics)
         if rank == 0 and queue is not None:
             queue.put(metrics)
 

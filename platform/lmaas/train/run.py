@@ -197,6 +197,7 @@ def train(
         "fault": _fault_from_env(),
         "teacher": teacher,
         "init": init,
+        "run_id": run_id,
     }
     filesystem, root = storage.pyarrow_filesystem()
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}

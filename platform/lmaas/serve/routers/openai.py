@@ -55,12 +55,16 @@ async def _admit_model(request: Request, model: str) -> OnFinish | None:
     """404 unless `model` is served and visible to the caller; returns the metering callback."""
     auth, principal = get_auth(request), authenticate(request)
     serving = _serving(request)
+    ref = request.app.state.refs.get(model, model)
     if auth is None:
+        if model in serving.engines:
+            request.state.lmaas_model, request.state.lmaas_version = model, _pinned_version(ref)
         return None
     if model not in serving.engines or not await run_in_threadpool(_visible, request, principal, model):
         served = await run_in_threadpool(lambda: sorted(n for n in serving.engines if _visible(request, principal, n)))
         raise NotFoundError(f"model {model!r} is not served here (served: {', '.join(served) or 'none'})", param="model")
-    ref = request.app.state.refs.get(model, model)
+    request.state.lmaas_model = model  # for request metrics (`RequestTelemetry`)
+    request.state.lmaas_version = await run_in_threadpool(_version, auth, ref)
 
     async def on_finish(response_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
         def record() -> None:
@@ -72,6 +76,24 @@ async def _admit_model(request: Request, model: str) -> OnFinish | None:
         await run_in_threadpool(record)
 
     return on_finish
+
+
+def _pinned_version(ref: str) -> str:
+    from lmaas.registry import parse_ref
+
+    try:
+        version = parse_ref(ref).version
+    except LmaasError:
+        return ""
+    return "" if version is None else f"{parse_ref(ref).name}:{version}"
+
+
+def _version(auth, ref: str) -> str:  # noqa: ANN001 - an Auth
+    """`name:version` the reference names now (cached in `auth`); "" when the registry cannot say."""
+    try:
+        return auth.version_of(ref) or _pinned_version(ref)
+    except Exception:  # noqa: BLE001 - a label must not fail the request; metering reports a database outage
+        return _pinned_version(ref)
 
 
 @router.get("/models", response_model=ModelList)
