@@ -26,6 +26,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/engine_batching.py
+	$(BIN)/python bench/report.py
 
 install: $(VENV)/.installed
 

@@ -56,6 +56,13 @@ def test_status_with_a_running_cluster(cli, lmaas_env, ray_cluster):
     ray_line = json.loads(result.stdout)["components"][2]
     assert ray_line["ok"] is True
     assert "1 node(s), 2 CPU, 0 GPU" in ray_line["detail"]
+    data = json.loads(result.stdout)
+    assert [n["cpus"] for n in data["nodes"]] == [2.0] and data["nodes"][0]["alive"] and data["nodes"][0]["head"]
+    assert data["resources"]["total"]["CPU"] == 2.0 and isinstance(data["deployments"], list) and data["jobs"] == []
+    table = cli("status", env=env, timeout=240)
+    assert table.returncode == 0, table.stderr
+    for word in ("nodes", "alive", "free:", "jobs: none queued or running"):
+        assert word in table.stdout, word
 
 
 def test_status_against_s3_and_postgres(cli, lmaas_env, s3_server, postgres_url):

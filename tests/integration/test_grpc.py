@@ -156,7 +156,8 @@ def test_cancelled_stream_frees_the_engine_slot(served):
     _, stub, _, _ = served
     handle = serve.get_deployment_handle(deployment_name("slow"), app_name=APP)
     before = handle.stats.remote().result()["generated_tokens"]
-    call = stub.Complete(pb.CompletionRequest(model="slow", prompt=PROMPT, max_tokens=400, ignore_eos=True), metadata=_metadata(), timeout=120)
+    # as long as the slow model's context allows: on a loaded machine a cancel takes a while to reach the replica
+    call = stub.Complete(pb.CompletionRequest(model="slow", prompt=PROMPT, max_tokens=500, ignore_eos=True), metadata=_metadata(), timeout=120)
     assert next(call).HasField("token_id")
     call.cancel()
 
@@ -165,7 +166,7 @@ def test_cancelled_stream_frees_the_engine_slot(served):
         return stats["in_flight"] == 0 and stats["running"] == 0
 
     wait_for(freed, 20, "slot freed")
-    assert 0 < handle.stats.remote().result()["generated_tokens"] - before < 400, "the cancel must abort the request in the engine"
+    assert 0 < handle.stats.remote().result()["generated_tokens"] - before < 500, "the cancel must abort the request in the engine"
 
 
 def test_unknown_model_is_not_found_naming_the_ref(served):

@@ -157,3 +157,39 @@ def test_sweep_configs_are_checked_before_any_trial(home):
         SweepConfig(parameters={"dataset": ["a", "b"]})
     with pytest.raises(ValueError, match="grid search needs lists of values"):
         SweepConfig(parameters={"lr": {"loguniform": [1e-4, 1e-2]}})
+
+
+def test_fine_tune_from_a_registered_model_on_your_own_jsonl(home, tmp_path):
+    """init_from: a base model's weights and architecture, a JSONL corpus tokenized with its tokenizer."""
+    import json
+
+    store, engine, _ = home
+    base = run(home, max_steps=20, output_model="ft-base", eval_interval=20, checkpoint_interval=20)
+    registry = ModelRegistry(store, engine)
+    exported = tmp_path / "base"
+    registry.download("ft-base:1", exported)  # what `lmaas models export ft-base:1 DIR` writes
+
+    import inspect
+    import textwrap
+
+    docs = [{"text": inspect.getsource(f)} for f in vars(textwrap).values() if inspect.isfunction(f)]
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("\n".join(json.dumps(d) for d in docs * 4))
+    same_tok = ingest(IngestConfig(name="mine", sources=[str(jsonl)], text_field="text", tokenizer=str(exported), block_size=128),
+                      storage=store, engine=engine).version
+    own_tok = ingest(IngestConfig(name="mine-own", sources=[str(jsonl)], text_field="text", vocab_size=512, block_size=128),
+                     storage=store, engine=engine).version
+
+    with pytest.raises(InvalidInputError, match="tokenizer has 512 tokens, init_from ft-base:1 has vocab_size 1024"):
+        train(TrainConfig(dataset=own_tok.ref, init_from="ft-base", **FAST), storage=store, engine=engine)
+    with pytest.raises(NotFoundError):
+        train(TrainConfig(dataset=same_tok.ref, init_from="no-such-model", **FAST), storage=store, engine=engine)
+
+    tuned = train(TrainConfig(dataset=same_tok.ref, init_from="ft-base:1", output_model="ft-tuned", max_steps=10,
+                              eval_interval=10, checkpoint_interval=10, **FAST), storage=store, engine=engine)
+    scratch_first = base.history[0]["loss"]  # step 5 of random weights
+    assert tuned.history[0]["loss"] < scratch_first - 0.3, (tuned.history[0], base.history[0])  # it starts from the base
+    mv = registry.resolve("ft-tuned")
+    assert (mv.parent, mv.dataset) == ("ft-base:1", same_tok.ref) and mv.description.startswith("fine-tune of ft-base:1")
+    assert registry.lineage("ft-base:1").children[0].ref == "ft-tuned:1"
+    assert isinstance(generate(registry, "ft-tuned:1", tmp_path / "gen"), str)

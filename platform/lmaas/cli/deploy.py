@@ -6,6 +6,7 @@
     lmaas deployments                                  # the canary column: ref, weight, state
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model": "tiny-lm", "prompt": "def"}'
     grpcurl -plaintext -d '{"model": "tiny-lm", "prompt": "def"}' 127.0.0.1:9000 lmaas.v1.Inference/Complete
+    lmaas logs tiny-lm --tail 20                     # replica logs (JSON lines with request ids)
     lmaas undeploy tiny-lm
 
 Every model lives in one Serve application (`lmaas`, route `/`); the same app runs from
@@ -150,3 +151,27 @@ def deployments() -> None:
         canary = f"{r.canary['ref']} {r.canary['weight']}% {r.canary['state']}" if r.canary else ""
         table.add_row(r.name, r.ref, r.serving, r.status, str(r.running), f"{r.min_replicas}..{r.max_replicas}", "yes" if r.multiplexed else "", canary)
     console.print(table)
+
+
+def logs(
+    name: str = typer.Argument(..., help="Served model name (as `lmaas deployments` lists it) or a Serve deployment name."),
+    tail: int = typer.Option(100, "--tail", "-n", min=1, help="Lines per replica."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until interrupted."),
+    app_name: str = typer.Option("lmaas", "--app", help="Serve application."),
+) -> None:
+    """Print the replica logs of a deployment: JSON lines with the request id the gateway returned in X-Request-Id."""
+    from lmaas.ops.logs import follow_replica_logs, replica_actors, replica_logs
+    from lmaas.serve.deployments import deployment_name
+
+    _connect()
+    deployment = name if replica_actors(name, app_name) else deployment_name(name)
+    if not replica_actors(deployment, app_name):
+        raise InvalidInputError(f"no running replica of {name!r} in app {app_name!r}; see `lmaas deployments`", param="name")
+    if follow:
+        for line in follow_replica_logs(deployment, app_name, tail=tail):
+            print(line, flush=True)
+        return
+    for replica, lines in replica_logs(deployment, app_name, tail=tail).items():
+        print(f"==> {replica} <==")
+        for line in lines:
+            print(line)

@@ -44,6 +44,7 @@ app.add_typer(keys.tenants_app, name="tenants")
 app.command(name="deploy")(deploy.deploy)
 app.command(name="undeploy")(deploy.undeploy)
 app.command(name="deployments")(deploy.deployments)
+app.command(name="logs")(deploy.logs)
 
 
 def main() -> None:

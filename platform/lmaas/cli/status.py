@@ -1,4 +1,9 @@
-"""`lmaas status`: is everything lmaas needs reachable?"""
+"""`lmaas status`: is everything lmaas needs reachable, and what runs on the cluster?
+
+    lmaas status                      # settings, storage, database, Ray
+    RAY_ADDRESS=auto lmaas status     # plus nodes and resources, deployments and replicas, queued and running jobs
+    lmaas status --json
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ def status(
     settings = load_settings()
     checks = [health.check_storage(settings), health.check_database(settings), health.check_ray(settings)]
     failed = [c for c in checks if not c.ok]
+    overview = _overview(settings, database_ok=checks[1].ok, ray_ok=checks[2].ok)
     if as_json:
         print(
             json.dumps(
@@ -29,6 +35,7 @@ def status(
                     "home": str(settings.home),
                     "ok": not failed,
                     "components": [c.__dict__ for c in checks],
+                    **overview,
                 },
                 indent=1,
             )
@@ -41,7 +48,75 @@ def status(
         for c in checks:
             table.add_row(c.name, c.target, "[green]ok[/]" if c.ok else "[red]failed[/]", c.detail)
         console.print(table)
+        _print_overview(console, overview)
     for c in failed:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {c.detail}")
     if failed:
         sys.exit(1)
+
+
+def _overview(settings, *, database_ok: bool, ray_ok: bool) -> dict:  # noqa: ANN001 - Settings
+    """Jobs from the queue (when the database answers); nodes and deployments when a cluster is named and reachable."""
+    out: dict = {}
+    if database_ok:
+        from lmaas import db
+        from lmaas.ops import queue
+
+        jobs = queue.list_jobs(db.connect(settings.database_url), states=("queued", *queue.ACTIVE))
+        out["jobs"] = [{"id": j.id, "tenant": j.tenant, "kind": j.kind, "priority": j.priority_name, "state": j.state,
+                        "resources": j.resources, "created_at": j.created_at} for j in jobs]
+    if not (settings.ray_address and ray_ok):
+        return out
+    import logging
+
+    import ray
+
+    from lmaas import cluster
+
+    cluster.connect(settings)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    try:
+        available = ray.available_resources()
+        out["nodes"] = [
+            {"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": n["Alive"], "head": "node:__internal_head__" in n["Resources"],
+             "cpus": n["Resources"].get("CPU", 0.0), "gpus": n["Resources"].get("GPU", 0.0),
+             "memory_gib": round(n["Resources"].get("memory", 0.0) / 2**30, 1)}
+            for n in ray.nodes()
+        ]
+        out["resources"] = {"total": {k: ray.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")},
+                            "available": {k: available.get(k, 0.0) for k in ("CPU", "GPU")}}
+        serving = any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in ray.util.list_named_actors(all_namespaces=True))
+        if serving:
+            from lmaas.serve.deployments import list_deployments
+
+            out["deployments"] = [d.__dict__ for d in list_deployments()]
+        else:
+            out["deployments"] = []
+    finally:
+        cluster.disconnect()
+    return out
+
+
+def _print_overview(console: Console, overview: dict) -> None:
+    if "nodes" in overview:
+        table = Table("node", "address", "state", "CPU", "GPU", "memory", title="nodes", title_justify="left")
+        for n in overview["nodes"]:
+            table.add_row(n["node_id"][:12] + (" (head)" if n["head"] else ""), n["address"], "[green]alive[/]" if n["alive"] else "[red]dead[/]",
+                          f"{n['cpus']:g}", f"{n['gpus']:g}", f"{n['memory_gib']:g} GiB")
+        console.print(table)
+        free, total = overview["resources"]["available"], overview["resources"]["total"]
+        console.print(f"free: {free['CPU']:g}/{total['CPU']:g} CPU, {free['GPU']:g}/{total['GPU']:g} GPU")
+    if overview.get("deployments"):
+        table = Table("deployment", "serving", "status", "replicas", "min..max", title="deployments", title_justify="left")
+        for d in overview["deployments"]:
+            table.add_row(d["name"], d["serving"], d["status"], str(d["running"]), f"{d['min_replicas']}..{d['max_replicas']}")
+        console.print(table)
+    elif "deployments" in overview:
+        console.print("deployments: none (`lmaas deploy REF`)")
+    if overview.get("jobs"):
+        table = Table("job", "tenant", "kind", "priority", "state", title="queued and running jobs", title_justify="left")
+        for j in overview["jobs"]:
+            table.add_row(str(j["id"]), j["tenant"], j["kind"], j["priority"], j["state"])
+        console.print(table)
+    elif "jobs" in overview:
+        console.print("jobs: none queued or running")

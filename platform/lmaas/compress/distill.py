@@ -144,24 +144,10 @@ def distill(config: DistillConfig, registry: ModelRegistry, *, resume: str | Non
 def _check_tokenizer(registry: ModelRegistry, teacher: ModelVersion, teacher_config: dict[str, Any],
                      dataset: DatasetVersion) -> int:
     """The shared vocabulary size; refuses a dataset tokenized differently from the teacher's tokenizer."""
-    from tokenizers import Tokenizer
+    from lmaas.train.run import check_dataset_tokenizer
 
-    path = f"{dataset.prefix}/tokenizer/tokenizer.json"
-    if not registry.storage.exists(path):
-        raise NotFoundError(f"dataset {dataset.ref} has no tokenizer.json", param="dataset")
-    data_tok = Tokenizer.from_str(registry.storage.read_text(path))
-    teacher_vocab = teacher_config.get("vocab_size")
-    if data_tok.get_vocab_size() != teacher_vocab:
-        raise InvalidInputError(f"dataset {dataset.ref}'s tokenizer has {data_tok.get_vocab_size()} tokens, teacher {teacher.ref} "
-                                f"has vocab_size {teacher_vocab}: distill on a dataset tokenized with the teacher's tokenizer",
-                                param="dataset")
-    if any(f.path == "tokenizer.json" for f in teacher.files):
-        _, raw = registry.read_file(teacher.ref, "tokenizer.json")
-        if Tokenizer.from_str(raw.decode()).get_vocab() != data_tok.get_vocab():
-            raise InvalidInputError(f"dataset {dataset.ref} was tokenized with a different tokenizer than teacher {teacher.ref}'s "
-                                    "(same size, other tokens): distill on a dataset tokenized with the teacher's tokenizer",
-                                    param="dataset")
-    return teacher_vocab
+    return check_dataset_tokenizer(registry, teacher, teacher_config, dataset, role="teacher",
+                                   remedy="distill on a dataset tokenized with the teacher's tokenizer")
 
 
 def _teacher_parameters(teacher: ModelVersion, teacher_config: dict[str, Any]) -> int:

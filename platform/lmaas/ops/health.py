@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import sqlalchemy as sa
@@ -48,11 +49,11 @@ def check_storage(settings: Settings) -> ComponentStatus:
     return ComponentStatus("storage", where, True, "local directory, writable" if storage.is_local else "bucket reachable")
 
 
-def check_database(settings: Settings) -> ComponentStatus:
-    """Reach the database and bring its schema up to date."""
+def check_database(settings: Settings, *, migrate: bool = True) -> ComponentStatus:
+    """Reach the database and (with `migrate`) bring its schema up to date."""
     target = redact_url(settings.database_url)
     try:
-        engine = db.connect(settings.database_url, connect_timeout=3.0)
+        engine = db.connect(settings.database_url, connect_timeout=3.0, migrate=migrate)
         version = db.ping(engine)
         revision = db.current_revision(engine)
     except LmaasError as exc:
@@ -81,6 +82,27 @@ def check_ray(settings: Settings) -> ComponentStatus:
         return ComponentStatus("ray", info.address, True, detail)
     finally:
         cluster.disconnect()
+
+
+def readiness(settings: Settings, replicas: Callable[[], dict[str, str]] | None = None) -> tuple[bool, dict[str, str]]:
+    """What `GET /readyz` answers: is every served model, the database and the artifact store able to serve now?
+
+    Args:
+        settings: the database and store the gateway uses.
+        replicas: () -> served name -> "ok" or why it has no replica to answer (None: no models to check).
+
+    Returns:
+        (all ready, component -> "ok" or the problem): `database`, `storage`, and `model:NAME` per served model.
+    """
+    checks: dict[str, str] = {}
+    for status in (check_database(settings, migrate=False), check_storage(settings)):
+        checks[status.name] = "ok" if status.ok else status.detail
+    if replicas is not None:
+        try:
+            checks |= {f"model:{name}": problem for name, problem in replicas().items()}
+        except Exception as exc:  # noqa: BLE001 - Serve's controller not answering is itself "not ready"
+            checks["models"] = f"cannot read replica states: {type(exc).__name__}: {exc}"
+    return all(v == "ok" for v in checks.values()), checks
 
 
 class SelfCheckConfig(BaseModel):

@@ -37,8 +37,10 @@ from sqlalchemy.engine import Engine
 from lmaas.db import record_event
 from lmaas.db.schema import queued_jobs
 from lmaas.errors import InvalidInputError, NotFoundError
+from lmaas.ops.metrics import JobMetrics
 
 log = logging.getLogger("lmaas.queue")
+_metrics = JobMetrics()
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 KINDS = ("train", "ingest", "compress", "command")
@@ -337,7 +339,15 @@ class Admitter:
         """One round; returns the ids admitted."""
         with self._lock:
             self._sync()
-            return self._admit()
+            admitted = self._admit()
+            self._record_counts()
+            return admitted
+
+    def _record_counts(self) -> None:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(queued_jobs.c.state, sa.func.count()).where(queued_jobs.c.state.in_(("queued", *ACTIVE)))
+                                .group_by(queued_jobs.c.state)).all()
+        _metrics.counts({state: int(n) for state, n in rows})
 
     def _sync(self) -> None:
         for job in list_jobs(self.engine, states=ACTIVE):
@@ -355,6 +365,7 @@ class Admitter:
                 changed = conn.execute(queued_jobs.update().where(queued_jobs.c.id == job.id, queued_jobs.c.state == job.state)
                                        .values(**values)).rowcount
                 if changed and state in FINISHED:
+                    _metrics.finished(job.kind, state)
                     record_event(conn, actor="queue", action=f"job.{state}", target=f"job:{job.id}", tenant=job.tenant,
                                  outcome="ok" if state == "succeeded" else state, detail={"message": message})
 
@@ -385,6 +396,7 @@ class Admitter:
                 with self.engine.begin() as conn:
                     conn.execute(queued_jobs.update().where(queued_jobs.c.id == job.id)
                                  .values(state="failed", finished_at=time.time(), message=f"Ray refused the job: {exc}"[:500]))
+                _metrics.finished(job.kind, "failed")
                 continue
             admitted.append(job.id)
         return admitted

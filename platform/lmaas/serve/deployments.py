@@ -34,6 +34,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ from ray.serve.handle import DeploymentHandle
 
 from lmaas.auth import AuthConfig
 from lmaas.errors import InvalidInputError, LmaasError
+from lmaas.ops.logs import REQUEST_ID, configure_logging
+from lmaas.ops.metrics import ENGINE_POLL_S, GatewayMetrics, ServingMetrics
 from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
 from lmaas.serve.openai_app import MAX_BODY_BYTES
 
@@ -301,13 +304,41 @@ def _registry() -> tuple[Any, Path]:
     return ModelRegistry.from_settings(settings), settings.home / "cache" / "serve"
 
 
-async def _stream(loaded: LoadedVersion, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+async def _stream(
+    loaded: LoadedVersion, events: AsyncIterator[TokenEvent], metrics: ServingMetrics, request_id: str | None
+) -> AsyncIterator[TokenEvent]:
+    """`events`, recording time to first token, inter-token gaps and token counts, and logging the request when it ends."""
+    started = time.perf_counter()
+    first = last = None
+    final: TokenEvent | None = None
+    failed: BaseException | None = None
     try:
         async for event in events:
+            now = time.perf_counter()
+            if last is None:
+                first = now - started
+                metrics.first_token(first)
+            elif event.token_id is not None:
+                metrics.token(now - last)
+            last, final = now, event
             yield event
+    except BaseException as exc:
+        failed = exc
+        raise
     finally:
         await events.aclose()
         await loaded.release()
+        if final is not None:
+            metrics.finished(final.prompt_tokens, final.completion_tokens)
+        log.info(
+            "generation %s", "finished" if final is not None and final.finish_reason else "failed" if failed else "cancelled",
+            extra={
+                "request_id": request_id or (final.request_id if final else None), "model": metrics.tags["model"], "version": loaded.ref,
+                "prompt_tokens": final.prompt_tokens if final else 0, "completion_tokens": final.completion_tokens if final else 0,
+                "finish_reason": final.finish_reason if final else None, "ttft_s": None if first is None else round(first, 4),
+                "duration_s": round(time.perf_counter() - started, 4), "error": None if failed is None else type(failed).__name__,
+            },
+        )
 
 
 def _check_alive(loaded: LoadedVersion) -> None:
@@ -330,14 +361,32 @@ class ModelServer:
     async def __init__(self, ref: str, model_id: str, engine: dict, refresh_interval_s: float = 10.0) -> None:
         from lmaas.registry import parse_ref
 
+        configure_logging()
         self.ref, self.model_id = ref, model_id
         self._refresher: asyncio.Task | None = None
         self.options = EngineOptions(**engine)
         self.registry, self.cache_root = _registry()
         self.current = await asyncio.to_thread(_load_version, self.registry, ref, self.cache_root, self.options, model_id)
+        self._metrics: dict[str, ServingMetrics] = {}
         log.info("serving %s as %s", self.current.ref, model_id)
         if refresh_interval_s > 0 and parse_ref(ref).version is None:
             self._refresher = asyncio.get_running_loop().create_task(self._follow_ref(refresh_interval_s))
+        self._poller = asyncio.get_running_loop().create_task(self._poll_engine())
+
+    def _metrics_of(self, loaded: LoadedVersion) -> ServingMetrics:
+        found = self._metrics.get(loaded.ref)
+        if found is None:
+            found = self._metrics[loaded.ref] = ServingMetrics(self.model_id, loaded.ref)
+        return found
+
+    async def _poll_engine(self) -> None:
+        """Sample the engine's gauges (waiting, running, KV-cache use) every `ENGINE_POLL_S`."""
+        while True:
+            try:
+                self._metrics_of(self.current).engine(self.current.engine.stats())
+            except Exception:  # noqa: BLE001 - a gauge must never stop the replica
+                log.exception("could not sample engine stats")
+            await asyncio.sleep(ENGINE_POLL_S)
 
     async def _follow_ref(self, interval: float) -> None:
         while True:
@@ -361,23 +410,31 @@ class ModelServer:
         loaded.in_flight += 1
         return loaded
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Stream token events (call through `handle.options(stream=True)`)."""
+    async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+        """Stream token events (call through `handle.options(stream=True)`); `http_request_id` tags the log line."""
         loaded = self._acquire()
-        async for event in _stream(loaded, _events(lambda: loaded.engine.generate(request))):
+        events = _events(lambda: loaded.engine.generate(request))
+        async for event in _stream(loaded, events, self._metrics_of(loaded), http_request_id):
             yield event
 
-    async def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def generate_chat(
+        self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None
+    ) -> AsyncIterator[TokenEvent]:
         loaded = self._acquire()
-        async for event in _stream(loaded, _events(lambda: loaded.engine.generate_chat(request_id, messages, params))):
+        events = _events(lambda: loaded.engine.generate_chat(request_id, messages, params))
+        async for event in _stream(loaded, events, self._metrics_of(loaded), http_request_id):
             yield event
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
         loaded = self._acquire()
         try:
-            return await loaded.engine.embed(texts)
+            vectors, tokens = await loaded.engine.embed(texts)
         finally:
             await loaded.release()
+        self._metrics_of(loaded).finished(tokens, 0)
+        log.info("embedding finished", extra={"request_id": http_request_id, "model": self.model_id, "version": loaded.ref,
+                                              "texts": len(texts), "prompt_tokens": tokens})
+        return vectors, tokens
 
     def info(self) -> dict[str, Any]:
         """What this replica serves: `{"ref", "version", "task", "max_context"}`."""
@@ -396,6 +453,8 @@ class ModelServer:
         # Serve calls this after in-flight requests finished (or graceful_shutdown_timeout_s passed)
         if self._refresher is not None:
             self._refresher.cancel()
+        if getattr(self, "_poller", None) is not None:
+            self._poller.cancel()
         if hasattr(self, "current"):  # __init__ may have failed before loading
             await self.current.retire()
 
@@ -420,7 +479,9 @@ class MultiplexedModelServer:
     """
 
     def __init__(self, engine: dict, max_num_models_per_replica: int) -> None:
+        configure_logging()
         self.options = EngineOptions(**engine)
+        self._metrics: dict[str, ServingMetrics] = {}
         self.registry, self.cache_root = _registry()
 
         async def load_multiplexed_engine(ref: str) -> _Evictable:
@@ -436,22 +497,38 @@ class MultiplexedModelServer:
         loaded.in_flight += 1
         return loaded
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def _metrics_of(self, loaded: LoadedVersion) -> ServingMetrics:
+        found = self._metrics.get(loaded.ref)
+        if found is None:
+            found = self._metrics[loaded.ref] = ServingMetrics(serve.get_multiplexed_model_id(), loaded.ref)
+        return found
+
+    async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[TokenEvent]:
         loaded = await self._acquire()
-        async for event in _stream(loaded, _events(lambda: loaded.engine.generate(request))):
+        async for event in _stream(loaded, _events(lambda: loaded.engine.generate(request)), self._metrics_of(loaded), http_request_id):
             yield event
 
-    async def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def generate_chat(
+        self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None
+    ) -> AsyncIterator[TokenEvent]:
         loaded = await self._acquire()
-        async for event in _stream(loaded, _events(lambda: loaded.engine.generate_chat(request_id, messages, params))):
+        events = _events(lambda: loaded.engine.generate_chat(request_id, messages, params))
+        async for event in _stream(loaded, events, self._metrics_of(loaded), http_request_id):
             yield event
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
         loaded = await self._acquire()
         try:
-            return await loaded.engine.embed(texts)
+            vectors, tokens = await loaded.engine.embed(texts)
         finally:
             await loaded.release()
+        self._metrics_of(loaded).finished(tokens, 0)
+        return vectors, tokens
+
+    def check_health(self) -> None:
+        wrapper = getattr(self._loader, "__serve_multiplex_wrapper", None)
+        for model in (wrapper.models.values() if wrapper is not None else ()):
+            _check_alive(model.loaded)
 
     async def __del__(self) -> None:
         # Serve unloads multiplexed models only when the wrapper sits on the replica object; ours sits on the loader
@@ -494,17 +571,19 @@ class DeploymentEngine(Engine):
     def _call(self, stream: bool = False) -> DeploymentHandle:
         return self._handles[stream]
 
+    # each call carries the HTTP request's id (`REQUEST_ID`) so the replica's log line for it has the same one
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
-        async for event in _remote_stream(self._call(stream=True).generate.remote(request)):
+        async for event in _remote_stream(self._call(stream=True).generate.remote(request, REQUEST_ID.get())):
             yield event
 
     async def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
-        async for event in _remote_stream(self._call(stream=True).generate_chat.remote(request_id, messages, params)):
+        async for event in _remote_stream(self._call(stream=True).generate_chat.remote(request_id, messages, params, REQUEST_ID.get())):
             yield event
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         try:
-            return await self._call().embed.remote(texts)
+            return await self._call().embed.remote(texts, REQUEST_ID.get())
         except Exception as exc:  # noqa: BLE001
             raise _unwrapped(exc) from None
 
@@ -557,6 +636,7 @@ class OpenAIIngress:
         from lmaas.serve.grpc_api import GrpcServing
         from lmaas.serve.openai_api import OpenAIServing
 
+        configure_logging()
         self._models, self._multiplexed, self._multiplex, self._refs, self._args = models, multiplexed, multiplex, refs, args
         self._engines: dict[str, Engine] = {}
         for name, handle in models.items():
@@ -598,11 +678,36 @@ class OpenAIIngress:
 
         args = ServeAppArgs(**self._args)
         self._grpc.auth = build_auth(args.auth)  # gRPC calls need the same keys as HTTP
-        app = build_openai_app(self._engines, max_body_bytes=args.ingress.max_body_bytes, auth=self._grpc.auth, refs=self._refs)
+        app = build_openai_app(
+            self._engines, max_body_bytes=args.ingress.max_body_bytes, auth=self._grpc.auth, refs=self._refs,
+            metrics=GatewayMetrics(), echo_request_id=False, readiness=self._readiness,  # Serve's proxy returns X-Request-Id
+        )
         # one port for /v1 and /api/v1: the registry, auth and deployment REST APIs ride on the same app
         control = DeploymentControl(serve.get_replica_context().app_name, args)
         add_management_routes(app, self._grpc.auth.registry if self._grpc.auth else None, auth=self._grpc.auth, deployments=control)
         return app
+
+    async def _readiness(self) -> tuple[bool, dict[str, str]]:
+        """`/readyz`: the served models' replicas, the database and the artifact store (see `ops.health.readiness`)."""
+        from lmaas.config import load_settings
+        from lmaas.ops.health import readiness
+
+        return await asyncio.to_thread(readiness, load_settings(), self._replica_problems)
+
+    def _replica_problems(self) -> dict[str, str]:
+        """Served name -> "ok", or why it cannot answer now (no running replica, and not scaled to zero by design)."""
+        args = ServeAppArgs(**self._args)
+        app = serve.status().applications.get(serve.get_replica_context().app_name)
+        out = {}
+        for m in args.models:
+            key, scaling = (MULTIPLEX_NAME, args.multiplex) if m.multiplexed else (deployment_name(m.name), m)
+            state = app.deployments.get(key) if app is not None else None
+            running = _running_replicas(state)
+            if running or scaling.min_replicas == 0 and state is not None and _status(state) != "DEPLOY_FAILED":
+                out[m.name] = "ok"
+            else:
+                out[m.name] = f"no running replica (deployment {key}: {_status(state) if state else 'missing'})"
+        return out
 
     # gRPC (`lmaas.v1.Inference`): Serve's gRPC proxy calls the method named like the RPC
 
@@ -628,6 +733,15 @@ class OpenAIIngress:
         names = [n for n in (self._models if names is None else names) if n in self._models]
         infos = await asyncio.gather(*(self._models[n].info.remote() for n in names))
         return {name: info["version"] for name, info in zip(names, infos)} | dict(self._multiplexed)
+
+
+def _running_replicas(state: Any) -> int:
+    """RUNNING replicas of a Serve `DeploymentStatusOverview` (0 for None)."""
+    return sum(n for s, n in state.replica_states.items() if str(getattr(s, "value", s)) == "RUNNING") if state else 0
+
+
+def _status(state: Any) -> str:
+    return str(getattr(state.status, "value", state.status))
 
 
 def deployment_name(served_name: str) -> str:
@@ -792,8 +906,7 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
     app = serve.status().applications[app_name]
 
     def running(key: str) -> int:
-        state = app.deployments.get(key)
-        return sum(n for s, n in state.replica_states.items() if str(getattr(s, "value", s)) == "RUNNING") if state else 0
+        return _running_replicas(app.deployments.get(key))
 
     live = [m.name for m in args.models if not m.multiplexed and running(deployment_name(m.name))]
     try:

@@ -9,20 +9,28 @@ Mounted by the Serve ingress; standalone for tests and one-machine setups:
 from __future__ import annotations
 
 import json
-
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 import lmaas
 from lmaas.auth import Auth
+from lmaas.ops.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id_from
 from lmaas.serve.engine import Engine
 from lmaas.serve.errors import error_body, install_error_handlers
 from lmaas.serve.openai_api import OpenAIServing
 from lmaas.serve.routers import openai as openai_router
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/healthz", "/readyz")
+"""Route label values of request metrics; other paths count as "other" (a scanner cannot mint series)."""
+
+access_log = logging.getLogger("lmaas.serve.access")
 
 
 def build_openai_app(
@@ -31,6 +39,9 @@ def build_openai_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     auth: Auth | None = None,
     refs: dict[str, str] | None = None,
+    metrics: Any = None,
+    echo_request_id: bool = True,
+    readiness: Any = None,
 ) -> FastAPI:
     """A FastAPI app serving `engines` (keyed by the `model` name clients send) with OpenAI's API.
 
@@ -41,6 +52,9 @@ def build_openai_app(
             None: open to every caller (tests, one-machine setups behind something else).
         refs: served name -> registry reference, where they differ (which model a name's tenant owns,
             which version answered a response); a name not listed is taken as the reference itself.
+        metrics: records each request (`lmaas.ops.metrics.GatewayMetrics` or any object with its methods); None: none.
+        echo_request_id: return `X-Request-Id` (False behind Serve's proxy, which returns it itself).
+        readiness: `async () -> (ready, {component: problem or "ok"})` behind `GET /readyz`; None: ready when up.
     """
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -55,10 +69,18 @@ def build_openai_app(
     install_error_handlers(app)
     app.include_router(openai_router.router)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestTelemetry, metrics=metrics, echo_request_id=echo_request_id)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
+        """Liveness: the gateway answers."""
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 when every served model, the database and the artifact store answer; else 503 naming what does not."""
+        ready, checks = (True, {}) if readiness is None else await readiness()
+        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
 
     return app
 
@@ -116,3 +138,53 @@ class BodySizeLimit:
         ).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class RequestTelemetry:
+    """ASGI middleware: a request id per request (`X-Request-Id`, see `lmaas.ops.logs`), metrics, and one access log line.
+
+    The route handlers leave `lmaas_model` / `lmaas_version` in the request state once they know
+    which served model a request is for; a 429's tenant comes from the authenticated principal.
+    """
+
+    def __init__(self, app, metrics: Any = None, echo_request_id: bool = True) -> None:  # noqa: ANN001 - an ASGI app
+        self.app, self.metrics, self.echo = app, metrics, echo_request_id
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        sent = next((v.decode("latin-1") for k, v in scope["headers"] if k == REQUEST_ID_HEADER.encode()), None)
+        request_id = request_id_from(sent)
+        token = REQUEST_ID.set(request_id)
+        status = 500
+
+        async def watch(message) -> None:  # noqa: ANN001
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if self.echo:
+                    message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            REQUEST_ID.reset(token)
+            self._record(scope, status, time.perf_counter() - started, request_id)
+
+    def _record(self, scope, status: int, seconds: float, request_id: str) -> None:  # noqa: ANN001
+        state = scope.get("state") or {}
+        model, version = state.get("lmaas_model", ""), state.get("lmaas_version", "")
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        principal = state.get("principal")
+        tenant = getattr(principal, "tenant", None) or ""
+        if self.metrics is not None and route not in ("/healthz", "/readyz"):
+            self.metrics.request(model=model, version=version, route=route, status=status, seconds=seconds)
+            if status == 429:
+                self.metrics.quota_rejection(tenant or "unknown")
+        if route not in ("/healthz", "/readyz"):
+            access_log.info(
+                "%s %s %d", scope["method"], scope["path"], status,
+                extra={"request_id": request_id, "status": status, "duration_s": round(seconds, 4), "model": model, "tenant": tenant},
+            )

@@ -21,6 +21,11 @@ class TrainConfig(BaseModel):
     model: str = "tiny"
     """Model size: `tiny`, `small`, `base` or `1b` (see `lmaas.models.SIZES`)."""
 
+    init_from: str | None = None
+    """Fine-tune: a registered causal LM (`name`, `name:N`, `name@alias`) whose architecture and
+    weights replace `model`. The dataset must be tokenized with its tokenizer (`lmaas data ingest
+    --tokenizer DIR` with the model's exported directory). The result records it as its parent."""
+
     output_model: str | None = "tiny-lm"
     """Registry name the final model is registered under; None keeps it as a run artifact only."""
 

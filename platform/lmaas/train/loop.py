@@ -89,11 +89,19 @@ def train_func(loop_config: dict[str, Any]) -> None:
         (Path(tokenizer_dir) / name).write_text(text)
     queue = loop_config.get("progress")
     fault = loop_config.get("fault")
+    recorder = None
+    if rank == 0:  # Prometheus gauges through Ray's metrics system (`lmaas.ops.metrics`)
+        from lmaas.ops.metrics import TrainMetrics
+
+        recorder = TrainMetrics(loop_config.get("run_id") or ctx.get_experiment_name(), cfg.output_model or cfg.model)
 
     distill = loop_config.get("teacher")
-    teacher = _load_teacher(distill, device) if distill else None
+    teacher = _load_registered(distill, device).requires_grad_(False).eval() if distill else None
 
     base = build_model(model_config, seed=cfg.seed)
+    init = loop_config.get("init")
+    if init is not None and ray.train.get_checkpoint() is None:  # fine-tune: start from the base model's weights
+        base.load_state_dict(_load_registered(init, "cpu").state_dict())
     model = _wrap(base, cfg, device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -209,15 +217,18 @@ def train_func(loop_config: dict[str, Any]) -> None:
         else:
             state.history.append(dict(metrics))
             ray.train.report(metrics)  # Ray Train: a barrier; every rank reports equally often
+        if recorder is not None:
+            recorder.report(metrics)
         if rank == 0 and queue is not None:
             queue.put(metrics)
 
 
-def _load_teacher(spec: dict[str, Any], device: Any) -> Any:
-    """The teacher from its registry artifact directory: every file's sha256 checked, frozen, eval mode.
+def _load_registered(spec: dict[str, Any], device: Any) -> Any:
+    """A registered model from its artifact directory, every file's sha256 checked: a distillation's
+    teacher or a fine-tune's starting point.
 
-    Every worker holds a whole replica (also under FSDP: only the student is sharded). It keeps the
-    dtype it was stored in (fp32 for the lmaas family) and runs under the student's autocast.
+    Every worker holds a whole replica of a teacher (also under FSDP: only the student is sharded).
+    It keeps the dtype it was stored in (fp32 for the lmaas family) and runs under the student's autocast.
     """
     from lmaas.errors import IntegrityError
     from lmaas.models import load_model
@@ -226,11 +237,10 @@ def _load_teacher(spec: dict[str, Any], device: Any) -> Any:
     directory = tempfile.mkdtemp(prefix="lmaas-teacher-")
     manifest = Storage(spec["storage_uri"], endpoint_url=spec["endpoint_url"]).download_dir(spec["prefix"], directory)
     if manifest.sha256 != spec["manifest_sha256"]:
-        raise IntegrityError(f"teacher {spec['ref']}: the stored manifest under {spec['prefix']} was altered")
-    teacher = load_model(directory, device=str(device))
+        raise IntegrityError(f"{spec['ref']}: the stored manifest under {spec['prefix']} was altered")
+    model = load_model(directory, device=str(device))
     shutil.rmtree(directory, ignore_errors=True)
-    teacher.requires_grad_(False)
-    return teacher.eval()
+    return model
 
 
 def _wrap(model: Any, cfg: TrainConfig, device: Any) -> Any:

@@ -158,8 +158,14 @@ def train(
     run_id = resume or new_run_id(config)
     run_prefix = f"{RUNS_PREFIX}/{run_id}"
     tokenizer_files, spec = _tokenizer(storage, version)
-    llama = model_config(config.model, vocab_size=spec.vocab_size, max_seq_len=version.block_size, eos_id=spec.eos_id,
-                         **(model_overrides or {}))
+    init = _init_from(config, storage, engine, version) if config.init_from else None
+    if init is not None:
+        from transformers import LlamaConfig
+
+        llama = LlamaConfig.from_dict(init.pop("config"))
+    else:
+        llama = model_config(config.model, vocab_size=spec.vocab_size, max_seq_len=version.block_size, eos_id=spec.eos_id,
+                             **(model_overrides or {}))
     import torch
 
     with torch.device("meta"):
@@ -175,6 +181,7 @@ def train(
         "resumed": resume is not None,
         **({"model_overrides": model_overrides} if model_overrides else {}),
         **({"teacher": {k: teacher[k] for k in ("ref", "temperature", "alpha")}} if teacher else {}),
+        **({"init_from": init["ref"]} if init else {}),
     }
     storage.write_text(f"{run_prefix}/{RUN_FILE}", json.dumps(record, indent=1))
 
@@ -189,6 +196,8 @@ def train(
         "progress": queue,
         "fault": _fault_from_env(),
         "teacher": teacher,
+        "init": init,
+        "run_id": run_id,
     }
     filesystem, root = storage.pyarrow_filesystem()
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
@@ -252,6 +261,61 @@ def train(
     )
 
 
+def _init_from(config: TrainConfig, storage: Storage, engine: Engine, dataset: Any) -> dict[str, Any]:
+    """Where the workers load the base model of a fine-tune from, and its architecture (`config`).
+
+    Raises:
+        NotFoundError: no such model version.
+        InvalidInputError: not a Llama-architecture fp32 causal LM, encrypted, a context shorter than
+            the dataset's rows, or a dataset tokenized with another tokenizer.
+    """
+    registry = ModelRegistry(storage, engine)
+    base = registry.resolve(config.init_from)
+    if base.task != "causal-lm":
+        raise InvalidInputError(f"init_from {base.ref} is a {base.task} model; fine-tuning starts from a causal-lm", param="init_from")
+    if base.encrypted:
+        raise InvalidInputError(f"init_from {base.ref} is encrypted at rest; workers read its files directly", param="init_from")
+    _, raw = registry.read_file(base.ref, "config.json")
+    base_config = json.loads(raw)
+    if base_config.get("quantization_config") or base_config.get("model_type") != "llama":
+        raise InvalidInputError(f"init_from {base.ref} is a {base_config.get('model_type')} model"
+                                f"{' (quantized)' if base_config.get('quantization_config') else ''}; fine-tuning supports "
+                                "fp32 Llama-architecture models (the lmaas family, TinyLlama, Llama)", param="init_from")
+    if base_config.get("max_position_embeddings", 0) < dataset.block_size:
+        raise InvalidInputError(f"dataset {dataset.ref} has {dataset.block_size}-token rows, longer than {base.ref}'s context "
+                                f"({base_config.get('max_position_embeddings')})", param="dataset")
+    check_dataset_tokenizer(registry, base, base_config, dataset, role="init_from",
+                            remedy=f"ingest with `--tokenizer` set to {base.ref}'s exported directory")
+    return {"ref": base.ref, "storage_uri": storage.uri, "endpoint_url": storage.endpoint_url, "prefix": base.prefix,
+            "manifest_sha256": base.manifest_sha256, "config": base_config}
+
+
+def check_dataset_tokenizer(registry: ModelRegistry, model: ModelVersion, model_config: dict[str, Any], dataset: Any, *,
+                            role: str, remedy: str) -> int:
+    """The shared vocabulary size; refuses a dataset tokenized differently from `model`'s tokenizer.
+
+    Raises:
+        NotFoundError: the dataset has no tokenizer.json.
+        InvalidInputError: other vocabulary size or other tokens (`role` and `remedy` go into the message).
+    """
+    from tokenizers import Tokenizer
+
+    path = f"{dataset.prefix}/tokenizer/tokenizer.json"
+    if not registry.storage.exists(path):
+        raise NotFoundError(f"dataset {dataset.ref} has no tokenizer.json", param="dataset")
+    data_tok = Tokenizer.from_str(registry.storage.read_text(path))
+    vocab = model_config.get("vocab_size")
+    if data_tok.get_vocab_size() != vocab:
+        raise InvalidInputError(f"dataset {dataset.ref}'s tokenizer has {data_tok.get_vocab_size()} tokens, {role} {model.ref} "
+                                f"has vocab_size {vocab}: {remedy}", param="dataset")
+    if any(f.path == "tokenizer.json" for f in model.files):
+        _, raw = registry.read_file(model.ref, "tokenizer.json")
+        if Tokenizer.from_str(raw.decode()).get_vocab() != data_tok.get_vocab():
+            raise InvalidInputError(f"dataset {dataset.ref} was tokenized with a different tokenizer than {role} {model.ref}'s "
+                                    f"(same size, other tokens): {remedy}", param="dataset")
+    return vocab
+
+
 def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, alias: str | None = None) -> ModelVersion:
     """Register the final checkpoint of a finished run as the next version of `name`.
 
@@ -275,9 +339,11 @@ def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, al
             task="causal-lm",
             dataset=record["dataset"],
             dataset_sha256=record["dataset_content_hash"],
+            parent=record.get("init_from"),
             run=run_id,
             metrics=metrics,
-            description=f"{config.model} model, {config.strategy} x{config.num_workers}, {final.get('step', 0)} steps on {record['dataset']}",
+            description=(f"fine-tune of {record['init_from']}" if record.get("init_from") else f"{config.model} model")
+            + f", {config.strategy} x{config.num_workers}, {final.get('step', 0)} steps on {record['dataset']}",
         )
     if alias:
         registry.set_alias(registered.name, alias, registered.version)

@@ -94,6 +94,11 @@ class EngineStats:
     max_batch_size: int
     generated_tokens: int
     finished_requests: int
+    kv_cache_tokens: int = 0
+    """Token slots the KV cache holds now. `CausalLMEngine` has no block allocator: its cache is one padded
+    tensor, running requests x the longest sequence among them, so padding counts as used."""
+    kv_cache_capacity: int = 0
+    """Token slots at full load (max_batch_size x max_context); 0: the engine keeps no KV cache."""
 
 
 class Engine(abc.ABC):

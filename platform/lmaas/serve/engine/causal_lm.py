@@ -189,7 +189,12 @@ class CausalLMEngine(Engine):
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return EngineStats(len(self._running), len(self._waiting), self.max_batch_size, self._generated, self._finished)
+            mask = self._mask
+            cached = len(self._running) * int(mask.shape[1]) if mask is not None and self._running else 0
+            return EngineStats(
+                len(self._running), len(self._waiting), self.max_batch_size, self._generated, self._finished,
+                kv_cache_tokens=cached, kv_cache_capacity=self.max_batch_size * self.max_context,
+            )
 
     async def close(self) -> None:
         with self._lock:

@@ -61,14 +61,18 @@ async def _admit_model(request: Request, model: str, user: str | None = None) ->
     """404 unless `model` is served and visible to the caller; returns the metering callback."""
     auth, principal = get_auth(request), authenticate(request)
     serving = _serving(request)
+    ref = request.app.state.refs.get(model, model)
     ROUTED.set(Routed())
     CALLER.set(user or request.headers.get("x-lmaas-user") or principal.key_id)
     if auth is None:
+        if model in serving.engines:
+            request.state.lmaas_model, request.state.lmaas_version = model, _pinned_version(ref)
         return None
     if model not in serving.engines or not await run_in_threadpool(_visible, request, principal, model):
         served = await run_in_threadpool(lambda: sorted(n for n in serving.engines if _visible(request, principal, n)))
         raise NotFoundError(f"model {model!r} is not served here (served: {', '.join(served) or 'none'})", param="model")
-    ref = request.app.state.refs.get(model, model)
+    request.state.lmaas_model = model  # for request metrics (`RequestTelemetry`)
+    request.state.lmaas_version = await run_in_threadpool(_version, auth, ref)  # the stable side's (a canary answer: see VERSION_HEADER)
     routed = ROUTED.get()
 
     async def on_finish(response_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
@@ -83,6 +87,24 @@ async def _admit_model(request: Request, model: str, user: str | None = None) ->
     return on_finish
 
 
+def _pinned_version(ref: str) -> str:
+    from lmaas.registry import parse_ref
+
+    try:
+        version = parse_ref(ref).version
+    except LmaasError:
+        return ""
+    return "" if version is None else f"{parse_ref(ref).name}:{version}"
+
+
+def _version(auth, ref: str) -> str:  # noqa: ANN001 - an Auth
+    """`name:version` the reference names now (cached in `auth`); "" when the registry cannot say."""
+    try:
+        return auth.version_of(ref) or _pinned_version(ref)
+    except Exception:  # noqa: BLE001 - a label must not fail the request; metering reports a database outage
+        return _pinned_version(ref)
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     models = _serving(request).list_models()
@@ -95,30 +117,30 @@ async def list_models(request: Request) -> ModelList:
 async def create_completion(request: Request, response: Response, body: CompletionRequest):  # noqa: ANN201 - JSON or SSE
     on_finish = await _admit_model(request, body.model, body.user)
     result = await _serving(request).create_completion(body, on_finish=on_finish)
-    return _respond(result, response, await _version(request, body.model))
+    return _respond(result, response, await _answered_version(request, body.model))
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(request: Request, response: Response, body: ChatCompletionRequest):  # noqa: ANN201 - JSON or SSE
     on_finish = await _admit_model(request, body.model, body.user)
     result = await _serving(request).create_chat_completion(body, on_finish=on_finish)
-    return _respond(result, response, await _version(request, body.model))
+    return _respond(result, response, await _answered_version(request, body.model))
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def create_embedding(request: Request, response: Response, body: EmbeddingRequest) -> EmbeddingResponse:
     on_finish = await _admit_model(request, body.model, body.user)
     result = await _serving(request).create_embedding(body, on_finish=on_finish)
-    response.headers[VERSION_HEADER] = await _version(request, body.model)
+    response.headers[VERSION_HEADER] = await _answered_version(request, body.model)
     return result
 
 
-async def _version(request: Request, model: str) -> str:
-    """`name:version` that answered (the reference itself when it is not in a registry)."""
+async def _answered_version(request: Request, model: str) -> str:
+    """`name:version` that answered (with a canary: its side's); the reference itself when the registry cannot say."""
     routed = ROUTED.get()
     ref = (routed.ref if routed is not None else None) or request.app.state.refs.get(model, model)
     auth = get_auth(request)
-    version = await run_in_threadpool(auth.version_of, ref) if auth is not None else None
+    version = await run_in_threadpool(_version, auth, ref) if auth is not None else _pinned_version(ref)
     return version or ref
 
 

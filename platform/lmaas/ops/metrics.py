@@ -1,0 +1,221 @@
+"""Prometheus metrics of lmaas, recorded through Ray's metrics system (`ray.util.metrics`).
+
+Every Ray node exports what its processes record on its metrics export port (`ray start
+--metrics-export-port`, the dashboard's "Metrics" view, a Prometheus scrape config over
+`/tmp/ray/session_latest/metrics/prometheus/prom_metrics_service_discovery.json`). Ray prefixes
+each name with `ray_`: `lmaas_requests` is scraped as `ray_lmaas_requests_total`. A series shows
+up about 10 s after it is first recorded. Serve's own metrics (`ray_serve_*`: replicas, HTTP
+requests at the proxy) sit beside them; `deployments/monitoring/` holds a Grafana dashboard and
+Prometheus alert rules over both.
+
+Who records what:
+
+- the gateway (`OpenAIIngress`): requests by model/version/route/status, request latency, 429
+  quota rejections by tenant (`RequestMetrics`, an ASGI middleware in `serve/openai_app.py`);
+- model replicas (`ModelServer`): time to first token, inter-token latency, prompt and output
+  tokens per request, and every `ENGINE_POLL_S` the engine's waiting requests, running batch size
+  and KV-cache use (`ServingMetrics`);
+- training (rank 0): tokens/s, loss, validation loss, step, checkpoint stall (`TrainMetrics`);
+- the job queue's admitter: queued/running jobs and finished jobs by state (`JobMetrics`).
+
+Metric objects are created once per process, on first use; outside a Ray worker or driver
+(`ray.is_initialized()` false) every recorder is a no-op, so library code can call them anywhere.
+The engine (`serve/engine`) never imports Ray: replicas read its `EngineStats`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+ENGINE_POLL_S = 2.0
+"""How often a replica samples its engine's gauges."""
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CHECKPOINT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+SERVE_TAGS = ("model", "version")
+TRAIN_TAGS = ("run", "model")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One lmaas metric: `name` as recorded; Prometheus sees `exported` (plus `_bucket/_sum/_count` for histograms)."""
+
+    name: str
+    kind: str
+    """"counter", "gauge" or "histogram"."""
+    description: str
+    tags: tuple[str, ...]
+    boundaries: tuple[float, ...] = ()
+
+    @property
+    def exported(self) -> str:
+        return f"ray_{self.name}" + ("_total" if self.kind == "counter" else "")
+
+    def series(self) -> tuple[str, ...]:
+        """Every series name Prometheus stores for this metric."""
+        if self.kind == "histogram":
+            return tuple(f"ray_{self.name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
+        return (self.exported,)
+
+
+METRICS = (
+    # gateway
+    MetricSpec("lmaas_requests", "counter", "HTTP requests answered by the gateway, by model, version, route and status code.",
+               ("model", "version", "route", "status")),
+    MetricSpec("lmaas_request_latency_seconds", "histogram", "Gateway request latency (until the last byte of the response).",
+               ("model", "route"), LATENCY_BUCKETS),
+    MetricSpec("lmaas_quota_rejections", "counter", "Requests refused with 429 by a rate limit or token quota, by tenant.", ("tenant",)),
+    # model replicas
+    MetricSpec("lmaas_time_to_first_token_seconds", "histogram", "From a replica receiving a generation request to its first token.",
+               SERVE_TAGS, TOKEN_LATENCY_BUCKETS),
+    MetricSpec("lmaas_inter_token_latency_seconds", "histogram", "Gap between consecutive tokens of one stream.",
+               SERVE_TAGS, TOKEN_LATENCY_BUCKETS),
+    MetricSpec("lmaas_prompt_tokens", "counter", "Prompt (input) tokens processed.", SERVE_TAGS),
+    MetricSpec("lmaas_output_tokens", "counter", "Generated (output) tokens.", SERVE_TAGS),
+    MetricSpec("lmaas_engine_waiting_requests", "gauge", "Requests queued in a replica's engine, not yet decoding.", SERVE_TAGS),
+    MetricSpec("lmaas_engine_running_requests", "gauge", "Requests in a replica's running batch.", SERVE_TAGS),
+    MetricSpec("lmaas_kv_cache_usage_ratio", "gauge",
+               "KV-cache in use / KV-cache capacity of a replica's engine (0..1; see EngineStats.kv_cache_tokens).", SERVE_TAGS),
+    # training
+    MetricSpec("lmaas_train_tokens_per_second", "gauge", "Training throughput over the last log interval (all workers).", TRAIN_TAGS),
+    MetricSpec("lmaas_train_loss", "gauge", "Training loss over the last log interval.", TRAIN_TAGS),
+    MetricSpec("lmaas_train_val_loss", "gauge", "Loss on the validation split at the last evaluation.", TRAIN_TAGS),
+    MetricSpec("lmaas_train_step", "gauge", "Optimizer steps done.", TRAIN_TAGS),
+    MetricSpec("lmaas_train_checkpoint_stall_seconds", "histogram",
+               "Seconds training waited for one checkpoint: gather, write and hand-off to Ray's asynchronous upload.",
+               TRAIN_TAGS, CHECKPOINT_BUCKETS),
+    # job queue
+    MetricSpec("lmaas_jobs", "gauge", "Jobs in the queue by state (queued, submitted, running).", ("state",)),
+    MetricSpec("lmaas_jobs_finished", "counter", "Queued jobs that finished, by kind and final state (succeeded, failed, cancelled).",
+               ("kind", "state")),
+)
+SPECS = {spec.name: spec for spec in METRICS}
+
+RAY_SERVE_METRICS = (
+    "ray_serve_deployment_replica_healthy",
+    "ray_serve_deployment_request_counter_total",
+    "ray_serve_deployment_error_counter_total",
+    "ray_serve_replica_starts_total",
+    "ray_serve_num_http_requests_total",
+    "ray_serve_num_http_error_requests_total",
+    "ray_serve_deployment_processing_latency_ms_bucket",
+)
+"""Serve's own series the dashboard and alerts use (Ray docs: "Ray Serve metrics")."""
+
+_lock = threading.Lock()
+_objects: dict[str, Any] = {}
+
+
+def _metric(name: str) -> Any:
+    """The Ray metric object `name` of this process (created on first use), or None without Ray."""
+    found = _objects.get(name)
+    if found is not None:
+        return found
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.util import metrics as ray_metrics
+
+    with _lock:
+        if name not in _objects:
+            spec = SPECS[name]
+            if spec.kind == "counter":
+                _objects[name] = ray_metrics.Counter(spec.name, spec.description, tag_keys=spec.tags)
+            elif spec.kind == "gauge":
+                _objects[name] = ray_metrics.Gauge(spec.name, spec.description, tag_keys=spec.tags)
+            else:
+                _objects[name] = ray_metrics.Histogram(spec.name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tags)
+        return _objects[name]
+
+
+def _inc(name: str, value: float, tags: dict[str, str]) -> None:
+    if value:
+        metric = _metric(name)
+        if metric is not None:
+            metric.inc(value, tags)
+
+
+def _set(name: str, value: float, tags: dict[str, str]) -> None:
+    metric = _metric(name)
+    if metric is not None:
+        metric.set(value, tags)
+
+
+def _observe(name: str, value: float, tags: dict[str, str]) -> None:
+    metric = _metric(name)
+    if metric is not None:
+        metric.observe(value, tags)
+
+
+class GatewayMetrics:
+    """What the gateway records per HTTP request (duck-typed: `RequestMetrics` in serve/ takes any object with these)."""
+
+    def request(self, *, model: str, version: str, route: str, status: int, seconds: float) -> None:
+        _inc("lmaas_requests", 1, {"model": model, "version": version, "route": route, "status": str(status)})
+        _observe("lmaas_request_latency_seconds", seconds, {"model": model, "route": route})
+
+    def quota_rejection(self, tenant: str) -> None:
+        _inc("lmaas_quota_rejections", 1, {"tenant": tenant})
+
+
+class ServingMetrics:
+    """What one model replica records, tagged with its served name and the version it runs.
+
+    A stream costs one histogram observation per token (`token`) plus a few per request (`finished`).
+    """
+
+    def __init__(self, model: str, version: str) -> None:
+        self.tags = {"model": model, "version": version}
+        self._ttft = _metric("lmaas_time_to_first_token_seconds")
+        self._itl = _metric("lmaas_inter_token_latency_seconds")
+
+    def first_token(self, seconds: float) -> None:
+        if self._ttft is not None:
+            self._ttft.observe(seconds, self.tags)
+
+    def token(self, gap_s: float) -> None:
+        if self._itl is not None:
+            self._itl.observe(gap_s, self.tags)
+
+    def finished(self, prompt_tokens: int, output_tokens: int) -> None:
+        _inc("lmaas_prompt_tokens", prompt_tokens, self.tags)
+        _inc("lmaas_output_tokens", output_tokens, self.tags)
+
+    def engine(self, stats: Any) -> None:
+        """Gauges from an `EngineStats` (duck-typed: running, waiting, kv_cache_tokens, kv_cache_capacity)."""
+        _set("lmaas_engine_waiting_requests", stats.waiting, self.tags)
+        _set("lmaas_engine_running_requests", stats.running, self.tags)
+        capacity = getattr(stats, "kv_cache_capacity", 0)
+        _set("lmaas_kv_cache_usage_ratio", min(1.0, stats.kv_cache_tokens / capacity) if capacity else 0.0, self.tags)
+
+
+class TrainMetrics:
+    """What rank 0 of a training run records at each report."""
+
+    def __init__(self, run: str, model: str) -> None:
+        self.tags = {"run": run, "model": model}
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Record the loop's metrics dict (`step`, `loss`, `tokens_per_s`, `val_loss`, `checkpoint_stall_s`)."""
+        for key, name in (("step", "lmaas_train_step"), ("loss", "lmaas_train_loss"), ("tokens_per_s", "lmaas_train_tokens_per_second"),
+                          ("val_loss", "lmaas_train_val_loss")):
+            if metrics.get(key) is not None:
+                _set(name, float(metrics[key]), self.tags)
+        if metrics.get("checkpoint_stall_s") is not None:
+            _observe("lmaas_train_checkpoint_stall_seconds", float(metrics["checkpoint_stall_s"]), self.tags)
+
+
+class JobMetrics:
+    """What the job queue's admitter records."""
+
+    def counts(self, by_state: dict[str, int]) -> None:
+        for state in ("queued", "submitted", "running"):
+            _set("lmaas_jobs", by_state.get(state, 0), {"state": state})
+
+    def finished(self, kind: str, state: str) -> None:
+        _inc("lmaas_jobs_finished", 1, {"kind": kind, "state": state})

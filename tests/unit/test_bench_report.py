@@ -1,0 +1,41 @@
+"""`bench/report.py`: the table of ratios, the report file and the README block it refreshes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_report_module():
+    spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_report"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_tables_ratios_marks_targets_and_refreshes_the_readme(tmp_path):
+    report = load_report_module()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "data_ingest.json").write_text(json.dumps(
+        {"tokens": 1000, "ray_tokens_per_s": 300.0, "baseline_tokens_per_s": 200.0, "ratio": 1.5}))
+    level = {"concurrency": 32, "texts_per_s": 10.0}
+    (results / "serve_embeddings.json").write_text(json.dumps({"baseline": [level], "lmaas": [{**level, "texts_per_s": 20.0}]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\noutro\n")
+
+    report.main(results, readme)
+
+    text = (results / "REPORT.md").read_text()
+    assert "| data_ingest | tokenize + pack 1,000 tokens | 300 tok/s | 200 tok/s (one process) | 1.50x | > 1 on 2 cores | yes |" in text
+    assert "| serve_embeddings | 32 clients: texts/s | 20.0 | 10.0 (encode, one at a time) | 2.00x | >= 3 | **no** |" in text
+    assert "| train_throughput | not run |" in text and "![ratios](ratios.png)" in text
+    assert (results / "ratios.png").stat().st_size > 1000
+    refreshed = readme.read_text()
+    assert "old table" not in refreshed and "| data_ingest |" in refreshed
+    assert refreshed.startswith("intro\n") and refreshed.endswith("outro\n")
