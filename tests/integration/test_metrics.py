@@ -60,7 +60,7 @@ def served(ray_cluster, tmp_path_factory):
         wait_for(lambda: _status(base + "/healthz") == 200, 30, "Serve ingress")
         yield base, settings
     finally:
-        serve.delete(APP)
+        serve.shutdown()  # the next module starts Serve on its own port
 
 
 def _status(url: str) -> int:

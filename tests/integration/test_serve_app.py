@@ -79,7 +79,9 @@ def served(ray_cluster, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(args), name=APP, route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
+        from lmaas.serve.deployments import http_port
+
+        base = f"http://127.0.0.1:{http_port()}"  # where Serve listens (a Serve left running keeps its port)
         wait_for(lambda: _get(base + "/healthz") == 200, 30, "Serve ingress")
         yield base, registry, dirs, args
     finally:
