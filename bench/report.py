@@ -102,6 +102,12 @@ def compression(d: dict) -> list[Row]:
         elif name.startswith("prune") and "recovery_steps=0" not in name and "2:4" not in name:
             rows.append(Row("compression", f"{name}: perplexity", f"{v['perplexity']:.2f}", f"{v['parent_perplexity']:.2f}",
                             1 + v["perplexity_increase"], "<= 1.05", v["perplexity_increase"] <= 0.05))
+    scale = d.get("at_scale")
+    for v in (scale or {}).get("variants", []):
+        if v["variant"] == "int8-dynamic":
+            rows.append(Row("compression", f"int8-dynamic at size {scale['size']} ({scale['parameters'] / 1e6:.0f}M params, random weights): decode speed",
+                            f"{v['latency_ms_per_token']:.2f} ms/token", f"{v['parent_latency_ms_per_token']:.2f} ms/token",
+                            v["decode_speedup"], ">= 1.3", v["decode_speedup"] >= 1.3))
     distill = d.get("distill")
     if distill:
         rows.append(Row("compression", f"distilled student ({distill['parameter_ratio']:.2f}x the teacher's parameters): perplexity",
