@@ -3,12 +3,14 @@
     PYTHONPATH=platform python bench/engine_batching.py [--threads 2] [--new-tokens 64]
 
 No HTTP, no Ray: N requests submitted together, output tokens/s over the wall time they take.
+Writes bench/results/engine_batching.json (one entry per concurrency) for `bench/report.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
 import time
@@ -74,8 +76,10 @@ def main() -> None:
 
     sequential(1)
     batched(1)
+    levels = []
     for n in (int(c) for c in args.concurrency.split(",")):
         base, mine = sequential(n), batched(n)
+        levels.append({"concurrency": n, "generate_tokens_per_s": base, "lmaas_tokens_per_s": mine, "ratio": mine / base})
         line = f"concurrency {n:>2}: generate one-at-a-time {base:7.1f} tok/s | lmaas engine {mine:7.1f} tok/s ({mine / base:4.1f}x)"
         if args.hf_cb:
             try:
@@ -84,6 +88,9 @@ def main() -> None:
                 line += f" | transformers generate_batch failed: {type(exc).__name__}: {str(exc)[:80]}"
         print(line, flush=True)
     asyncio.run(engine.close())
+    out = Path(__file__).resolve().parent / "results" / "engine_batching.json"
+    out.write_text(json.dumps({"parameters": parameter_count(model), "threads": args.threads, "new_tokens": n_new,
+                               "levels": levels}, indent=1))
 
 
 if __name__ == "__main__":

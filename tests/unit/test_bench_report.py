@@ -26,6 +26,11 @@ def test_report_tables_ratios_marks_targets_and_refreshes_the_readme(tmp_path):
         {"tokens": 1000, "ray_tokens_per_s": 300.0, "baseline_tokens_per_s": 200.0, "ratio": 1.5}))
     level = {"concurrency": 32, "texts_per_s": 10.0}
     (results / "serve_embeddings.json").write_text(json.dumps({"baseline": [level], "lmaas": [{**level, "texts_per_s": 20.0}]}))
+    (results / "engine_batching.json").write_text(json.dumps({"parameters": 12_900_000, "levels": [
+        {"concurrency": 1, "generate_tokens_per_s": 120.0, "lmaas_tokens_per_s": 118.0, "ratio": 118 / 120},
+        {"concurrency": 16, "generate_tokens_per_s": 120.0, "lmaas_tokens_per_s": 600.0, "ratio": 5.0}]}))
+    (results / "compression.json").write_text(json.dumps({"at_scale": {"size": "base", "parameters": 88_000_000, "variants": [
+        {"variant": "int8-dynamic", "latency_ms_per_token": 10.0, "parent_latency_ms_per_token": 30.0, "decode_speedup": 3.0}]}}))
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\noutro\n")
 
@@ -34,6 +39,8 @@ def test_report_tables_ratios_marks_targets_and_refreshes_the_readme(tmp_path):
     text = (results / "REPORT.md").read_text()
     assert "| data_ingest | tokenize + pack 1,000 tokens | 300 tok/s | 200 tok/s (one process) | 1.50x | > 1 on 2 cores | yes |" in text
     assert "| serve_embeddings | 32 clients: texts/s | 20.0 | 10.0 (encode, one at a time) | 2.00x | >= 3 | **no** |" in text
+    assert "| engine_batching | 16 requests at once (12.9M params, no HTTP): output tokens/s | 600 | 120 (generate, one at a time) | 5.00x |" in text
+    assert "| compression | int8-dynamic at size base (88M params, random weights): decode speed | 10.00 ms/token | 30.00 ms/token | 3.00x | >= 1.3 | yes |" in text
     assert "| train_throughput | not run |" in text and "![ratios](ratios.png)" in text
     assert (results / "ratios.png").stat().st_size > 1000
     refreshed = readme.read_text()
