@@ -20,6 +20,7 @@ from lmaas.registry import ModelRegistry
 from lmaas.serve.auth import AuditFailures
 from lmaas.serve.errors import install_error_handlers
 from lmaas.serve.routers import auth as auth_router
+from lmaas.serve.routers import jobs as jobs_router
 from lmaas.serve.routers import registry as registry_router
 
 
@@ -52,7 +53,7 @@ def build_app(registry: ModelRegistry, *, auth: Auth | None = None) -> FastAPI:
 
 
 def add_management_routes(app: FastAPI, registry: ModelRegistry | None, *, auth: Auth | None = None, deployments: Any = None) -> None:
-    """Add the `/api/v1/` routers to `app` (the standalone app above, or the gateway's inference app).
+    """Add the `/api/v1/` routers (registry, auth, jobs) to `app` (the standalone app above, or the gateway's inference app).
 
     Args:
         registry: the model registry (None: the one of this process's settings).
@@ -66,6 +67,7 @@ def add_management_routes(app: FastAPI, registry: ModelRegistry | None, *, auth:
     app.state.auth = auth
     app.include_router(registry_router.router)
     app.include_router(auth_router.router)
+    app.include_router(jobs_router.router)
     if deployments is not None:
         from lmaas.serve.routers import deployments as deployments_router
 
