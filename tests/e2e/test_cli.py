@@ -59,6 +59,7 @@ def test_status_with_a_running_cluster(cli, lmaas_env, ray_cluster):
     data = json.loads(result.stdout)
     assert [n["cpus"] for n in data["nodes"]] == [2.0] and data["nodes"][0]["alive"] and data["nodes"][0]["head"]
     assert data["resources"]["total"]["CPU"] == 2.0 and isinstance(data["deployments"], list) and data["jobs"] == []
+    assert isinstance(data["traffic"], dict)  # model -> recent requests and 5xx of the gateway (none runs here)
     table = cli("status", env=env, timeout=240)
     assert table.returncode == 0, table.stderr
     for word in ("nodes", "alive", "free:", "jobs: none queued or running"):

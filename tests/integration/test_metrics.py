@@ -118,6 +118,7 @@ def test_traffic_shows_up_on_the_metrics_endpoint(served):
         ("ray_lmaas_prompt_tokens_total", (("model", "tiny"),)): 1,
         ("ray_lmaas_time_to_first_token_seconds_count", (("model", "tiny"),)): 6,
         ("ray_lmaas_inter_token_latency_seconds_count", (("model", "tiny"),)): 3 * 5 + 4,
+        ("ray_lmaas_recent_requests", (("model", "tiny"),)): 6,  # the 429 is refused before the model is known
     }
     deadline, missing, text = time.monotonic() + 40, dict(wanted), ""
     while missing and time.monotonic() < deadline:  # Ray exports what was recorded about every 10 s
@@ -198,6 +199,24 @@ def test_readyz_names_a_stopped_database_and_a_missing_replica(tmp_path):
         assert body["checks"]["model:tiny"].startswith("no running replica") and body["checks"]["model:other"] == "ok"
         assert client.get("/healthz").status_code == 200  # alive, just not ready
         assert len(client.get("/healthz").headers["x-request-id"]) == 32  # standalone apps return the request id themselves
+
+
+def test_lmaas_status_shows_the_recent_error_rate_per_model(served, cli):
+    """`lmaas status` on the cluster sums the gateway's last-5-minutes gauges from every node's metrics port."""
+    import json
+    import os
+
+    import ray
+
+    base, settings = served
+    client = openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    client.completions.create(model="tiny", prompt="def s(t):", max_tokens=2)
+    wait_for(lambda: total(scrape(), "ray_lmaas_recent_requests", model="tiny") >= 1, 40, "the recent-traffic gauge", interval=2)
+    env = {**os.environ, **settings.env(), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    result = cli("status", "--json", env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    traffic = json.loads(result.stdout)["traffic"]["tiny"]
+    assert traffic["requests"] >= 1 and traffic["errors"] == 0 and traffic["error_rate"] == 0.0, traffic
 
 
 def test_lmaas_logs_prints_the_replica_lines_of_a_request(served, cli, tmp_path):

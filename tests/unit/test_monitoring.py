@@ -122,6 +122,18 @@ def test_recorders_are_no_ops_without_ray():
     JobMetrics().counts({"queued": 1})
 
 
+def test_recent_requests_count_server_errors_in_a_sliding_window():
+    from lmaas.ops.metrics import RecentRequests
+
+    recent = RecentRequests(window_s=300)
+    for t, status in ((1000, 200), (1000, 500), (1100, 429), (1200, 503), (1299, 200)):
+        recent.add("m", status, now=t)
+    assert recent.counts(now=1299) == {"m": (5, 2)}  # a 429 is the client's, not a server error
+    assert recent.counts(now=1300) == {"m": (3, 1)}  # the two requests of second 1000 left the window
+    assert recent.add("other", 502, now=1600) == (1, 1)
+    assert recent.counts(now=1600) == {"m": (0, 0), "other": (1, 1)}
+
+
 def test_json_log_lines_carry_the_request_id():
     import logging
 

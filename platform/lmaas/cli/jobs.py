@@ -27,13 +27,20 @@ app = typer.Typer(help="Queue jobs for the cluster: priorities, admission when r
 console = Console(highlight=False)
 
 
-def _cluster(settings):  # noqa: ANN001, ANN202 - Settings -> ClusterInfo
+def _queue():  # noqa: ANN202 - a queue.ClusterQueue
+    """The queue of this installation's database, on the cluster RAY_ADDRESS names (required: the admitter lives there)."""
     from lmaas import cluster
+    from lmaas.ops import queue
 
-    if not settings.ray_address:
-        raise ConfigError("the job queue needs a running Ray cluster that outlives this command: run `ray start --head` "
-                          "and set RAY_ADDRESS=auto (or the head's address)", param="RAY_ADDRESS")
-    return cluster.connect(settings)
+    settings = load_settings()
+
+    def connected():  # noqa: ANN202 - ClusterInfo
+        if not settings.ray_address:
+            raise ConfigError("the job queue needs a running Ray cluster that outlives this command: run `ray start --head` "
+                              "and set RAY_ADDRESS=auto (or the head's address)", param="RAY_ADDRESS")
+        return cluster.connect(settings)
+
+    return queue.ClusterQueue(settings, db.connect(settings.database_url), connected)
 
 
 @app.command()
@@ -64,17 +71,10 @@ def submit(
 
         values = load_config(Raw, config, overrides).model_dump()
         kind = kind or queue.infer_kind(values)
-    settings = load_settings()
-    engine = db.connect(settings.database_url)
-    info = _cluster(settings)
-    capacity = {k: v for k, v in info.resources.items() if k in ("CPU", "GPU")}
-    job = queue.submit(engine, kind=kind or "command", config=values, entrypoint=command,
-                       resources={"CPU": cpus, "GPU": gpus} if command else None,
-                       priority=priority, tenant=tenant, capacity=capacity)
-    actor = queue.queue_actor(settings, info.dashboard_url, settings.max_running_jobs_per_tenant)
-    actor.nudge.remote()
+    job = _queue().submit(kind=kind or "command", config=values, entrypoint=command,
+                          resources={"CPU": cpus, "GPU": gpus} if command else None, priority=priority, tenant=tenant, actor="cli")
     if as_json:
-        print(json.dumps(_row(job), indent=1))
+        print(json.dumps(job.to_dict(), indent=1))
         return
     needs = ", ".join(f"{v:g} {k}" for k, v in job.resources.items())
     console.print(f"queued job {job.id}: {job.kind}, priority {job.priority_name}, tenant {job.tenant}, needs {needs}; "
@@ -93,7 +93,7 @@ def list_(
 
     jobs = queue.list_jobs(db.connect(load_settings().database_url), states=state or None, tenant=tenant, limit=limit)
     if as_json:
-        print(json.dumps([_row(j) for j in jobs], indent=1))
+        print(json.dumps([j.to_dict() for j in jobs], indent=1))
         return
     if not jobs:
         console.print("no jobs; `lmaas jobs submit CONFIG` queues one")
@@ -111,31 +111,11 @@ def list_(
 @app.command()
 def cancel(job_id: int = typer.Argument(..., help="The job's id (`lmaas jobs list`).")) -> None:
     """Cancel a job: a queued one never starts, a running one is stopped."""
-    from lmaas.ops import queue
-
-    settings = load_settings()
-    engine = db.connect(settings.database_url)
-    api = None
-    if queue.get(engine, job_id).state in queue.ACTIVE:
-        api = queue.RayJobsApi(_cluster(settings).dashboard_url, settings.env())
-    job = queue.cancel(engine, job_id, api)
+    job = _queue().cancel(job_id, actor="cli")
     console.print(f"job {job.id} {job.state}")
 
 
 @app.command()
 def logs(job_id: int = typer.Argument(..., help="The job's id (`lmaas jobs list`).")) -> None:
     """Print a job's output (its Ray job's driver log)."""
-    from lmaas.errors import InvalidInputError
-    from lmaas.ops import queue
-
-    settings = load_settings()
-    job = queue.get(db.connect(settings.database_url), job_id)
-    if job.submission_id is None:
-        raise InvalidInputError(f"job {job_id} is {job.state} and has not started; no logs yet", param="id")
-    print(queue.RayJobsApi(_cluster(settings).dashboard_url, settings.env()).logs(job.submission_id), end="")
-
-
-def _row(job) -> dict:  # noqa: ANN001 - QueuedJob
-    from dataclasses import asdict
-
-    return {**asdict(job), "priority": job.priority_name}
+    print(_queue().logs(job_id), end="")

@@ -1,7 +1,8 @@
 """`lmaas status`: is everything lmaas needs reachable, and what runs on the cluster?
 
     lmaas status                      # settings, storage, database, Ray
-    RAY_ADDRESS=auto lmaas status     # plus nodes and resources, deployments and replicas, queued and running jobs
+    RAY_ADDRESS=auto lmaas status     # plus nodes and resources, deployments with replicas and recent error rate,
+                                      # queued and running jobs
     lmaas status --json
 """
 
@@ -72,6 +73,7 @@ def _overview(settings, *, database_ok: bool, ray_ok: bool) -> dict:  # noqa: AN
     import ray
 
     from lmaas import cluster
+    from lmaas.ops.metrics import recent_traffic
 
     cluster.connect(settings)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -83,18 +85,33 @@ def _overview(settings, *, database_ok: bool, ray_ok: bool) -> dict:  # noqa: AN
              "memory_gib": round(n["Resources"].get("memory", 0.0) / 2**30, 1)}
             for n in ray.nodes()
         ]
+        # the gateway replicas' last-5-minutes gauges, scraped from every node's metrics export port
+        out["traffic"] = recent_traffic([(n["NodeManagerAddress"], n["MetricsExportPort"]) for n in ray.nodes()
+                                         if n["Alive"] and n.get("MetricsExportPort")])
         out["resources"] = {"total": {k: ray.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")},
                             "available": {k: available.get(k, 0.0) for k in ("CPU", "GPU")}}
         serving = any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in ray.util.list_named_actors(all_namespaces=True))
         if serving:
             from lmaas.serve.deployments import list_deployments
 
-            out["deployments"] = [d.__dict__ for d in list_deployments()]
+            out["deployments"] = [_with_traffic(d.__dict__, out["traffic"]) for d in list_deployments()]
         else:
             out["deployments"] = []
     finally:
         cluster.disconnect()
     return out
+
+
+def _with_traffic(deployment: dict, traffic: dict) -> dict:
+    """The deployment plus its recent requests and 5xx answers (clients name it by its served name or its reference)."""
+    names = {deployment["name"], deployment["ref"]}
+    requests = sum(traffic.get(n, {}).get("requests", 0) for n in names)
+    errors = sum(traffic.get(n, {}).get("errors", 0) for n in names)
+    return {**deployment, "recent_requests": requests, "recent_errors": errors, "error_rate": errors / requests if requests else None}
+
+
+def _rate(errors: float, requests: float) -> str:
+    return f"{errors / requests:.1%} of {requests:g}" if requests else "no requests"
 
 
 def _print_overview(console: Console, overview: dict) -> None:
@@ -107,12 +124,18 @@ def _print_overview(console: Console, overview: dict) -> None:
         free, total = overview["resources"]["available"], overview["resources"]["total"]
         console.print(f"free: {free['CPU']:g}/{total['CPU']:g} CPU, {free['GPU']:g}/{total['GPU']:g} GPU")
     if overview.get("deployments"):
-        table = Table("deployment", "serving", "status", "replicas", "min..max", title="deployments", title_justify="left")
+        table = Table("deployment", "serving", "status", "replicas", "min..max", "5xx (last 5 min)", title="deployments", title_justify="left")
         for d in overview["deployments"]:
-            table.add_row(d["name"], d["serving"], d["status"], str(d["running"]), f"{d['min_replicas']}..{d['max_replicas']}")
+            table.add_row(d["name"], d["serving"], d["status"], str(d["running"]), f"{d['min_replicas']}..{d['max_replicas']}",
+                          _rate(d["recent_errors"], d["recent_requests"]))
         console.print(table)
     elif "deployments" in overview:
         console.print("deployments: none (`lmaas deploy REF`)")
+    if overview.get("traffic"):
+        table = Table("model", "requests", "5xx", "error rate", title="gateway traffic, last 5 minutes", title_justify="left")
+        for model, t in sorted(overview["traffic"].items()):
+            table.add_row(model, f"{t['requests']:g}", f"{t['errors']:g}", f"{t['error_rate']:.1%}")
+        console.print(table)
     if overview.get("jobs"):
         table = Table("job", "tenant", "kind", "priority", "state", title="queued and running jobs", title_justify="left")
         for j in overview["jobs"]:

@@ -109,6 +109,23 @@ def ping(engine: Engine) -> str:
         raise _unreachable(engine, exc) from None
 
 
+def unavailable(exc: BaseException) -> UnreachableError | None:
+    """The `UnreachableError` (503) for a lost or refused database connection, or None for any other error.
+
+    A connection that fails, a server that went away mid-query, or a pool with no connection free
+    in time is the database being unavailable (retry later); a constraint or SQL error is not.
+    """
+    if isinstance(exc, sa.exc.DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+    ):
+        detail = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc.orig).__name__
+    elif isinstance(exc, sa.exc.TimeoutError):
+        detail = "no database connection free in time"
+    else:
+        return None
+    return UnreachableError(f"database unavailable: {detail}; try again shortly")
+
+
 def _unreachable(engine: Engine, exc: Exception) -> UnreachableError:
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
     return UnreachableError(f"database {redact_url(str(engine.url.render_as_string(hide_password=True)))} is unreachable: {detail}")

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
+from sqlalchemy.engine import Engine
 
 from lmaas import cluster, db
 from lmaas.config import Settings, redact_url
@@ -102,6 +103,18 @@ def readiness(settings: Settings, replicas: Callable[[], dict[str, str]] | None 
             checks |= {f"model:{name}": problem for name, problem in replicas().items()}
         except Exception as exc:  # noqa: BLE001 - Serve's controller not answering is itself "not ready"
             checks["models"] = f"cannot read replica states: {type(exc).__name__}: {exc}"
+    return all(v == "ok" for v in checks.values()), checks
+
+
+def database_and_storage(engine: Engine, storage: Storage) -> tuple[bool, dict[str, str]]:
+    """`readiness` of an app that holds its own engine and store (the management app): (all ok, component -> "ok" or the problem)."""
+    checks: dict[str, str] = {}
+    for name, check in (("database", lambda: db.ping(engine)), ("storage", storage.check)):
+        try:
+            check()
+            checks[name] = "ok"
+        except LmaasError as exc:
+            checks[name] = exc.message
     return all(v == "ok" for v in checks.values()), checks
 
 

@@ -11,7 +11,9 @@ Prometheus alert rules over both.
 Who records what:
 
 - the gateway (`OpenAIIngress`): requests by model/version/route/status, request latency, 429
-  quota rejections by tenant (`RequestMetrics`, an ASGI middleware in `serve/openai_app.py`);
+  quota rejections by tenant (`RequestMetrics`, an ASGI middleware in `serve/openai_app.py`), and
+  per model its requests and server errors of the last 5 minutes (`RecentRequests`, gauges that
+  `lmaas status` sums over the cluster's nodes: `recent_traffic`);
 - model replicas (`ModelServer`): time to first token, inter-token latency, prompt and output
   tokens per request, and every `ENGINE_POLL_S` the engine's waiting requests, running batch size
   and KV-cache use (`ServingMetrics`);
@@ -25,7 +27,12 @@ The engine (`serve/engine`) never imports Ray: replicas read its `EngineStats`.
 
 from __future__ import annotations
 
+import re
 import threading
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +42,9 @@ ENGINE_POLL_S = 2.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+RECENT_WINDOW_S = 300.0
+"""The window of the gateway's recent-traffic gauges (what `lmaas status` calls "recent")."""
 
 SERVE_TAGS = ("model", "version")
 TRAIN_TAGS = ("run", "model")
@@ -69,6 +79,8 @@ METRICS = (
     MetricSpec("lmaas_request_latency_seconds", "histogram", "Gateway request latency (until the last byte of the response).",
                ("model", "route"), LATENCY_BUCKETS),
     MetricSpec("lmaas_quota_rejections", "counter", "Requests refused with 429 by a rate limit or token quota, by tenant.", ("tenant",)),
+    MetricSpec("lmaas_recent_requests", "gauge", "Requests for a model answered by one gateway replica in the last 5 minutes.", ("model",)),
+    MetricSpec("lmaas_recent_server_errors", "gauge", "Of those, answered with a 5xx status.", ("model",)),
     # model replicas
     MetricSpec("lmaas_time_to_first_token_seconds", "histogram", "From a replica receiving a generation request to its first token.",
                SERVE_TAGS, TOKEN_LATENCY_BUCKETS),
@@ -152,15 +164,92 @@ def _observe(name: str, value: float, tags: dict[str, str]) -> None:
         metric.observe(value, tags)
 
 
+class RecentRequests:
+    """Requests and server errors (5xx) per model over the last `window_s` seconds, in per-second buckets (O(1) per request)."""
+
+    def __init__(self, window_s: float = RECENT_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._buckets: dict[str, deque[list[int]]] = {}  # model -> [second, requests, errors], oldest first
+        self._totals: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, model: str, status: int, now: float | None = None) -> tuple[int, int]:
+        """Count one answered request; returns the model's (requests, errors) in the window."""
+        second = int(time.time() if now is None else now)
+        with self._lock:
+            buckets = self._buckets.setdefault(model, deque())
+            totals = self._totals.setdefault(model, [0, 0])
+            if not buckets or buckets[-1][0] != second:
+                buckets.append([second, 0, 0])
+            error = int(status >= 500)
+            buckets[-1][1] += 1
+            buckets[-1][2] += error
+            totals[0] += 1
+            totals[1] += error
+            return self._expire(model, second)
+
+    def counts(self, now: float | None = None) -> dict[str, tuple[int, int]]:
+        """model -> (requests, errors) in the window ending `now`."""
+        second = int(time.time() if now is None else now)
+        with self._lock:
+            return {model: self._expire(model, second) for model in list(self._buckets)}
+
+    def _expire(self, model: str, second: int) -> tuple[int, int]:
+        buckets, totals = self._buckets[model], self._totals[model]
+        while buckets and buckets[0][0] <= second - self.window_s:
+            _, requests, errors = buckets.popleft()
+            totals[0] -= requests
+            totals[1] -= errors
+        return totals[0], totals[1]
+
+
 class GatewayMetrics:
     """What the gateway records per HTTP request (duck-typed: `RequestMetrics` in serve/ takes any object with these)."""
+
+    def __init__(self) -> None:
+        self.recent = RecentRequests()
 
     def request(self, *, model: str, version: str, route: str, status: int, seconds: float) -> None:
         _inc("lmaas_requests", 1, {"model": model, "version": version, "route": route, "status": str(status)})
         _observe("lmaas_request_latency_seconds", seconds, {"model": model, "route": route})
+        if model:
+            self._publish(model, *self.recent.add(model, status))
+
+    def refresh(self) -> None:
+        """Re-publish the recent-traffic gauges, so requests older than the window drop out without new traffic."""
+        for model, (requests, errors) in self.recent.counts().items():
+            self._publish(model, requests, errors)
+
+    def _publish(self, model: str, requests: int, errors: int) -> None:
+        _set("lmaas_recent_requests", requests, {"model": model})
+        _set("lmaas_recent_server_errors", errors, {"model": model})
 
     def quota_rejection(self, tenant: str) -> None:
         _inc("lmaas_quota_rejections", 1, {"tenant": tenant})
+
+
+def recent_traffic(endpoints: Iterable[tuple[str, int]], timeout: float = 3.0) -> dict[str, dict[str, float]]:
+    """Requests and server errors of the last 5 minutes per model, summed over every gateway replica.
+
+    Args:
+        endpoints: (host, metrics export port) of each Ray node (`ray.nodes()`: NodeManagerAddress, MetricsExportPort).
+
+    Returns:
+        model (as clients named it) -> {"requests", "errors", "error_rate"}; a node that does not answer is skipped.
+    """
+    sums: dict[str, list[float]] = {}
+    for host, port in endpoints:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as response:
+                text = response.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            for index, series in enumerate(("ray_lmaas_recent_requests{", "ray_lmaas_recent_server_errors{")):
+                if line.startswith(series):
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', line[: line.rindex("}")]))
+                    sums.setdefault(labels.get("model", ""), [0.0, 0.0])[index] += float(line.rsplit(" ", 1)[1])
+    return {model: {"requests": r, "errors": e, "error_rate": e / r if r else 0.0} for model, (r, e) in sums.items() if r}
 
 
 class ServingMetrics:

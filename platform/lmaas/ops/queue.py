@@ -3,6 +3,7 @@
     lmaas jobs submit jobs/configs/train_tiny_cpu.yaml --priority high
     lmaas jobs submit --command "python my_eval.py" --cpus 1 --priority low
     lmaas jobs list / cancel ID / logs ID
+    POST /api/v1/jobs, GET /api/v1/jobs[/ID[/logs]], POST /api/v1/jobs/ID/cancel   (the same, over REST)
 
 Submitting many jobs at once with `ray job submit` starts every driver at once and overloads the
 head (ray#41241). Here a submission is a row in the database (`queued_jobs`), validated before it
@@ -17,6 +18,10 @@ jobs to the Ray Jobs API only when the resources they ask for are free:
   admitted jobs asked for (a just-admitted job has not claimed its workers yet).
 
 The database is the source of truth: a restarted admitter carries on where the last one stopped.
+`ClusterQueue` is what `lmaas jobs` and `/api/v1/jobs` share: the queue plus the cluster it is
+admitted to (capacity checked on submit, the admitter nudged, running jobs stopped and their logs
+read through Ray's Jobs API).
+
 Each lmaas job (train, ingest, compress) runs as `python -m lmaas.ops.queue ID`, which reads
 its validated config back from the database, so nothing has to be uploaded and any node can run it.
 """
@@ -28,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -36,7 +41,7 @@ from sqlalchemy.engine import Engine
 
 from lmaas.db import record_event
 from lmaas.db.schema import queued_jobs
-from lmaas.errors import InvalidInputError, NotFoundError
+from lmaas.errors import InvalidInputError, NotFoundError, UnreachableError
 from lmaas.ops.metrics import JobMetrics
 
 log = logging.getLogger("lmaas.queue")
@@ -46,6 +51,7 @@ PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 KINDS = ("train", "ingest", "compress", "command")
 ACTIVE = ("submitted", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
+STATES = ("queued", *ACTIVE, *FINISHED)
 ACTOR_NAMESPACE = "lmaas"
 
 
@@ -70,6 +76,10 @@ class QueuedJob:
     @property
     def priority_name(self) -> str:
         return {v: k for k, v in PRIORITIES.items()}[self.priority]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as JSON (`lmaas jobs list --json`, `/api/v1/jobs`), its priority by name."""
+        return {**asdict(self), "priority": self.priority_name}
 
 
 # ---- what a job asks for ----
@@ -133,6 +143,7 @@ def submit(
     priority: str = "normal",
     tenant: str = "default",
     capacity: dict[str, float] | None = None,
+    actor: str = "queue",
 ) -> QueuedJob:
     """Validate and queue one job; nothing runs until the admitter hands it to Ray.
 
@@ -142,6 +153,7 @@ def submit(
         entrypoint: `command` jobs only.
         resources: `command` jobs: `{"CPU": 1, "GPU": 0}` reserved for the entrypoint.
         capacity: the cluster's total resources; a job that could never fit is refused.
+        actor: who submits it, as the audit log names them.
 
     Raises:
         InvalidInputError: unknown kind or priority, a bad config (the message names the field),
@@ -155,20 +167,22 @@ def submit(
         raise InvalidInputError("tenant must be 1 to 200 characters", param="tenant")
     if kind == "command":
         if not entrypoint or not entrypoint.strip():
-            raise InvalidInputError("a command job needs a non-empty command", param="entrypoint")
+            raise InvalidInputError("a command job needs a non-empty command", param="command")
+        if config:
+            raise InvalidInputError("a command job runs its command and takes no config", param="config")
         resources = {k: float(v) for k, v in (resources or {"CPU": 1.0}).items() if v}
         if any(v < 0 for v in resources.values()):
             raise InvalidInputError("resources must be >= 0", param="resources")
         stored: dict[str, Any] = {}
     else:
         if entrypoint:
-            raise InvalidInputError(f"a {kind} job runs its config; --command is for command jobs", param="entrypoint")
+            raise InvalidInputError(f"a {kind} job runs its config; a command (--command) is for command jobs", param="command")
         try:
             validated = job_config(kind, config or {})
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or kind
-            raise InvalidInputError(f"{kind} config: {where}: {first['msg']}", param=where) from None
+            where = ".".join(str(p) for p in first["loc"])
+            raise InvalidInputError(f"{kind} config: {where or kind}: {first['msg']}", param=f"config.{where}" if where else "config") from None
         stored = validated.model_dump(mode="json")
         resources = resources_for(kind, validated)
     if capacity is not None:
@@ -184,7 +198,7 @@ def submit(
                 entrypoint=entrypoint, resources=resources, created_at=time.time(), message="",
             )
         ).inserted_primary_key[0]
-        record_event(conn, actor="queue", action="job.submit", target=f"job:{job_id}", tenant=tenant,
+        record_event(conn, actor=actor, action="job.submit", target=f"job:{job_id}", tenant=tenant,
                      detail={"kind": kind, "priority": priority, "resources": resources})
     return get(engine, int(job_id))
 
@@ -199,7 +213,16 @@ def get(engine: Engine, job_id: int) -> QueuedJob:
 
 
 def list_jobs(engine: Engine, *, states: Iterable[str] | None = None, tenant: str | None = None, limit: int = 200) -> list[QueuedJob]:
-    """Jobs, newest first."""
+    """Jobs, newest first.
+
+    Raises:
+        InvalidInputError: an unknown state.
+    """
+    if states is not None:
+        states = list(states)
+        unknown = [s for s in states if s not in STATES]
+        if unknown:
+            raise InvalidInputError(f"unknown job state {unknown[0]!r}; one of {', '.join(STATES)}", param="state")
     query = queued_jobs.select().order_by(queued_jobs.c.id.desc()).limit(limit)
     if states is not None:
         query = query.where(queued_jobs.c.state.in_(list(states)))
@@ -209,8 +232,11 @@ def list_jobs(engine: Engine, *, states: Iterable[str] | None = None, tenant: st
         return [_job(r) for r in conn.execute(query).mappings()]
 
 
-def cancel(engine: Engine, job_id: int, jobs_api: "JobsApi | None" = None) -> QueuedJob:
+def cancel(engine: Engine, job_id: int, jobs_api: "JobsApi | None" = None, *, actor: str = "queue") -> QueuedJob:
     """Cancel a job: a queued one never starts; a running one is stopped through `jobs_api`.
+
+    Args:
+        actor: who cancels it, as the audit log names them.
 
     Raises:
         NotFoundError: no such job.
@@ -225,6 +251,9 @@ def cancel(engine: Engine, job_id: int, jobs_api: "JobsApi | None" = None) -> Qu
                 queued_jobs.update().where(queued_jobs.c.id == job_id, queued_jobs.c.state == "queued")
                 .values(state="cancelled", finished_at=time.time(), message="cancelled before it started")
             ).rowcount
+            if done:
+                record_event(conn, actor=actor, action="job.cancel", target=f"job:{job_id}", tenant=job.tenant,
+                             detail={"state": "queued"})
         if done:
             return get(engine, job_id)
         job = get(engine, job_id)  # admitted meanwhile: stop it below
@@ -234,6 +263,8 @@ def cancel(engine: Engine, job_id: int, jobs_api: "JobsApi | None" = None) -> Qu
     with engine.begin() as conn:
         conn.execute(queued_jobs.update().where(queued_jobs.c.id == job_id, queued_jobs.c.state.in_(ACTIVE))
                      .values(state="cancelled", finished_at=time.time(), message="stopped by request"))
+        record_event(conn, actor=actor, action="job.cancel", target=f"job:{job_id}", tenant=job.tenant,
+                     detail={"state": job.state, "submission_id": job.submission_id})
     return get(engine, job_id)
 
 
@@ -463,6 +494,70 @@ def queue_actor(settings: Any, dashboard_url: str | None, max_running_per_tenant
         max_restarts=-1, max_concurrency=4, runtime_env={"env_vars": settings.env()},
     )
     return actor.remote(settings.database_url, dashboard_url, settings.env(), max_running_per_tenant)
+
+
+# ---- the queue as users drive it: `lmaas jobs` and `/api/v1/jobs` ----
+
+
+@dataclass
+class ClusterQueue:
+    """The queue of one database plus the Ray cluster it is admitted to.
+
+    Args:
+        settings: the lmaas settings (the admitter actor runs with them).
+        engine: the queue's database.
+        cluster: () -> the connected cluster's `lmaas.cluster.ClusterInfo`, or None where this process
+            has no cluster (jobs are queued unchecked for the admitter on the cluster; running jobs
+            cannot be stopped or read from here). The CLI's raises instead: it insists on a cluster.
+    """
+
+    settings: Any
+    engine: Engine
+    cluster: Callable[[], Any]
+
+    def submit(self, **job: Any) -> QueuedJob:
+        """`submit` (same arguments but `capacity`) checked against the cluster's size, then the admitter is nudged."""
+        info = self.cluster()
+        capacity = {k: v for k, v in info.resources.items() if k in ("CPU", "GPU")} if info is not None else None
+        queued = submit(self.engine, capacity=capacity, **job)
+        if info is not None and info.dashboard_url:  # the admitter needs the Jobs API (the dashboard) to admit anything
+            queue_actor(self.settings, info.dashboard_url, self.settings.max_running_jobs_per_tenant).nudge.remote()
+        return queued
+
+    def cancel(self, job_id: int, *, actor: str = "queue") -> QueuedJob:
+        """`cancel`, stopping a running job through the cluster's Jobs API."""
+        api = self.jobs_api() if get(self.engine, job_id).state in ACTIVE else None
+        return cancel(self.engine, job_id, api, actor=actor)
+
+    def logs(self, job_id: int) -> str:
+        """A job's output so far (its Ray job's driver log).
+
+        Raises:
+            InvalidInputError: the job has not started.
+            UnreachableError: no cluster to read it from.
+        """
+        job = get(self.engine, job_id)
+        if job.submission_id is None:
+            raise InvalidInputError(f"job {job_id} is {job.state} and has not started; no logs yet", param="id")
+        api = self.jobs_api()
+        if api is None:
+            raise UnreachableError(f"job {job_id}'s logs are on the Ray cluster and this process has none; set RAY_ADDRESS")
+        return api.logs(job.submission_id)
+
+    def jobs_api(self) -> "RayJobsApi | None":
+        info = self.cluster()
+        return None if info is None else RayJobsApi(info.dashboard_url, self.settings.env())
+
+
+def cluster_if_any(settings: Any) -> Any:
+    """The cluster this process is part of (a Serve replica) or `RAY_ADDRESS` names, else None (never starts one)."""
+    import ray
+
+    from lmaas import cluster
+
+    if ray.is_initialized() or settings.ray_address:
+        return cluster.connect(settings)
+    return None
 
 
 # ---- running one job (the Ray job's entrypoint) ----

@@ -125,9 +125,13 @@ class AuditFailures:
         finally:
             principal = scope.get("state", {}).get("principal")
             engine = self.get_engine()
-            if status >= 400 and engine is not None and principal is not None and not principal.anonymous:
+            # a 503 is the database (or store) being down: there is nowhere to record it
+            if status >= 400 and status != 503 and engine is not None and principal is not None and not principal.anonymous:
                 outcome = "denied" if status in (403, 404, 429) else "error"
-                await run_in_threadpool(
-                    db.record_event, engine, actor=principal.actor, action=f"http.{scope['method'].lower()}",
-                    target=scope["path"][:500], outcome=outcome, tenant=principal.tenant, detail={"status": status, "at": time.time()},
-                )
+                try:
+                    await run_in_threadpool(
+                        db.record_event, engine, actor=principal.actor, action=f"http.{scope['method'].lower()}",
+                        target=scope["path"][:500], outcome=outcome, tenant=principal.tenant, detail={"status": status, "at": time.time()},
+                    )
+                except Exception as exc:  # noqa: BLE001 - the answer is sent; a lost audit row must not raise past it
+                    log.warning("cannot record the failed %s %s in the audit log: %s", scope["method"], scope["path"], exc)

@@ -678,14 +678,24 @@ class OpenAIIngress:
 
         args = ServeAppArgs(**self._args)
         self._grpc.auth = build_auth(args.auth)  # gRPC calls need the same keys as HTTP
+        self._metrics = GatewayMetrics()
         app = build_openai_app(
             self._engines, max_body_bytes=args.ingress.max_body_bytes, auth=self._grpc.auth, refs=self._refs,
-            metrics=GatewayMetrics(), echo_request_id=False, readiness=self._readiness,  # Serve's proxy returns X-Request-Id
+            metrics=self._metrics, echo_request_id=False, readiness=self._readiness,  # Serve's proxy returns X-Request-Id
         )
         # one port for /v1 and /api/v1: the registry, auth and deployment REST APIs ride on the same app
         control = DeploymentControl(serve.get_replica_context().app_name, args)
         add_management_routes(app, self._grpc.auth.registry if self._grpc.auth else None, auth=self._grpc.auth, deployments=control)
         return app
+
+    def check_health(self) -> None:
+        """Serve calls this every `health_check_period_s`: a moment to let old requests leave the recent-traffic gauges."""
+        metrics = getattr(self, "_metrics", None)
+        if metrics is not None:
+            try:
+                metrics.refresh()
+            except Exception:  # noqa: BLE001 - a metrics hiccup must not mark the gateway unhealthy
+                log.warning("cannot refresh the recent-traffic gauges", exc_info=True)
 
     async def _readiness(self) -> tuple[bool, dict[str, str]]:
         """`/readyz`: the served models' replicas, the database and the artifact store (see `ops.health.readiness`)."""

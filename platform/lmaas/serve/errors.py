@@ -3,6 +3,11 @@
 Every HTTP error body is `{"error": {"message", "type", "param", "code"}}` with the exception's
 4xx/5xx status, as OpenAI's API does, so clients need to handle one shape. The gRPC API sends the
 same message with the status code that matches the HTTP status (`grpc_status`).
+
+A lost database connection (the server restarting, the network gone) is a 503 with `Retry-After`
+here too, whichever route hit it: the database layer raises SQLAlchemy's errors and
+`db.unavailable` tells a connection failure from a bug. The engine's `pool_pre_ping` replaces dead
+pooled connections, so requests succeed again once the database is back, without a restart.
 """
 
 from __future__ import annotations
@@ -10,13 +15,21 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import logging
+
 import grpc
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmaas import db
 from lmaas.errors import AuthenticationError, LmaasError, RateLimitError
+
+log = logging.getLogger("lmaas.serve")
+RETRY_AFTER_S = 5
+"""What a 503 tells clients to wait before trying again."""
 
 _GRPC_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -51,22 +64,40 @@ def validation_message(errors: Sequence[dict], skip: int = 0) -> tuple[str, str 
 
 def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message for an error: the code that matches its HTTP status, else INTERNAL."""
+    if isinstance(exc, sa.exc.SQLAlchemyError):
+        exc = db.unavailable(exc) or exc
     if isinstance(exc, LmaasError):
         return _GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message
     return grpc.StatusCode.INTERNAL, f"request failed: {type(exc).__name__}: {exc}"
 
 
+def error_response(exc: LmaasError) -> JSONResponse:
+    """The JSON response of a project error, with `Retry-After` on 429 and 503 and `WWW-Authenticate` on 401."""
+    headers = {}
+    if isinstance(exc, RateLimitError):
+        headers["Retry-After"] = str(exc.retry_after)
+    elif exc.status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    elif isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc.message, exc.type, param=exc.param, code=_code(exc)), status_code=exc.status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Map project errors, request validation errors and HTTP errors to OpenAI-style JSON."""
+    """Map project errors, database outages, request validation errors and HTTP errors to OpenAI-style JSON."""
 
     @app.exception_handler(LmaasError)
     async def _lmaas_error(_request: Request, exc: LmaasError) -> JSONResponse:
-        headers = {}
-        if isinstance(exc, RateLimitError):
-            headers["Retry-After"] = str(exc.retry_after)
-        elif isinstance(exc, AuthenticationError):
-            headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse(error_body(exc.message, exc.type, param=exc.param, code=_code(exc)), status_code=exc.status, headers=headers)
+        return error_response(exc)
+
+    @app.exception_handler(sa.exc.SQLAlchemyError)
+    async def _database_error(request: Request, exc: sa.exc.SQLAlchemyError) -> JSONResponse:
+        down = db.unavailable(exc)
+        if down is not None:
+            log.warning("%s %s: %s", request.method, request.url.path, down.message)
+            return error_response(down)
+        log.error("%s %s: database error", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body(f"database error: {type(exc).__name__}", "internal_error", code="database_error"), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""The management HTTP app: registry and auth REST APIs (`/api/v1/...`), `/healthz`, `/openapi.json`.
+"""The management HTTP app: registry, auth and job REST APIs (`/api/v1/...`), `/healthz`, `/readyz`, `/openapi.json`.
 
 Its routes ride on the gateway Serve app (one port for `/v1` and `/api/v1`, plus `/api/v1/deployments`
 there) and it runs standalone for tests and small setups:
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 import lmaas
 from lmaas.auth import Auth
@@ -18,6 +20,7 @@ from lmaas.registry import ModelRegistry
 from lmaas.serve.auth import AuditFailures
 from lmaas.serve.errors import install_error_handlers
 from lmaas.serve.routers import auth as auth_router
+from lmaas.serve.routers import jobs as jobs_router
 from lmaas.serve.routers import registry as registry_router
 
 
@@ -35,13 +38,22 @@ def build_app(registry: ModelRegistry, *, auth: Auth | None = None) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
+        """Liveness: the app answers (whether or not the database does)."""
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 when the database and the artifact store answer; else 503 naming what does not."""
+        from lmaas.ops.health import database_and_storage
+
+        ready, checks = await run_in_threadpool(database_and_storage, registry.engine, registry.storage)
+        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
 
     return app
 
 
 def add_management_routes(app: FastAPI, registry: ModelRegistry | None, *, auth: Auth | None = None, deployments: Any = None) -> None:
-    """Add the `/api/v1/` routers to `app` (the standalone app above, or the gateway's inference app).
+    """Add the `/api/v1/` routers (registry, auth, jobs) to `app` (the standalone app above, or the gateway's inference app).
 
     Args:
         registry: the model registry (None: the one of this process's settings).
@@ -55,6 +67,7 @@ def add_management_routes(app: FastAPI, registry: ModelRegistry | None, *, auth:
     app.state.auth = auth
     app.include_router(registry_router.router)
     app.include_router(auth_router.router)
+    app.include_router(jobs_router.router)
     if deployments is not None:
         from lmaas.serve.routers import deployments as deployments_router
 

@@ -1,0 +1,113 @@
+"""Job queue REST API under `/api/v1/jobs`: the same operations as `lmaas jobs` (a thin map onto `ops.queue.ClusterQueue`).
+
+    POST /api/v1/jobs                {"config": {...}, "kind", "priority", "tenant"} or {"command", "cpus", "gpus"} -> 201
+    GET  /api/v1/jobs                newest first (`?state=queued&state=running&tenant=...&limit=`)
+    GET  /api/v1/jobs/{id}
+    POST /api/v1/jobs/{id}/cancel    a queued job never starts; a running one is stopped
+    GET  /api/v1/jobs/{id}/logs      its Ray job's driver log (text/plain)
+
+Scopes: reading needs `models:read`; submitting and cancelling a train, ingest or compress job
+needs `models:write` (those jobs write datasets and model versions); a `command` job runs any
+shell command on the cluster, so submitting one needs `admin`. A key sees and cancels only its own
+tenant's jobs (another tenant's is 404, as if it did not exist) and submits for its own tenant;
+admins see every tenant's and may submit for any. Submit and cancel are in the audit log
+(`job.submit`, `job.cancel`), with the key as actor.
+
+The gateway is part of the Ray cluster: a job is checked against the cluster's size and the
+admitter is nudged at once. A standalone management app without `RAY_ADDRESS` queues it for the
+admitter on the cluster and cannot stop running jobs or read their logs (503).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import PlainTextResponse
+
+from lmaas.auth import ADMIN, MODELS_READ, MODELS_WRITE, Principal
+from lmaas.errors import InvalidInputError, NotFoundError, PermissionDeniedError
+from lmaas.ops import queue
+from lmaas.serve.auth import authenticate, require
+from lmaas.serve.protocol.jobs import JobList, JobOut, SubmitJobRequest
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=[require(MODELS_READ)])
+
+
+def _queue(request: Request) -> queue.ClusterQueue:
+    found = getattr(request.app.state, "jobs", None)
+    if found is None:
+        from lmaas.config import load_settings
+
+        settings = load_settings()
+        found = request.app.state.jobs = queue.ClusterQueue(settings, request.app.state.registry.engine,
+                                                            lambda: queue.cluster_if_any(settings))
+    return found
+
+
+def _visible_job(request: Request, principal: Principal, job_id: int) -> queue.QueuedJob:
+    """The job, or 404 when it is not the caller's tenant's (the same answer as for no such job)."""
+    job = queue.get(_queue(request).engine, job_id)
+    if principal.tenant_filter not in (None, job.tenant):
+        raise NotFoundError(f"no job {job_id}; see GET /api/v1/jobs", param="id")
+    return job
+
+
+def _out(job: queue.QueuedJob) -> JobOut:
+    return JobOut(**job.to_dict())
+
+
+@router.post("", response_model=JobOut, status_code=201)
+def submit_job(request: Request, body: SubmitJobRequest, principal: Principal = Depends(authenticate)) -> JobOut:
+    """Queue a job; it starts when the cluster has room, highest priority first."""
+    kind = body.kind or ("command" if body.command is not None else None)
+    if kind is None and body.config is not None:
+        kind = queue.infer_kind(body.config)
+    if kind is None:
+        raise InvalidInputError("send a job `config` (with its `kind`) or a `command`", param="config")
+    needs = ADMIN if kind == "command" else MODELS_WRITE
+    if not principal.has(needs):
+        raise PermissionDeniedError(f"this API key lacks the {needs!r} scope ({kind} jobs need it)", param="authorization")
+    tenant = body.tenant or principal.tenant
+    if principal.tenant_filter not in (None, tenant):
+        raise PermissionDeniedError(f"this API key submits jobs for tenant {principal.tenant!r} only", param="tenant")
+    job = _queue(request).submit(
+        kind=kind, config=body.config, entrypoint=body.command,
+        resources={"CPU": body.cpus, "GPU": body.gpus} if kind == "command" else None,
+        priority=body.priority, tenant=tenant, actor=principal.actor,
+    )
+    return _out(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    request: Request,
+    state: Annotated[list[str] | None, Query(description="Only these states (repeat the parameter for several).")] = None,
+    tenant: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    principal: Principal = Depends(authenticate),
+) -> JobList:
+    """Jobs, newest first: the caller's tenant's, or every tenant's (or `tenant`'s) for an admin."""
+    if principal.tenant_filter is not None:
+        tenant = principal.tenant
+    jobs = queue.list_jobs(_queue(request).engine, states=state or None, tenant=tenant, limit=limit)
+    return JobList(data=[_out(j) for j in jobs])
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(request: Request, job_id: int, principal: Principal = Depends(authenticate)) -> JobOut:
+    return _out(_visible_job(request, principal, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, dependencies=[require(MODELS_WRITE)])
+def cancel_job(request: Request, job_id: int, principal: Principal = Depends(authenticate)) -> JobOut:
+    """Cancel a job: a queued one never starts, a running one is stopped (400 when it already finished)."""
+    _visible_job(request, principal, job_id)
+    return _out(_queue(request).cancel(job_id, actor=principal.actor))
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse)
+def job_logs(request: Request, job_id: int, principal: Principal = Depends(authenticate)) -> PlainTextResponse:
+    """The job's output so far (400 before it started)."""
+    _visible_job(request, principal, job_id)
+    return PlainTextResponse(_queue(request).logs(job_id))
