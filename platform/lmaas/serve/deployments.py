@@ -97,6 +97,11 @@ class ScalingOptions(BaseModel):
     """CPUs reserved per replica (fractions allowed)."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per replica on GPU clusters."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per replica: pins replicas to nodes started with them (`ray start --resources`)."""
+    max_replicas_per_node: int | None = Field(None, ge=1)
+    """Most replicas on one node (None: no limit). 1 spreads replicas over nodes, so losing a node
+    leaves the others serving; a replica that finds no node to go to waits until one joins."""
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
@@ -116,9 +121,12 @@ class ScalingOptions(BaseModel):
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
+        if self.resources:
+            actor["resources"] = dict(self.resources)
         if env:
             actor["runtime_env"] = {"env_vars": dict(env)}
-        return {
+        placement = {"max_replicas_per_node": self.max_replicas_per_node} if self.max_replicas_per_node else {}
+        return placement | {
             "autoscaling_config": {
                 "min_replicas": self.min_replicas,
                 "initial_replicas": initial,
@@ -211,6 +219,8 @@ class IngressOptions(BaseModel):
 
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per gateway replica: keeps the gateway on the nodes that have them (e.g. the head)."""
     max_ongoing_requests: int = Field(256, ge=1)
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
     """Larger request bodies get 413."""
@@ -823,7 +833,9 @@ def build_app(args: dict | ServeAppArgs) -> serve.Application:
         mux = config.multiplex
         multiplex = MultiplexedModelServer.options(**mux.deployment_options(config.env)).bind(mux.engine.model_dump(), mux.max_num_models_per_replica)
     ingress = config.ingress
-    actor = {"num_cpus": ingress.num_cpus} | ({"runtime_env": {"env_vars": dict(config.env)}} if config.env else {})  # auth reads the database
+    actor: dict[str, Any] = {"num_cpus": ingress.num_cpus} | ({"resources": dict(ingress.resources)} if ingress.resources else {})
+    if config.env:
+        actor["runtime_env"] = {"env_vars": dict(config.env)}  # auth reads the database
     return OpenAIIngress.options(
         num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options=actor
     ).bind(models, multiplexed, multiplex, {m.name: m.ref for m in config.models}, config.model_dump(mode="json"), canaries)
