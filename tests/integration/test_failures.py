@@ -147,7 +147,7 @@ def test_killed_replica_costs_at_most_one_percent_of_requests_and_is_replaced(ga
     before = _replicas()
     assert len(before) == 2 and _running() == 2, before
     victim, pid = sorted(before.items())[0]
-    with ClientLoop(gateway, KEY) as loop:
+    with ClientLoop(gateway, KEY, threads=2) as loop:
         wait_for(lambda: len(loop.answers) >= 30, 60, "30 answers before the kill")
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -204,6 +204,7 @@ def test_a_lost_worker_node_leaves_serving_to_the_survivor_and_training_resumes_
 
     # training: restarted once on node B from a checkpoint (step 5 or 10), not from step 0, and finished
     assert "error" not in report["train"], report["train"]
-    assert report["train"]["restarts"] == 1 and report["train"]["history_steps"][-1] == 25, report["train"]
+    assert report["train"]["restarts"] == 1 and report["train"]["history_steps"][-1] == 30, report["train"]
     resumed = [r["step"] for r in report["reports"] if r["restarts"] == 1]
-    assert resumed and resumed[0] >= 10 and resumed[-1] == 25, report["reports"]
+    assert resumed and resumed[0] >= 10 and resumed[-1] == 30, report["reports"]
+    assert report["steps_before_removal"][-1] < 30, report["steps_before_removal"]  # it was removed mid-run
