@@ -43,6 +43,14 @@ class UnreachableError(LmaasError):
     type = "service_unavailable"
 
 
+class ReplicaLostError(UnreachableError):
+    """The model replica answering a request died (its process or node went away) before it finished.
+
+    The gateway retries a request on another replica while nothing of it has reached the client
+    (see `lmaas.serve.deployments.DeploymentEngine`); a stream already under way ends with this error.
+    """
+
+
 class AuthenticationError(LmaasError):
     """No API key, or one that is malformed, unknown, expired or revoked (401, as OpenAI answers)."""
 

@@ -53,3 +53,11 @@ def test_bad_args_name_the_field():
         ServeAppArgs.model_validate({"models": [{"ref": "m", "min_replicas": 3, "max_replicas": 1}]})
     with pytest.raises(ValidationError, match="unique"):
         ServeAppArgs.model_validate({"models": [{"ref": "m"}, {"ref": "m@staging"}]})
+
+
+def test_placement_options_reach_serve():
+    from lmaas.serve.deployments import ServedModel
+
+    options = ServedModel(ref="m", resources={"gpu_a100": 1}, max_replicas_per_node=1).deployment_options({})
+    assert options["ray_actor_options"]["resources"] == {"gpu_a100": 1} and options["max_replicas_per_node"] == 1
+    assert "max_replicas_per_node" not in ServedModel(ref="m").deployment_options({})

@@ -94,3 +94,13 @@ def test_checkpoint_round_trip_restores_model_optimizer_and_schedule_without_pic
     # what registration copies: every file but the training state
     assert names & set(checkpoint.MODEL_FILES) == names - {"optimizer.safetensors", "trainer_state.json"}
     assert checkpoint.parse_state((out / "trainer_state.json").read_text()) == state
+
+
+def test_custom_worker_resources_are_checked_before_any_worker_starts():
+    from lmaas.errors import InvalidInputError
+    from lmaas.train.run import check_resources
+
+    config = TrainConfig(num_workers=2, cpus_per_worker=0.5, resources_per_worker={"trainer": 1})
+    check_resources(config, {"CPU": 4, "trainer": 2})
+    with pytest.raises(InvalidInputError, match=r"trainer=1 x 2 workers needs 2; the cluster has 1 \(start nodes with"):
+        check_resources(config, {"CPU": 4, "trainer": 1})

@@ -45,7 +45,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from lmaas.auth import AuthConfig
-from lmaas.errors import InvalidInputError, LmaasError
+from lmaas.errors import InvalidInputError, LmaasError, ReplicaLostError
 from lmaas.ops.logs import REQUEST_ID, configure_logging
 from lmaas.ops.metrics import ENGINE_POLL_S, GatewayMetrics, ServingMetrics
 from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
@@ -97,6 +97,11 @@ class ScalingOptions(BaseModel):
     """CPUs reserved per replica (fractions allowed)."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per replica on GPU clusters."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per replica: pins replicas to nodes started with them (`ray start --resources`)."""
+    max_replicas_per_node: int | None = Field(None, ge=1)
+    """Most replicas on one node (None: no limit). 1 spreads replicas over nodes, so losing a node
+    leaves the others serving; a replica that finds no node to go to waits until one joins."""
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
@@ -116,9 +121,12 @@ class ScalingOptions(BaseModel):
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
+        if self.resources:
+            actor["resources"] = dict(self.resources)
         if env:
             actor["runtime_env"] = {"env_vars": dict(env)}
-        return {
+        placement = {"max_replicas_per_node": self.max_replicas_per_node} if self.max_replicas_per_node else {}
+        return placement | {
             "autoscaling_config": {
                 "min_replicas": self.min_replicas,
                 "initial_replicas": initial,
@@ -211,6 +219,8 @@ class IngressOptions(BaseModel):
 
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per gateway replica: keeps the gateway on the nodes that have them (e.g. the head)."""
     max_ongoing_requests: int = Field(256, ge=1)
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
     """Larger request bodies get 413."""
@@ -560,10 +570,20 @@ class _Evictable:
 
 
 class DeploymentEngine(Engine):
-    """An `Engine` whose calls go to a model deployment through its handle (optionally multiplexed)."""
+    """An `Engine` whose calls go to a model deployment through its handle (optionally multiplexed).
 
-    def __init__(self, model_id: str, handle: DeploymentHandle, multiplexed_id: str | None = None) -> None:
+    Surviving a replica that dies (its process killed, its node gone): Serve's router already sends
+    a *new* request past a replica it knows is dead, but requests that were on that replica fail
+    with Ray's actor-death errors. Here such a call is sent again, up to `retries` times, while
+    nothing of it has been passed on: an embedding (idempotent) at any point, a generation before
+    its first token event. Serve's router has marked the dead replica by then, so the retry lands on
+    another one. A generation that loses its replica after its first event raises `ReplicaLostError`
+    (503); `OpenAIServing` restarts a non-streaming one, whose client has seen nothing yet.
+    """
+
+    def __init__(self, model_id: str, handle: DeploymentHandle, multiplexed_id: str | None = None, retries: int = 2) -> None:
         self.model_id = model_id
+        self.retries = retries
         extra = {"multiplexed_model_id": multiplexed_id} if multiplexed_id is not None else {}
         # made once: each `options()` call is a new handle whose first request waits to learn the replicas
         self._handles = {stream: handle.options(stream=stream, **extra) for stream in (False, True)}
@@ -574,18 +594,37 @@ class DeploymentEngine(Engine):
     # each call carries the HTTP request's id (`REQUEST_ID`) so the replica's log line for it has the same one
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
-        async for event in _remote_stream(self._call(stream=True).generate.remote(request, REQUEST_ID.get())):
+        async for event in self._retried_stream(lambda handle: handle.generate.remote(request, REQUEST_ID.get())):
             yield event
 
     async def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
-        async for event in _remote_stream(self._call(stream=True).generate_chat.remote(request_id, messages, params, REQUEST_ID.get())):
+        async for event in self._retried_stream(lambda handle: handle.generate_chat.remote(request_id, messages, params, REQUEST_ID.get())):
             yield event
 
+    async def _retried_stream(self, call: Any) -> AsyncIterator[TokenEvent]:  # noqa: ANN401 - (handle) -> DeploymentResponseGenerator
+        for attempt in range(self.retries + 1):
+            started = False
+            try:
+                async for event in _remote_stream(call(self._call(stream=True))):
+                    started = True
+                    yield event
+                return
+            except ReplicaLostError as exc:
+                if started or attempt == self.retries:
+                    raise
+                log.warning("%s: %s; sending the request to another replica", self.model_id, exc.message)
+
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        try:
-            return await self._call().embed.remote(texts, REQUEST_ID.get())
-        except Exception as exc:  # noqa: BLE001
-            raise _unwrapped(exc) from None
+        attempt = 0
+        while True:
+            try:
+                return await self._call().embed.remote(texts, REQUEST_ID.get())
+            except Exception as exc:  # noqa: BLE001
+                error = _unwrapped(exc)
+                if not isinstance(error, ReplicaLostError) or attempt == self.retries:
+                    raise error from None
+            attempt += 1
+            log.warning("%s: %s; sending the request to another replica", self.model_id, error.message)
 
     def stats(self) -> EngineStats:
         return EngineStats(0, 0, 0, 0, 0)
@@ -605,9 +644,21 @@ async def _remote_stream(responses: Any) -> AsyncIterator[TokenEvent]:
 
 
 def _unwrapped(exc: BaseException) -> BaseException:
-    """The project error a replica raised (Ray wraps it in a RayTaskError), else `exc`."""
+    """The project error a replica raised (Ray wraps it in a RayTaskError), `ReplicaLostError` when the replica died, else `exc`."""
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, LmaasError) else exc
+    if isinstance(cause, LmaasError):
+        return cause
+    if _replica_died(exc) or _replica_died(cause):
+        return ReplicaLostError(f"the replica serving this request stopped ({type(exc).__name__}); retry the request")
+    return exc
+
+
+def _replica_died(exc: BaseException | None) -> bool:
+    """Ray's and Serve's errors for a replica whose actor, worker process or node is gone."""
+    from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return isinstance(exc, (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError))
 
 
 @serve.deployment(name=INGRESS_NAME)
@@ -792,7 +843,9 @@ def build_app(args: dict | ServeAppArgs) -> serve.Application:
         mux = config.multiplex
         multiplex = MultiplexedModelServer.options(**mux.deployment_options(config.env)).bind(mux.engine.model_dump(), mux.max_num_models_per_replica)
     ingress = config.ingress
-    actor = {"num_cpus": ingress.num_cpus} | ({"runtime_env": {"env_vars": dict(config.env)}} if config.env else {})  # auth reads the database
+    actor: dict[str, Any] = {"num_cpus": ingress.num_cpus} | ({"resources": dict(ingress.resources)} if ingress.resources else {})
+    if config.env:
+        actor["runtime_env"] = {"env_vars": dict(config.env)}  # auth reads the database
     return OpenAIIngress.options(
         num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options=actor
     ).bind(models, multiplexed, multiplex, {m.name: m.ref for m in config.models}, config.model_dump(mode="json"), canaries)

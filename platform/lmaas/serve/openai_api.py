@@ -13,7 +13,7 @@ import json
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from lmaas.errors import InvalidInputError, LmaasError, NotFoundError
+from lmaas.errors import InvalidInputError, LmaasError, NotFoundError, ReplicaLostError
 from lmaas.serve.errors import error_body
 from lmaas.serve.engine import Engine, GenerationRequest, SamplingParams, TokenEvent, new_request_id
 from lmaas.serve.protocol.openai import (
@@ -81,6 +81,11 @@ class OpenAIServing:
         first = await _first(events)
         return gen.request_id, _chain(first, events)
 
+    def _restart_completion(self, request: CompletionRequest, request_id: str) -> AsyncIterator[TokenEvent]:
+        """The request's events once more, from its first token (see `_collect`)."""
+        params = _sampling(request, request.max_tokens, request.logprobs)
+        return self.engine(request.model).generate(GenerationRequest(request_id, request.prompt, params))
+
     async def create_completion(self, request: CompletionRequest, *, on_finish: OnFinish | None = None) -> CompletionResponse | AsyncIterator[str]:
         """A full response, or (when `stream`) an iterator of SSE lines; errors before the first token raise.
 
@@ -90,7 +95,7 @@ class OpenAIServing:
         request_id, events = await self.start_completion(request)
         if request.stream:
             return self._completion_stream(request, request_id, events, on_finish)
-        collected = [e async for e in events]
+        collected = await _collect(events, lambda: self._restart_completion(request, request_id))
         text = "".join(e.text for e in collected)
         last = collected[-1]
         if on_finish is not None:
@@ -128,7 +133,7 @@ class OpenAIServing:
         first = await _first(events)
         if request.stream:
             return self._chat_stream(request, request_id, first, events, top is not None, on_finish)
-        collected = [first] + [e async for e in events]
+        collected = await _collect(_chain(first, events), lambda: engine.generate_chat(request_id, messages, params))
         last = collected[-1]
         if on_finish is not None:
             await on_finish(request_id, last.prompt_tokens, last.completion_tokens)
@@ -197,6 +202,21 @@ async def _first(events: AsyncIterator[TokenEvent]) -> TokenEvent:
     except BaseException:
         await events.aclose()
         raise
+
+
+async def _collect(events: AsyncIterator[TokenEvent], restart: Callable[[], AsyncIterator[TokenEvent]]) -> list[TokenEvent]:
+    """Every event of a non-streaming request. When the replica generating it is lost mid-way
+    (`ReplicaLostError`), the request runs once more from the start on another replica: its client
+    has received nothing yet, so the answer it gets is one whole generation."""
+    try:
+        return [e async for e in events]
+    except ReplicaLostError:
+        pass
+    retried = restart()
+    try:
+        return [e async for e in retried]
+    finally:
+        await retried.aclose()
 
 
 async def _chain(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:

@@ -45,6 +45,10 @@ class TrainConfig(BaseModel):
     cpus_per_worker: float = Field(default=0.5, gt=0)
     """CPUs each worker reserves. Leave some cluster CPUs free for the Ray Data tasks that feed it."""
 
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each worker reserves besides its CPUs (and GPU): places workers on the
+    nodes started with them (`ray start --resources '{"trainer": 1}'`)."""
+
     threads_per_worker: int = Field(default=1, ge=1)
     """torch intra-op threads per worker on CPU (Ray sets 1 for fractional CPUs)."""
 
