@@ -76,7 +76,7 @@ def build_openai_app(
         """Liveness: the gateway answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "Not ready: `checks` names what does not answer."}})
     async def readyz() -> JSONResponse:
         """Readiness: 200 when every served model, the database and the artifact store answer; else 503 naming what does not."""
         ready, checks = (True, {}) if readiness is None else await readiness()
