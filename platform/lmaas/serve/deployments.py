@@ -49,7 +49,7 @@ from lmaas.errors import InvalidInputError, LmaasError
 from lmaas.ops.logs import REQUEST_ID, configure_logging
 from lmaas.ops.metrics import ENGINE_POLL_S, GatewayMetrics, ServingMetrics
 from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
-from lmaas.serve.openai_app import MAX_BODY_BYTES
+from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
 
 log = logging.getLogger("lmaas.serve")
 
@@ -213,7 +213,9 @@ class IngressOptions(BaseModel):
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
-    """Larger request bodies get 413."""
+    """Larger request bodies get 413 (JSON error, code `request_too_large`) on every /v1 and /api/v1 route."""
+    max_upload_bytes: int = Field(MAX_UPLOAD_BYTES, ge=1024)
+    """The same for model file uploads through `/api/v1` (a version's weights can be large)."""
 
 
 class ServeAppArgs(BaseModel):
@@ -679,7 +681,8 @@ class OpenAIIngress:
         args = ServeAppArgs(**self._args)
         self._grpc.auth = build_auth(args.auth)  # gRPC calls need the same keys as HTTP
         app = build_openai_app(
-            self._engines, max_body_bytes=args.ingress.max_body_bytes, auth=self._grpc.auth, refs=self._refs,
+            self._engines, max_body_bytes=args.ingress.max_body_bytes, max_upload_bytes=args.ingress.max_upload_bytes,
+            auth=self._grpc.auth, refs=self._refs,
             metrics=GatewayMetrics(), echo_request_id=False, readiness=self._readiness,  # Serve's proxy returns X-Request-Id
         )
         # one port for /v1 and /api/v1: the registry, auth and deployment REST APIs ride on the same app
