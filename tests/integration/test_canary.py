@@ -234,6 +234,18 @@ def _listed(base: str) -> dict[str, dict]:
     return {d["name"]: d for d in r.json()["data"]} if r.status_code == 200 else {}
 
 
+def test_cli_lists_a_remote_gateways_deployments(gateway):
+    import os
+    import subprocess
+
+    from conftest import BIN
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"LMAAS_URL": gateway[0], "LMAAS_API_KEY": DEPLOY_KEY, "COLUMNS": "250"}
+    result = subprocess.run([str(BIN / "lmaas"), "deployments"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "tiny:2 10% running" in next(line for line in result.stdout.splitlines() if " split " in line), result.stdout
+
+
 def test_deployments_rest_api(gateway):
     base = gateway[0]
     auth = {"Authorization": f"Bearer {DEPLOY_KEY}"}
