@@ -27,7 +27,7 @@ APP = "lmaas-canary-test"
 KEY = "lmaas_canarytest_" + "k" * 40
 DEPLOY_KEY = "lmaas_canarydeploy_" + "d" * 40
 ADMIN_KEY = "lmaas_canaryadmin_" + "a" * 40
-FUZZ_EXAMPLES = 4
+FUZZ_EXAMPLES = 3
 """schemathesis cases per operation and mode (valid, invalid input)."""
 HEADER = "X-Lmaas-Model-Version"
 
