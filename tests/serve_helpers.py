@@ -40,6 +40,20 @@ def make_causal_lm(
     return save_model(build_model(config, seed=seed), root / "model", tokenizer_dir=tok_dir)
 
 
+def make_mismatched_lm(root: Path, *, model_vocab: int = 256, tokenizer_vocab: int = 1024) -> Path:
+    """A causal LM packaged with the wrong tokenizer (more tokens than its embedding has rows).
+
+    It loads, and every generation fails in the forward pass (index out of range): a real
+    packaging mistake, used as the broken version a canary must be rolled back from.
+    """
+    from lmaas.data.tokenizer import train_bpe
+    from lmaas.models import build_model, model_config, save_model
+
+    spec = train_bpe(stdlib_lines(), tokenizer_vocab)
+    config = model_config("tiny", vocab_size=model_vocab, max_seq_len=128, eos_id=min(spec.eos_id, model_vocab - 1))
+    return save_model(build_model(config, seed=0), root / "model", tokenizer_dir=spec.save(root / "tokenizer"))
+
+
 def publish_dataset(storage, engine, root: Path, ids: list[int], tokenizer_dir: Path) -> str:
     """A dataset version of `SEQ`-token rows: the first 90% train, the rest validation."""
     import shutil

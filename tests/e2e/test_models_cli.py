@@ -117,13 +117,16 @@ def test_bad_input_is_one_line_error(cli, lmaas_env, tmp_path, args, words):
     assert [v["version"] for v in versions] == [1]  # nothing else registered
 
 
-def test_serve_api_command_runs_the_rest_api(lmaas_env, tmp_path):
+def test_serve_api_command_runs_the_rest_api_and_the_cli_reads_it_remotely(cli, lmaas_env, tmp_path):
     import subprocess
 
     import httpx
     from conftest import BIN, free_port, wait_for
 
-    make_model_dir(tmp_path / "m")
+    from lmaas.config import load_settings
+    from lmaas.registry import ModelRegistry
+
+    ModelRegistry.from_settings(load_settings()).register_version("remote-m", make_model_dir(tmp_path / "m"), task="causal-lm")
     port = free_port()
     admin = "lmaas_e2eadmin_" + "a" * 32
     proc = subprocess.Popen([str(BIN / "lmaas"), "models", "serve-api", "--port", str(port)], env={**lmaas_env, "LMAAS_ADMIN_KEY": admin},
@@ -141,6 +144,19 @@ def test_serve_api_command_runs_the_rest_api(lmaas_env, tmp_path):
         r = httpx.get(f"http://127.0.0.1:{port}/api/v1/models/tiny", headers={"Authorization": f"Bearer {admin}"}, timeout=10)
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
         assert httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=10).json()["info"]["title"] == "lmaas management API"
+
+        # the CLI with LMAAS_URL reads that gateway's registry, not the (empty) local one
+        remote = {**lmaas_env, "LMAAS_HOME": str(tmp_path / "elsewhere"), "LMAAS_URL": f"http://127.0.0.1:{port}/", "LMAAS_API_KEY": admin}
+        result = cli("models", "list", "--json", env=remote)
+        assert result.returncode == 0, result.stderr
+        assert [m["name"] for m in json.loads(result.stdout)] == ["remote-m"]
+        result = cli("models", "show", "remote-m", env=remote)
+        assert result.returncode == 0 and "remote-m:1" in result.stdout and "config.json" in result.stdout, result.stdout + result.stderr
+        inference_only = httpx.post(f"http://127.0.0.1:{port}/api/v1/keys", json={"scopes": ["inference"]},
+                                    headers={"Authorization": f"Bearer {admin}"}, timeout=10).json()["secret"]
+        assert_one_line_error(cli("models", "list", env={**remote, "LMAAS_API_KEY": "lmaas_0_wrong"}), "LMAAS_API_KEY was refused", "HTTP 401")
+        assert_one_line_error(cli("models", "show", "remote-m", env={**remote, "LMAAS_API_KEY": inference_only}), "models:read", "HTTP 403")
+        assert_one_line_error(cli("models", "list", env={**remote, "LMAAS_URL": f"http://127.0.0.1:{free_port()}"}), "cannot reach", "connection refused")
     finally:
         proc.terminate()
         proc.wait(10)

@@ -370,11 +370,24 @@ def test_management_actions_are_audited(gateway, tmp_path):
     assert [e["action"] for e in keys["data"]] == ["key.create"] and keys["data"][0]["actor"].startswith("key:")
 
 
+def test_oversized_management_bodies_get_413_but_model_uploads_may_be_large(gateway):
+    urls, admin, _ = gateway
+    big = b'{"name": "' + b"x" * (4 * 1024 * 1024) + b'"}'  # past the default max_body_bytes (4 MiB)
+    declared = httpx.post(f"{urls['mgmt']}/api/v1/tenants", content=big, headers={**_bearer(admin), "Content-Type": "application/json"})
+    chunked = httpx.post(f"{urls['mgmt']}/api/v1/tenants", content=iter([big[:1 << 20], big[1 << 20:]]), headers=_bearer(admin))
+    for r in (declared, chunked):
+        assert _error(r, 413, "request_too_large")["message"] == "request body is larger than 4194304 bytes"
+    # a model file upload is held to max_upload_bytes instead: this one reaches the route (an unknown upload: 404)
+    upload = httpx.put(f"{urls['mgmt']}/api/v1/uploads/nope/files/model.safetensors", content=big, headers=_bearer(admin))
+    assert _error(upload, 404)["param"] == "upload_id"
+
+
 @pytest.mark.parametrize(
     "body, param",
     [
         ({"scopes": ["inference", "superuser"]}, "scopes"),
         ({"scopes": ["inference"], "rpm": -1}, "rpm"),
+        ({"scopes": ["inference"], "tpm": 2**40}, "tpm"),  # past the 32-bit column: 400, not a database error
         ({"scopes": ["inference"], "expires_in": "soon"}, "expires"),
         ({"scopes": ["inference"], "tenant": "Robert'); DROP TABLE api_keys;--"}, "tenant"),
         ({"scopes": ["inference"], "tenant": "nobody"}, "tenant"),

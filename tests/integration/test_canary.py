@@ -1,8 +1,9 @@
 """Canary rollouts on a real Serve app (`lmaas.serve.canary`), over real HTTP with API keys.
 
-Models: `tiny:1` and `tiny:2` (random tiny Llamas, different seeds) and `slow:1` (the `small` size,
-~10x tiny's decode time). Every served name splits between `tiny:1` and a canary; responses carry
-`X-Lmaas-Model-Version`, so each test counts which side answered.
+Models: `tiny:1` and `tiny:2` (random tiny Llamas, different seeds), `slow:1` (the `small` size,
+~10x tiny's decode time) and `broken:1` (packaged with the wrong tokenizer: every generation fails).
+Every served name splits between `tiny:1` and a canary; responses carry `X-Lmaas-Model-Version`,
+so each test counts which side answered. The module ends with a schemathesis fuzz of the same gateway.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import free_port, wait_for  # noqa: E402
-from serve_helpers import make_causal_lm  # noqa: E402
+from serve_helpers import make_causal_lm, make_mismatched_lm  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.timeout(600)
@@ -25,6 +26,9 @@ pytestmark = pytest.mark.timeout(600)
 APP = "lmaas-canary-test"
 KEY = "lmaas_canarytest_" + "k" * 40
 DEPLOY_KEY = "lmaas_canarydeploy_" + "d" * 40
+ADMIN_KEY = "lmaas_canaryadmin_" + "a" * 40
+FUZZ_EXAMPLES = 3
+"""schemathesis cases per operation and mode (valid, invalid input)."""
 HEADER = "X-Lmaas-Model-Version"
 
 
@@ -46,10 +50,12 @@ def gateway(ray_cluster, tmp_path_factory):
     for seed in (0, 1):
         registry.register_version("tiny", make_causal_lm(root / f"lm{seed}", seed=seed, max_seq_len=128), task="causal-lm")
     registry.register_version("slow", make_causal_lm(root / "slow", size="small", max_seq_len=128), task="causal-lm")
+    registry.register_version("broken", make_mismatched_lm(root / "broken"), task="causal-lm")
     engine = db.connect(settings.database_url)
     keys = KeyStore(engine)
     keys.create_key("default", ["inference"], create_tenant=True, secret=KEY)
     keys.create_key("default", ["inference", "deploy"], secret=DEPLOY_KEY)
+    keys.create_key("default", ["admin"], secret=ADMIN_KEY)
 
     small = {"num_cpus": 0.05, "graceful_shutdown_timeout_s": 5, "health_check_period_s": 2, "refresh_interval_s": 0,
              "engine": {"num_threads": 1}}
@@ -64,6 +70,7 @@ def gateway(ray_cluster, tmp_path_factory):
             model("sticky", ref="tiny:2", weight=50, sticky=True),
             model("guarded", ref="slow:1", weight=30, min_requests=6, max_latency_ratio=2, window_s=120),
             model("promoted", ref="tiny:2", weight=50, min_requests=4, promote_after_s=6, window_s=120, max_latency_ratio=100),  # a cold first call is no verdict here
+            model("broken", ref="broken:1", weight=50, min_requests=5, max_error_rate=0.2, window_s=120, max_latency_ratio=100),
         ],
         "ingress": {"num_cpus": 0.05},
         "env": settings.env(),
@@ -182,6 +189,24 @@ def test_slow_canary_is_rolled_back_while_clients_run(gateway):
     assert len(events) == 1 and "p99" in events[0]["detail"]["reason"] and events[0]["detail"]["canary"]["requests"] >= 6
 
 
+def test_broken_canary_is_rolled_back_on_error_rate_while_clients_get_answers(gateway):
+    base, store, engine = gateway
+    with Loop(base, "broken", threads=2) as loop:
+        wait_for(lambda: store.get(APP, "broken") is not None and store.get(APP, "broken").state == "rolled_back", 120, "rollback")
+        time.sleep(2)  # past the gateway's state TTL
+        settled = len(loop.answers)
+        wait_for(lambda: len(loop.answers) >= settled + 4, 60, "answers after the rollback")
+    # the canary failed every request it got; the gateway answered each one from the stable version
+    assert [a for a in loop.answers if a[0] != 200] == []
+    assert {v for _, v in loop.answers} == {"tiny:1"}
+    state = store.get(APP, "broken")
+    assert state.routed_weight == 0 and "error rate" in state.reason
+    events = [e for e in _audit(engine, "deployment.canary.rollback") if e["target"] == f"{APP}/broken"]
+    assert len(events) == 1 and "max_error_rate" in events[0]["detail"]["reason"], events
+    canary = events[0]["detail"]["canary"]
+    assert canary["requests"] >= 5 and canary["errors"] == canary["requests"], canary
+
+
 def test_healthy_canary_is_promoted(gateway):
     base, store, engine = gateway
     with Loop(base, "promoted", threads=2) as loop:
@@ -205,8 +230,24 @@ def _deployments(base: str, key: str = DEPLOY_KEY) -> httpx.Response:
 
 
 def _listed(base: str) -> dict[str, dict]:
-    r = _deployments(base)
+    """Deployments by name; {} while the gateway cannot answer (a redeploy on a loaded machine): callers wait for a state."""
+    try:
+        r = _deployments(base)
+    except httpx.TimeoutException:
+        return {}
     return {d["name"]: d for d in r.json()["data"]} if r.status_code == 200 else {}
+
+
+def test_cli_lists_a_remote_gateways_deployments(gateway):
+    import os
+    import subprocess
+
+    from conftest import BIN
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"LMAAS_URL": gateway[0], "LMAAS_API_KEY": DEPLOY_KEY, "COLUMNS": "250"}
+    result = subprocess.run([str(BIN / "lmaas"), "deployments"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "tiny:2 10% running" in next(line for line in result.stdout.splitlines() if " split " in line), result.stdout
 
 
 def test_deployments_rest_api(gateway):
@@ -230,10 +271,68 @@ def test_deployments_rest_api(gateway):
     wait_for(lambda: "rest-m" in _listed(base), 180, "the created deployment")
     patched = httpx.patch(base + "/api/v1/deployments/rest-m", json={"weight": 40}, headers=auth, timeout=60)
     assert patched.status_code == 202 and patched.json()["deployment"]["canary"]["weight"] == 40
-    wait_for(lambda: (_listed(base).get("rest-m") or {}).get("change", {}).get("status") == "done"
-             and _listed(base)["rest-m"]["canary"]["weight"] == 40, 180, "the patched weight")
+    try:
+        wait_for(lambda: (_listed(base).get("rest-m") or {}).get("change", {}).get("status") == "done"
+                 and _listed(base)["rest-m"]["canary"]["weight"] == 40, 180, "the patched weight")
+    except TimeoutError:
+        raise AssertionError(f"the patched weight, not ready after 180 s: {_listed(base).get('rest-m')}") from None
     deleted = httpx.delete(base + "/api/v1/deployments/rest-m", headers=auth, timeout=60)
     assert deleted.status_code == 202 and deleted.json()["deployment"] is None
     wait_for(lambda: "rest-m" not in _listed(base) and "split" in _listed(base), 180, "the deleted deployment")
     actions = {e["action"] for e in _audit(gateway[2], "deployment.deploy") + _audit(gateway[2], "deployment.undeploy")}
     assert actions == {"deployment.deploy", "deployment.undeploy"}
+
+
+def test_oversized_bodies_get_413_on_every_route(gateway):
+    base = gateway[0]
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    big = b'{"name": "' + b"x" * (4 * 1024 * 1024 + 1) + b'"}'  # the default ingress.max_body_bytes is 4 MiB
+    for path in ("/v1/completions", "/api/v1/tenants", "/api/v1/deployments"):
+        r = httpx.post(base + path, content=big, headers=auth, timeout=60)
+        assert r.status_code == 413, (path, r.status_code, r.text[:200])
+        assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_schemathesis_finds_no_server_error_or_schema_violation(gateway):
+    """Fuzz every operation of the gateway's `/openapi.json` (`/v1` and `/api/v1`) as an admin: valid and invalid input.
+
+    The same run from a shell: see README, "Security". Bounded: `FUZZ_EXAMPLES` cases per operation and
+    mode, derandomized (the same cases each run) so the suite stays repeatable.
+    """
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
+
+    base = gateway[0]
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    schema = schemathesis.openapi.from_url(base + "/openapi.json", headers=headers, timeout=30)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    failures, statuses, operations = [], [], []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if not operation.path.startswith(("/v1/", "/api/v1/")):
+            continue  # /healthz, /readyz: no input, and /readyz's 503 while replicas update is its documented answer
+        operations.append(operation.label)
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            def fuzz(case) -> None:  # noqa: ANN001
+                response = case.call(base_url=base, headers=headers, timeout=60)
+                statuses.append(response.status_code)
+                try:
+                    case.validate_response(response, checks=checks, headers=headers)
+                except BaseException as exc:  # noqa: BLE001 - schemathesis raises a group of failures; keep going
+                    failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {str(exc)[:400]}")
+
+            try:
+                fuzz()
+            except Unsatisfiable:  # no invalid input exists for this operation (a bare GET)
+                pass
+    assert "POST /api/v1/deployments" in operations and "POST /v1/chat/completions" in operations
+    assert len(statuses) >= 2 * len(operations)
+    assert failures == [], "\n".join(failures[:20])
+

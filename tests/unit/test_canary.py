@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from lmaas import db
 from lmaas.errors import InvalidInputError
 from lmaas.serve.canary import (
-    CANARY, PROMOTED, ROLLED_BACK, RUNNING, STABLE, CALLER, ROUTED, CanaryEngine, CanaryStore, HealthWindow, Routed, SideStats,
+    CANARY, PROMOTED, ROLLED_BACK, RUNNING, STABLE, CALLER, ROUTED, CanaryEngine, CanaryState, CanaryStore, HealthWindow, Routed, SideStats,
     evaluate, pick_side, rollout_id,
 )
 from lmaas.serve.deployments import CanaryOptions, ServedModel
@@ -145,3 +145,27 @@ def test_a_replaced_replica_never_overwrites_its_successors_row(tmp_path):
     old = store.ensure("app", "m", "old", "m", "m:2", 10, replace_before=0.0)  # the old gateway, started earlier
     assert old.rollout == "new" and old.weight == 40
     assert store.ensure("app", "m", "newer", "m", "m:4", 5).rollout == "newer"  # a replica newer than the row replaces it
+
+
+def test_a_replica_being_replaced_does_not_restart_a_finished_rollout(tmp_path):
+    store = CanaryStore(db.connect(f"sqlite:///{tmp_path / 'x.db'}"))
+    policy = CanaryOptions(ref="m:2", weight=100, min_requests=1, promote_after_s=0.01)
+    split = CanaryEngine("app", "m", FakeEngine("stable"), FakeEngine("canary"), "m", policy, store, "r1")
+
+    async def run() -> CanaryState:
+        ROUTED.set(Routed())
+        for _ in range(6):
+            [e async for e in split.generate(_request())]
+        await asyncio.sleep(0.05)  # past promote_after_s
+        split._read_at = 0.0
+        await split.check()
+        assert store.get("app", "m").state == PROMOTED
+        store.reset("app", ["m"])  # the promotion's redeploy: the model has no canary any more
+        split._read_at = 0.0
+        state = await split.current()
+        assert await split.check() is None
+        return state
+
+    state = asyncio.run(run())
+    assert state.state == PROMOTED and split.weight(state) == 100  # keeps routing by the last state it saw
+    assert store.get("app", "m") is None  # and never writes a fresh running row (which it would promote again)

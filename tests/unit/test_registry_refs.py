@@ -31,6 +31,7 @@ def test_parse_ref(text: str, expected: ModelRef):
         ("tiny:0", "positive integer"),
         ("tiny:-1", "positive integer"),
         ("tiny:latest", "positive integer"),
+        ("tiny:2147483648", "up to 2147483647"),  # past the database's 32-bit column: 400, not a database error
         ("tiny@", "invalid alias"),
         ("tiny@7", "invalid alias"),
         ("tiny@Prod", "invalid alias"),

@@ -54,8 +54,9 @@ def validate_limits(limits: Limits) -> Limits:
     """Raises `InvalidInputError` naming a negative (or non-integer) limit."""
     for window in WINDOWS:
         value = getattr(limits, window)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise InvalidInputError(f"{window} must be a whole number >= 0 (or unset for no limit), not {value!r}", param=window)
+        top = db.MAX_BIGINT if window == "tpd" else db.MAX_INT  # the column's type (lmaas.db.schema)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top):
+            raise InvalidInputError(f"{window} must be a whole number from 0 to {top} (or unset for no limit), not {value!r}", param=window)
     return limits
 
 

@@ -4,6 +4,7 @@
     lmaas deploy tiny-lm@production --min-replicas 0 --max-replicas 2
     lmaas deploy tiny-lm@production --canary tiny-lm:7 --weight 10 --sticky --promote-after 10m
     lmaas deployments                                  # the canary column: ref, weight, state
+    LMAAS_URL=https://gw.example LMAAS_API_KEY=... lmaas deployments   # a remote gateway's, over its REST API
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model": "tiny-lm", "prompt": "def"}'
     grpcurl -plaintext -d '{"model": "tiny-lm", "prompt": "def"}' 127.0.0.1:9000 lmaas.v1.Inference/Complete
     lmaas logs tiny-lm --tail 20                     # replica logs (JSON lines with request ids)
@@ -16,11 +17,13 @@ Every model lives in one Serve application (`lmaas`, route `/`); the same app ru
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from lmaas.cli import remote
 from lmaas.config import load_settings
 from lmaas.errors import ConfigError, InvalidInputError
 
@@ -138,11 +141,14 @@ def undeploy(name: str = typer.Argument(..., help="The deployment's name (see `l
 
 
 def deployments() -> None:
-    """List served models with their versions, replica counts and status."""
-    from lmaas.serve.deployments import list_deployments
+    """List served models with their versions, replica counts and status (of the gateway at LMAAS_URL, when set)."""
+    if remote.gateway_url():
+        rows = [SimpleNamespace(**d) for d in remote.get("/api/v1/deployments")["data"]]
+    else:
+        from lmaas.serve.deployments import list_deployments
 
-    _connect()
-    rows = list_deployments()
+        _connect()
+        rows = list_deployments()
     if not rows:
         console.print("nothing deployed; `lmaas deploy REF` serves a registered model")
         return

@@ -14,11 +14,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from lmaas.cli import remote
 from lmaas.config import load_settings
 from lmaas.errors import InvalidInputError
 
@@ -53,10 +55,14 @@ def list_models(
     search: str = typer.Option(None, "--search", help="Only names containing this text."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List registered models."""
-    models = _registry().list_models(search=search)
+    """List registered models (of the gateway at LMAAS_URL, when set)."""
+    if remote.gateway_url():
+        params = {"search": search} if search else None
+        models = [SimpleNamespace(**m) for m in remote.get("/api/v1/models", params)["data"]]
+    else:
+        models = _registry().list_models(search=search)
     if as_json:
-        return _print_json([m.to_dict() for m in models])
+        return _print_json([vars(m) if isinstance(m, SimpleNamespace) else m.to_dict() for m in models])
     table = Table(title="models", title_justify="left")
     for column in ("name", "latest", "tenant", "created", "description"):
         table.add_column(column)
@@ -67,7 +73,9 @@ def list_models(
 
 @app.command()
 def show(ref: str = typer.Argument(..., help="name, name:VERSION or name@ALIAS"), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show one version (a bare name shows what it resolves to) with its files and aliases."""
+    """Show one version (a bare name shows what it resolves to) with its files and aliases (of the gateway at LMAAS_URL, when set)."""
+    if remote.gateway_url():
+        return _show_remote(ref, as_json)
     registry = _registry()
     version = registry.resolve(ref)
     aliases = [a.alias for a in registry.aliases(version.name) if a.version == version.version]
@@ -95,6 +103,29 @@ def show(ref: str = typer.Argument(..., help="name, name:VERSION or name@ALIAS")
         from lmaas.cli.compress import report_table
 
         console.print(report_table(json.loads(registry.read_file(version.ref, "report.json")[1])))
+
+
+def _show_remote(ref: str, as_json: bool) -> None:
+    version = remote.get("/api/v1/resolve", {"ref": ref})
+    if as_json:
+        return _print_json(version)
+    table = Table(title=f"{version['ref']}  ({version['task']}, {version['status']})", title_justify="left", show_header=False)
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    for field, value in [
+        ("size", _size(version["size"])),
+        ("created", _when(version["created_at"])),
+        ("tenant", version["tenant"]),
+        ("parent", version["parent"] or "-"),
+        ("dataset", version["dataset"] or "-"),
+        ("run", version["run"] or "-"),
+        ("metrics", json.dumps(version["metrics"]) if version["metrics"] else "-"),
+        ("signed", "yes" if version["signed"] else "no"),
+    ]:
+        table.add_row(field, value)
+    for f in version["files"]:
+        table.add_row(f"  {f['path']}", f"{_size(f['size'])}  sha256 {f['sha256']}")
+    console.print(table)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from lmaas import db
 from lmaas.db.schema import dataset_uploads, datasets
 from lmaas.errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from lmaas.storage import Storage
@@ -76,8 +77,8 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
         raise InvalidInputError(f"dataset reference {ref!r}: use NAME or NAME:VERSION", param="dataset")
     if not sep:
         return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise InvalidInputError(f"dataset reference {ref!r}: the version must be a positive integer", param="dataset")
+    if not version.isdigit() or not 1 <= int(version) <= db.MAX_INT:
+        raise InvalidInputError(f"dataset reference {ref!r}: the version must be a positive integer up to {db.MAX_INT}", param="dataset")
     return name, int(version)
 
 

@@ -26,6 +26,10 @@ from lmaas.config import redact_url, validate_database_url
 from lmaas.errors import ConfigError, UnreachableError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MAX_INT = 2**31 - 1
+"""The largest value an `sa.Integer` column holds on every backend (PostgreSQL's `integer` is 32-bit);
+inputs that land in one (versions, rate limits, offsets) are checked against it, so they get a 400, not a database error."""
+MAX_BIGINT = 2**63 - 1
 _ADVISORY_LOCK_KEY = 0x1A_AA5  # any constant shared by every lmaas process
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()

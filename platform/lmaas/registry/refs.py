@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from lmaas.errors import InvalidInputError
 
+MAX_VERSION = 2**31 - 1
+"""Versions are 32-bit integers in the database (`lmaas.db.MAX_INT`)."""
+
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 DEFAULT_ALIAS = "production"
@@ -79,8 +82,8 @@ def parse_ref(ref: str | ModelRef) -> ModelRef:
         return ModelRef(validate_model_name(name), alias=validate_alias(alias))
     if ":" in ref:
         name, _, version = ref.partition(":")
-        if not version.isdigit() or int(version) < 1:
-            raise InvalidInputError(f"invalid version in {ref!r}: a version is a positive integer", param="model")
+        if not version.isdigit() or not 1 <= int(version) <= MAX_VERSION:
+            raise InvalidInputError(f"invalid version in {ref!r}: a version is a positive integer up to {MAX_VERSION}", param="model")
         return ModelRef(validate_model_name(name), version=int(version))
     return ModelRef(validate_model_name(ref))
 

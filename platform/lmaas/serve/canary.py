@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import hashlib
 import json
 import logging
@@ -310,6 +311,10 @@ class CanaryEngine(Engine):
 
     def _read(self) -> CanaryState:
         state = self.store.get(self.app, self.model_id)
+        if state is None and self._state is not None and self._state.rollout == self.rollout:
+            # a deploy removed this rollout's row (a promotion's redeploy, an undeploy): this replica is being
+            # replaced, and writing the row afresh would restart the rollout (and promote it a second time)
+            return self._state
         if state is None or (state.rollout != self.rollout and state.started_at < self._created_at):
             state = self.store.ensure(
                 self.app, self.model_id, self.rollout, self.refs[STABLE], self.refs[CANARY], self.policy.weight, replace_before=self._created_at
@@ -360,6 +365,7 @@ class CanaryEngine(Engine):
         self._read_at = 0.0  # re-read at once
         if not won:
             return None
+        self._state = dataclasses.replace(state, state=new_state, weight=weight, reason=reason)
         log.warning("canary %s/%s %s: %s", self.app, self.model_id, new_state, reason)
         if new_state == PROMOTED and self.on_promote is not None:
             try:

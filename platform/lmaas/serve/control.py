@@ -43,7 +43,7 @@ class DeploymentApplier:
         with self._lock:
             record.update(status="applying", started_at=time.time())
             try:
-                record["result"] = _apply(change)
+                record["result"] = _apply_retrying(change)
                 record["status"] = "done"
             except Exception as exc:  # noqa: BLE001 - reported in the change's status
                 log.exception("deployment change %s failed", change["id"])
@@ -72,6 +72,29 @@ class DeploymentApplier:
 
 def _summary(change: dict[str, Any]) -> dict[str, Any]:
     return {k: change[k] for k in ("id", "op", "app", "name", "actor") if k in change} | {"requested_at": change.get("requested_at")}
+
+
+PICKLE_RACE = "is not registered for pickle by value"
+PICKLE_RACE_ATTEMPTS = 3
+
+
+def _apply_retrying(change: dict[str, Any]) -> Any:
+    """`_apply`, tried again when Ray Serve's unguarded pickle registry trips over another thread of this actor.
+
+    Ray Serve 2.60 registers and unregisters `ray.serve.autoscaling_policy` for pickle-by-value around
+    each `AutoscalingConfig` it builds (`ray/serve/config.py`, `serialize_policy`), with no lock: when
+    another thread of the process builds one at the same time, the second unregister raises ValueError
+    and `serve.run` fails before it sends anything. The same config applied again is harmless.
+    """
+    for attempt in range(1, PICKLE_RACE_ATTEMPTS + 1):
+        try:
+            return _apply(change)
+        except ValueError as exc:
+            if PICKLE_RACE not in str(exc) or attempt == PICKLE_RACE_ATTEMPTS:
+                raise
+            log.warning("deployment change %s: Ray's pickle registry race (%s); trying again", change["id"], exc)
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 def _apply(change: dict[str, Any]) -> Any:

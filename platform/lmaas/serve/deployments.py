@@ -49,7 +49,7 @@ from lmaas.errors import InvalidInputError, LmaasError, ReplicaLostError
 from lmaas.ops.logs import REQUEST_ID, configure_logging
 from lmaas.ops.metrics import ENGINE_POLL_S, GatewayMetrics, ServingMetrics
 from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
-from lmaas.serve.openai_app import MAX_BODY_BYTES
+from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
 
 log = logging.getLogger("lmaas.serve")
 
@@ -223,7 +223,9 @@ class IngressOptions(BaseModel):
     """Custom Ray resources per gateway replica: keeps the gateway on the nodes that have them (e.g. the head)."""
     max_ongoing_requests: int = Field(256, ge=1)
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
-    """Larger request bodies get 413."""
+    """Larger request bodies get 413 (JSON error, code `request_too_large`) on every /v1 and /api/v1 route."""
+    max_upload_bytes: int = Field(MAX_UPLOAD_BYTES, ge=1024)
+    """The same for model file uploads through `/api/v1` (a version's weights can be large)."""
 
 
 class ServeAppArgs(BaseModel):
@@ -731,7 +733,8 @@ class OpenAIIngress:
         self._grpc.auth = build_auth(args.auth)  # gRPC calls need the same keys as HTTP
         self._metrics = GatewayMetrics()
         app = build_openai_app(
-            self._engines, max_body_bytes=args.ingress.max_body_bytes, auth=self._grpc.auth, refs=self._refs,
+            self._engines, max_body_bytes=args.ingress.max_body_bytes, max_upload_bytes=args.ingress.max_upload_bytes,
+            auth=self._grpc.auth, refs=self._refs,
             metrics=self._metrics, echo_request_id=False, readiness=self._readiness,  # Serve's proxy returns X-Request-Id
         )
         # one port for /v1 and /api/v1: the registry, auth and deployment REST APIs ride on the same app

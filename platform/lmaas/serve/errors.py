@@ -83,8 +83,70 @@ def error_response(exc: LmaasError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.type, param=exc.param, code=_code(exc)), status_code=exc.status, headers=headers)
 
 
+ERROR_RESPONSES = {
+    400: "Invalid input: `error.param` names the field.",
+    401: "Missing, malformed, unknown, expired or revoked API key.",
+    403: "The API key lacks the scope this route needs.",
+    404: "No such resource (or another tenant's private one).",
+    409: "The request conflicts with the current state (a name or upload that exists).",
+    413: "The request body is larger than the gateway's limit.",
+    429: "A rate limit or token quota is exhausted; see the `Retry-After` header.",
+    503: "A dependency (the database) is unreachable; retry after the `Retry-After` header.",
+}
+"""Error answers every `/v1` and `/api/v1` route may give, all with the body of `ERROR_SCHEMA`."""
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "the request field at fault, if one is"},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        }
+    },
+}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Describe the error answers in `app`'s OpenAPI document as they are sent.
+
+    FastAPI documents a 422 with its own body for every route that takes input; these apps answer bad
+    input with 400 and the OpenAI-style body instead, plus the auth, size and quota errors above.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["ErrorResponse"] = ERROR_SCHEMA
+        error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for path, operations in schema.get("paths", {}).items():
+            if not path.startswith(("/v1/", "/api/v1/")):
+                continue
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                for status, description in ERROR_RESPONSES.items():
+                    responses.setdefault(str(status), {"description": description, "content": error_ref})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Map project errors, database outages, request validation errors and HTTP errors to OpenAI-style JSON."""
+    """Map project errors, database outages, request validation errors and HTTP errors to OpenAI-style JSON (and document them)."""
+    document_errors(app)
 
     @app.exception_handler(LmaasError)
     async def _lmaas_error(_request: Request, exc: LmaasError) -> JSONResponse:

@@ -19,22 +19,27 @@ from lmaas.auth import Auth
 from lmaas.registry import ModelRegistry
 from lmaas.serve.auth import AuditFailures
 from lmaas.serve.errors import install_error_handlers
+from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, BodySizeLimit
 from lmaas.serve.routers import auth as auth_router
 from lmaas.serve.routers import jobs as jobs_router
 from lmaas.serve.routers import registry as registry_router
 
 
-def build_app(registry: ModelRegistry, *, auth: Auth | None = None) -> FastAPI:
+def build_app(
+    registry: ModelRegistry, *, auth: Auth | None = None, max_body_bytes: int = MAX_BODY_BYTES, max_upload_bytes: int = MAX_UPLOAD_BYTES
+) -> FastAPI:
     """A FastAPI app serving `registry` (and, with `auth`, keys, tenants, usage, audit, feedback) under `/api/v1/`.
 
     Args:
         registry: the model registry.
         auth: require API keys with scopes and enforce tenants (see `lmaas.serve.auth`);
             None: open to every caller, as an admin (tests, a trusted network).
+        max_body_bytes, max_upload_bytes: larger bodies (model file uploads) get 413, as on the gateway.
     """
     app = FastAPI(title="lmaas management API", version=lmaas.__version__)
     install_error_handlers(app)
     add_management_routes(app, registry, auth=auth)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

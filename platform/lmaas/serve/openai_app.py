@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,9 @@ from lmaas.serve.openai_api import OpenAIServing
 from lmaas.serve.routers import openai as openai_router
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_UPLOAD_BYTES = 64 * 1024**3
+UPLOAD_PATHS = re.compile(r"^/api/v1/(uploads/[^/]+/files/.+|models/[^/]+/versions)$")
+"""Model file uploads (multipart, or one PUT per file): limited by `max_upload_bytes`, not `max_body_bytes`."""
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/healthz", "/readyz")
 """Route label values of request metrics; other paths count as "other" (a scanner cannot mint series)."""
 
@@ -37,6 +41,7 @@ def build_openai_app(
     engines: dict[str, Engine],
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
     auth: Auth | None = None,
     refs: dict[str, str] | None = None,
     metrics: Any = None,
@@ -48,6 +53,7 @@ def build_openai_app(
     Args:
         engines: one engine per served model name.
         max_body_bytes: larger request bodies are refused with 413 before they are parsed.
+        max_upload_bytes: the same for model file uploads (`UPLOAD_PATHS`, where management routes are added).
         auth: require API keys, enforce scopes, tenants and quotas, meter usage (see `lmaas.serve.auth`);
             None: open to every caller (tests, one-machine setups behind something else).
         refs: served name -> registry reference, where they differ (which model a name's tenant owns,
@@ -68,7 +74,7 @@ def build_openai_app(
     app.state.refs = dict(refs or {})
     install_error_handlers(app)
     app.include_router(openai_router.router)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes)
     app.add_middleware(RequestTelemetry, metrics=metrics, echo_request_id=echo_request_id)
 
     @app.get("/healthz")
@@ -76,7 +82,7 @@ def build_openai_app(
         """Liveness: the gateway answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "Not ready: `checks` names what does not answer."}})
     async def readyz() -> JSONResponse:
         """Readiness: 200 when every served model, the database and the artifact store answer; else 503 naming what does not."""
         ready, checks = (True, {}) if readiness is None else await readiness()
@@ -89,18 +95,21 @@ class BodySizeLimit:
     """ASGI middleware: refuse request bodies over `max_bytes` with an OpenAI-style 413 error.
 
     A declared Content-Length is checked at once; a chunked body is read up to the limit first.
+    Model file uploads (`UPLOAD_PATHS`) stream through unbuffered: their declared length is held to `max_upload_bytes`.
     """
 
-    def __init__(self, app, max_bytes: int) -> None:  # noqa: ANN001 - an ASGI app
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:  # noqa: ANN001 - an ASGI app
+        self.app, self.max_bytes, self.max_upload_bytes = app, max_bytes, max_upload_bytes
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
+        upload = UPLOAD_PATHS.match(scope["path"]) is not None
+        limit = self.max_upload_bytes if upload else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(receive, send)
-        if declared is not None:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(receive, send, limit)
+        if declared is not None or upload:  # a chunked upload streams on (a PUT is checked against its declared size)
             return await self.app(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -109,8 +118,8 @@ class BodySizeLimit:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._refuse(receive, send, more=bool(message.get("more_body")))
+            if size > limit:
+                return await self._refuse(receive, send, limit, more=bool(message.get("more_body")))
             if not message.get("more_body"):
                 break
         replayed = False
@@ -124,7 +133,7 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, receive, send, more: bool = True) -> None:  # noqa: ANN001
+    async def _refuse(self, receive, send, limit: int, more: bool = True) -> None:  # noqa: ANN001
         # read the rest and discard it: a client still sending when the socket closes sees a reset, not the 413
         drained = 0
         while more and drained < 16 * self.max_bytes:
@@ -134,7 +143,7 @@ class BodySizeLimit:
             drained += len(message.get("body", b""))
             more = message.get("more_body", False)
         body = json.dumps(
-            error_body(f"request body is larger than {self.max_bytes} bytes", "invalid_request_error", code="request_too_large")
+            error_body(f"request body is larger than {limit} bytes", "invalid_request_error", code="request_too_large")
         ).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from lmaas.registry.refs import MAX_VERSION
+
 
 class ModelFileOut(BaseModel):
     path: str
@@ -63,7 +65,7 @@ class VersionPage(BaseModel):
 
 
 class SetAliasRequest(BaseModel):
-    version: int = Field(..., ge=1, description="The version the alias should point at.")
+    version: int = Field(..., ge=1, le=MAX_VERSION, description="The version the alias should point at.")
 
 
 class UpdateModelRequest(BaseModel):
@@ -92,7 +94,7 @@ class LineageOut(BaseModel):
 
 class UploadFileIn(BaseModel):
     path: str = Field(..., description="The file's path inside the version, e.g. `1_Pooling/config.json`.")
-    size: int = Field(..., ge=0, description="Its size in bytes.")
+    size: int = Field(..., ge=0, le=2**63 - 1, description="Its size in bytes.")
     sha256: str = Field(..., pattern="^[0-9a-fA-F]{64}$", description="Its sha256, hex.")
 
 

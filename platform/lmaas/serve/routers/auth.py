@@ -19,6 +19,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from lmaas import db
 from lmaas.auth import Auth, Limits, Principal
 from lmaas.auth.audit import list_events
 from lmaas.auth.feedback import feedback_summary, record_feedback
@@ -132,7 +133,7 @@ def get_audit(
     outcome: str | None = None,
     since: float | None = Query(None, description="Epoch seconds."),
     until: float | None = Query(None, description="Epoch seconds."),
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=db.MAX_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     _admin: Principal = Depends(admin_only),
 ) -> AuditPage:

@@ -31,6 +31,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from lmaas import db
 from lmaas.auth import Principal
 from lmaas.errors import InvalidInputError, NotFoundError, PermissionDeniedError
 from lmaas.registry import ModelRegistry, parse_ref
@@ -104,7 +105,7 @@ def _visible_ref(request: Request, ref: str) -> bool:
 
 @router.get("/models", response_model=ModelList)
 def list_models(
-    request: Request, search: str | None = None, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    request: Request, search: str | None = None, offset: Annotated[int, Query(ge=0, le=db.MAX_INT)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> ModelList:
     """List (or search by name substring) registered models."""
     models = _registry(request).list_models(search=search, tenant=_tenant(request), offset=offset, limit=limit)
@@ -126,7 +127,7 @@ def update_model(request: Request, name: str, body: UpdateModelRequest, _admin: 
 def list_versions(
     request: Request,
     name: str,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=db.MAX_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     status: str | None = None,
 ) -> VersionPage:
