@@ -1,7 +1,7 @@
 """Canary rollouts on a real Serve app (`lmaas.serve.canary`), over real HTTP with API keys.
 
-Models: `tiny:1` and `tiny:2` (random tiny Llamas, different seeds), `slow:1` (the `small` size,
-~10x tiny's decode time) and `broken:1` (packaged with the wrong tokenizer: every generation fails).
+Models: `tiny:1` and `tiny:2` (random tiny Llamas, different seeds), `slow:1` (~47M parameters,
+several times tiny's latency at 32 tokens) and `broken:1` (packaged with the wrong tokenizer: every generation fails).
 Every served name splits between `tiny:1` and a canary; responses carry `X-Lmaas-Model-Version`,
 so each test counts which side answered. The module ends with a schemathesis fuzz of the same gateway.
 """
@@ -49,7 +49,9 @@ def gateway(ray_cluster, tmp_path_factory):
     registry = ModelRegistry.from_settings(settings)
     for seed in (0, 1):
         registry.register_version("tiny", make_causal_lm(root / f"lm{seed}", seed=seed, max_seq_len=128), task="causal-lm")
-    registry.register_version("slow", make_causal_lm(root / "slow", size="small", max_seq_len=128), task="causal-lm")
+    # ~47M parameters (~190 MB read per decoded token): decode time, not per-call overhead, sets its latency
+    slow = make_causal_lm(root / "slow", size="small", max_seq_len=128, hidden_size=512, num_hidden_layers=16, intermediate_size=1408)
+    registry.register_version("slow", slow, task="causal-lm")
     registry.register_version("broken", make_mismatched_lm(root / "broken"), task="causal-lm")
     engine = db.connect(settings.database_url)
     keys = KeyStore(engine)
