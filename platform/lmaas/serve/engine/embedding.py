@@ -29,11 +29,11 @@ class EmbeddingEngine(Engine):
     Args:
         model_dir: config.json + *.safetensors + tokenizer + modules.json (+ 1_Pooling/, 2_Normalize/).
         model_id: the name under `/v1/models` (default: the directory name).
-        max_batch_size: most texts in one forward pass.
+        max_batch_size: most texts in one forward pass (16 suits a CPU; raise it on a GPU).
         num_threads: `torch.set_num_threads` (None: leave torch's default).
     """
 
-    def __init__(self, model_dir: str | Path, *, model_id: str | None = None, max_batch_size: int = 64, num_threads: int | None = None) -> None:
+    def __init__(self, model_dir: str | Path, *, model_id: str | None = None, max_batch_size: int = 16, num_threads: int | None = None) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -65,20 +65,27 @@ class EmbeddingEngine(Engine):
         return await future
 
     def encode(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        """Vectors and token counts of `texts`, computed now in this thread (batched by `max_batch_size`)."""
+        """Vectors and token counts of `texts`, computed now in this thread.
+
+        Texts are sorted by token length and encoded `max_batch_size` at a time, so each forward pass
+        pads little (on 32 lines of source code here: 301 vs 208 texts/s for one padded pass of 32).
+        """
         import torch
 
-        vectors, counts = [], []
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        vectors: list[list[float]] = [[] for _ in texts]
+        counts = [0] * len(texts)
         with torch.inference_mode():
-            for start in range(0, len(texts), self.max_batch_size):
-                chunk = texts[start : start + self.max_batch_size]
-                batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt")
+            for start in range(0, len(order), self.max_batch_size):
+                rows = order[start : start + self.max_batch_size]
+                batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt")
                 hidden = self.model(**batch).last_hidden_state
                 pooled = _pool(hidden, batch["attention_mask"], self.pooling)
                 if self.normalize:
                     pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                vectors += pooled.tolist()
-                counts += batch["attention_mask"].sum(1).tolist()
+                for i, vector, count in zip(rows, pooled.tolist(), batch["attention_mask"].sum(1).tolist()):
+                    vectors[i], counts[i] = vector, count
         return vectors, counts
 
     async def _batch_loop(self) -> None:
