@@ -297,7 +297,7 @@ def _load_version(registry: Any, ref: str, cache_root: Path, options: EngineOpti
     directory = Path(tempfile.mkdtemp(prefix=f"{version.name}-{version.version}-", dir=cache_root))
     try:
         registry.download(version.ref, directory)
-        batch = {"max_batch_size": options.max_batch_size} if options.max_batch_size else {}  # else the engine's default
+        batch = {"max_batch_size": options.max_batch_size} if options.max_batch_size is not None else {}  # else the engine's default
         if version.task == "causal-lm":
             engine: Engine = CausalLMEngine(directory, model_id=model_id, num_threads=options.num_threads, device=options.device, **batch)
         else:

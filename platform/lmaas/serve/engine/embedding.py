@@ -72,8 +72,11 @@ class EmbeddingEngine(Engine):
         """
         import torch
 
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]]
-        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        order = list(range(len(texts)))
+        if len(texts) > self.max_batch_size:  # several passes: sort so each pads little (one pass pads to its longest anyway)
+            # tokenized again per pass below: the tokenizer's own padding is faster than `tokenizer.pad` on saved ids
+            lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]]
+            order.sort(key=lengths.__getitem__)
         vectors: list[list[float]] = [[] for _ in texts]
         counts = [0] * len(texts)
         with torch.inference_mode():
