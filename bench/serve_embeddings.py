@@ -11,7 +11,8 @@ normalization), same client (httpx, `POST /v1/embeddings`), same texts (lines of
       takes whatever requests are queued and encodes them sorted by length, 16 texts per forward pass.
 At each concurrency it reports requests/s, texts/s and p50/p99 request latency, and the lmaas /
 baseline ratio, plus the compute roofline: the texts/s this machine's matmul speed allows at
-2 x (non-embedding parameters) FLOPs per token and the corpus's mean tokens per text. Both servers stay up; each level runs them back to back (never at the same time).
+2 x (non-embedding parameters) FLOPs per token and the corpus's mean tokens per text. Both servers
+stay up; each level runs them back to back (never at the same time).
 Writes bench/results/serve_embeddings.json and serve_embeddings.png.
 """
 
