@@ -52,3 +52,19 @@ def test_prune_model_and_recovery_keep_the_masks(pattern: str, sparsity: float):
     losses = recover(model, masks, batches, steps=3, lr=1e-2)
     assert len(losses) == 3
     assert sparsity_of(model) == pytest.approx(sparsity, abs=1e-4)
+
+
+def test_recovery_lr_is_where_the_parents_schedule_ended(tmp_path):
+    import json
+
+    from lmaas.compress.prune import DEFAULT_RECOVERY_LR, recovery_lr_of
+
+    assert recovery_lr_of(tmp_path) == DEFAULT_RECOVERY_LR  # no training record
+    record = {"run": "r1", "dataset": "d:1", "config": {"dataset": "d:1", "lr": 2e-3, "min_lr_ratio": 0.2}}
+    (tmp_path / "lmaas_training.json").write_text(json.dumps(record))
+    assert recovery_lr_of(tmp_path) == pytest.approx(4e-4)
+    record["config"]["min_lr_ratio"] = 0.0  # a schedule that decays to 0: a tenth of the peak
+    (tmp_path / "lmaas_training.json").write_text(json.dumps(record))
+    assert recovery_lr_of(tmp_path) == pytest.approx(2e-4)
+    (tmp_path / "lmaas_training.json").write_text("{not json")
+    assert recovery_lr_of(tmp_path) == DEFAULT_RECOVERY_LR

@@ -67,7 +67,10 @@ class CompressConfig(BaseModel):
     recovery_steps: int = Field(default=0, ge=0)
     """Fine-tune steps after pruning (masks kept), on the parent's training dataset."""
 
-    recovery_lr: float = Field(default=1e-3, gt=0)
+    recovery_lr: float | None = Field(default=None, gt=0)
+    """AdamW learning rate of the recovery (constant). None: where the parent's training schedule
+    ended (`lr x min_lr_ratio` of its lmaas training run), else 1e-4 (`prune.recovery_lr_of`)."""
+
     recovery_batch_size: int = Field(default=8, ge=1)
 
     # -- export

@@ -136,6 +136,10 @@ def _compress(config: CompressConfig, registry: ModelRegistry, parent: ModelVers
     parent_model = load_model(parent_dir)
     data = ev.held_out_data(parent, registry, parent_dir, tokens=config.eval_tokens, seq_len=config.eval_seq_len,
                             batch_size=config.batch_size, max_seq_len=parent_model.config.max_position_embeddings)
+    if config.method == "prune" and config.recovery_steps and config.recovery_lr is None:
+        from lmaas.compress.prune import recovery_lr_of
+
+        config = config.model_copy(update={"recovery_lr": recovery_lr_of(parent_dir)})  # recorded with the variant
     started = time.time()
     say(f"{config.method} {json.dumps(config.parameters())}")
     extra = _apply(config, registry, parent, parent_dir, child_dir, data, say)
