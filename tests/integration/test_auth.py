@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from lmaas import db
 from lmaas.auth import Auth, AuthConfig, KeyStore, Limits, Quotas
-from lmaas.db.schema import api_keys, events
+from lmaas.db.schema import api_keys, events, rate_counters
 from lmaas.errors import AuthenticationError, InvalidInputError, RateLimitError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -124,6 +124,13 @@ def test_token_quota_and_usage(database_url):
     assert info.value.param == "tpd" and info.value.retry_after > 80000
     (row,) = quotas.usage(tenant="acme")
     assert (row["requests"], row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (4, 60, 40, 100)
+    with engine.connect() as conn:  # only the counters a limit reads
+        assert {(r.subject.split(":")[0], r.window) for r in conn.execute(sa.select(rate_counters))} == {("key", "tpm"), ("tenant", "tpd")}
+    free_key, free = keys.create_key("free", ["inference"], create_tenant=True)
+    quotas.record(keys.verify(free), model="m", prompt_tokens=5, completion_tokens=5, now=now)  # no limits: usage only
+    assert quotas.usage(tenant="free")[0]["total_tokens"] == 10
+    with engine.connect() as conn:
+        assert not conn.execute(sa.select(rate_counters).where(rate_counters.c.subject.in_([f"key:{free_key.id}", "tenant:free"]))).all()
 
 
 def test_audit_log_is_append_only(database_url):

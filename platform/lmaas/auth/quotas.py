@@ -10,6 +10,8 @@ a client can burst up to twice a limit across a window boundary, never more.
 - Tokens per minute/day: `admit` refuses while the tokens already counted reach the limit;
   `record` adds a response's prompt + completion tokens once it is finished. A request is admitted
   on the tokens counted so far, so a limit is overshot by at most the requests then in flight.
+  Token counters run only while a limit reads them: a limit set in the middle of a window counts
+  from when the gateway sees it (after its key cache's TTL).
 """
 
 from __future__ import annotations
@@ -109,11 +111,11 @@ class Quotas:
             return
         now = time.time() if now is None else now
         tokens = int(prompt_tokens) + int(completion_tokens)
+        # only the token counters a limit reads: an unlimited key's request is one usage upsert
+        counters = [(subject, window) for subject, window, _ in principal.metered() if window != "rpm"] if tokens else []
         with self.engine.begin() as conn:
-            if tokens:
-                for subject in (f"key:{principal.key_id}", f"tenant:{principal.tenant}"):
-                    for window in ("tpm", "tpd"):
-                        bump(conn, subject, window, window_start(window, now), tokens)
+            for subject, window in counters:
+                bump(conn, subject, window, window_start(window, now), tokens)
             stmt = _insert(conn)(usage).values(
                 tenant=principal.tenant, key_id=principal.key_id, model=model, day=int(now // 86400),
                 requests=1, prompt_tokens=int(prompt_tokens), completion_tokens=int(completion_tokens),
