@@ -75,9 +75,9 @@ class FakeStream:
     def __aiter__(self) -> "FakeStream":
         return self
 
-    async def __anext__(self) -> TokenEvent:
+    async def __anext__(self) -> list[TokenEvent]:
         if self.events:
-            return self.events.pop(0)
+            return [self.events.pop(0)]  # a replica streams chunks of events
         if self.error is not None:
             raise self.error
         raise StopAsyncIteration
