@@ -75,9 +75,9 @@ class FakeStream:
     def __aiter__(self) -> "FakeStream":
         return self
 
-    async def __anext__(self) -> list[TokenEvent]:
+    async def __anext__(self) -> TokenEvent:
         if self.events:
-            return [self.events.pop(0)]  # a replica streams chunks of events
+            return self.events.pop(0)
         if self.error is not None:
             raise self.error
         raise StopAsyncIteration

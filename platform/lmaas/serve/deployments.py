@@ -8,7 +8,7 @@ One application holds:
 
 - `OpenAIIngress` (FastAPI via `@serve.ingress`): the OpenAI API of `openai_app.build_openai_app`
   over `DeploymentEngine`s, one per served name, which forward each call to a deployment handle
-  (token events stream back in chunks through `handle.options(stream=True)`). It routes by the request's
+  (token events stream back through `handle.options(stream=True)`). It routes by the request's
   `model` field: a model's `name` or its configured reference (`tiny`, `tiny:3`, `tiny@staging`).
   The same replica answers the gRPC API (`protocol/lmaas.proto`) through Serve's gRPC proxy: its
   methods `ListModels`, `Complete` (server streaming) and `Embed` are named like the RPCs and call
@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,12 +76,6 @@ class EngineOptions(BaseModel):
     """torch threads per replica (None: Ray's default, 1 per whole CPU of `num_cpus`)."""
     device: str = "cpu"
     """"cuda" on GPU replicas (`num_gpus: 1`)."""
-    stream_interval_ms: float = Field(20.0, ge=0)
-    """Causal LMs: while at least `stream_interval_min_running` sequences decode, each stream's tokens
-    go to the gateway in chunks, at most one Ray object per stream every this many ms (the first
-    token always at once). Fewer objects per token leave more CPU to decode; 0: one object per token."""
-    stream_interval_min_running: int = Field(8, ge=1)
-    """Decoding sequences from which tokens are chunked; below it every token goes on its own."""
 
 
 class ScalingOptions(BaseModel):
@@ -428,20 +422,20 @@ class ModelServer:
         loaded.in_flight += 1
         return loaded
 
-    async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[list[TokenEvent]]:
+    async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[TokenEvent]:
         """Stream token events (call through `handle.options(stream=True)`); `http_request_id` tags the log line."""
         loaded = self._acquire()
         events = _events(lambda: loaded.engine.generate(request))
-        async for chunk in _chunked(loaded, self.options, _stream(loaded, events, self._metrics_of(loaded), http_request_id)):
-            yield chunk
+        async for event in _stream(loaded, events, self._metrics_of(loaded), http_request_id):
+            yield event
 
     async def generate_chat(
         self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None
-    ) -> AsyncIterator[list[TokenEvent]]:
+    ) -> AsyncIterator[TokenEvent]:
         loaded = self._acquire()
         events = _events(lambda: loaded.engine.generate_chat(request_id, messages, params))
-        async for chunk in _chunked(loaded, self.options, _stream(loaded, events, self._metrics_of(loaded), http_request_id)):
-            yield chunk
+        async for event in _stream(loaded, events, self._metrics_of(loaded), http_request_id):
+            yield event
 
     async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
         loaded = self._acquire()
@@ -475,71 +469,6 @@ class ModelServer:
             self._poller.cancel()
         if hasattr(self, "current"):  # __init__ may have failed before loading
             await self.current.retire()
-
-
-def _chunked(loaded: LoadedVersion, options: EngineOptions, events: AsyncIterator[TokenEvent]) -> AsyncIterator[list[TokenEvent]]:
-    """What a replica's `generate` streams: `events` in chunks (`_chunks`) under the replica's stream options."""
-    engine = loaded.engine
-    return _chunks(events, options.stream_interval_ms / 1000, lambda: engine.stats().running >= options.stream_interval_min_running)
-
-
-async def _chunks(events: AsyncIterator[TokenEvent], interval_s: float, busy: Callable[[], bool]) -> AsyncIterator[list[TokenEvent]]:
-    """`events` in lists, one list per Ray object sent to the gateway.
-
-    The first event goes alone, at once (time to first token). After it, while `busy()` says the
-    engine decodes many sequences, a list holds what arrives within `interval_s` of the previous
-    send; otherwise each event goes alone. Under load this sends a stream's tokens a few at a time,
-    as Ray Serve LLM's `stream_batching_interval_ms` and vLLM's `stream_interval` do: the per-object
-    cost of the Ray hop is paid per chunk, not per token.
-    """
-    if interval_s <= 0:
-        async for event in events:
-            yield [event]
-        return
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    done = asyncio.Event()
-
-    async def pump() -> None:
-        try:
-            async for event in events:
-                queue.put_nowait(event)
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            queue.put_nowait(exc)
-        finally:
-            queue.put_nowait(_END)
-            done.set()
-
-    task = loop.create_task(pump())
-    sent = None
-    try:
-        while True:
-            chunk = [await queue.get()]
-            if sent is not None and not done.is_set() and busy():
-                wait = sent + interval_s - loop.time()
-                if wait > 0:
-                    try:
-                        await asyncio.wait_for(done.wait(), wait)
-                    except asyncio.TimeoutError:
-                        pass
-            while not queue.empty():
-                chunk.append(queue.get_nowait())
-            tokens = [item for item in chunk if isinstance(item, TokenEvent)]
-            if tokens:
-                sent = loop.time()
-                yield tokens
-            for item in chunk:
-                if isinstance(item, BaseException):
-                    raise item
-            if _END in chunk:
-                return
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
-_END = object()
 
 
 async def _events(start) -> AsyncIterator[TokenEvent]:  # noqa: ANN001 - () -> AsyncIterator[TokenEvent]
@@ -586,19 +515,18 @@ class MultiplexedModelServer:
             found = self._metrics[loaded.ref] = ServingMetrics(serve.get_multiplexed_model_id(), loaded.ref)
         return found
 
-    async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[list[TokenEvent]]:
+    async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[TokenEvent]:
         loaded = await self._acquire()
-        events = _stream(loaded, _events(lambda: loaded.engine.generate(request)), self._metrics_of(loaded), http_request_id)
-        async for chunk in _chunked(loaded, self.options, events):
-            yield chunk
+        async for event in _stream(loaded, _events(lambda: loaded.engine.generate(request)), self._metrics_of(loaded), http_request_id):
+            yield event
 
     async def generate_chat(
         self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None
-    ) -> AsyncIterator[list[TokenEvent]]:
+    ) -> AsyncIterator[TokenEvent]:
         loaded = await self._acquire()
         events = _events(lambda: loaded.engine.generate_chat(request_id, messages, params))
-        async for chunk in _chunked(loaded, self.options, _stream(loaded, events, self._metrics_of(loaded), http_request_id)):
-            yield chunk
+        async for event in _stream(loaded, events, self._metrics_of(loaded), http_request_id):
+            yield event
 
     async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
         loaded = await self._acquire()
@@ -705,13 +633,11 @@ class DeploymentEngine(Engine):
 
 
 async def _remote_stream(responses: Any) -> AsyncIterator[TokenEvent]:
-    """The token events of a replica's stream of chunks (`_chunks`), one by one."""
     finished = False
     try:
-        async for chunk in responses:
-            for event in chunk:
-                yield event
-                finished = event.finish_reason is not None
+        async for event in responses:
+            yield event
+            finished = event.finish_reason is not None
     except Exception as exc:  # noqa: BLE001
         raise _unwrapped(exc) from None
     finally:
