@@ -57,16 +57,20 @@ def test_greedy_batched_equals_transformers_generate_token_for_token(engine):
 def test_a_request_that_joins_mid_batch_finishes_before_the_long_ones(engine):
     async def main():
         finished = {}
+        decoding = asyncio.Event()  # set once the long ones are mid-decode
 
-        async def timed(name, prompt, max_tokens, delay=0.0):
-            await asyncio.sleep(delay)
+        async def timed(name, prompt, max_tokens, after: asyncio.Event | None = None):
+            if after is not None:
+                await after.wait()
             first = None
             async for e in engine.generate(GenerationRequest(name, prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))):
                 first = first or time.monotonic()
+                if e.completion_tokens == 5:
+                    decoding.set()
                 if e.finish_reason:
                     finished[name] = (time.monotonic(), first, e.completion_tokens)
 
-        await asyncio.gather(timed("long1", "def f(x):", 100), timed("long2", "x = ", 100), timed("short", "import", 3, delay=0.15))
+        await asyncio.gather(timed("long1", "def f(x):", 100), timed("long2", "x = ", 100), timed("short", "import", 3, after=decoding))
         return finished
 
     finished = run(main())

@@ -280,7 +280,10 @@ class CausalLMEngine(Engine):
         last = torch.tensor([[s.output_ids[-1]] for s in self._running], device=self.device)
         positions = self._mask.sum(-1, keepdim=True)
         mask = torch.cat([self._mask, torch.ones_like(positions)], dim=1)
-        logits = self.model(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=self._cache, use_cache=True).logits[:, -1]
+        # the one query row's additive mask, built here: transformers uses a 4D mask as given instead of deriving one each step
+        dtype = self.model.dtype
+        bias = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill_(mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+        logits = self.model(input_ids=last, attention_mask=bias, position_ids=positions, past_key_values=self._cache, use_cache=True).logits[:, -1]
         self._mask = mask
         self._emit(list(self._running), logits)
 
@@ -288,14 +291,17 @@ class CausalLMEngine(Engine):
         """Pick one token per row, send its event, and drop the rows that finished."""
         import torch
 
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        # per-row work only where a row needs it: greedy rows share one argmax, log-probabilities only when asked for
+        logprobs = torch.log_softmax(logits.float(), dim=-1) if any(s.request.params.logprobs is not None for s in seqs) else None
+        greedy = [row for row, s in enumerate(seqs) if s.request.params.temperature == 0 or s.generator is None]
+        tokens = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
         events = []
         done = []
         for row, seq in enumerate(seqs):
-            token = _sample(logits[row], seq.request.params, seq.generator)
+            token = tokens[row] if row in tokens else _sample(logits[row], seq.request.params, seq.generator)
             seq.output_ids.append(token)
             self._generated += 1
-            event = self._event(seq, token, logprobs[row])
+            event = self._event(seq, token, None if logprobs is None else logprobs[row])
             events.append((seq, event))
             if event.finish_reason is not None:
                 seq.finished = True
@@ -307,7 +313,7 @@ class CausalLMEngine(Engine):
             loop.call_soon_threadsafe(_deliver, items)
         self._leave(done)
 
-    def _event(self, seq: _Sequence, token: int, logprobs: "torch.Tensor") -> TokenEvent:
+    def _event(self, seq: _Sequence, token: int, logprobs: "torch.Tensor | None") -> TokenEvent:
         params = seq.request.params
         finish = None
         if token in self.eos_ids and not params.ignore_eos:
