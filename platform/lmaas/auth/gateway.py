@@ -76,12 +76,27 @@ class Auth:
         Raises:
             AuthenticationError (401): missing, not `Bearer`, or an invalid key.
         """
-        if not authorization:
-            return self.keys.verify(None)
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationError("malformed Authorization header: send `Authorization: Bearer <key>`")
-        return self.keys.verify(token.strip())
+        return self.keys.verify(_bearer(authorization))
+
+    def authenticate_cached(self, authorization: str | None) -> Principal | None:
+        """`authenticate` answered from this replica's key cache alone (None: it needs the database)."""
+        return self.keys.verify_cached(_bearer(authorization))
+
+    def visible_model_cached(self, principal: Principal, name: str) -> bool | None:
+        """`visible_model` from the cache alone (None: it needs the database)."""
+        if self.registry is None:
+            return True
+        hit, model = self._peek(self._models, name)
+        return None if not hit else model is None or model.visible_to(principal.tenant_filter)
+
+    def version_of_cached(self, ref: str) -> tuple[bool, str | None]:
+        """`version_of` from the cache alone: (found, value)."""
+        return (True, None) if self.registry is None else self._peek(self._versions, ref)
+
+    @staticmethod
+    def _peek(cache: dict[str, tuple[float, Any]], key: str) -> tuple[bool, Any]:
+        hit = cache.get(key)
+        return (True, hit[1]) if hit is not None and hit[0] > time.monotonic() else (False, None)
 
     def model_owner(self, name: str) -> Any:
         """The registered model `name` (cached for the TTL), or None when it is not in the registry."""
@@ -118,3 +133,17 @@ class Auth:
                 cache.clear()
             cache[key] = (now + self.config.cache_ttl_s, value)
         return value
+
+
+def _bearer(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header value (None when there is no header).
+
+    Raises:
+        AuthenticationError (401): not `Bearer`, or no key after it.
+    """
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("malformed Authorization header: send `Authorization: Bearer <key>`")
+    return token.strip()

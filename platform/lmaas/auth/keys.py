@@ -251,19 +251,32 @@ class KeyStore:
         Raises:
             AuthenticationError (401): no key, or an unknown, expired or revoked one.
         """
+        found = self.verify_cached(secret)
+        if found is not None:
+            return found
+        digest, now = secret_sha256(secret), time.time()
+        principal = self._load(digest, now)
+        with self._lock:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[digest] = (time.monotonic() + self.cache_ttl_s, principal)
+        return self._valid(principal, now)
+
+    def verify_cached(self, secret: str | None) -> Principal | None:
+        """`verify` answered without the database: the caller, or None when this replica's cache cannot say.
+
+        Raises:
+            AuthenticationError (401): no key, or one the cache knows is unknown, expired or revoked.
+        """
         if not secret:
             raise AuthenticationError("missing API key: send the header `Authorization: Bearer <key>`")
-        digest = secret_sha256(secret)
-        now = time.time()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > time.monotonic():
-            principal = cached[1]
-        else:
-            principal = self._load(digest, now)
-            with self._lock:
-                if len(self._cache) >= _CACHE_MAX:
-                    self._cache.clear()
-                self._cache[digest] = (time.monotonic() + self.cache_ttl_s, principal)
+        cached = self._cache.get(secret_sha256(secret))
+        if cached is None or cached[0] <= time.monotonic():
+            return None
+        return self._valid(cached[1], time.time())
+
+    @staticmethod
+    def _valid(principal: Principal | None, now: float) -> Principal:
         if principal is None or (principal.expires_at is not None and principal.expires_at <= now):
             raise AuthenticationError("invalid API key: unknown, expired or revoked")
         return principal

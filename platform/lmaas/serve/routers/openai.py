@@ -11,6 +11,7 @@ side by the request's `user`, else the `X-Lmaas-User` header, else the API key (
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -68,11 +69,11 @@ async def _admit_model(request: Request, model: str, user: str | None = None) ->
         if model in serving.engines:
             request.state.lmaas_model, request.state.lmaas_version = model, _pinned_version(ref)
         return None
-    if model not in serving.engines or not await run_in_threadpool(_visible, request, principal, model):
+    if model not in serving.engines or not await _visible_async(request, principal, model):
         served = await run_in_threadpool(lambda: sorted(n for n in serving.engines if _visible(request, principal, n)))
         raise NotFoundError(f"model {model!r} is not served here (served: {', '.join(served) or 'none'})", param="model")
     request.state.lmaas_model = model  # for request metrics (`RequestTelemetry`)
-    request.state.lmaas_version = await run_in_threadpool(_version, auth, ref)  # the stable side's (a canary answer: see VERSION_HEADER)
+    request.state.lmaas_version = await _version_async(auth, ref)  # the stable side's (a canary answer: see VERSION_HEADER)
     routed = ROUTED.get()
 
     async def on_finish(response_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
@@ -82,9 +83,30 @@ async def _admit_model(request: Request, model: str, user: str | None = None) ->
                 response_id=response_id, version=auth.version_of(routed.ref or ref) if response_id else None,
             )
 
-        await run_in_threadpool(record)
+        await asyncio.to_thread(record)
 
     return on_finish
+
+
+# Each request asks the same few questions (may this key see the model, which version does its reference name);
+# Auth caches the answers, so these answer from the cache on the event loop and go to a worker thread only on a
+# miss: a thread hop per question cost more event-loop time than the rest of a one-text embedding request.
+
+
+async def _visible_async(request: Request, principal: Principal, model: str) -> bool:
+    auth = get_auth(request)
+    name = _registry_name(request, model) if auth is not None else None
+    if name is None:
+        return True
+    visible = auth.visible_model_cached(principal, name)
+    return visible if visible is not None else await asyncio.to_thread(auth.visible_model, principal, name)
+
+
+async def _version_async(auth, ref: str) -> str:  # noqa: ANN001 - an Auth
+    hit, version = auth.version_of_cached(ref)
+    if hit:
+        return version or _pinned_version(ref)
+    return await asyncio.to_thread(_version, auth, ref)
 
 
 def _pinned_version(ref: str) -> str:
@@ -140,7 +162,7 @@ async def _answered_version(request: Request, model: str) -> str:
     routed = ROUTED.get()
     ref = (routed.ref if routed is not None else None) or request.app.state.refs.get(model, model)
     auth = get_auth(request)
-    version = await run_in_threadpool(_version, auth, ref) if auth is not None else _pinned_version(ref)
+    version = await _version_async(auth, ref) if auth is not None else _pinned_version(ref)
     return version or ref
 
 
