@@ -48,11 +48,17 @@ def test_keys_are_hashed_verified_expired_and_revoked(database_url):
     assert (principal.tenant, principal.scopes, principal.key_limits.rpm) == ("acme", {"inference"}, 5)
     assert replica_a.get_key(key.id).last_used_at is not None
 
+    assert replica_b.verify_cached(secret) == principal  # the gateway's path without the database
+    assert replica_a.verify_cached(admin) is None  # never verified on this replica: the database must say
+
     replica_a.revoke_key(key.id)
     replica_b.verify(secret)  # still cached on the other replica...
     time.sleep(0.6)
-    with pytest.raises(AuthenticationError):  # ...but not past the TTL
+    assert replica_b.verify_cached(secret) is None  # ...but not past the TTL
+    with pytest.raises(AuthenticationError):
         replica_b.verify(secret)
+    with pytest.raises(AuthenticationError):  # the refusal is cached too
+        replica_b.verify_cached(secret)
     for bad in (None, "", "lmaas_nope", secret + "x"):
         with pytest.raises(AuthenticationError):
             replica_b.verify(bad)
