@@ -206,14 +206,24 @@ class RecentRequests:
 class GatewayMetrics:
     """What the gateway records per HTTP request (duck-typed: `RequestMetrics` in serve/ takes any object with these)."""
 
+    PUBLISH_INTERVAL_S = 1.0
+    """The recent-traffic gauges are set at most this often per model (and on every 5xx); `refresh` catches up.
+    Ray exports metrics every few seconds anyway, and each record is a call into Ray's metrics core that the
+    gateway's event loop pays for."""
+
     def __init__(self) -> None:
         self.recent = RecentRequests()
+        self._published: dict[str, float] = {}
 
     def request(self, *, model: str, version: str, route: str, status: int, seconds: float) -> None:
         _inc("lmaas_requests", 1, {"model": model, "version": version, "route": route, "status": str(status)})
         _observe("lmaas_request_latency_seconds", seconds, {"model": model, "route": route})
         if model:
-            self._publish(model, *self.recent.add(model, status))
+            counts = self.recent.add(model, status)
+            now = time.monotonic()
+            if status >= 500 or now - self._published.get(model, -self.PUBLISH_INTERVAL_S) >= self.PUBLISH_INTERVAL_S:
+                self._published[model] = now
+                self._publish(model, *counts)
 
     def refresh(self) -> None:
         """Re-publish the recent-traffic gauges, so requests older than the window drop out without new traffic."""
