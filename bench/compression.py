@@ -2,6 +2,7 @@
 
     PYTHONPATH=platform python bench/compression.py [--size small] [--steps 1500] [--threads 1]
     PYTHONPATH=platform python bench/compression.py --only distill [--distill-steps 300]
+    PYTHONPATH=platform python bench/compression.py --only medium [--medium-steps 200]
 
 Trains a parent here (plain torch loop on stdlib source, the `small` size by default), registers
 it with a dataset version in a temporary registry, then runs every method through
@@ -22,6 +23,11 @@ ratio says little about int8 kernels. The same quantizers (`lmaas.models.quantiz
 the code `compress` runs) are therefore also timed on a random-weights model of a larger size, where
 the matmuls dominate, with the same interleaved `evaluate.timings`. Random weights are fine for speed;
 size and perplexity come from the trained parent above.
+
+Trained at a larger size (`--medium-steps`, 200 by default; `--only medium`): a second parent, `small`
+widened to 512 with 8 layers (about 26M parameters), is trained briefly and int8-dynamic runs on it
+through `compress`, so its size, perplexity and decode targets are measured together on one trained
+model whose decode time is matmuls.
 
 The parent trains 1,500 steps by default (a few minutes here): a teacher must know more than the
 students it teaches (after 300 steps it was worse than both, and distillation could not help), and
@@ -73,7 +79,7 @@ def corpus() -> str:
     return "\n".join(inspect.getsource(importlib.import_module(m)) for m in MODULES)
 
 
-def train_parent(root: Path, args: argparse.Namespace) -> tuple[Path, list[list[int]], list[list[int]]]:
+def train_parent(root: Path, args: argparse.Namespace, overrides: dict | None = None) -> tuple[Path, list[list[int]], list[list[int]]]:
     text = corpus()
     spec = train_bpe(text.splitlines(), args.vocab)
     tok_dir = spec.save(root / "tokenizer")
@@ -85,7 +91,7 @@ def train_parent(root: Path, args: argparse.Namespace) -> tuple[Path, list[list[
     order = torch.randperm(len(rows), generator=gen).tolist()
     cut = int(len(rows) * 0.95)
     train_rows, val_rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
-    config = model_config(args.size, vocab_size=spec.vocab_size, max_seq_len=args.seq, eos_id=spec.eos_id)
+    config = model_config(args.size, vocab_size=spec.vocab_size, max_seq_len=args.seq, eos_id=spec.eos_id, **(overrides or {}))
     model = build_model(config).train()
     print(f"parent: {args.size}, {parameter_count(model) / 1e6:.2f}M parameters, {len(ids):,} tokens "
           f"({len(train_rows)} train / {len(val_rows)} validation rows of {args.seq})", flush=True)
@@ -197,6 +203,34 @@ def variants(registry: ModelRegistry, parent, parent_dir: Path, val_rows, args: 
             "variants": rows}
 
 
+# a trained parent big enough that its decode time is matmuls, on which int8-dynamic's three targets are measured
+# together: `small` widened to 512 with 8 layers, about 26M parameters at vocab 2048
+MEDIUM = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 1408}
+
+
+def trained_medium(root: Path, args: argparse.Namespace) -> dict:
+    """int8-dynamic through `compress` on a MEDIUM parent trained `--medium-steps` steps: size, perplexity, decode."""
+    margs = argparse.Namespace(**{**vars(args), "steps": args.medium_steps, "lr": min(args.lr, 1e-3)})
+    root.mkdir(parents=True)
+    print(f"\ntrained medium parent ({args.medium_steps} steps):", flush=True)
+    parent_dir, train_rows, val_rows = train_parent(root, margs, overrides=MEDIUM)
+    registry = ModelRegistry(Storage(f"file://{root / 'store'}"), db.connect(f"sqlite:///{root / 'lmaas.db'}"))
+    dataset = publish(registry, root / "dataset", train_rows, val_rows, root / "tokenizer", margs)
+    parent = registry.register_version("bench-medium", parent_dir, task="causal-lm", dataset=dataset)
+    config = CompressConfig(ref=parent.ref, method="int8-dynamic", threads=args.threads, timing_repeats=args.repeats,
+                            eval_tokens=len(val_rows) * args.seq, decode_tokens=32, batch_size=8, output_name="bench-medium-int8-dynamic")
+    result = compress(config, registry, progress=lambda line: print(f"  {line}", flush=True))
+    r, v, p = result.report["ratios"], result.report["variant"], result.report["parent"]
+    row = {"variant": "int8-dynamic", "parameters": p["parameters"], "steps": args.medium_steps, "overrides": MEDIUM,
+           "size_ratio": r["size_ratio"], "perplexity_increase": r["perplexity_increase"], "decode_speedup": r["decode_speedup"],
+           "throughput_ratio": r["throughput_ratio"], "agreement": v["agreement"], "perplexity": v["perplexity"],
+           "parent_perplexity": p["perplexity"], "parent_latency_ms_per_token": p["latency_ms_per_token"],
+           "latency_ms_per_token": v["latency_ms_per_token"]}
+    print(f"  int8-dynamic on the trained {p['parameters'] / 1e6:.1f}M-parameter parent: size {row['size_ratio']:.3f}x, "
+          f"perplexity {row['perplexity_increase']:+.2%} ({row['parent_perplexity']:.1f}), decode {row['decode_speedup']:.2f}x", flush=True)
+    return row
+
+
 SCALE_METHODS = [("int8-dynamic", {}), ("int8-weight", {}), ("int4-weight", {"group_size": 32})]
 
 
@@ -246,7 +280,8 @@ def main() -> None:
     parser.add_argument("--recovery-steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared 2-core machine)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["variants", "distill", "scale"], help="run one part (the others keep their recorded numbers)")
+    parser.add_argument("--only", choices=["variants", "distill", "scale", "medium"], help="run one part (the others keep their recorded numbers)")
+    parser.add_argument("--medium-steps", type=int, default=200, help="training steps of the trained medium parent (0 skips it)")
     parser.add_argument("--scale-size", default="base", help="size of the random-weights model for decode at scale ('none' skips it)")
     parser.add_argument("--scale-tokens", type=int, default=24, help="new tokens per timed decode at scale")
     parser.add_argument("--distill-steps", type=int, default=300, help="steps of each student (distilled and from scratch)")
@@ -259,7 +294,9 @@ def main() -> None:
         recorded = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
         if args.only in (None, "scale") and args.scale_size != "none":
             recorded["at_scale"] = decode_at_scale(root, args)
-        if args.only == "scale":
+        if args.only in (None, "medium") and args.medium_steps:
+            recorded["trained_medium"] = trained_medium(root / "medium", args)
+        if args.only in ("scale", "medium"):
             RESULTS.write_text(json.dumps(recorded, indent=1))
             print(f"wrote {RESULTS}")
             return

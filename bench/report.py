@@ -115,6 +115,14 @@ def compression(d: dict) -> list[Row]:
             rows.append(Row("compression", f"int8-dynamic at size {scale['size']} ({scale['parameters'] / 1e6:.0f}M params, random weights): decode speed",
                             f"{v['latency_ms_per_token']:.2f} ms/token", f"{v['parent_latency_ms_per_token']:.2f} ms/token",
                             v["decode_speedup"], ">= 1.3", v["decode_speedup"] >= 1.3))
+    medium = d.get("trained_medium")
+    if medium:
+        what = f"int8-dynamic on a trained {medium['parameters'] / 1e6:.0f}M-param parent ({medium['steps']} steps)"
+        rows.append(Row("compression", f"{what}: size", "", "fp32 parent", medium["size_ratio"], "<= 0.30", medium["size_ratio"] <= 0.30))
+        rows.append(Row("compression", f"{what}: perplexity", f"{medium['perplexity']:.2f}", f"{medium['parent_perplexity']:.2f}",
+                        1 + medium["perplexity_increase"], "<= 1.02", medium["perplexity_increase"] <= 0.02))
+        rows.append(Row("compression", f"{what}: decode speed", f"{medium['latency_ms_per_token']:.2f} ms/token",
+                        f"{medium['parent_latency_ms_per_token']:.2f} ms/token", medium["decode_speedup"], ">= 1.3", medium["decode_speedup"] >= 1.3))
     distill = d.get("distill")
     if distill:
         rows.append(Row("compression", f"distilled student ({distill['parameter_ratio']:.2f}x the teacher's parameters): perplexity",
