@@ -175,6 +175,15 @@ def distill_vs_scratch(registry: ModelRegistry, parent, parent_dir: Path, val_ro
     return result
 
 
+def measured(label: str, report: dict) -> dict:
+    """One results row from a `compress` report: the variant against its parent."""
+    r, v, p = report["ratios"], report["variant"], report["parent"]
+    return {"variant": label, "size_ratio": r["size_ratio"], "perplexity_increase": r["perplexity_increase"],
+            "decode_speedup": r["decode_speedup"], "throughput_ratio": r["throughput_ratio"], "agreement": v["agreement"],
+            "perplexity": v["perplexity"], "parent_perplexity": p["perplexity"],
+            "parent_latency_ms_per_token": p["latency_ms_per_token"], "latency_ms_per_token": v["latency_ms_per_token"]}
+
+
 def variants(registry: ModelRegistry, parent, parent_dir: Path, val_rows, args: argparse.Namespace) -> dict:
     """Every quantize/prune variant through `compress`, measured against the parent."""
     rows = []
@@ -185,13 +194,8 @@ def variants(registry: ModelRegistry, parent, parent_dir: Path, val_rows, args: 
                                 output_name=f"bench-{method}-{len(rows)}", **params)
         started = time.time()
         result = compress(config, registry, progress=lambda line: print(f"  {line}", flush=True))
-        r, v = result.report["ratios"], result.report["variant"]
         label = method + "".join(f" {k}={val}" for k, val in params.items())
-        rows.append({"variant": label, "size_ratio": r["size_ratio"], "perplexity_increase": r["perplexity_increase"],
-                     "decode_speedup": r["decode_speedup"], "throughput_ratio": r["throughput_ratio"],
-                     "agreement": v["agreement"], "perplexity": v["perplexity"], "parent_perplexity": result.report["parent"]["perplexity"],
-                     "parent_latency_ms_per_token": result.report["parent"]["latency_ms_per_token"],
-                     "latency_ms_per_token": v["latency_ms_per_token"], "seconds": round(time.time() - started, 1)})
+        rows.append({**measured(label, result.report), "seconds": round(time.time() - started, 1)})
         print(f"{label}: {json.dumps({k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()})}", flush=True)
     print(f"\n{'variant':<44}{'size':>8}{'ppl change':>12}{'decode speed':>14}{'batch tput':>12}{'agreement':>11}")
     for row in rows:
@@ -220,13 +224,9 @@ def trained_medium(root: Path, args: argparse.Namespace) -> dict:
     config = CompressConfig(ref=parent.ref, method="int8-dynamic", threads=args.threads, timing_repeats=args.repeats,
                             eval_tokens=len(val_rows) * args.seq, decode_tokens=32, batch_size=8, output_name="bench-medium-int8-dynamic")
     result = compress(config, registry, progress=lambda line: print(f"  {line}", flush=True))
-    r, v, p = result.report["ratios"], result.report["variant"], result.report["parent"]
-    row = {"variant": "int8-dynamic", "parameters": p["parameters"], "steps": args.medium_steps, "overrides": MEDIUM,
-           "size_ratio": r["size_ratio"], "perplexity_increase": r["perplexity_increase"], "decode_speedup": r["decode_speedup"],
-           "throughput_ratio": r["throughput_ratio"], "agreement": v["agreement"], "perplexity": v["perplexity"],
-           "parent_perplexity": p["perplexity"], "parent_latency_ms_per_token": p["latency_ms_per_token"],
-           "latency_ms_per_token": v["latency_ms_per_token"]}
-    print(f"  int8-dynamic on the trained {p['parameters'] / 1e6:.1f}M-parameter parent: size {row['size_ratio']:.3f}x, "
+    parameters = result.report["parent"]["parameters"]
+    row = {**measured("int8-dynamic", result.report), "parameters": parameters, "steps": args.medium_steps, "overrides": MEDIUM}
+    print(f"  int8-dynamic on the trained {parameters / 1e6:.1f}M-parameter parent: size {row['size_ratio']:.3f}x, "
           f"perplexity {row['perplexity_increase']:+.2%} ({row['parent_perplexity']:.1f}), decode {row['decode_speedup']:.2f}x", flush=True)
     return row
 

@@ -87,7 +87,7 @@ class Auth:
         if self.registry is None:
             return True
         hit, model = self._peek(self._models, name)
-        return None if not hit else model is None or model.visible_to(principal.tenant_filter)
+        return _visible_to(model, principal) if hit else None
 
     def version_of_cached(self, ref: str) -> tuple[bool, str | None]:
         """`version_of` from the cache alone: (found, value)."""
@@ -106,8 +106,7 @@ class Auth:
 
     def visible_model(self, principal: Principal, name: str) -> bool:
         """Whether `principal` may see and call the registry model `name` (True when it is not registered)."""
-        model = self.model_owner(name)
-        return model is None or model.visible_to(principal.tenant_filter)
+        return _visible_to(self.model_owner(name), principal)
 
     def version_of(self, ref: str) -> str | None:
         """`name:version` a reference names now (cached for the TTL), or None outside the registry."""
@@ -120,10 +119,9 @@ class Auth:
 
         Other errors (the database unreachable) propagate: an outage must not make private models look unregistered.
         """
-        now = time.monotonic()
-        hit = cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        hit, value = self._peek(cache, key)
+        if hit:
+            return value
         try:
             value = compute(key)
         except (NotFoundError, InvalidInputError):
@@ -131,8 +129,13 @@ class Auth:
         with self._lock:
             if len(cache) >= 10_000:
                 cache.clear()
-            cache[key] = (now + self.config.cache_ttl_s, value)
+            cache[key] = (time.monotonic() + self.config.cache_ttl_s, value)
         return value
+
+
+def _visible_to(model: Any, principal: Principal) -> bool:
+    """Whether `principal` may see the registry model `model` (None: not registered, so anyone may)."""
+    return model is None or model.visible_to(principal.tenant_filter)
 
 
 def _bearer(authorization: str | None) -> str | None:

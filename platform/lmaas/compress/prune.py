@@ -71,10 +71,11 @@ def recovery_lr_of(model_dir: str | Path) -> float:
     """The learning rate to recover a pruned copy of the model in `model_dir` at: where its training schedule ended.
 
     That is `lr x min_lr_ratio` of the run in its `lmaas_training.json` (what `lmaas.train` registers;
-    a tenth of `lr` for a schedule that decays to 0), else `DEFAULT_RECOVERY_LR`. A recovery fine-tune should nudge a trained model back, not re-train
-    it: at 1e-3, above the 3e-4 its parent's schedule ended at, 60 recovery steps after 50% pruning
-    left perplexity +6.6% over the parent, worse than no recovery (+5.9%); at 3e-4 it ended at -0.1%,
-    at 1e-4 at +0.1% (bench/compression.py's parent, 3.5M parameters).
+    a tenth of `lr` for a schedule that decays to 0), else `DEFAULT_RECOVERY_LR`. A recovery fine-tune
+    should nudge a trained model back, not re-train it: at 1e-3, above the 3e-4 its parent's schedule
+    ended at, 60 recovery steps after 50% pruning left perplexity +6.6% over the parent, worse than no
+    recovery (+5.9%); at 3e-4 it ended at -0.1%, at 1e-4 at +0.1% (bench/compression.py's parent, 3.5M
+    parameters).
     """
     from lmaas.train.config import TrainConfig
 

@@ -48,17 +48,11 @@ def authenticate(request: Request) -> Principal:
 async def authenticate_async(request: Request) -> Principal:
     """`authenticate` for the inference routes: a key in this replica's cache costs no thread hop;
     only a cache miss reads the database, in a worker thread."""
-    cached = getattr(request.state, "principal", None)
-    if cached is not None:
-        return cached
     auth = get_auth(request)
-    if auth is None:
-        principal = Principal.unrestricted()
-    else:
+    if auth is not None and getattr(request.state, "principal", None) is None:
         header = request.headers.get("authorization")
-        principal = auth.authenticate_cached(header) or await asyncio.to_thread(auth.authenticate, header)
-    request.state.principal = principal
-    return principal
+        request.state.principal = auth.authenticate_cached(header) or await asyncio.to_thread(auth.authenticate, header)
+    return authenticate(request)
 
 
 def require(scope: str):  # noqa: ANN201 - a FastAPI dependency

@@ -293,7 +293,7 @@ class CausalLMEngine(Engine):
 
         # per-row work only where a row needs it: greedy rows share one argmax, log-probabilities only when asked for
         logprobs = torch.log_softmax(logits.float(), dim=-1) if any(s.request.params.logprobs is not None for s in seqs) else None
-        greedy = [row for row, s in enumerate(seqs) if s.request.params.temperature == 0 or s.generator is None]
+        greedy = [row for row, s in enumerate(seqs) if _greedy(s.request.params, s.generator)]
         tokens = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
         events = []
         done = []
@@ -381,10 +381,15 @@ def _deliver(items: list) -> None:
         queue.put_nowait(event)
 
 
+def _greedy(params: SamplingParams, generator: "torch.Generator | None") -> bool:
+    """Whether the next token is the argmax (temperature 0; a sampling request always has its generator)."""
+    return params.temperature == 0 or generator is None
+
+
 def _sample(logits: "torch.Tensor", params: SamplingParams, generator: "torch.Generator | None") -> int:
     import torch
 
-    if params.temperature == 0 or generator is None:
+    if _greedy(params, generator):
         return int(torch.argmax(logits))
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k > 0 and params.top_k < logits.shape[-1]:
