@@ -113,7 +113,10 @@ def test_unstructured_pruning_with_recovery(registry, tmp_path: Path):
     report = check_variant(registry, result, tmp_path, "prune")
     assert report["variant"]["pruned_sparsity"] == pytest.approx(0.5, abs=1e-4)
     assert report["variant"]["sparsity"] > 0.3  # over every parameter: embeddings and norms stay dense
-    assert report["variant"]["recovery_final_loss"] < report["variant"]["recovery_first_loss"]
+    # held-out perplexity on the same fixed validation rows, before and after the 40 recovery steps
+    # (two single training batches move by more than 40 steps at this learning rate do)
+    before, after = report["variant"]["perplexity_before_recovery"], report["variant"]["perplexity"]
+    assert after < before * 0.98, (before, after)
 
 
 def test_semi_structured_pruning_is_archived_by_a_strict_gate(registry, tmp_path: Path):

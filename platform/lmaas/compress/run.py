@@ -210,10 +210,12 @@ def _apply(config: CompressConfig, registry: ModelRegistry, parent: ModelVersion
         masks = prune.prune_model(model, config.sparsity, config.pattern)
         extra: dict[str, Any] = {"pruned_sparsity": prune.sparsity_of(model)}
         if config.recovery_steps:
-            from lmaas.compress.evaluate import training_batches
+            from lmaas.compress.evaluate import logits_of, perplexity, training_batches
 
             batches = training_batches(parent.dataset, registry, batch_size=config.recovery_batch_size,
                                        seq_len=model.config.max_position_embeddings, seed=config.seed)
+            # the held-out perplexity before recovery: the report says what the fine-tune won back
+            extra["perplexity_before_recovery"] = perplexity(logits_of(model, data.ids), data.ids)
             every = max(1, config.recovery_steps // 5)
             losses = prune.recover(model, masks, batches, steps=config.recovery_steps, lr=config.recovery_lr,
                                    progress=lambda step, loss: step % every == 0 and say(f"recovery step {step}/{config.recovery_steps} loss {loss:.3f}"))

@@ -93,6 +93,11 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(default=2, ge=1)
     """Checkpoints kept in storage (older ones are deleted)."""
 
+    poll_interval_s: float = Field(default=0.25, gt=0)
+    """Seconds between Ray Train's polls of its workers (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, 2 s in
+    Ray). A report waits for the next poll, so Ray's default holds a run of short steps for up to 2 s
+    at every `log_interval`; the environment variable, when set, wins."""
+
     max_failures: int = Field(default=2, ge=0)
     """Worker-group restarts Ray Train attempts after a failure, each resuming from the last checkpoint."""
 

@@ -10,6 +10,7 @@ metrics) and `loss.png`. `train(config, resume=RUN)` continues a run from its la
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -120,6 +121,23 @@ def check_resources(config: TrainConfig, resources: dict[str, float]) -> None:
         )
 
 
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+"""Ray Train's controller poll interval; read when `fit()` starts its controller."""
+
+
+@contextlib.contextmanager
+def _poll_interval(seconds: float):
+    """`POLL_ENV` set to `seconds` while a trainer starts, unless the environment already sets it."""
+    if POLL_ENV in os.environ:
+        yield
+        return
+    os.environ[POLL_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(POLL_ENV, None)
+
+
 def train(
     config: TrainConfig,
     *,
@@ -225,7 +243,8 @@ def train(
     )
     watcher = _ProgressWatcher(queue, progress) if queue is not None else None
     try:
-        result = trainer.fit()
+        with _poll_interval(config.poll_interval_s):
+            result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray raises its own error types; the run record keeps the cause
         reason = _one_line(exc)
         storage.write_text(f"{run_prefix}/{RUN_FILE}", json.dumps({**record, "status": "failed", "error": reason}, indent=1))
