@@ -313,9 +313,14 @@ def test_removing_a_model_finishes_its_in_flight_stream(served):
     thread = threading.Thread(target=stream)
     thread.start()
     assert started.wait(60)
+    from lmaas.ops.logs import replica_actors
+
+    untouched = {d: replica_actors(d, APP) for d in ("model-tiny", "model-minilm")}
     rest = {**args, "models": [m for m in args["models"] if m.get("name", m["ref"]) != "slow"]}
     assert "usage" not in outcome, "the stream must still be running when its deployment is removed"
     serve.run(build_app(rest), name=APP, route_prefix="/")
+    # the models whose arguments did not change keep their replicas (only the ingress is replaced)
+    assert {d: replica_actors(d, APP) for d in untouched} == untouched and all(untouched.values()), untouched
     thread.join(120)
     assert "error" not in outcome, outcome.get("error")
     assert '"completion_tokens":400' in outcome["usage"].replace(" ", "") and outcome["last"] == "data: [DONE]"

@@ -29,13 +29,16 @@ old one, which is closed when its last request ends. No replica restarts, so no 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import json
 import logging
 import re
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -818,8 +821,40 @@ def canary_deployment_name(served_name: str) -> str:
     return deployment_name(served_name) + "-canary"
 
 
-def build_app(args: dict | ServeAppArgs) -> serve.Application:
+@functools.cache
+def _code_digest() -> str:
+    """sha256 of lmaas's own sources: a new lmaas (or an edited checkout) restarts every replica on its next deploy."""
+    import lmaas
+
+    root = Path(lmaas.__file__).parent
+    digest = hashlib.sha256(lmaas.__version__.encode())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _version(*args: Any) -> dict[str, Any]:
+    """`Deployment.options` that pin the deployment's version to its constructor arguments and lmaas's code.
+
+    `serve.run` from Python gives every deployment a random version unless one is set, so each
+    deploy replaced every replica of the app, also of models nobody changed. With the version
+    pinned, Serve restarts a deployment's replicas only when its arguments, code or actor options
+    (resources, environment) change, updates scaling settings in place, and leaves the rest alone.
+    `serve deploy` of a YAML ignores it: Serve versions declarative apps itself.
+    """
+    encoded = json.dumps([_code_digest(), *args], sort_keys=True, default=str).encode()
+    return {"version": hashlib.sha256(encoded).hexdigest()[:20], "_internal": True}
+
+
+def build_app(args: dict | ServeAppArgs, *, restart: Collection[str] = ()) -> serve.Application:
     """The Serve application for `args` (`ServeAppArgs`): `serve run module:build_app` calls this.
+
+    Deployments keep their replicas across `serve.run`s that leave their arguments alone (see
+    `_version`). The ingress restarts on any change of the app's models (it holds their handles).
+
+    Args:
+        restart: served names whose replicas start afresh even if nothing of theirs changed
+            (`deploy_models` asks for it when a reference is resolved only at start).
 
     Raises:
         pydantic.ValidationError: bad arguments (the message names the field).
@@ -828,30 +863,32 @@ def build_app(args: dict | ServeAppArgs) -> serve.Application:
     models: dict[str, Any] = {}
     canaries: dict[str, Any] = {}
     multiplexed: dict[str, str] = {}
+    fresh = {name: time.time_ns() for name in restart}
     for served in config.models:
         if served.multiplexed:
             multiplexed[served.name] = served.ref
             continue
+        model_args = (served.ref, served.name, served.engine.model_dump(), served.refresh_interval_s)
         options = served.deployment_options(config.env) | {"name": deployment_name(served.name)}
-        models[served.name] = ModelServer.options(**options).bind(
-            served.ref, served.name, served.engine.model_dump(), served.refresh_interval_s
-        )
+        models[served.name] = ModelServer.options(**options, **_version(*model_args, fresh.get(served.name))).bind(*model_args)
         if served.canary is not None:  # its own deployment and replicas; the ingress splits the traffic
+            canary_args = (served.canary.ref, served.name, served.engine.model_dump(), served.refresh_interval_s)
             options = served.canary.deployment_options(config.env) | {"name": canary_deployment_name(served.name)}
-            canaries[served.name] = ModelServer.options(**options).bind(
-                served.canary.ref, served.name, served.engine.model_dump(), served.refresh_interval_s
-            )
+            canaries[served.name] = ModelServer.options(**options, **_version(*canary_args, fresh.get(served.name))).bind(*canary_args)
     multiplex = None
     if multiplexed:
         mux = config.multiplex
-        multiplex = MultiplexedModelServer.options(**mux.deployment_options(config.env)).bind(mux.engine.model_dump(), mux.max_num_models_per_replica)
+        mux_args = (mux.engine.model_dump(), mux.max_num_models_per_replica)
+        multiplex = MultiplexedModelServer.options(**mux.deployment_options(config.env), **_version(*mux_args)).bind(*mux_args)
     ingress = config.ingress
     actor: dict[str, Any] = {"num_cpus": ingress.num_cpus} | ({"resources": dict(ingress.resources)} if ingress.resources else {})
     if config.env:
         actor["runtime_env"] = {"env_vars": dict(config.env)}  # auth reads the database
+    refs, app_config = {m.name: m.ref for m in config.models}, config.model_dump(mode="json")
     return OpenAIIngress.options(
-        num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options=actor
-    ).bind(models, multiplexed, multiplex, {m.name: m.ref for m in config.models}, config.model_dump(mode="json"), canaries)
+        num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options=actor,
+        **_version(app_config, sorted(fresh.items())),
+    ).bind(models, multiplexed, multiplex, refs, app_config, canaries)
 
 
 # ---- managing the app on a running cluster (the `lmaas deploy` commands) ----
@@ -918,7 +955,11 @@ def deploy_models(
     config = (args or ServeAppArgs(models=models)).model_copy(update={"models": models, "env": env or (args.env if args else {})})
     _start_canaries(app_name, served)
     serve.start(http_options={"host": host, "port": port}, grpc_options=grpc_options(grpc_port) if grpc_port else None)
-    handle = serve.run(build_app(ServeAppArgs.model_validate(config.model_dump())), name=app_name, route_prefix="/")
+    from lmaas.registry import parse_ref
+
+    # a reference that no replica re-resolves (refresh 0) resolves again only when its replicas start
+    restart = [m.name for m in served if m.refresh_interval_s == 0 and parse_ref(m.ref).version is None]
+    handle = serve.run(build_app(ServeAppArgs.model_validate(config.model_dump()), restart=restart), name=app_name, route_prefix="/")
     warm = [m.name for m in served if m.initial_replicas != 0 and not m.multiplexed]  # asking a cold one would start it
     versions = handle.served_versions.remote(warm).result() if warm else {}
     return {m.name: versions.get(m.name, m.ref) for m in served}
