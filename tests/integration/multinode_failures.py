@@ -39,6 +39,9 @@ from test_failures import ClientLoop, replica_placement  # noqa: E402
 APP = "lmaas-ha-nodes"
 KEY = "lmaas_hanodes_" + "k" * 40
 DEPLOYMENT = "model-tiny"
+TRAIN_STEPS = 120
+"""Long enough that the node dies mid-run: a tiny model's step takes well under 0.1 s, and the kill
+lands a second or two after the first registered checkpoint (30 steps were sometimes all done by then)."""
 NODE_CHECK = {"health_check_period_ms": 1000, "health_check_failure_threshold": 10}
 
 
@@ -56,7 +59,6 @@ def main() -> None:
     from serve_helpers import make_causal_lm, publish_dataset, stdlib_lines
 
     work = Path(tempfile.mkdtemp(prefix="lmaas-ha-nodes-"))
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"  # Ray Train's poll: reports and a lost worker are seen sooner
     report: dict = {}
     t0 = time.monotonic()
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -81,7 +83,7 @@ def main() -> None:
 
         def run_training() -> None:
             config = TrainConfig(dataset=dataset, num_workers=1, cpus_per_worker=0.25, resources_per_worker={"trainer": 1},
-                                 batch_size=4, max_steps=30, log_interval=5, checkpoint_interval=5, eval_interval=30,
+                                 batch_size=4, max_steps=TRAIN_STEPS, log_interval=5, checkpoint_interval=5, eval_interval=TRAIN_STEPS,
                                  eval_batches=1, warmup_steps=5, max_failures=2, output_model=None)
             try:
                 result = train(config, storage=registry.storage, engine=registry.engine, progress=reports.append)
@@ -105,8 +107,10 @@ def main() -> None:
 
         with ClientLoop(base, KEY, threads=2) as loop:
             deadline = time.monotonic() + 150
-            while (len(loop.answers) < 20 or not any(r["step"] >= 10 for r in reports)) and trainer.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.1)  # traffic on both replicas, and training past its step-5 checkpoint
+            store = work / "home" / "store"
+            while (len(loop.answers) < 20 or not any(r["step"] >= 10 for r in reports) or not _checkpoint_registered(store)) \
+                    and trainer.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.1)  # traffic on both replicas, and training past a checkpoint Ray Train has registered
             report["steps_before_removal"] = [r["step"] for r in reports]
             before = len(loop.answers)
             removed = time.monotonic()
@@ -123,7 +127,7 @@ def main() -> None:
         answers = loop.answers
         failed = [a for a in answers if a[1] != 200]
         report.update(
-            requests=len(answers), requests_before_removal=before, failed=len(failed),
+            train_steps=TRAIN_STEPS, requests=len(answers), requests_before_removal=before, failed=len(failed),
             failed_at_s=[round(a[0] - removed, 2) for a in failed], failed_samples=[a[2] for a in failed[:3]],
             last_failure_after_removal_s=round(max((a[0] for a in failed), default=removed) - removed, 2),
             ok_after_removal=sum(1 for a in answers if a[0] > removed and a[1] == 200),
@@ -140,6 +144,23 @@ def main() -> None:
             ray.shutdown()
             cluster.shutdown()
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _checkpoint_registered(store: Path) -> bool:
+    """Whether Ray Train's controller has registered a checkpoint of the run in `store`.
+
+    A report's checkpoint uploads in the background (`CheckpointUploadMode.ASYNC`) and reaches the
+    controller at its next poll, so a step's progress report comes before its checkpoint counts: a
+    node lost in between restarts the run from step 0. The controller writes its snapshot on each
+    registration.
+    """
+    for snapshot in store.glob("runs/*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except ValueError:  # being written
+            continue
+    return False
 
 
 def _wait_for_replicas(app: str, deployment: str, count: int, since: float, timeout: float) -> float | None:

@@ -202,9 +202,10 @@ def test_a_lost_worker_node_leaves_serving_to_the_survivor_and_training_resumes_
     assert report["served_by_head_alone"] >= 10 and report["ok_after_removal"] >= 20, report
     assert report["replicas_back_after_removal_s"] is not None, report  # the replacement replica went to node B
 
-    # training: restarted once on node B from a checkpoint (step 5 or 10), not from step 0, and finished
+    # training: restarted once on node B from a registered checkpoint (step 5 or later), not from step 0, and finished
     assert "error" not in report["train"], report["train"]
-    assert report["train"]["restarts"] == 1 and report["train"]["history_steps"][-1] == 30, report["train"]
+    steps = report["train_steps"]
+    assert report["train"]["restarts"] == 1 and report["train"]["history_steps"][-1] == steps, report["train"]
     resumed = [r["step"] for r in report["reports"] if r["restarts"] == 1]
-    assert resumed and resumed[0] >= 10 and resumed[-1] == 30, report["reports"]
-    assert report["steps_before_removal"][-1] < 30, report["steps_before_removal"]  # it was removed mid-run
+    assert resumed and resumed[0] >= 10 and resumed[-1] == steps, report["reports"]
+    assert report["steps_before_removal"][-1] < steps, report["steps_before_removal"]  # it was removed mid-run
