@@ -113,8 +113,10 @@ def test_unstructured_pruning_with_recovery(registry, tmp_path: Path):
     report = check_variant(registry, result, tmp_path, "prune")
     assert report["variant"]["pruned_sparsity"] == pytest.approx(0.5, abs=1e-4)
     assert report["variant"]["sparsity"] > 0.3  # over every parameter: embeddings and norms stay dense
-    # held-out perplexity on the same fixed validation rows, before and after the 40 recovery steps
-    # (two single training batches move by more than 40 steps at this learning rate do)
+    # Held-out perplexity on the same fixed validation rows, before and after the 40 recovery steps.
+    # Measured over 2 fixture seeds x 3 recovery seeds: after/before 0.944-0.964 (spread 0.02); the
+    # first and last single training batches of the same runs differed by -0.33 to +0.08 nats, noise
+    # larger than what 40 steps at lr 1e-4 change (seed 0 went 3.13 -> 3.17: the old assertion).
     before, after = report["variant"]["perplexity_before_recovery"], report["variant"]["perplexity"]
     assert after < before * 0.98, (before, after)
 
