@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -134,8 +135,12 @@ def assert_demo_registry(registry) -> None:
     registry.verify(minilm.ref)
 
 
-def test_quickstart_joined_to_a_cluster_against_s3_and_postgres(cli, lmaas_env, ray_cluster, s3_server, postgres_url):
-    """On a cluster it joins, quickstart leaves its deployments up: call them as a user would."""
+def test_quickstart_joined_to_a_cluster_against_s3_and_postgres_runs_twice(cli, lmaas_env, ray_cluster, s3_server, postgres_url):
+    """On a cluster it joins, quickstart leaves its deployments up: call them as a user would.
+
+    The second run reuses what the first made (dataset, models, deployments) and hands out a fresh
+    key, revoking the first one's.
+    """
     from openai import OpenAI
     from ray import serve
 
@@ -147,68 +152,81 @@ def test_quickstart_joined_to_a_cluster_against_s3_and_postgres(cli, lmaas_env, 
         "LMAAS_DATABASE_URL": postgres_url,
     }
     port = free_port()
+    keys: list[str] = []
     try:
-        result = cli("quickstart", "--tasks", "2", "--corpus-files", "10", "--train-steps", "6", "--port", str(port), env=env, timeout=400)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "joined" in result.stdout
-        assert_quickstart_steps(result.stdout, trained="trained and registered", port=port)
-        assert "The deployments stay up on the cluster" in result.stdout
+        for run in ("created", "unchanged"):
+            result = cli("quickstart", "--tasks", "2", "--corpus-files", "10", "--train-steps", "6", "--port", str(port), env=env, timeout=400)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "joined" in result.stdout and "Traceback" not in result.stderr
+            assert f"stdlib-demo:1 {run}" in result.stdout  # the second run reuses the dataset version
+            assert_quickstart_steps(result.stdout, trained="trained and registered" if run == "created" else "reused", port=port)
+            assert "The deployments stay up on the cluster" in result.stdout
+            assert ("created tenant default and its admin key" in result.stdout) == (run == "created")  # shown once
+            keys.append(printed_key(result.stdout))
 
-        assert "created tenant default and its admin key" in result.stdout
         denied = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="lmaas_nope", max_retries=0, timeout=60)
         with pytest.raises(Exception, match="401|invalid_api_key"):
             denied.models.list()
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=printed_key(result.stdout), max_retries=0, timeout=60)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=keys[1], max_retries=0, timeout=60)
         assert {m.id for m in client.models.list().data} >= {"tiny-lm", "tiny-lm-int8", "minilm"}
         out = client.completions.create(model="tiny-lm-int8", prompt="def ", max_tokens=5, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 5
         assert len(client.embeddings.create(model="minilm", input="hello").data[0].embedding) == 384
+        # each run revokes the key the run before handed out (the gateway caches a key for 2 s)
+        first = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=keys[0], max_retries=0, timeout=60)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                first.models.list()
+            except Exception as exc:  # noqa: BLE001
+                assert "401" in str(exc) or "invalid_api_key" in str(exc), exc
+                break
+            assert time.monotonic() < deadline, "the first run's key still works"
+            time.sleep(0.5)
     finally:
         serve.shutdown()
 
+    from lmaas.auth import KeyStore
     from lmaas.registry import ModelRegistry
     from lmaas.storage import Storage
 
     storage = Storage(s3_server.uri("quickstart"), endpoint_url=s3_server.endpoint)
-    [summary] = storage.list_published("selfcheck")
-    storage.verify(summary)
+    summaries = storage.list_published("selfcheck")
+    assert len(summaries) == 2  # one self-check per run
+    for summary in summaries:
+        storage.verify(summary)
     assert any(p.endswith("/loss.png") for p in storage.list("runs"))  # checkpoints and run record on S3
     engine = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
     assert_demo_registry(ModelRegistry(storage, engine))
+    active = [k for k in KeyStore(db.connect(postgres_url)).list_keys(include_revoked=False) if k.name == "quickstart demo"]
+    assert len(active) == 1 and keys[0] != keys[1]
     with engine.connect() as conn:
         actions = [r[0] for r in conn.execute(sa.text("select action from events order by id"))]
-    assert actions.count("model.register") == 3 and actions.count("alias.set") == 3  # tiny-lm:1, tiny-lm:2, minilm:1
+    assert actions.count("model.register") == 3 and actions.count("alias.set") == 3  # tiny-lm:1, tiny-lm:2, minilm:1, once
+    assert actions.count("selfcheck") == 2
     engine.dispose()
 
 
-def test_quickstart_starts_its_own_cluster_and_runs_twice(cli, lmaas_env, tmp_path):
-    """What `make demo` runs, on the embedded defaults; the second run reuses what the first made."""
+def test_quickstart_starts_its_own_cluster(cli, lmaas_env, tmp_path):
+    """What `make demo` runs, on the embedded defaults (a second run is checked on a joined cluster above)."""
     from lmaas.config import load_settings
     from lmaas.registry import ModelRegistry
 
-    keys: list[str] = []
-    for run in ("created", "unchanged"):
-        port = free_port()
-        result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", "--train-steps", "8", "--port", str(port), env=lmaas_env, timeout=400)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "started a local cluster" in result.stdout
-        assert f"stdlib-demo:1 {run}" in result.stdout  # the second run reuses the dataset version
-        assert_quickstart_steps(result.stdout, trained="trained and registered" if run == "created" else "reused", port=port)
-        assert "the endpoints stop with it" in result.stdout
-        assert "Traceback" not in result.stderr
-        assert ("created tenant default and its admin key" in result.stdout) == (run == "created")  # shown once
-        keys.append(printed_key(result.stdout))
-    from lmaas import db
-    from lmaas.auth import KeyStore
-
-    active = [k for k in KeyStore(db.connect(load_settings().database_url)).list_keys(include_revoked=False) if k.name == "quickstart demo"]
-    assert len(active) == 1 and keys[0] != keys[1]  # each run hands out a fresh key and revokes the last one
+    port = free_port()
+    result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", "--train-steps", "8", "--port", str(port), env=lmaas_env, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "started a local cluster" in result.stdout
+    assert "stdlib-demo:1 created" in result.stdout
+    assert_quickstart_steps(result.stdout, trained="trained and registered", port=port)
+    assert "the endpoints stop with it" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert "created tenant default and its admin key" in result.stdout
     assert_demo_registry(ModelRegistry.from_settings(load_settings()))
     store = tmp_path / "home" / "store" / "selfcheck"
-    assert len(list(store.glob("*/summary/_manifest.json"))) == 2
+    assert len(list(store.glob("*/summary/_manifest.json"))) == 1
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'home' / 'lmaas.db'}")
     with engine.connect() as conn:
-        assert conn.execute(sa.text("select count(*) from events where action = 'selfcheck'")).scalar_one() == 2
+        assert conn.execute(sa.text("select count(*) from events where action = 'selfcheck'")).scalar_one() == 1
     engine.dispose()
 
 

@@ -51,12 +51,26 @@ def generate(registry: ModelRegistry, ref: str, tmp_path: Path) -> str:
     return tok.decode(out[0, ids.shape[1]:])
 
 
+@pytest.fixture(scope="module")
+def trained(home):
+    """`trained(strategy)`: (result, live reports) of a 40-step run registered as `lm-{strategy}@staging`, run once per module."""
+    runs: dict[str, tuple] = {}
+
+    def get(strategy: str) -> tuple:
+        if strategy not in runs:
+            reports: list[dict] = []
+            result = run(home, progress=reports.append, strategy=strategy, max_steps=40, eval_interval=10,
+                         checkpoint_interval=20, output_model=f"lm-{strategy}", alias="staging")
+            runs[strategy] = (result, reports)
+        return runs[strategy]
+
+    return get
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_workers_train_register_and_the_model_loads_with_transformers(home, strategy, tmp_path):
+def test_two_workers_train_register_and_the_model_loads_with_transformers(home, trained, strategy, tmp_path):
     store, engine, version = home
-    reports = []
-    result = run(home, progress=reports.append, strategy=strategy, max_steps=40, eval_interval=10,
-                 checkpoint_interval=20, output_model=f"lm-{strategy}", alias="staging")
+    result, reports = trained(strategy)
 
     val = [h["val_loss"] for h in result.history if "val_loss" in h]
     # it learns: the validation loss on fixed held-out rows, measured 6.40 -> 6.03 here, the same to 1e-7
@@ -161,15 +175,15 @@ def test_sweep_configs_are_checked_before_any_trial(home):
         SweepConfig(parameters={"lr": {"loguniform": [1e-4, 1e-2]}})
 
 
-def test_fine_tune_from_a_registered_model_on_your_own_jsonl(home, tmp_path):
+def test_fine_tune_from_a_registered_model_on_your_own_jsonl(home, trained, tmp_path):
     """init_from: a base model's weights and architecture, a JSONL corpus tokenized with its tokenizer."""
     import json
 
     store, engine, _ = home
-    base = run(home, max_steps=20, output_model="ft-base", eval_interval=20, checkpoint_interval=20)
+    base, _ = trained("ddp")  # the base: lm-ddp:1, trained on the module's corpus
     registry = ModelRegistry(store, engine)
     exported = tmp_path / "base"
-    registry.download("ft-base:1", exported)  # what `lmaas models export ft-base:1 DIR` writes
+    registry.download("lm-ddp:1", exported)  # what `lmaas models export lm-ddp:1 DIR` writes
 
     import inspect
     import textwrap
@@ -182,17 +196,17 @@ def test_fine_tune_from_a_registered_model_on_your_own_jsonl(home, tmp_path):
     own_tok = ingest(IngestConfig(name="mine-own", sources=[str(jsonl)], text_field="text", vocab_size=512, block_size=128),
                      storage=store, engine=engine).version
 
-    with pytest.raises(InvalidInputError, match="tokenizer has 512 tokens, init_from ft-base:1 has vocab_size 1024"):
-        train(TrainConfig(dataset=own_tok.ref, init_from="ft-base", **FAST), storage=store, engine=engine)
+    with pytest.raises(InvalidInputError, match="tokenizer has 512 tokens, init_from lm-ddp:1 has vocab_size 1024"):
+        train(TrainConfig(dataset=own_tok.ref, init_from="lm-ddp:1", **FAST), storage=store, engine=engine)
     with pytest.raises(NotFoundError):
         train(TrainConfig(dataset=same_tok.ref, init_from="no-such-model", **FAST), storage=store, engine=engine)
 
-    tuned = train(TrainConfig(dataset=same_tok.ref, init_from="ft-base:1", output_model="ft-tuned", max_steps=10,
+    tuned = train(TrainConfig(dataset=same_tok.ref, init_from="lm-ddp:1", output_model="ft-tuned", max_steps=10,
                               eval_interval=10, checkpoint_interval=10, **FAST), storage=store, engine=engine)
     scratch_first = base.history[0]["loss"]  # step 5 of random weights
-    # it starts from the base: measured 6.85 (random weights, step 5) vs 5.92 (tuned, step 5)
+    # it starts from the base: measured 6.85 (random weights, step 5) vs 5.92 (tuned from a 20-step base, step 5)
     assert tuned.history[0]["loss"] < scratch_first - 0.3, (tuned.history[0], base.history[0])
     mv = registry.resolve("ft-tuned")
-    assert (mv.parent, mv.dataset) == ("ft-base:1", same_tok.ref) and mv.description.startswith("fine-tune of ft-base:1")
-    assert registry.lineage("ft-base:1").children[0].ref == "ft-tuned:1"
+    assert (mv.parent, mv.dataset) == ("lm-ddp:1", same_tok.ref) and mv.description.startswith("fine-tune of lm-ddp:1")
+    assert registry.lineage("lm-ddp:1").children[0].ref == "ft-tuned:1"
     assert isinstance(generate(registry, "ft-tuned:1", tmp_path / "gen"), str)
