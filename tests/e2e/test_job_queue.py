@@ -86,7 +86,7 @@ def test_fifty_jobs_at_once_respect_priorities_and_capacity(cli, env, head, tmp_
         rows = jobs_json(cli, env)
         if all(r["state"] in ("succeeded", "failed", "cancelled") for r in rows):
             break
-        time.sleep(2)
+        time.sleep(1)
     assert slowest < 3, f"the head took {slowest:.1f} s to answer"
     assert {r["state"] for r in rows} == {"succeeded"}, [r for r in rows if r["state"] != "succeeded"][:3]
     assert len(list(marker.iterdir())) == 50

@@ -116,7 +116,7 @@ def main() -> None:
             removed = time.monotonic()
             cluster.remove_node(node_a, allow_graceful=False)  # SIGKILL: raylet, its workers, the replica, the train worker
             report["removed_after_s"] = round(removed - t0, 1)
-            time.sleep(5)  # only the head serves now
+            time.sleep(3)  # only the head serves now
             report["served_by_head_alone"] = sum(1 for a in loop.answers if a[0] > removed and a[1] == 200)
             joined = time.monotonic()
             cluster.add_node(num_cpus=1, resources={"trainer": 1})

@@ -450,7 +450,7 @@ class JobQueue:
     """A queue database's one admitter (a detached, CPU-less actor, see `queue_actor`); ticks every `interval_s`."""
 
     def __init__(self, database_url: str, dashboard_url: str | None, env: dict[str, str], max_running_per_tenant: int,
-                 interval_s: float = 1.0) -> None:
+                 interval_s: float = 0.5) -> None:
         from lmaas import db
 
         self.admitter = Admitter(db.connect(database_url), RayJobsApi(dashboard_url, env), ray_resources, max_running_per_tenant)
