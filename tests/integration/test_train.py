@@ -148,9 +148,9 @@ def test_sweep_runs_every_grid_point_and_registers_the_best(home):
     from lmaas.train.sweep import SweepConfig, sweep
 
     store, engine, version = home
-    config = TrainConfig(dataset=version.ref, **{**FAST, "max_steps": 10, "eval_interval": 10, "checkpoint_interval": 10, "cpus_per_worker": 0.25,
+    config = TrainConfig(dataset=version.ref, **{**FAST, "max_steps": 10, "eval_interval": 10, "checkpoint_interval": 10, "cpus_per_worker": 0.125,
                                                  "output_model": "lm-swept", "alias": "best"})
-    search = SweepConfig(parameters={"lr": [1e-4, 1e-2]})
+    search = SweepConfig(parameters={"lr": [1e-4, 1e-2]}, max_concurrent=2)  # both trials at once
     result = sweep(config, search, storage_uri=store.uri, endpoint_url=None, database_url=str(engine.url))
     assert sorted(t["config"]["lr"] for t in result.trials) == [1e-4, 1e-2]
     best = min(result.trials, key=lambda t: t["val_loss"])
