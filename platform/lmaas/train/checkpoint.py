@@ -16,6 +16,7 @@ worker count.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ def _options():  # noqa: ANN202 - StateDictOptions
 
 
 def save(
-    directory: str | Path,
+    directory: str | Path | None,
     *,
     model: Any,
     base_model: Any,
@@ -59,6 +60,8 @@ def save(
     """Gather the full state (a collective: every rank calls it) and write it on rank 0.
 
     Args:
+        directory: where rank 0 writes (None: a new temporary directory, made on rank 0 only; Ray
+            Train's ASYNC upload deletes it once persisted).
         model: the wrapped model (DDP, FSDP or compiled) whose state is gathered.
         base_model: the plain `LlamaForCausalLM` (its config names the artifact).
 
@@ -72,7 +75,7 @@ def save(
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     if rank != 0:
         return None
-    directory = Path(directory)
+    directory = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="lmaas-ckpt-"))
     weights = {k: v.detach().contiguous() for k, v in model_sd.items()}
     if base_model.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)

@@ -202,7 +202,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             save_started = time.perf_counter()
             state.history.append(dict(metrics))
             written = checkpoint.save(
-                Path(tempfile.mkdtemp(prefix="lmaas-ckpt-")) / "checkpoint", model=model, base_model=base,
+                None, model=model, base_model=base,
                 optimizer=optimizer, scheduler=scheduler, state=state, tokenizer_dir=tokenizer_dir, rank=rank,
             )
             metrics["checkpoint_save_s"] = time.perf_counter() - save_started
@@ -221,6 +221,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             recorder.report(metrics)
         if rank == 0 and queue is not None:
             queue.put(metrics)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)  # each checkpoint holds its copy
 
 
 def _load_registered(spec: dict[str, Any], device: Any) -> Any:
