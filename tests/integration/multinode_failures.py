@@ -53,7 +53,7 @@ def main() -> None:
     from lmaas.auth import KeyStore
     from lmaas.config import load_settings
     from lmaas.registry import ModelRegistry
-    from lmaas.serve.deployments import build_app, http_port
+    from lmaas.serve.deployments import build_app, run_app, http_port
     from lmaas.train.config import TrainConfig
     from lmaas.train.run import train
     from serve_helpers import make_causal_lm, publish_dataset, stdlib_lines
@@ -98,7 +98,7 @@ def main() -> None:
         model = {"ref": "tiny:1", "name": "tiny", "min_replicas": 2, "max_replicas": 2, "max_replicas_per_node": 1, "num_cpus": 0.1,
                  "refresh_interval_s": 0, "health_check_period_s": 1, "graceful_shutdown_timeout_s": 2, "engine": {"num_threads": 1}}
         args = {"models": [model], "ingress": {"num_cpus": 0.05, "resources": {"gateway": 0.1}}, "env": settings.env()}
-        serve.run(build_app(args), name=APP, route_prefix="/")
+        run_app(build_app(args), APP)
         base = f"http://127.0.0.1:{http_port()}"
         placement = replica_placement(APP, DEPLOYMENT)
         report["replica_nodes"] = sorted(placement.values())

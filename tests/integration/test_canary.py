@@ -42,7 +42,7 @@ def gateway(ray_cluster, tmp_path_factory):
     from lmaas.config import load_settings
     from lmaas.registry import ModelRegistry
     from lmaas.serve.canary import CanaryStore
-    from lmaas.serve.deployments import build_app
+    from lmaas.serve.deployments import build_app, run_app
 
     root = tmp_path_factory.mktemp("canary")
     settings = load_settings(home=root / "home")
@@ -80,7 +80,7 @@ def gateway(ray_cluster, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(args), name=APP, route_prefix="/")
+        run_app(build_app(args), APP)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _status(base + "/healthz") == 200, 60, "Serve ingress")
         yield base, CanaryStore(engine), engine

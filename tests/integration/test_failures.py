@@ -89,7 +89,7 @@ def gateway(ray_cluster, tmp_path_factory):
     from lmaas.auth import KeyStore
     from lmaas.config import load_settings
     from lmaas.registry import ModelRegistry
-    from lmaas.serve.deployments import build_app, http_port
+    from lmaas.serve.deployments import build_app, run_app, http_port
 
     root = tmp_path_factory.mktemp("ha")
     settings = load_settings(home=root / "home")
@@ -99,7 +99,7 @@ def gateway(ray_cluster, tmp_path_factory):
              "health_check_period_s": 1, "graceful_shutdown_timeout_s": 2, "engine": {"num_threads": 1}}
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     try:
-        serve.run(build_app({"models": [model], "ingress": {"num_cpus": 0.05}, "env": settings.env()}), name=APP, route_prefix="/")
+        run_app(build_app({"models": [model], "ingress": {"num_cpus": 0.05}, "env": settings.env()}), APP)
         base = f"http://127.0.0.1:{http_port()}"
         wait_for(lambda: _status(base + "/healthz") == 200, 60, "Serve ingress")
         yield base

@@ -35,7 +35,7 @@ def served(ray_cluster, tmp_path_factory):
 
     from lmaas.config import load_settings
     from lmaas.registry import ModelRegistry
-    from lmaas.serve.deployments import build_app, grpc_options
+    from lmaas.serve.deployments import build_app, run_app, grpc_options
 
     root = tmp_path_factory.mktemp("grpc")
     settings = load_settings(home=root / "home")
@@ -58,7 +58,7 @@ def served(ray_cluster, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": http_port}, grpc_options=grpc_options(grpc_port))
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     try:
-        serve.run(build_app(args), name=APP, route_prefix="/")
+        run_app(build_app(args), APP)
         stub = pb_grpc.InferenceStub(channel)
         wait_for(lambda: _grpc_up(stub), 60, "Serve gRPC proxy")
         yield f"http://127.0.0.1:{http_port}", stub, channel, settings

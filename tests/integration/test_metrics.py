@@ -37,7 +37,7 @@ def served(ray_cluster, tmp_path_factory):
     from lmaas.auth.entities import Limits
     from lmaas.config import load_settings
     from lmaas.registry import ModelRegistry
-    from lmaas.serve.deployments import build_app
+    from lmaas.serve.deployments import build_app, run_app
 
     root = tmp_path_factory.mktemp("ops")
     settings = load_settings(home=root / "home")
@@ -55,7 +55,7 @@ def served(ray_cluster, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(args), name=APP, route_prefix="/")
+        run_app(build_app(args), APP)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _status(base + "/healthz") == 200, 30, "Serve ingress")
         yield base, settings

@@ -38,7 +38,7 @@ def served(ray_cluster, tmp_path_factory):
 
     from lmaas.config import load_settings
     from lmaas.registry import ModelRegistry
-    from lmaas.serve.deployments import build_app
+    from lmaas.serve.deployments import build_app, run_app
 
     root = tmp_path_factory.mktemp("serve")
     settings = load_settings(home=root / "home")
@@ -78,7 +78,7 @@ def served(ray_cluster, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(args), name=APP, route_prefix="/")
+        run_app(build_app(args), APP)
         from lmaas.serve.deployments import http_port
 
         base = f"http://127.0.0.1:{http_port()}"  # where Serve listens (a Serve left running keeps its port)
@@ -290,7 +290,7 @@ def test_removing_a_model_finishes_its_in_flight_stream(served):
     import httpx
     from ray import serve
 
-    from lmaas.serve.deployments import build_app
+    from lmaas.serve.deployments import build_app, run_app
 
     base, _, _, args = served
     body = {"model": "slow", "prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -318,7 +318,7 @@ def test_removing_a_model_finishes_its_in_flight_stream(served):
     untouched = {d: replica_actors(d, APP) for d in ("model-tiny", "model-minilm")}
     rest = {**args, "models": [m for m in args["models"] if m.get("name", m["ref"]) != "slow"]}
     assert "usage" not in outcome, "the stream must still be running when its deployment is removed"
-    serve.run(build_app(rest), name=APP, route_prefix="/")
+    run_app(build_app(rest), APP)
     # the models whose arguments did not change keep their replicas (only the ingress is replaced)
     assert {d: replica_actors(d, APP) for d in untouched} == untouched and all(untouched.values()), untouched
     thread.join(120)

@@ -2,7 +2,7 @@
 
     serve run deployments/serve.yaml                 # every scaling knob lives in that YAML
     app = build_app({"models": [{"ref": "tiny-lm@production", "min_replicas": 0}]})
-    serve.run(app, name="lmaas", route_prefix="/")
+    serve.run(app, name="lmaas", route_prefix="/")       # or run_app(app): the same, watched every 0.1 s
 
 One application holds:
 
@@ -110,6 +110,11 @@ class ScalingOptions(BaseModel):
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
     """A stopping replica takes no new requests and waits this long for in-flight streams to finish."""
+    graceful_shutdown_wait_loop_s: float = Field(0.5, gt=0)
+    """How often a stopping replica checks whether its in-flight requests have finished. Each
+    undeploy, rollout, promotion and scale-down waits at least this long per replica (Serve's
+    default is 2 s); a request routed to the replica after its last check is refused and retried
+    on another replica by Serve's router."""
 
     @model_validator(mode="after")
     def _replicas(self) -> "ScalingOptions":
@@ -144,6 +149,7 @@ class ScalingOptions(BaseModel):
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
         }
 
 
@@ -226,6 +232,8 @@ class IngressOptions(BaseModel):
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources per gateway replica: keeps the gateway on the nodes that have them (e.g. the head)."""
     max_ongoing_requests: int = Field(256, ge=1)
+    graceful_shutdown_wait_loop_s: float = Field(0.5, gt=0)
+    """As a model's (`ScalingOptions.graceful_shutdown_wait_loop_s`): the gateway restarts whenever the app's models change."""
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
     """Larger request bodies get 413 (JSON error, code `request_too_large`) on every /v1 and /api/v1 route."""
     max_upload_bytes: int = Field(MAX_UPLOAD_BYTES, ge=1024)
@@ -887,6 +895,7 @@ def build_app(args: dict | ServeAppArgs, *, restart: Collection[str] = ()) -> se
     refs, app_config = {m.name: m.ref for m in config.models}, config.model_dump(mode="json")
     return OpenAIIngress.options(
         num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options=actor,
+        graceful_shutdown_wait_loop_s=ingress.graceful_shutdown_wait_loop_s,
         **_version(app_config, sorted(fresh.items())),
     ).bind(models, multiplexed, multiplex, refs, app_config, canaries)
 
@@ -912,6 +921,44 @@ class DeploymentSummary:
     multiplexed: bool
     canary: dict[str, Any] | None = None
     """`{ref, weight, state, reason, serving}` while a canary is configured (`state`: running, rolled_back, promoted)."""
+
+
+APP_POLL_S = 0.1
+"""How often `run_app` and `delete_app` read the app's status (Serve's own `serve.run` sleeps 1 s between reads)."""
+
+
+def run_app(app: serve.Application, app_name: str = APP_NAME, *, timeout_s: float | None = None) -> DeploymentHandle:
+    """`serve.run(app, name=app_name, route_prefix="/")`: deploy and wait until the app runs; returns its ingress handle.
+
+    Raises:
+        RuntimeError: the app failed to deploy (Serve's message, as `serve.run` raises it).
+        TimeoutError: not running within `timeout_s` (None: no limit, as `serve.run`).
+    """
+    from ray.serve.schema import ApplicationStatus
+
+    [handle] = serve.run_many([serve.RunTarget(app, name=app_name, route_prefix="/")], wait_for_applications_running=False)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(app_name)
+        if status is None:
+            raise RuntimeError(f"Waiting for application {app_name} to be RUNNING, but application doesn't exist.")
+        if status.status == ApplicationStatus.RUNNING:
+            return handle
+        if status.status == ApplicationStatus.DEPLOY_FAILED:
+            raise RuntimeError(f"Deploying application {app_name} failed: {status.message}")
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"Application {app_name} did not become RUNNING after {timeout_s}s.")
+        time.sleep(APP_POLL_S)
+
+
+def delete_app(app_name: str = APP_NAME, *, timeout_s: float = 600.0) -> None:
+    """`serve.delete(app_name)`: delete the app and wait until its replicas have stopped (in-flight requests finish first)."""
+    serve.delete(app_name, _blocking=False)  # Serve's blocking wait reads the status once a second
+    deadline = time.monotonic() + timeout_s
+    while app_name in serve.status().applications:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Application {app_name} was not deleted after {timeout_s}s.")
+        time.sleep(APP_POLL_S)
 
 
 def _current_args(app_name: str) -> ServeAppArgs | None:
@@ -959,7 +1006,7 @@ def deploy_models(
 
     # a reference that no replica re-resolves (refresh 0) resolves again only when its replicas start
     restart = [m.name for m in served if m.refresh_interval_s == 0 and parse_ref(m.ref).version is None]
-    handle = serve.run(build_app(ServeAppArgs.model_validate(config.model_dump()), restart=restart), name=app_name, route_prefix="/")
+    handle = run_app(build_app(ServeAppArgs.model_validate(config.model_dump()), restart=restart), app_name)
     warm = [m.name for m in served if m.initial_replicas != 0 and not m.multiplexed]  # asking a cold one would start it
     versions = handle.served_versions.remote(warm).result() if warm else {}
     return {m.name: versions.get(m.name, m.ref) for m in served}
@@ -1000,9 +1047,9 @@ def undeploy_model(name: str, *, app_name: str = APP_NAME) -> None:
 
     CanaryStore.from_settings().reset(app_name, [name])
     if not rest:
-        serve.delete(app_name)
+        delete_app(app_name)
         return
-    serve.run(build_app(args.model_copy(update={"models": rest})), name=app_name, route_prefix="/")
+    run_app(build_app(args.model_copy(update={"models": rest})), app_name)
 
 
 def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
