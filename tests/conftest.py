@@ -97,7 +97,7 @@ def ray_head_process(num_cpus: int = 2, env: dict[str, str] | None = None):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(5)
+            proc.wait(1)  # `ray start --block` waits on a raylet that lingers after SIGTERM (~5 s); nothing here needs a clean stop
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)

@@ -44,7 +44,8 @@ def test_the_tour_only_skips_starting_and_stopping_a_cluster():
         assert all(c.startswith(("ray start", "ray stop", "export RAY_ADDRESS", "source .venv")) for c in commands), body
 
 
-def test_readme_tour_runs_as_written(lmaas_env, tmp_path):
+def test_readme_tour_runs_as_written(lmaas_env, cli, tmp_path):
+    """The tour as written; its `lmaas train` is also the suite's end-to-end test of the train CLI."""
     script = "set -euo pipefail\n" + "\n".join(body for info, body in blocks(tour_section()) if info == "bash tour")
     with ray_head_process(num_cpus=2) as (_dashboard, head_env):
         env = {
@@ -62,6 +63,11 @@ def test_readme_tour_runs_as_written(lmaas_env, tmp_path):
     # what each step printed is true: the dataset, the run, the variant and its lineage, the calls
     assert "tour:1" in out
     assert "tour-lm:1" in out and "tour-lm-int8-dynamic:1" in out
+    # `lmaas train`: live progress on stderr (one line per report), the run and its registered model on stdout
+    assert "step     40  loss" in result.stderr
+    trained = next(line for line in out.splitlines() if line.startswith("run ") and " 40 steps, loss " in line)
+    run_id = trained.split()[1].rstrip(":")
+    assert "  registered tour-lm:1 (alias production)" in out
     completion = json.loads(next(line for line in out.splitlines() if line.startswith('{"id":"cmpl')))
     assert completion["model"] == "tour-lm" and completion["usage"]["completion_tokens"] >= 1
     models = next(line for line in out.splitlines() if line.startswith("['"))
@@ -76,3 +82,8 @@ def test_readme_tour_runs_as_written(lmaas_env, tmp_path):
     registry = ModelRegistry.from_settings(load_settings())
     variant = registry.resolve("tour-lm-int8-dynamic@production")
     assert variant.parent == "tour-lm:1" and registry.resolve("tour-lm@production").dataset == "tour:1"
+    runs = json.loads(cli("runs", "--json", env=lmaas_env).stdout)
+    assert [(r["run_id"], r["status"], r["model"]) for r in runs] == [(run_id, "finished", "tour-lm:1")]
+    assert json.loads(cli("runs", run_id, env=lmaas_env).stdout)["metrics"]["step"] == 40
+    shown = cli("models", "show", "tour-lm@production", env=lmaas_env)
+    assert shown.returncode == 0 and run_id in shown.stdout
