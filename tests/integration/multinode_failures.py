@@ -40,9 +40,9 @@ APP = "lmaas-ha-nodes"
 KEY = "lmaas_hanodes_" + "k" * 40
 DEPLOYMENT = "model-tiny"
 TRAIN_STEPS = 60
-"""Long enough that the node dies mid-run: the kill lands as soon as Ray Train has registered a
-checkpoint past step 10 (measured: steps 10-15 done by then; 5 steps with a checkpoint take ~1 s
-here, so 60 leave ~9 s of margin; 120 cost ~12 s more after the restart)."""
+"""Long enough that the node dies mid-run: the kill lands once rank 0 has reported step 10 and Ray
+Train has registered a checkpoint (measured: steps 10-15 done by then; 5 steps with a checkpoint
+take ~1 s here, so 60 leave ~9 s of margin; 120 cost ~12 s more after the restart)."""
 NODE_CHECK = {"health_check_period_ms": 1000, "health_check_failure_threshold": 10}
 
 
