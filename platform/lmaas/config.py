@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):
             if os.environ.get(name):
                 env[name] = os.environ[name]
+        # what loading a version checks and decrypts with: the public verify key and the path of the
+        # encryption key's file (each node reads its own copy), never a private or raw key
+        for name in ("LMAAS_VERIFY_KEY", "LMAAS_REQUIRE_SIGNATURE", "LMAAS_ENCRYPTION_KEY_FILE"):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
         return env
 
 

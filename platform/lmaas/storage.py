@@ -40,6 +40,12 @@ _STAGING = ".staging-"
 _TMP = ".tmp-"
 
 
+def is_safe_relative_path(path: str) -> bool:
+    """Whether `path` is a relative POSIX path that stays inside its directory wherever it is joined."""
+    parts = path.split("/")
+    return bool(path) and not path.startswith("/") and "\\" not in path and "\0" not in path and not any(p in ("", ".", "..") for p in parts)
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a local file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -89,12 +95,29 @@ class Manifest:
         )
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Manifest":
-        data = json.loads(text)
-        return cls(
-            files=tuple(FileEntry(f["path"], f["sha256"], int(f["size"])) for f in data["files"]),
-            created_at=float(data["created_at"]),
-        )
+    def from_json(cls, text: str | bytes, *, where: str = "manifest") -> "Manifest":
+        """Parse a stored manifest, refusing one a writer could not have made (it came from storage, so it is untrusted).
+
+        Every entry must be a safe relative path (no absolute path, `..`, `.`, empty part,
+        backslash or NUL), listed once, with a 64-hex-digit sha256 and a size >= 0.
+
+        Raises:
+            IntegrityError: malformed JSON or an entry breaking those rules (`where` names the manifest).
+        """
+        try:
+            data = json.loads(text)
+            entries = tuple(FileEntry(str(f["path"]), str(f["sha256"]), int(f["size"])) for f in data["files"])
+            created_at = float(data["created_at"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise IntegrityError(f"{where} is not a valid manifest ({type(exc).__name__}): altered") from None
+        seen: set[str] = set()
+        for entry in entries:
+            if not is_safe_relative_path(entry.path) or entry.path in seen:
+                raise IntegrityError(f"{where} lists an unsafe or repeated path {entry.path!r}: altered")
+            if entry.size < 0 or len(entry.sha256) != 64 or any(c not in "0123456789abcdef" for c in entry.sha256):
+                raise IntegrityError(f"{where} has a malformed entry for {entry.path!r}: altered")
+            seen.add(entry.path)
+        return cls(files=entries, created_at=created_at)
 
     @classmethod
     def of_dir(cls, local_dir: str | os.PathLike[str]) -> "Manifest":
@@ -428,9 +451,10 @@ class Storage:
     def read_manifest(self, prefix: str) -> Manifest | None:
         """The manifest of a published directory, or None if `prefix` is not published."""
         try:
-            return Manifest.from_json(self.read_bytes(f"{prefix}/{MANIFEST}"))
+            raw = self.read_bytes(f"{prefix}/{MANIFEST}")
         except NotFoundError:
             return None
+        return Manifest.from_json(raw, where=self.url(f"{prefix}/{MANIFEST}"))
 
     def list_published(self, prefix: str = "") -> list[str]:
         """Published directories directly or deeply under `prefix` (paths relative to the root)."""
@@ -459,17 +483,24 @@ class Storage:
                 raise IntegrityError(f"{self.url(path)} does not match its sha256 in the manifest: altered")
         return manifest
 
-    def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> Manifest:
+    def download_dir(self, prefix: str, local_dir: str | os.PathLike[str], *, manifest: Manifest | None = None) -> Manifest:
         """Download a published directory, verifying each file's sha256 as it lands.
+
+        Args:
+            manifest: the manifest to download by, already read and checked by the caller (the
+                stored one is not read again); default: the stored one.
 
         Raises:
             NotFoundError: `prefix` is not published.
-            IntegrityError: a downloaded file does not match the manifest.
+            IntegrityError: a downloaded file does not match the manifest (or the manifest is malformed).
         """
-        manifest = self.read_manifest(prefix)
+        manifest = manifest if manifest is not None else self.read_manifest(prefix)
         if manifest is None:
             raise NotFoundError(f"{self.url(prefix)} is not a published directory")
         local_dir = Path(local_dir)
+        for entry in manifest.files:  # a caller's manifest too: nothing lands outside `local_dir`
+            if not is_safe_relative_path(entry.path):
+                raise IntegrityError(f"{self.url(prefix)}: unsafe path {entry.path!r} in its manifest: altered")
         for start in range(0, len(manifest.files), _UPLOAD_BATCH):
             batch = manifest.files[start : start + _UPLOAD_BATCH]
             for entry in batch:

@@ -27,6 +27,8 @@ APP = "lmaas-canary-test"
 KEY = "lmaas_canarytest_" + "k" * 40
 DEPLOY_KEY = "lmaas_canarydeploy_" + "d" * 40
 ADMIN_KEY = "lmaas_canaryadmin_" + "a" * 40
+BOB_KEY = "lmaas_canarybob_" + "b" * 40
+"""Tenant `bob`'s key (deploy and models): another tenant than the one whose deployments these are."""
 FUZZ_EXAMPLES = 3
 """schemathesis cases per operation and mode (valid, invalid input)."""
 HEADER = "X-Lmaas-Model-Version"
@@ -34,7 +36,7 @@ HEADER = "X-Lmaas-Model-Version"
 
 @pytest.fixture(scope="module")
 def gateway(ray_cluster, tmp_path_factory):
-    """(base URL, canary store) of a running app; Serve shuts down at module end."""
+    """(base URL, canary store, database engine, registry) of a running app; Serve shuts down at module end."""
     from ray import serve
 
     from lmaas import db
@@ -83,7 +85,7 @@ def gateway(ray_cluster, tmp_path_factory):
         run_app(build_app(args), APP)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _status(base + "/healthz") == 200, 60, "Serve ingress")
-        yield base, CanaryStore(engine), engine
+        yield base, CanaryStore(engine), engine, registry
     finally:
         serve.shutdown()
         _kill_applier(settings.env())
@@ -175,7 +177,7 @@ class Loop:
 
 
 def test_slow_canary_is_rolled_back_while_clients_run(gateway):
-    base, store, engine = gateway
+    base, store, engine, _ = gateway
     with Loop(base, "guarded", threads=2, max_tokens=32) as loop:  # 32 tokens: decode time, not overhead, sets the latency
         wait_for(lambda: store.get(APP, "guarded") is not None and store.get(APP, "guarded").state == "rolled_back", 180, "rollback")
         rolled_back_at = len(loop.answers)
@@ -192,7 +194,7 @@ def test_slow_canary_is_rolled_back_while_clients_run(gateway):
 
 
 def test_broken_canary_is_rolled_back_on_error_rate_while_clients_get_answers(gateway):
-    base, store, engine = gateway
+    base, store, engine, _ = gateway
     with Loop(base, "broken", threads=2) as loop:
         wait_for(lambda: store.get(APP, "broken") is not None and store.get(APP, "broken").state == "rolled_back", 120, "rollback")
         time.sleep(2)  # past the gateway's state TTL
@@ -210,7 +212,7 @@ def test_broken_canary_is_rolled_back_on_error_rate_while_clients_get_answers(ga
 
 
 def test_healthy_canary_is_promoted(gateway):
-    base, store, engine = gateway
+    base, store, engine, _ = gateway
     with Loop(base, "promoted", threads=2) as loop:
         wait_for(lambda: (store.get(APP, "promoted") or store.get(APP, "nothing")) is not None
                  and store.get(APP, "promoted").state == "promoted", 120, "promotion")
@@ -271,6 +273,12 @@ def test_deployments_rest_api(gateway):
     assert created.status_code == 202, created.text
     assert created.json()["deployment"]["canary"]["weight"] == 20 and created.json()["change"]["status"] == "pending"
     wait_for(lambda: "rest-m" in _listed(base), 180, "the created deployment")
+    # the deployment is recorded: its versions show it in their lineage and cannot be deleted
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert _listed(base)["rest-m"]["tenant"] == "default"
+    refused = httpx.delete(base + "/api/v1/models/tiny/versions/2", headers=admin, timeout=60)
+    assert refused.status_code == 409 and f"{APP}/rest-m" in refused.json()["error"]["message"], refused.text
+    assert httpx.get(base + "/api/v1/models/tiny/versions/1/lineage", headers=admin, timeout=60).json()["deployments"] == [f"{APP}/rest-m"]
     patched = httpx.patch(base + "/api/v1/deployments/rest-m", json={"weight": 40}, headers=auth, timeout=60)
     assert patched.status_code == 202 and patched.json()["deployment"]["canary"]["weight"] == 40
     try:
@@ -281,8 +289,41 @@ def test_deployments_rest_api(gateway):
     deleted = httpx.delete(base + "/api/v1/deployments/rest-m", headers=auth, timeout=60)
     assert deleted.status_code == 202 and deleted.json()["deployment"] is None
     wait_for(lambda: "rest-m" not in _listed(base) and "split" in _listed(base), 180, "the deleted deployment")
+    assert httpx.get(base + "/api/v1/models/tiny/versions/1/lineage", headers=admin, timeout=60).json()["deployments"] == []
     actions = {e["action"] for e in _audit(gateway[2], "deployment.deploy") + _audit(gateway[2], "deployment.undeploy")}
     assert actions == {"deployment.deploy", "deployment.undeploy"}
+
+
+def test_another_tenants_deployments_cannot_be_taken_over(gateway, tmp_path):
+    """bob (deploy scope, his own model) tries to replace, change, remove and read the default tenant's deployments."""
+    from lmaas.auth import KeyStore
+
+    base, _, engine, registry = gateway
+    KeyStore(engine).create_key("bob", ["inference", "deploy", "models:read"], create_tenant=True, secret=BOB_KEY)
+    registry.acting_for("bob").register_version("bob-lm", make_causal_lm(tmp_path / "bob", seed=3, max_seq_len=128), task="causal-lm")
+    bob = {"Authorization": f"Bearer {BOB_KEY}"}
+
+    def kept() -> dict:
+        listed = _listed(base)
+        return {n: (d["ref"], d["tenant"], d["canary"]["ref"], d["canary"]["weight"]) for n, d in listed.items() if n in ("split", "sticky")}
+
+    before = kept()
+    assert before["split"] == ("tiny:1", "default", "tiny:2", 10), before
+    taken = httpx.post(base + "/api/v1/deployments", json={"ref": "bob-lm", "name": "split", "num_cpus": 0.05}, headers=bob, timeout=60)
+    assert taken.status_code == 409 and taken.json()["error"]["param"] == "name", taken.text
+    for method, body in (("PATCH", {"weight": 90}), ("PATCH", {"ref": "bob-lm"}), ("DELETE", None)):
+        r = httpx.request(method, base + "/api/v1/deployments/split", json=body, headers=bob, timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "name", (method, r.text)
+    assert httpx.get(base + "/api/v1/deployments/split", headers=bob, timeout=60).status_code == 404
+    assert httpx.get(base + "/api/v1/deployments", headers=bob, timeout=60).json()["data"] == []
+    hidden = httpx.post(base + "/api/v1/deployments", json={"ref": "tiny:1", "name": "bob-tiny"}, headers=bob, timeout=60)
+    assert hidden.status_code == 404 and hidden.json()["error"]["param"] == "ref"
+    # caps for non-admins: replicas, CPUs, GPUs; custom resources are an admin's
+    for extra, param in (({"num_gpus": 8}, "num_gpus"), ({"max_replicas": 50}, "max_replicas"), ({"num_cpus": 64}, "num_cpus"),
+                         ({"resources": {"head": 1}}, "resources")):
+        r = httpx.post(base + "/api/v1/deployments", json={"ref": "bob-lm", "name": "bob-chat", **extra}, headers=bob, timeout=60)
+        assert r.status_code == 403 and r.json()["error"]["param"] == param, (extra, r.text)
+    assert kept() == before
 
 
 def test_oversized_bodies_get_413_on_every_route(gateway):

@@ -76,7 +76,7 @@ def test_submit_list_get_cancel_over_rest(api):
     job = r.json()
     assert (job["kind"], job["state"], job["priority"], job["tenant"]) == ("train", "queued", "high", "a")
     assert job["config"]["max_steps"] == 50 and job["resources"]["CPU"] > 0 and job["submission_id"] is None
-    other = b.post("/api/v1/jobs", json={"kind": "ingest", "config": {"name": "corpus", "sources": ["data/x.txt"]}}).json()
+    other = b.post("/api/v1/jobs", json={"kind": "ingest", "config": {"name": "corpus", "sources": ["stdlib:5"]}}).json()
     command = admin.post("/api/v1/jobs", json={"command": "python eval.py", "cpus": 0.5, "priority": "low", "tenant": "a"}).json()
     assert (command["kind"], command["resources"], command["tenant"]) == ("command", {"CPU": 0.5}, "a")
 

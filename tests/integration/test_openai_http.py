@@ -181,5 +181,7 @@ def test_unknown_model_huge_body_and_bad_json(server, client):
     assert status == 400 and out["error"]["type"] == "invalid_request_error"
     status, out = post(server[0] + "/v1/embeddings", json.dumps({"model": EMB, "input": []}).encode())
     assert status == 400 and out["error"]["param"] == "input"
+    status, out = post(server[0] + "/v1/embeddings", json.dumps({"model": EMB, "input": ["x"] * 2049}).encode())
+    assert status == 400 and out["error"]["param"] == "input" and "2,048" in out["error"]["message"]
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=LM, input="x")

@@ -118,6 +118,27 @@ def test_publish_dir_is_verified_and_immutable(storage: Storage, tmp_path: Path)
     assert json.loads((out / MANIFEST).read_text())["sha256"] == manifest.sha256
 
 
+@pytest.mark.parametrize("bad_path", ["/etc/cron.d/evil", "../../outside", "a/../../outside", "a//b", "a\\b", "."])
+def test_a_stored_manifest_with_an_unsafe_path_is_refused_and_nothing_lands_outside(tmp_path: Path, bad_path: str):
+    """A manifest comes from storage, so it is untrusted: an entry that would write outside the download folder is refused."""
+    storage = Storage(f"file://{tmp_path / 'store'}")
+    storage.publish_dir(make_tree(tmp_path / "m"), "m/1")
+    entry = {"path": bad_path, "sha256": hashlib.sha256(b"x").hexdigest(), "size": 1}
+    forged = json.loads(storage.read_text(f"m/1/{MANIFEST}"))
+    storage.write_text(f"m/1/{MANIFEST}", json.dumps({**forged, "files": forged["files"] + [entry]}))
+    for read in (lambda: storage.read_manifest("m/1"), lambda: storage.verify("m/1"), lambda: storage.download_dir("m/1", tmp_path / "dl" / "x")):
+        with pytest.raises(IntegrityError, match="unsafe or repeated path"):
+            read()
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "dl").exists()
+    twice = {**forged, "files": forged["files"] + forged["files"][:1]}
+    with pytest.raises(IntegrityError, match="repeated"):
+        Manifest.from_json(json.dumps(twice))
+    with pytest.raises(IntegrityError, match="malformed entry"):
+        Manifest.from_json(json.dumps({**forged, "files": [{"path": "w", "sha256": "zz", "size": 1}]}))
+    with pytest.raises(IntegrityError, match="not a valid manifest"):
+        Manifest.from_json(b"{not json")
+
+
 @pytest.mark.parametrize("damage", ["altered", "truncated", "missing"])
 def test_verify_refuses_damaged_files(storage: Storage, tmp_path: Path, damage: str):
     storage.publish_dir(make_tree(tmp_path / "m"), "m/1")

@@ -202,6 +202,31 @@ def test_embeddings_sorted_into_small_batches_come_back_in_input_order():
     assert counts == [len(engine.tokenizer(t)["input_ids"]) for t in texts]
 
 
+def test_a_small_embeddings_request_is_not_held_behind_a_large_one_and_requests_are_bounded():
+    """Each forward pass takes texts from every waiting request in turn; a request over the token bound is refused whole."""
+    engine = EmbeddingEngine(EMBEDDING_DIR, num_threads=2, max_batch_size=4, max_tokens_per_request=2000)
+    large = [f"line {i} of one large request, a little longer than the small one" for i in range(120)]  # 30 passes alone
+    passes: list[list[str]] = []
+    encode = engine.encode
+    engine.encode = lambda texts: passes.append(list(texts)) or encode(texts)
+
+    async def scenario():
+        big = asyncio.ensure_future(engine.embed(large))
+        while not passes:  # the large request is being encoded
+            await asyncio.sleep(0.005)
+        small = await engine.embed(["hello"])
+        return small, len(passes), await big
+
+    (small, _), passes_when_small_done, (vectors, _) = run(scenario())
+    assert passes_when_small_done <= 3, passes_when_small_done  # not after the large request's 30 passes
+    assert any("hello" in p and len(p) == 4 for p in passes)  # it shared a pass with the large request
+    assert torch.allclose(torch.tensor(small), torch.tensor(encode(["hello"])[0]), atol=1e-5)
+    assert torch.allclose(torch.tensor(vectors), torch.tensor(encode(large)[0]), atol=1e-5)  # in input order
+    with pytest.raises(InvalidInputError, match="at most 2,000") as info:
+        run(engine.embed(["word " * 300] * 10))  # 10 x 256 tokens (truncated to the model's context)
+    assert info.value.param == "input"
+
+
 def test_vllm_engine_says_clearly_what_is_missing(tmp_path):
     with pytest.raises(ConfigError, match="vllm"):
         VLLMEngine(tmp_path)

@@ -4,8 +4,16 @@ A key is `lmaas_<id>_<secret>`: the id names it in lists and logs, the secret is
 (`secrets.token_urlsafe`). Only the sha256 of the whole string is stored; since the string is
 high-entropy, a plain hash is enough (no password-style slow hash), and a key is found by its hash.
 
-Verified keys are cached per process for `cache_ttl_s` (2 s by default), so a revocation or a
-limit change reaches every gateway replica within that time without a database query per request.
+Verified keys are cached per process for `cache_ttl_s` (2 s by default), so a limit change
+reaches every gateway replica within that time without a database query per request. A
+revocation is faster: each replica reads the newest `revoked_at` at most every
+`revocation_sync_s` (0.5 s) and drops its whole cache when it moved, so a key revoked anywhere
+is refused everywhere within about that time; a verify that was reading the database while a
+revocation landed does not put its (stale) answer in the cache.
+
+The caches are bounded LRUs, one for valid keys and a smaller one for refused secrets, so a flood
+of random keys evicts only other refusals. Database lookups of unknown keys are rate limited per
+process (`failed_lookups_per_s`): past the limit an uncached key gets 429 without a query.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,12 +33,13 @@ from sqlalchemy.engine import Connection, Engine
 from lmaas import db
 from lmaas.auth.entities import ADMIN, DEFAULT_TENANT, KEY_PREFIX, SCOPES, WINDOWS, ApiKey, Limits, Principal, Tenant
 from lmaas.db.schema import api_keys, tenants
-from lmaas.errors import AlreadyExistsError, AuthenticationError, ConfigError, InvalidInputError, NotFoundError
+from lmaas.errors import AlreadyExistsError, AuthenticationError, ConfigError, InvalidInputError, NotFoundError, RateLimitError
 
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _CACHE_MAX = 10_000
+_REFUSED_MAX = 2_000
 _ADVISORY_LOCK_KEY = 0x1A_AA6  # bootstrap: one admin key even when replicas start together
 
 
@@ -86,14 +96,24 @@ class KeyStore:
         cache_ttl_s: how long a verified key (or a refusal) is trusted without asking the database;
             revocation takes effect on every replica within this time.
         last_used_interval_s: `last_used_at` is written at most this often per key and process.
+        revocation_sync_s: how often (at most) this process checks the database for new revocations.
+        failed_lookups_per_s: database lookups of unknown keys allowed per second (bursts of 10x).
     """
 
-    def __init__(self, engine: Engine, *, cache_ttl_s: float = 2.0, last_used_interval_s: float = 60.0) -> None:
+    def __init__(self, engine: Engine, *, cache_ttl_s: float = 2.0, last_used_interval_s: float = 60.0,
+                 revocation_sync_s: float = 0.5, failed_lookups_per_s: float = 20.0) -> None:
         self.engine = engine
         self.cache_ttl_s = cache_ttl_s
         self.last_used_interval_s = last_used_interval_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self.revocation_sync_s = revocation_sync_s
+        self._cache: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        self._refused: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
+        self._generation = 0
+        """Bumped whenever the cache is dropped for a revocation: a lookup begun before it is not cached."""
+        self._synced_at = float("-inf")
+        self._last_revoked: float | None = None
+        self._failures = _Bucket(failed_lookups_per_s, burst=10 * failed_lookups_per_s)
 
     # -- tenants -------------------------------------------------------------------------
     def create_tenant(self, name: str, limits: Limits = Limits(), *, actor: str = "cli") -> Tenant:
@@ -233,7 +253,8 @@ class KeyStore:
                 conn.execute(api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=time.time()))
                 db.record_event(conn, actor=actor, action="key.revoke", target=f"key:{key_id}", tenant=key.tenant)
         with self._lock:
-            self._cache = {h: v for h, v in self._cache.items() if v[1] is None or v[1].key_id != key_id}
+            self._cache = OrderedDict((h, v) for h, v in self._cache.items() if v[1].key_id != key_id)
+            self._generation += 1
         return self.get_key(key_id)
 
     def set_key_limits(self, key_id: str, limits: Limits, *, actor: str = "cli") -> ApiKey:
@@ -251,29 +272,67 @@ class KeyStore:
         Raises:
             AuthenticationError (401): no key, or an unknown, expired or revoked one.
         """
+        if not secret:
+            raise AuthenticationError("missing API key: send the header `Authorization: Bearer <key>`")
+        self._sync_revocations()
         found = self.verify_cached(secret)
         if found is not None:
             return found
         digest, now = secret_sha256(secret), time.time()
+        if not self._failures.has_room():
+            raise RateLimitError("too many requests with unknown API keys; try again shortly", retry_after=1, param="authorization")
+        generation = self._generation
         principal = self._load(digest, now)
+        expires = time.monotonic() + self.cache_ttl_s
         with self._lock:
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-            self._cache[digest] = (time.monotonic() + self.cache_ttl_s, principal)
+            if principal is None:
+                self._failures.take()
+                _remember(self._refused, digest, expires, _REFUSED_MAX)
+            elif generation == self._generation:  # no revocation landed while this lookup ran
+                _remember(self._cache, digest, (expires, principal), _CACHE_MAX)
         return self._valid(principal, now)
 
     def verify_cached(self, secret: str | None) -> Principal | None:
-        """`verify` answered without the database: the caller, or None when this replica's cache cannot say.
+        """`verify` answered without the database: the caller, or None when this replica's cache cannot
+        say (or it is time to look for new revocations, which `verify` does).
 
         Raises:
             AuthenticationError (401): no key, or one the cache knows is unknown, expired or revoked.
         """
         if not secret:
             raise AuthenticationError("missing API key: send the header `Authorization: Bearer <key>`")
-        cached = self._cache.get(secret_sha256(secret))
-        if cached is None or cached[0] <= time.monotonic():
+        if time.monotonic() - self._synced_at >= self.revocation_sync_s:
             return None
+        digest, now = secret_sha256(secret), time.monotonic()
+        refused = self._refused.get(digest)
+        if refused is not None and refused > now:
+            raise AuthenticationError("invalid API key: unknown, expired or revoked")
+        cached = self._cache.get(digest)
+        if cached is None or cached[0] <= now:
+            return None
+        with self._lock:
+            if digest in self._cache:
+                self._cache.move_to_end(digest)
         return self._valid(cached[1], time.time())
+
+    def _sync_revocations(self) -> None:
+        """Drop the cache if a key was revoked (anywhere) since the last look, at most every `revocation_sync_s`."""
+        now = time.monotonic()
+        if now - self._synced_at < self.revocation_sync_s:
+            return
+        with self.engine.connect() as conn:
+            newest = conn.execute(sa.select(sa.func.max(api_keys.c.revoked_at))).scalar()
+        with self._lock:
+            if newest != self._last_revoked:
+                if self._last_revoked is not None or newest is not None:
+                    self._cache.clear()
+                    self._generation += 1
+                self._last_revoked = newest
+            self._synced_at = now
+
+    def cache_sizes(self) -> tuple[int, int]:
+        """(valid keys, refused secrets) cached in this process."""
+        return len(self._cache), len(self._refused)
 
     @staticmethod
     def _valid(principal: Principal | None, now: float) -> Principal:
@@ -354,3 +413,32 @@ def _key(row: Any) -> ApiKey:
         last_used_at=row["last_used_at"],
         limits=Limits(row["rpm"], row["tpm"], row["tpd"]),
     )
+
+
+def _remember(cache: OrderedDict, key: str, value: Any, limit: int) -> None:
+    """Put `key` in an LRU of at most `limit` entries (the caller holds the lock)."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
+
+
+class _Bucket:
+    """A token bucket: `rate` tokens a second, holding at most `burst`."""
+
+    def __init__(self, rate: float, *, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = burst, time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def has_room(self) -> bool:
+        self._refill()
+        return self._tokens >= 1
+
+    def take(self) -> None:
+        self._refill()
+        self._tokens = max(0.0, self._tokens - 1)

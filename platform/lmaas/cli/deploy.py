@@ -74,10 +74,11 @@ def deploy(
 
     settings = load_settings()
     registry = ModelRegistry.from_settings(settings)
-    registry.resolve(ref)  # an unknown reference fails here, not in a replica
+    # an unknown reference or a bad signature fails here, not in a replica
+    registry.check_signature(registry.resolve(ref))
     canary_options = None
     if canary is not None:
-        registry.resolve(canary)
+        registry.check_signature(registry.resolve(canary))
         canary_options = {
             "ref": canary, "weight": weight, "sticky": sticky, "max_error_rate": max_error_rate, "max_latency_ratio": max_latency_ratio,
             "promote_after_s": parse_duration(promote_after, param="--promote-after") if promote_after else None,

@@ -72,7 +72,8 @@ def submit(
         values = load_config(Raw, config, overrides).model_dump()
         kind = kind or queue.infer_kind(values)
     job = _queue().submit(kind=kind or "command", config=values, entrypoint=command,
-                          resources={"CPU": cpus, "GPU": gpus} if command else None, priority=priority, tenant=tenant, actor="cli")
+                          resources={"CPU": cpus, "GPU": gpus} if command else None, priority=priority, tenant=tenant, actor="cli",
+                          privileged=True)  # the CLI runs with the operator's own database and store
     if as_json:
         print(json.dumps(job.to_dict(), indent=1))
         return

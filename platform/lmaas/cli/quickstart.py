@@ -327,7 +327,7 @@ def _train_demo_model(settings, dataset, steps: int, console):  # noqa: ANN001, 
     from lmaas.train.run import train
 
     storage, engine = Storage.from_settings(settings), db.connect(settings.database_url)
-    registry = ModelRegistry(storage, engine)
+    registry = ModelRegistry.configured(storage, engine)
     try:
         current = registry.resolve("tiny-lm@production")
         if current.dataset == dataset.ref:

@@ -42,11 +42,13 @@ def check_distill(config: DistillConfig, registry: ModelRegistry) -> DistillPlan
     Parameter counts come from the configs (models built on the meta device: no weights read).
 
     Raises:
-        NotFoundError: the teacher or the dataset does not resolve.
+        NotFoundError: the teacher or the dataset does not resolve (for the registry's tenant).
+        AlreadyExistsError / PermissionDeniedError: the output model is another tenant's.
         InvalidInputError: the teacher is not an fp32 causal LM, the dataset's tokenizer is not
             the teacher's, or the student is not smaller than the teacher.
     """
     teacher = registry.resolve(config.teacher)
+    registry.check_writable(config.output_model or f"{teacher.name}-distilled", create=True, param="output_model")
     if teacher.task != "causal-lm":
         raise InvalidInputError(f"{teacher.ref} is a {teacher.task} model; distill needs a causal-lm teacher "
                                 "(its next-token distribution is what the student learns)", param="teacher")
@@ -61,7 +63,7 @@ def check_distill(config: DistillConfig, registry: ModelRegistry) -> DistillPlan
     dataset_ref = config.dataset or teacher.dataset
     if not dataset_ref:
         raise InvalidInputError(f"{teacher.ref} records no training dataset; set dataset=NAME:N to distill on", param="dataset")
-    dataset = get_version(registry.engine, dataset_ref)
+    dataset = get_version(registry.engine, dataset_ref, tenant=registry.tenant)
     vocab = _check_tokenizer(registry, teacher, teacher_config, dataset)
     if dataset.block_size > teacher_config.get("max_position_embeddings", dataset.block_size):
         raise InvalidInputError(f"dataset {dataset.ref} has {dataset.block_size}-token rows; teacher {teacher.ref} reads at most "
@@ -112,7 +114,8 @@ def distill(config: DistillConfig, registry: ModelRegistry, *, resume: str | Non
         say(f"step {m['step']}/{config.max_steps} loss {m['loss']:.3f} lm_loss {m.get('lm_loss', m['loss']):.3f}{val}")
 
     run = train(config.train_config(plan.dataset.ref), storage=storage, engine=registry.engine, resume=resume,
-                progress=report, model_overrides=dict(config.student_overrides), teacher=spec, register=False)
+                progress=report, model_overrides=dict(config.student_overrides), teacher=spec, register=False,
+                tenant=registry.tenant)
     scratch = Path(tempfile.mkdtemp(prefix="lmaas-distill-", dir=workdir))
     try:
         if config.eval_threads:

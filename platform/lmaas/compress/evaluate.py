@@ -40,15 +40,19 @@ def held_out_data(version: "ModelVersion", registry: "ModelRegistry", model_dir:
                   batch_size: int, max_seq_len: int) -> EvalData:
     """The parent's dataset validation split if it names one that has rows, else a fixed sample of stdlib source.
 
+    A registry acting for a tenant (`ModelRegistry.acting_for`) reads only that tenant's datasets:
+    another tenant's public model is evaluated on the fixed sample, never on its owner's data.
+
     Raises:
-        NotFoundError: the named dataset is missing.
+        NotFoundError: the named dataset is missing (and it is the parent's owner's to read).
     """
     seq_len = min(seq_len, max_seq_len)
-    flat = _validation_tokens(version.dataset, registry, tokens) if version.dataset else []
+    readable = version.dataset and registry.tenant in (None, version.tenant)
+    flat = _validation_tokens(version.dataset, registry, tokens) if readable else []
     source = f"{version.dataset} validation"
     if not flat:
         flat = _fixed_sample_tokens(model_dir, tokens)
-        why = f"; {version.dataset} has no validation rows" if version.dataset else ""
+        why = (f"; {version.dataset} has no validation rows" if readable else "; its dataset is another tenant's") if version.dataset else ""
         source = f"fixed sample (stdlib difflib source{why})"
     flat = flat[:tokens]
     if len(flat) < 16:
@@ -68,7 +72,7 @@ def _validation_tokens(dataset_ref: str, registry: "ModelRegistry", tokens: int)
     from lmaas.data.feed import shard_paths
     from lmaas.data.versions import get_version
 
-    dataset = get_version(registry.engine, dataset_ref)
+    dataset = get_version(registry.engine, dataset_ref, tenant=registry.tenant)
     paths = shard_paths(dataset, registry.storage, "validation")
     filesystem, _ = registry.storage.pyarrow_filesystem()
     flat: list[int] = []
@@ -87,7 +91,7 @@ def training_batches(dataset_ref: str, registry: "ModelRegistry", *, batch_size:
     from lmaas.data.feed import shard_paths
     from lmaas.data.versions import get_version
 
-    dataset = get_version(registry.engine, dataset_ref)
+    dataset = get_version(registry.engine, dataset_ref, tenant=registry.tenant)
     paths = shard_paths(dataset, registry.storage, "train")
     if not paths:
         raise NotFoundError(f"dataset {dataset.ref} has no train shards for recovery fine-tuning")

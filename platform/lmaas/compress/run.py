@@ -44,7 +44,8 @@ def check_request(config: CompressConfig | DistillConfig, registry: ModelRegistr
     """Resolve the parent and refuse what this method cannot compress, before any work starts.
 
     Raises:
-        NotFoundError: the reference does not resolve.
+        NotFoundError: the reference does not resolve (for the registry's tenant, when it acts for one).
+        AlreadyExistsError / PermissionDeniedError: the output model is another tenant's.
         InvalidInputError: not a causal LM, already quantized, or recovery without a training dataset
             (for distill: see `distill.check_distill`).
     """
@@ -53,6 +54,7 @@ def check_request(config: CompressConfig | DistillConfig, registry: ModelRegistr
 
         return check_distill(config, registry).teacher
     parent = registry.resolve(config.ref)
+    registry.check_writable(config.output_name or f"{parent.name}-{config.method}", create=True, param="output_name")
     if parent.task != "causal-lm":
         raise InvalidInputError(
             f"{parent.ref} is a {parent.task} model; {config.method} compresses causal-lm versions only "

@@ -27,7 +27,7 @@ from lmaas.data import sources as sources_mod
 from lmaas.data import tokenizer as tok
 from lmaas.data.config import IngestConfig
 from lmaas.data.packing import Packer, split_streams
-from lmaas.data.versions import DatasetVersion, find_by_content, publish_version
+from lmaas.data.versions import DatasetVersion, check_name_free, find_by_content, publish_version
 from lmaas import errors
 from lmaas.errors import InvalidInputError, LmaasError
 from lmaas.storage import Manifest, Storage
@@ -91,6 +91,7 @@ def ingest(
     engine: Engine,
     endpoint_url: str | None = None,
     progress: Progress | None = None,
+    tenant: str = "default",
 ) -> IngestResult:
     """Ingest `config.sources` into a new version of dataset `config.name` (or find it unchanged).
 
@@ -102,6 +103,8 @@ def ingest(
         engine: metadata database the version is recorded in.
         endpoint_url: S3-compatible endpoint for `s3://` sources.
         progress: called as documents are tokenized and when publishing starts.
+        tenant: who owns the new version; the name must be free or already this tenant's (checked
+            before reading anything), and an identical existing version counts only if it is its own.
 
     Returns:
         The new version, or the existing one with identical content (`unchanged=True`).
@@ -110,8 +113,10 @@ def ingest(
         NotFoundError: a source does not exist.
         UnreachableError: an S3 source's endpoint does not answer.
         InvalidInputError: a binary file, a bad JSONL line or field, an empty or too small corpus.
+        AlreadyExistsError: another tenant's datasets hold the name.
     """
     started = time.monotonic()
+    check_name_free(engine, config.name, tenant)
     resolved = [sources_mod.resolve(s, config.format, endpoint_url=endpoint_url) for s in config.sources]
     staging = Path(tempfile.mkdtemp(prefix="lmaas-ingest-"))
     try:
@@ -130,13 +135,14 @@ def ingest(
                 )
             spec.save(staging / "content" / "tokenizer")
             content_hash = Manifest.of_dir(staging / "content").sha256
-            existing = find_by_content(engine, config.name, content_hash)
+            existing = find_by_content(engine, config.name, content_hash, tenant=tenant)
             if existing is not None:
                 return IngestResult(existing, True, time.monotonic() - started, stats["nodes"], stats["dropped"])
             if progress:
                 progress("publish", 0)
             record = {
                 "name": config.name,
+                "tenant": tenant,
                 "sources": list(config.sources),
                 "content_hash": content_hash,
                 "tokenizer_hash": spec.sha256,

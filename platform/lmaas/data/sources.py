@@ -7,14 +7,18 @@ or field raises `InvalidInputError` naming it. Each output row is one document: 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from lmaas.data import corpus
-from lmaas.errors import InvalidInputError
-from lmaas.storage import resolve_files
+from lmaas.errors import InvalidInputError, PermissionDeniedError
+from lmaas.storage import Storage, resolve_files
+
+UPLOADS_PREFIX = "uploads"
+"""Where each tenant's own ingest sources live in the artifact store: `uploads/<tenant>/...`."""
 
 _BY_EXTENSION = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
@@ -57,6 +61,37 @@ def resolve(source: str, fmt: str, *, endpoint_url: str | None) -> ResolvedSourc
             )
         fmt = found.pop()
     return ResolvedSource(source, filesystem, files, fmt)
+
+
+def check_tenant_source(source: str, storage: Storage, tenant: str) -> None:
+    """Refuse an ingest source a tenant (not an admin) may not read.
+
+    A tenant reads the stdlib corpus and files under its own area of the artifact store,
+    `uploads/<tenant>/` (named by path or URI as the store is: a local path for a `file://` store,
+    `s3://...` for an S3 one); nothing else on the cluster's disks or buckets. Local paths are
+    checked after resolving `..` and symbolic links.
+
+    Raises:
+        PermissionDeniedError: anything else (the message does not say what exists there).
+    """
+    if corpus.parse_stdlib_source(source) is not False:
+        return
+    area = storage.url(f"{UPLOADS_PREFIX}/{tenant}").partition("://")[2]
+    scheme, sep, rest = source.partition("://")
+    if not sep:
+        scheme, rest = "file", source
+    if storage.is_local and scheme == "file":
+        target, root = os.path.realpath(os.path.expanduser(rest)), os.path.realpath(area)
+        allowed = target == root or target.startswith(root + os.sep)
+    elif not storage.is_local and scheme == "s3":
+        parts = rest.split("/")
+        allowed = not {".", ".."} & set(parts) and "" not in parts[:-1] and (rest + "/").startswith(area + "/")
+    else:
+        allowed = False
+    if not allowed:
+        raise PermissionDeniedError(
+            f"source {source}: a tenant's ingest reads only the stdlib corpus and its own files under "
+            f"{UPLOADS_PREFIX}/{tenant}/ in the artifact store; other sources need an admin", param="sources")
 
 
 def _extension(path: str) -> str:

@@ -122,14 +122,33 @@ def get_version(engine: Engine, ref: str, *, tenant: str | None = None) -> Datas
     return _row(row)
 
 
-def find_by_content(engine: Engine, name: str, content_hash: str) -> DatasetVersion | None:
-    """The oldest version of `name` with exactly this content, if any."""
+def check_name_free(engine: Engine, name: str, tenant: str | None) -> None:
+    """Refuse a new version of dataset `name` by `tenant` when another tenant's versions hold the name.
+
+    Dataset names are global (versions live at `datasets/<name>/<N>`), so this says only that the
+    name is in use, never whose it is or what it holds. `tenant` None (the operator) may add to any.
+
+    Raises:
+        AlreadyExistsError: the name is another tenant's.
+    """
+    if tenant is None:
+        return
+    with engine.connect() as conn:
+        owners = set(conn.execute(sa.select(datasets.c.tenant).where(datasets.c.name == name).distinct()).scalars())
+    if owners - {tenant}:
+        raise AlreadyExistsError(f"the dataset name {name!r} is taken; choose another name", param="name")
+
+
+def find_by_content(engine: Engine, name: str, content_hash: str, *, tenant: str | None = None) -> DatasetVersion | None:
+    """The oldest version of `name` with exactly this content, if any (`tenant`: only its own)."""
     query = (
         sa.select(datasets)
         .where(datasets.c.name == name, datasets.c.content_hash == content_hash)
         .order_by(datasets.c.version)
         .limit(1)
     )
+    if tenant is not None:
+        query = query.where(datasets.c.tenant == tenant)
     with engine.connect() as conn:
         row = conn.execute(query).first()
     return _row(row) if row else None
@@ -145,13 +164,15 @@ def publish_version(storage: Storage, engine: Engine, local_dir: str | Path, rec
         storage: artifact store.
         engine: metadata database.
         local_dir: the shards and tokenizer, complete.
-        record: every `DatasetVersion` field except `name`-derived `version`, `uri`, `created_at`.
+        record: every `DatasetVersion` field except `name`-derived `version`, `uri`, `created_at`
+            (`tenant`, its owner, defaults to `default`).
 
     Raises:
-        AlreadyExistsError: no free version number after `attempts` tries.
+        AlreadyExistsError: no free version number after `attempts` tries, or the name is another tenant's.
     """
     local_dir = Path(local_dir)
     name = record["name"]
+    check_name_free(engine, name, record.get("tenant", "default"))
     for _ in range(attempts):
         version = _next_version(storage, engine, name)
         prefix = prefix_of(name, version)

@@ -127,8 +127,11 @@ model_uploads = sa.Table(
     sa.Column("name", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False, default=time.time),
     sa.Column("files", sa.JSON, nullable=True),
+    sa.Column("tenant", sa.String(200), nullable=True),
 )
 """Uploads in progress: gc leaves their files alone for a grace period, then collects them.
+
+`tenant` is who opened a two-step upload (None: an admin); to anyone else it does not exist.
 
 `files` is set for a two-step upload only: `{path: {"size", "sha256", "stored": {"size", "sha256"} | null}}`,
 the files the client declared and, once each has landed, what the store holds (ciphertext if encrypted).
@@ -260,3 +263,22 @@ canaries = sa.Table(
 """Canary rollouts (`serve.canary`): one row per served model of a Serve app that has a canary. `rollout`
 is a hash of the canary's configuration; `state` moves running -> rolled_back | promoted, each move
 made by one conditional UPDATE so exactly one gateway replica performs it."""
+
+deployments = sa.Table(
+    "deployments",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("app", sa.String(100), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("tenant", sa.String(200), nullable=False),
+    sa.Column("ref", sa.String(300), nullable=False),
+    sa.Column("canary_ref", sa.String(300), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Column("updated_at", sa.Float, nullable=False, default=time.time),
+    sa.UniqueConstraint("app", "name"),
+    sa.Index(None, "ref"),
+    sa.Index(None, "canary_ref"),
+)
+"""Who owns each served name of a Serve app and what it serves (`serve.records`): written when a
+deploy is applied, removed by undeploy. Only the owner tenant (or an admin) may replace, change or
+remove a deployment; a version a row names by number (`name:3`) cannot be archived or deleted."""

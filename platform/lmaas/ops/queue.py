@@ -41,7 +41,7 @@ from sqlalchemy.engine import Engine
 
 from lmaas.db import record_event
 from lmaas.db.schema import queued_jobs
-from lmaas.errors import InvalidInputError, NotFoundError, UnreachableError
+from lmaas.errors import InvalidInputError, NotFoundError, PermissionDeniedError, UnreachableError
 from lmaas.ops.metrics import JobMetrics
 
 log = logging.getLogger("lmaas.queue")
@@ -144,6 +144,8 @@ def submit(
     tenant: str = "default",
     capacity: dict[str, float] | None = None,
     actor: str = "queue",
+    privileged: bool = False,
+    storage: Any = None,
 ) -> QueuedJob:
     """Validate and queue one job; nothing runs until the admitter hands it to Ray.
 
@@ -154,10 +156,16 @@ def submit(
         resources: `command` jobs: `{"CPU": 1, "GPU": 0}` reserved for the entrypoint.
         capacity: the cluster's total resources; a job that could never fit is refused.
         actor: who submits it, as the audit log names them.
+        privileged: an admin (or the operator's CLI) submits it. Everyone else's jobs run as
+            `tenant` (see `execute`) and may not reach outside the platform's stores: ingest
+            sources must be the tenant's own uploads (`lmaas.data.sources.check_tenant_source`,
+            against `storage`), and paths on the job's node (`torchscript_dir`) are refused.
+        storage: the artifact store jobs run against (`lmaas.storage.Storage`; needed unless privileged).
 
     Raises:
         InvalidInputError: unknown kind or priority, a bad config (the message names the field),
             a job bigger than the cluster.
+        PermissionDeniedError: an unprivileged job names a source or path it may not.
     """
     from pydantic import ValidationError
 
@@ -185,6 +193,8 @@ def submit(
             raise InvalidInputError(f"{kind} config: {where or kind}: {first['msg']}", param=f"config.{where}" if where else "config") from None
         stored = validated.model_dump(mode="json")
         resources = resources_for(kind, validated)
+        if not privileged:
+            _check_unprivileged(kind, validated, storage, tenant)
     if capacity is not None:
         for name, amount in resources.items():
             if amount > capacity.get(name, 0.0) + 1e-9:
@@ -201,6 +211,19 @@ def submit(
         record_event(conn, actor=actor, action="job.submit", target=f"job:{job_id}", tenant=tenant,
                      detail={"kind": kind, "priority": priority, "resources": resources})
     return get(engine, int(job_id))
+
+
+def _check_unprivileged(kind: str, config: Any, storage: Any, tenant: str) -> None:
+    """Refuse what only an admin's job may do: read arbitrary sources, write to the node's disk."""
+    if kind == "ingest":
+        from lmaas.data.sources import check_tenant_source
+
+        if storage is None:
+            raise PermissionDeniedError("a tenant's ingest job needs the artifact store to check its sources against", param="sources")
+        for source in config.sources:
+            check_tenant_source(source, storage, tenant)
+    if kind == "compress" and getattr(config, "torchscript_dir", None):
+        raise PermissionDeniedError("torchscript_dir writes to the job's node: only an admin's job may set it", param="config.torchscript_dir")
 
 
 def get(engine: Engine, job_id: int) -> QueuedJob:
@@ -519,6 +542,10 @@ class ClusterQueue:
         """`submit` (same arguments but `capacity`) checked against the cluster's size, then the admitter is nudged."""
         info = self.cluster()
         capacity = {k: v for k, v in info.resources.items() if k in ("CPU", "GPU")} if info is not None else None
+        if not job.get("privileged") and job.get("storage") is None:
+            from lmaas.storage import Storage
+
+            job["storage"] = Storage.from_settings(self.settings)
         queued = submit(self.engine, capacity=capacity, **job)
         if info is not None and info.dashboard_url:  # the admitter needs the Jobs API (the dashboard) to admit anything
             queue_actor(self.settings, info.dashboard_url, self.settings.max_running_jobs_per_tenant).nudge.remote()
@@ -564,7 +591,13 @@ def cluster_if_any(settings: Any) -> Any:
 
 
 def execute(job_id: int) -> int:
-    """Run queued job `job_id` in this process (its Ray job's driver); returns an exit status."""
+    """Run queued job `job_id` in this process (its Ray job's driver); returns an exit status.
+
+    The job acts as its tenant throughout: models, datasets, teachers and `init_from` resolve as
+    that tenant sees them, and what it registers or ingests belongs to that tenant (another
+    tenant's model or dataset name is refused). Signing and encryption keys come from the
+    environment (`ModelRegistry.configured`).
+    """
     import json
 
     from lmaas import cluster, db
@@ -572,30 +605,32 @@ def execute(job_id: int) -> int:
     from lmaas.errors import LmaasError
     from lmaas.storage import Storage
 
+    from lmaas.registry import ModelRegistry
+
     settings = load_settings()
     engine = db.connect(settings.database_url)
     job = get(engine, job_id)
     config = job_config(job.kind, job.config)
     storage = Storage.from_settings(settings)
+    registry = ModelRegistry.configured(storage, engine).acting_for(job.tenant).as_actor(f"job:{job.id}")
     print(f"lmaas job {job.id}: {job.kind} for tenant {job.tenant}", flush=True)
     try:
         cluster.connect(settings)
         if job.kind == "train":
             from lmaas.train.run import train
 
-            result = train(config, storage=storage, engine=engine, progress=lambda m: print(
+            result = train(config, storage=storage, engine=engine, tenant=job.tenant, progress=lambda m: print(
                 f"step {m['step']}/{config.max_steps} loss {m['loss']:.3f} {m['tokens_per_s']:,.0f} tokens/s", flush=True))
             out = {"run_id": result.run_id, "model": result.model_version.ref if result.model_version else None}
         elif job.kind == "ingest":
             from lmaas.data.ingest import ingest
 
-            v = ingest(config, storage=storage, engine=engine, endpoint_url=settings.s3_endpoint_url).version
+            v = ingest(config, storage=storage, engine=engine, endpoint_url=settings.s3_endpoint_url, tenant=job.tenant).version
             out = {"dataset": v.ref, "tokens": v.tokens}
         else:
             from lmaas.compress import compress
-            from lmaas.registry import ModelRegistry
 
-            result = compress(config, ModelRegistry(storage, engine), progress=lambda line: print(line, flush=True))
+            result = compress(config, registry, progress=lambda line: print(line, flush=True))
             out = {"model": result.version.ref, "passed": result.passed}
     except LmaasError as exc:
         print(f"error: {exc.message}", file=sys.stderr, flush=True)

@@ -12,11 +12,20 @@ Registration is upload-then-commit:
 A reader sees a version only after step 2, so never a half-registered one, and numbers are
 consecutive because they are allocated only once the upload has succeeded. A writer killed
 between the steps leaves an unreferenced prefix that `gc()` deletes after a grace period.
+
+Tenancy is enforced here, not only by the HTTP routers: every method that reads or changes a
+model takes the caller's `tenant` (None: an admin or the operator's own CLI, which sees and
+changes everything). A tenant sees its own models and public ones; another tenant's private
+model answers exactly as a missing one (`NotFoundError`, same message); a public model of
+another tenant is read-only (`PermissionDeniedError`). Model names are global, so registering
+under a name another tenant holds is refused (`AlreadyExistsError`: the name is taken) and
+reveals only that the name is in use. A `parent` must be visible to the caller.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -24,7 +33,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,8 +41,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from lmaas import db
-from lmaas.db.schema import model_aliases, model_uploads, model_versions, registered_models
-from lmaas.errors import AlreadyExistsError, ConfigError, IntegrityError, InvalidInputError, NotFoundError
+from lmaas.db.schema import deployments, model_aliases, model_uploads, model_versions, registered_models
+from lmaas.errors import AlreadyExistsError, ConfigError, IntegrityError, InvalidInputError, NotFoundError, PermissionDeniedError
 from lmaas.registry.entities import (
     ARCHIVED,
     READY,
@@ -51,10 +60,24 @@ from lmaas.storage import MANIFEST, FileEntry, Manifest, Storage
 MODELS_PREFIX = "models"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 """Weights formats that unpickle (or may) on load: refused at registration."""
+STREAM_ABOVE_BYTES = 8 << 20
+"""Files at least this big are sent in chunks, hashed as they go (`stream_file`); smaller ones are checked whole first."""
 SIGNING_KEY_ENV = "LMAAS_SIGNING_KEY"
 VERIFY_KEY_ENV = "LMAAS_VERIFY_KEY"
 REQUIRE_SIGNATURE_ENV = "LMAAS_REQUIRE_SIGNATURE"
 DeploymentsOf = Callable[[str, int], list[str]]
+
+
+def _scoped(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Make a method's keyword `tenant` the registry's own when it acts for one (`acting_for`)."""
+
+    @functools.wraps(method)
+    def scoped(self: "ModelRegistry", *args: Any, **kwargs: Any) -> Any:
+        if self.tenant is not None:
+            kwargs["tenant"] = self.tenant
+        return method(self, *args, **kwargs)
+
+    return scoped
 
 
 def no_deployments(_name: str, _version: int) -> list[str]:
@@ -103,11 +126,20 @@ class ModelRegistry:
             raise ConfigError(f"a signature is required but no verify key is set; set {VERIFY_KEY_ENV}", param="verify_key")
         self.require_signature = require_signature
         self.deployments_of = deployments_of
+        self.tenant: str | None = None
+        """The tenant every call acts for (see `acting_for`); None: each call's own `tenant`."""
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> "ModelRegistry":
-        """The registry of `lmaas.config.Settings`, with signing keys from the environment.
+        """The registry of `lmaas.config.Settings`, with signing keys from the environment (see `configured`)."""
+        return cls.configured(Storage.from_settings(settings), db.connect(settings.database_url), **kwargs)
 
+    @classmethod
+    def configured(cls, storage: Storage, engine: Engine, **kwargs: Any) -> "ModelRegistry":
+        """The registry over `storage` and `engine` with the keys this process's environment sets.
+
+        Every path that registers or loads a version builds its registry here (or with
+        `from_settings`), so signing, verification and encryption apply everywhere.
         `LMAAS_SIGNING_KEY` / `LMAAS_VERIFY_KEY` hold hex Ed25519 keys (32 bytes each);
         `LMAAS_REQUIRE_SIGNATURE=1` refuses unsigned versions on load. `LMAAS_ENCRYPTION_KEY`
         (hex, 32 bytes) or `LMAAS_ENCRYPTION_KEY_FILE` (a file holding it) turns on encryption at rest.
@@ -118,7 +150,17 @@ class ModelRegistry:
             "verify_key": _hex_env(VERIFY_KEY_ENV),
             "require_signature": os.environ.get(REQUIRE_SIGNATURE_ENV, "").lower() in ("1", "true", "yes"),
         }
-        return cls(Storage.from_settings(settings), db.connect(settings.database_url), **{**keys, **kwargs})
+        return cls(storage, engine, **{**keys, **kwargs})
+
+    def acting_for(self, tenant: str) -> "ModelRegistry":
+        """This registry, acting for `tenant` in every call whatever the call's own `tenant` says.
+
+        What a queued job or a tenant's request runs with: everything it resolves is what `tenant`
+        may see, everything it registers belongs to `tenant`, and it changes only `tenant`'s models.
+        """
+        clone = copy.copy(self)
+        clone.tenant = tenant
+        return clone
 
     def as_actor(self, actor: str) -> "ModelRegistry":
         """This registry, recording `actor` (e.g. `key:<id>`) in the audit log for what it changes."""
@@ -131,6 +173,7 @@ class ModelRegistry:
         db.record_event(conn, actor=self.actor, action=action, target=target, tenant=tenant, detail=detail)
 
     # -- registration --------------------------------------------------------------------
+    @_scoped
     def register_version(
         self,
         name: str,
@@ -143,7 +186,8 @@ class ModelRegistry:
         run: str | None = None,
         metrics: dict[str, float] | None = None,
         description: str = "",
-        tenant: str = "default",
+        tenant: str | None = None,
+        owner: str | None = None,
         expected_sha256: dict[str, str] | None = None,
         progress: Callable[[str, int], None] | None = None,
     ) -> ModelVersion:
@@ -158,6 +202,9 @@ class ModelRegistry:
             dataset_sha256: the dataset's content hash, if known.
             run: the training/compression run that produced it.
             metrics: evaluation numbers to keep with it.
+            tenant: the caller's tenant: `name` must be free or its own, `parent` visible to it, and
+                a new model belongs to it (None: an admin, who may add to any model).
+            owner: who a model created here belongs to (default: `tenant`, else `default`).
             expected_sha256: `{path: sha256}` the caller expects (an upload's claimed hashes).
             progress: called with (path, bytes) as each file is stored.
 
@@ -166,12 +213,16 @@ class ModelRegistry:
 
         Raises:
             InvalidInputError: bad name, task or file (pickle weights, unsafe path, hash mismatch).
-            NotFoundError: `local_dir` or `parent` does not exist.
+            NotFoundError: `local_dir` or `parent` does not exist (or `parent` is invisible to `tenant`).
+            AlreadyExistsError: another tenant holds the name `name`.
+            PermissionDeniedError: `name` is another tenant's public model (read-only to `tenant`).
             IntegrityError: the uploaded files do not match the local ones.
         """
         _check_task(task)
+        # fail before uploading anything; `commit` checks both again under the model's lock
+        self.check_writable(name, tenant=tenant, create=True)
         if parent:
-            self.resolve(parent)  # fail before uploading anything
+            self._check_parent(parent, tenant)
         staged = self.stage(name, local_dir, expected_sha256=expected_sha256, progress=progress)
         try:
             return self.commit(
@@ -184,6 +235,7 @@ class ModelRegistry:
                 metrics=metrics,
                 description=description,
                 tenant=tenant,
+                owner=owner,
             )
         except Exception:
             self.abandon(staged)
@@ -232,6 +284,7 @@ class ModelRegistry:
         # the database records plaintext hashes, so integrity checks hold through encryption
         return StagedUpload(name=name, prefix=prefix, manifest=manifest, encrypted=self.encryption_key is not None)
 
+    @_scoped
     def commit(
         self,
         staged: "StagedUpload",
@@ -243,15 +296,21 @@ class ModelRegistry:
         run: str | None = None,
         metrics: dict[str, float] | None = None,
         description: str = "",
-        tenant: str = "default",
+        tenant: str | None = None,
+        owner: str | None = None,
     ) -> ModelVersion:
-        """Step 2 of registration: allocate the next version number and make it visible, atomically."""
+        """Step 2 of registration: allocate the next version number and make it visible, atomically.
+
+        `tenant` and `owner` as for `register_version`; ownership is checked under the model's lock.
+        """
         _check_task(task)
         metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         files = [ModelFile(f.path, f.sha256, f.size).to_dict() for f in staged.manifest.files]
         with self.engine.begin() as conn:
+            if parent:
+                self._visible(conn, parse_ref(parent).name, tenant, param="parent")
             parent_id = self._version_row(conn, parent)["id"] if parent else None
-            model = self._lock_model(conn, staged.name, tenant=tenant)
+            model = self._lock_model(conn, staged.name, owner=owner or tenant or "default", tenant=tenant)
             number = model["last_version"] + 1
             signature = None
             if self._signer is not None:
@@ -282,11 +341,12 @@ class ModelRegistry:
                 )
             )
             conn.execute(model_uploads.delete().where(model_uploads.c.prefix == staged.prefix))
-            self._event(conn, "model.register", f"{staged.name}:{number}", tenant=tenant, detail={"prefix": staged.prefix})
+            self._event(conn, "model.register", f"{staged.name}:{number}", tenant=model["tenant"], detail={"prefix": staged.prefix})
         return self.get_version(staged.name, number)
 
     # -- two-step upload (the REST API's presigned-style path) ----------------------------
-    def begin_upload(self, name: str, files: list[ModelFile], *, tenant: str = "default") -> str:
+    @_scoped
+    def begin_upload(self, name: str, files: list[ModelFile], *, tenant: str | None = None) -> str:
         """Open a two-step upload: declare the files, PUT each with `put_upload_file`, then `commit_upload`.
 
         The files land under a fresh prefix `models/<name>/<upload id>` recorded in `model_uploads`,
@@ -296,6 +356,8 @@ class ModelRegistry:
         Args:
             name: model name (created at commit if new).
             files: every file of the version with its size and sha256.
+            tenant: the caller's tenant (None: an admin); `name` must be free or its own. The
+                upload's later calls take the same `tenant`; to another tenant it does not exist.
 
         Returns:
             The upload id.
@@ -303,8 +365,9 @@ class ModelRegistry:
         Raises:
             InvalidInputError: bad name, no files, a file listed twice, an unsafe path, pickle-format
                 weights, a negative size or a malformed sha256.
+            AlreadyExistsError / PermissionDeniedError: as for `register_version`.
         """
-        validate_model_name(name)
+        self.check_writable(name, tenant=tenant, create=True)
         if not files:
             raise InvalidInputError("an upload needs at least one file", param="files")
         declared: dict[str, dict[str, Any]] = {}
@@ -322,12 +385,14 @@ class ModelRegistry:
         upload_id = uuid.uuid4().hex
         with self.engine.begin() as conn:
             conn.execute(
-                model_uploads.insert().values(prefix=f"{MODELS_PREFIX}/{name}/{upload_id}", name=name, created_at=time.time(), files=declared)
+                model_uploads.insert().values(prefix=f"{MODELS_PREFIX}/{name}/{upload_id}", name=name, created_at=time.time(), files=declared,
+                                              tenant=tenant)
             )
             self._event(conn, "upload.begin", f"{name}/{upload_id}", tenant=tenant, detail={"files": len(declared)})
         return upload_id
 
-    def put_upload_file(self, upload_id: str, path: str, data: BinaryIO) -> ModelFile:
+    @_scoped
+    def put_upload_file(self, upload_id: str, path: str, data: BinaryIO, *, tenant: str | None = None) -> ModelFile:
         """Store one declared file of an open upload, checking its size and sha256 as it lands.
 
         Sending a file again replaces it. Nothing is visible until `commit_upload`.
@@ -338,7 +403,7 @@ class ModelRegistry:
             InvalidInputError: `path` was not declared, or the bytes do not match its declared size
                 or sha256, or a `.safetensors` file is not safetensors (nothing is kept).
         """
-        upload = self._open_upload(upload_id)
+        upload = self._open_upload(upload_id, tenant=tenant)
         expected = upload["files"].get(path)
         if expected is None:
             raise InvalidInputError(f"{path}: not a file of upload {upload_id}; declare it when the upload begins", param="path")
@@ -362,12 +427,13 @@ class ModelRegistry:
             self.storage.write_bytes(target, _encrypt(self.encryption_key, path, plain.getvalue()))
         return ModelFile(path, expected["sha256"], expected["size"])
 
-    def commit_upload(self, upload_id: str, *, task: str, **details: Any) -> ModelVersion:
+    @_scoped
+    def commit_upload(self, upload_id: str, *, task: str, tenant: str | None = None, **details: Any) -> ModelVersion:
         """Verify that every declared file of an upload arrived intact and register it as the next version.
 
         Args:
             upload_id: from `begin_upload`.
-            task, **details: as for `commit` (parent, dataset, dataset_sha256, run, metrics, description, tenant).
+            task, tenant, **details: as for `commit` (parent, dataset, dataset_sha256, run, metrics, description, owner).
 
         Raises:
             NotFoundError: no open upload `upload_id`.
@@ -376,9 +442,9 @@ class ModelRegistry:
             IntegrityError: a stored file no longer matches what was sent.
         """
         _check_task(task)
-        upload = self._open_upload(upload_id)
+        upload = self._open_upload(upload_id, tenant=tenant)
         if details.get("parent"):
-            self.resolve(details["parent"])
+            self._check_parent(details["parent"], tenant)
         prefix = upload["prefix"]
         plain, stored = [], []
         for path, expected in sorted(upload["files"].items()):
@@ -402,31 +468,34 @@ class ModelRegistry:
             raise AlreadyExistsError(f"upload {upload_id} is already being committed", param="upload_id") from None
         staged = StagedUpload(name=upload["name"], prefix=prefix, manifest=Manifest(tuple(plain)), encrypted=self.encryption_key is not None)
         try:
-            return self.commit(staged, task=task, **details)
+            return self.commit(staged, task=task, tenant=tenant, **details)
         except Exception:
             # the files stay staged: drop the manifest so the client can fix the request and commit again
             if not self._is_committed(prefix):
                 self.storage.delete(f"{prefix}/{MANIFEST}")
             raise
 
-    def abort_upload(self, upload_id: str) -> None:
+    @_scoped
+    def abort_upload(self, upload_id: str, *, tenant: str | None = None) -> None:
         """Delete an open upload and its files.
 
         Raises:
-            NotFoundError: no open upload `upload_id`.
+            NotFoundError: no open upload `upload_id` (or one of another tenant's).
             AlreadyExistsError: it is already committed (delete the version instead).
         """
-        upload = self._open_upload(upload_id)
+        upload = self._open_upload(upload_id, tenant=tenant)
         with self.engine.begin() as conn:
             conn.execute(model_uploads.delete().where(model_uploads.c.prefix == upload["prefix"]))
             self._event(conn, "upload.abort", f"{upload['name']}/{upload_id}", tenant=None)
         self.storage.delete(upload["prefix"])
 
-    def upload_name(self, upload_id: str) -> str:
+    @_scoped
+    def upload_name(self, upload_id: str, *, tenant: str | None = None) -> str:
         """The model an open upload is for. Raises `NotFoundError` / `AlreadyExistsError` as `commit_upload` does."""
-        return self._open_upload(upload_id)["name"]
+        return self._open_upload(upload_id, tenant=tenant)["name"]
 
-    def _open_upload(self, upload_id: str) -> dict[str, Any]:
+    def _open_upload(self, upload_id: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """The open upload's row; one `tenant` could not have begun (the name is not its own or free) is missing."""
         if len(upload_id) != 32 or any(c not in "0123456789abcdef" for c in upload_id):
             raise NotFoundError(f"no upload {upload_id!r}", param="upload_id")
         pattern = f"{MODELS_PREFIX}/%/{upload_id}"
@@ -438,15 +507,22 @@ class ModelRegistry:
                 if conn.execute(sa.select(model_versions.c.id).where(model_versions.c.prefix.like(pattern))).first():
                     raise AlreadyExistsError(f"upload {upload_id} is already committed", param="upload_id")
                 raise NotFoundError(f"no upload {upload_id!r} (never begun, aborted, or collected after its grace period)", param="upload_id")
+            if tenant is not None:
+                model = self._model_row(conn, row["name"])
+                if row["tenant"] != tenant or (model is not None and model.tenant != tenant):
+                    raise NotFoundError(f"no upload {upload_id!r} (never begun, aborted, or collected after its grace period)", param="upload_id")
         return dict(row)
 
     def _is_committed(self, prefix: str) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(model_versions.c.id).where(model_versions.c.prefix == prefix)).first() is not None
 
-    def _lock_model(self, conn: Connection, name: str, *, tenant: str) -> dict[str, Any]:
-        """The model's row, created if missing, locked until the transaction ends."""
-        values = dict(name=name, tenant=tenant, description="", tags={}, created_at=time.time(), last_version=0)
+    def _lock_model(self, conn: Connection, name: str, *, owner: str, tenant: str | None) -> dict[str, Any]:
+        """The model's row, created for `owner` if missing, locked until the transaction ends.
+
+        Raises (rolling the transaction back) unless `tenant` may add versions to it, as `check_writable`.
+        """
+        values = dict(name=name, tenant=owner, description="", tags={}, created_at=time.time(), last_version=0)
         if conn.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
@@ -456,9 +532,62 @@ class ModelRegistry:
         query = sa.select(registered_models).where(registered_models.c.name == name)
         if conn.dialect.name == "postgresql":
             query = query.with_for_update()
-        return dict(conn.execute(query).mappings().one())
+        row = dict(conn.execute(query).mappings().one())
+        _check_owner(name, row["tenant"], bool(row["public"]), tenant, create=True)
+        return row
+
+    # -- ownership -----------------------------------------------------------------------
+    @_scoped
+    def check_writable(self, name: str, *, tenant: str | None = None, create: bool = False, param: str = "name") -> RegisteredModel | None:
+        """Refuse a change to model `name` unless `tenant` owns it (None: an admin, who may change any).
+
+        Args:
+            create: the change may create the model (a registration): a free name is fine.
+            param: the field named by the errors.
+
+        Returns:
+            The model, or None when it does not exist (only with `create`).
+
+        Raises:
+            NotFoundError: no such model, or another tenant's private one (the same message either way).
+            PermissionDeniedError: another tenant's public model (shared read-only).
+            AlreadyExistsError: with `create`, another tenant's private model holds the name.
+        """
+        validate_model_name(name)
+        with self.engine.connect() as conn:
+            row = self._model_row(conn, name)
+        if row is None:
+            if create:
+                return None
+            raise NotFoundError(f"no model named {name!r}", param=param)
+        _check_owner(name, row.tenant, bool(row.public), tenant, create=create, param=param)
+        return _model(row._mapping)
+
+    def _check_parent(self, parent: str, tenant: str | None) -> None:
+        """NotFoundError naming `parent` unless it resolves to a version `tenant` may see."""
+        try:
+            self.resolve(parent, tenant=tenant)
+        except NotFoundError as exc:
+            raise NotFoundError(f"parent: {exc.message}", param="parent") from None
+
+    def _model_row(self, conn: Connection, name: str) -> Any:
+        return conn.execute(sa.select(registered_models).where(registered_models.c.name == name)).first()
+
+    def _writable(self, conn: Connection, name: str, tenant: str | None, *, param: str) -> None:
+        """`check_writable` inside the caller's transaction, for an existing model."""
+        row = self._model_row(conn, name)
+        if row is None:
+            raise NotFoundError(f"no model named {name!r}", param=param)
+        _check_owner(name, row.tenant, bool(row.public), tenant, param=param)
+
+    def _visible(self, conn: Connection, name: str, tenant: str | None, *, param: str = "model") -> None:
+        """NotFoundError unless `tenant` may see model `name` (its own or public; None sees all)."""
+        row = self._model_row(conn, name)
+        if row is None or not (tenant is None or row.public or row.tenant == tenant):
+            raise NotFoundError(f"no model named {name!r}", param=param)
 
     # -- reading -------------------------------------------------------------------------
+    @_scoped
     def get_model(self, name: str, *, tenant: str | None = None) -> RegisteredModel:
         """A registered model by name.
 
@@ -476,6 +605,7 @@ class ModelRegistry:
             raise NotFoundError(f"no model named {name!r}", param="name")
         return _model(row)
 
+    @_scoped
     def list_models(self, *, search: str | None = None, tenant: str | None = None, offset: int = 0, limit: int = 100) -> list[RegisteredModel]:
         """Registered models sorted by name; `search` matches a substring of the name.
 
@@ -492,13 +622,16 @@ class ModelRegistry:
             return [_model(r) for r in conn.execute(query).mappings()]
 
     def set_public(self, name: str, public: bool) -> RegisteredModel:
-        """Share a model with every tenant (read and inference), or make it private to its owner again."""
+        """Share a model with every tenant (read and inference), or make it private to its owner again (admins only)."""
+        if self.tenant is not None:
+            raise PermissionDeniedError("only an admin makes a model public or private", param="public")
         with self.engine.begin() as conn:
             model = self._require_model(conn, validate_model_name(name))
             conn.execute(registered_models.update().where(registered_models.c.id == model.id).values(public=bool(public)))
             self._event(conn, "model.public" if public else "model.private", name, tenant=model.tenant)
         return self.get_model(name)
 
+    @_scoped
     def list_versions(
         self, name: str, *, offset: int = 0, limit: int = 100, status: str | None = None, tenant: str | None = None
     ) -> list[ModelVersion]:
@@ -510,10 +643,12 @@ class ModelRegistry:
         with self.engine.connect() as conn:
             return [self._version(conn, r) for r in conn.execute(query.offset(offset).limit(limit)).mappings()]
 
+    @_scoped
     def get_version(self, name: str, version: int, *, tenant: str | None = None) -> ModelVersion:
         """One version by number. Raises `NotFoundError`."""
         return self.resolve(ModelRef(validate_model_name(name), version=int(version)), tenant=tenant)
 
+    @_scoped
     def resolve(self, ref: str | ModelRef, *, tenant: str | None = None) -> ModelVersion:
         """The version a reference names: `name`, `name:7` or `name@alias`.
 
@@ -531,6 +666,7 @@ class ModelRegistry:
         with self.engine.connect() as conn:
             return self._version(conn, self._version_row(conn, ref))
 
+    @_scoped
     def aliases(self, name: str, *, tenant: str | None = None) -> list[Alias]:
         """Every alias of a model, by alias name."""
         self.get_model(name, tenant=tenant)
@@ -545,7 +681,7 @@ class ModelRegistry:
             return [Alias(name, r["alias"], r["version"], r["updated_at"]) for r in conn.execute(query).mappings()]
 
     def _versions_query(self) -> sa.Select:
-        return sa.select(model_versions, registered_models.c.name, registered_models.c.tenant).join(
+        return sa.select(model_versions, registered_models.c.name, registered_models.c.tenant, registered_models.c.public).join(
             registered_models, registered_models.c.id == model_versions.c.model_id
         )
 
@@ -611,30 +747,35 @@ class ModelRegistry:
         )
 
     # -- loading -------------------------------------------------------------------------
-    def download(self, ref: str | ModelRef, local_dir: str | os.PathLike[str]) -> ModelVersion:
+    @_scoped
+    def download(self, ref: str | ModelRef, local_dir: str | os.PathLike[str], *, tenant: str | None = None) -> ModelVersion:
         """Download a version's files to `local_dir`, verifying every sha256 (and the signature).
 
         Raises:
-            NotFoundError: the reference names nothing.
+            NotFoundError: the reference names nothing (or a model `tenant` may not see).
             IntegrityError: a stored file is missing, truncated or altered (the message names
                 it), or the signature is missing (when required) or invalid.
         """
-        version = self.resolve(ref)
+        version = self.resolve(ref, tenant=tenant)
         self.check_signature(version)
         manifest = self.storage.read_manifest(version.prefix)
         if manifest is None:
             raise IntegrityError(f"{version.ref}: its files are missing from {self.storage.url(version.prefix)}")
         local_dir = Path(local_dir)
         local_dir.mkdir(parents=True, exist_ok=True)
+        # one manifest, read (and its paths checked) once and matched against the database, is used throughout
         if not version.encrypted:
             if manifest.sha256 != version.manifest_sha256:
                 raise IntegrityError(f"{version.ref}: the stored manifest {self.storage.url(version.prefix + '/' + MANIFEST)} was altered")
-            self.storage.download_dir(version.prefix, local_dir)
+            self.storage.download_dir(version.prefix, local_dir, manifest=manifest)
             (local_dir / MANIFEST).unlink(missing_ok=True)
             return version
         key = self._decryption_key(version)
+        if sorted(e.path for e in manifest.files) != sorted(f.path for f in version.files):
+            raise IntegrityError(f"{version.ref}: the stored manifest {self.storage.url(version.prefix + '/' + MANIFEST)} lists other "
+                                 "files than the database: altered")
         with tempfile.TemporaryDirectory(prefix="lmaas-sealed-") as sealed:
-            self.storage.download_dir(version.prefix, sealed)  # verifies the ciphertext hashes
+            self.storage.download_dir(version.prefix, sealed, manifest=manifest)  # verifies the ciphertext hashes
             for entry in version.files:
                 plain = self._decrypt_checked(version, key, entry, (Path(sealed) / entry.path).read_bytes())
                 dest = local_dir / entry.path
@@ -657,14 +798,15 @@ class ModelRegistry:
             raise IntegrityError(f"{where} does not match its sha256 in the manifest after decryption: altered")
         return plain
 
-    def read_file(self, ref: str | ModelRef, path: str) -> tuple[ModelVersion, bytes]:
+    @_scoped
+    def read_file(self, ref: str | ModelRef, path: str, *, tenant: str | None = None) -> tuple[ModelVersion, bytes]:
         """One file of a version, verified against its recorded sha256.
 
         Raises:
-            NotFoundError: no such version or file.
+            NotFoundError: no such version or file (or a model `tenant` may not see).
             IntegrityError: the stored bytes do not match (the message names the file).
         """
-        version = self.resolve(ref)
+        version = self.resolve(ref, tenant=tenant)
         self.check_signature(version)
         entry = next((f for f in version.files if f.path == path), None)
         if entry is None:
@@ -680,9 +822,57 @@ class ModelRegistry:
             raise IntegrityError(f"{where} does not match its sha256 in the manifest: truncated or altered")
         return version, data
 
-    def verify(self, ref: str | ModelRef) -> ModelVersion:
+    @_scoped
+    def stream_file(self, ref: str | ModelRef, path: str, *, tenant: str | None = None, chunk_size: int = 1 << 20,
+                    whole_below: int = STREAM_ABOVE_BYTES) -> tuple[ModelVersion, ModelFile, Iterator[bytes]]:
+        """One file of a version as chunks, for sending without holding it in memory.
+
+        A file smaller than `whole_below` (and any encrypted one: AES-GCM opens whole files) is read
+        and verified before the first chunk, so damage is a clean `IntegrityError`. A larger one is
+        checked for presence and size first, then hashed as it streams, its last chunk held back
+        until the hash is known: the iterator raises `IntegrityError` instead of yielding it if the
+        bytes differ from the recorded sha256 (a server then breaks the connection short of its
+        Content-Length, so no client takes an altered file as complete).
+
+        Raises:
+            NotFoundError: no such version or file (or a model `tenant` may not see).
+            IntegrityError: the file is missing, truncated or altered.
+        """
+        version = self.resolve(ref, tenant=tenant)
+        entry = next((f for f in version.files if f.path == path), None)
+        if entry is None:
+            raise NotFoundError(f"{version.ref} has no file {path!r}", param="path")
+        if version.encrypted or entry.size < whole_below:
+            _, data = self.read_file(version.ref, path)
+            return version, entry, iter([data])
+        self.check_signature(version)
+        target, where = f"{version.prefix}/{path}", self.storage.url(f"{version.prefix}/{path}")
+        try:
+            size = self.storage.size(target)
+        except NotFoundError:
+            raise IntegrityError(f"{where} is missing (listed in the manifest)") from None
+        if size != entry.size:
+            raise IntegrityError(f"{where} has {size} bytes, the manifest says {entry.size}: truncated or altered")
+
+        def chunks() -> Iterator[bytes]:
+            # the last chunk is held back until the hash is known: an altered file never arrives whole
+            digest, held = hashlib.sha256(), b""
+            with self.storage.open(target) as f:
+                while chunk := f.read(chunk_size):
+                    digest.update(chunk)
+                    if held:
+                        yield held
+                    held = chunk
+            if digest.hexdigest() != entry.sha256:
+                raise IntegrityError(f"{where} does not match its sha256 in the manifest: altered")
+            yield held
+
+        return version, entry, chunks()
+
+    @_scoped
+    def verify(self, ref: str | ModelRef, *, tenant: str | None = None) -> ModelVersion:
         """Check a version's stored files and signature without downloading them elsewhere."""
-        version = self.resolve(ref)
+        version = self.resolve(ref, tenant=tenant)
         self.check_signature(version)
         manifest = self.storage.verify(version.prefix)
         if version.encrypted:
@@ -710,16 +900,22 @@ class ModelRegistry:
             raise IntegrityError(f"{version.ref}: invalid signature (not signed by the configured key, or altered)") from None
 
     # -- aliases and status --------------------------------------------------------------
-    def set_alias(self, name: str, alias: str, version: int) -> Alias:
+    @_scoped
+    def set_alias(self, name: str, alias: str, version: int, *, tenant: str | None = None) -> Alias:
         """Point `alias` of model `name` at `version` (moving it if it exists).
 
+        Args:
+            tenant: the caller's tenant, which must own the model (None: an admin).
+
         Raises:
-            NotFoundError: no such model or version.
+            NotFoundError: no such model or version (or another tenant's private model).
+            PermissionDeniedError: another tenant's public model.
             InvalidInputError: bad alias, or the version is archived.
         """
         validate_alias(alias)
         with self.engine.begin() as conn:
-            row = self._version_row(conn, ModelRef(validate_model_name(name), version=int(version)))
+            self._writable(conn, validate_model_name(name), tenant, param="model")
+            row = self._version_row(conn, ModelRef(name, version=int(version)))
             if row["status"] != READY:
                 raise InvalidInputError(f"{name}:{version} is archived; restore it before pointing an alias at it", param="version")
             now = time.time()
@@ -730,13 +926,13 @@ class ModelRegistry:
             self._event(conn, "alias.set", f"{name}@{alias}", tenant=row["tenant"], detail={"version": int(version)})
         return Alias(name, alias, int(version), now)
 
-    def delete_alias(self, name: str, alias: str) -> None:
-        """Remove an alias. Raises `NotFoundError` if it does not exist."""
+    @_scoped
+    def delete_alias(self, name: str, alias: str, *, tenant: str | None = None) -> None:
+        """Remove an alias. Raises `NotFoundError` if it does not exist; `tenant` as for `set_alias`."""
         validate_alias(alias)
         with self.engine.begin() as conn:
-            model = conn.execute(sa.select(registered_models).where(registered_models.c.name == validate_model_name(name))).first()
-            if model is None:
-                raise NotFoundError(f"no model named {name!r}", param="name")
+            self._writable(conn, validate_model_name(name), tenant, param="name")
+            model = self._model_row(conn, name)
             deleted = conn.execute(
                 model_aliases.delete().where(model_aliases.c.model_id == model.id, model_aliases.c.alias == alias)
             ).rowcount
@@ -744,16 +940,22 @@ class ModelRegistry:
                 raise NotFoundError(f"model {name!r} has no alias {alias!r}", param="alias")
             self._event(conn, "alias.delete", f"{name}@{alias}", tenant=model.tenant)
 
-    def archive(self, ref: str | ModelRef) -> ModelVersion:
-        """Mark a version archived (hidden from `name` resolution; files kept). Refused (409) if an alias points at it."""
-        return self._set_status(ref, ARCHIVED)
+    @_scoped
+    def archive(self, ref: str | ModelRef, *, tenant: str | None = None) -> ModelVersion:
+        """Mark a version archived (hidden from `name` resolution; files kept). Refused (409) if an alias points at it.
 
-    def restore(self, ref: str | ModelRef) -> ModelVersion:
-        """Mark an archived version ready again."""
-        return self._set_status(ref, READY)
+        `tenant` must own the model (None: an admin), as for `set_alias`.
+        """
+        return self._set_status(ref, ARCHIVED, tenant)
 
-    def _set_status(self, ref: str | ModelRef, status: str) -> ModelVersion:
+    @_scoped
+    def restore(self, ref: str | ModelRef, *, tenant: str | None = None) -> ModelVersion:
+        """Mark an archived version ready again (`tenant` as for `archive`)."""
+        return self._set_status(ref, READY, tenant)
+
+    def _set_status(self, ref: str | ModelRef, status: str, tenant: str | None) -> ModelVersion:
         with self.engine.begin() as conn:
+            self._writable(conn, parse_ref(ref).name, tenant, param="model")
             row = self._version_row(conn, ref)
             if status == ARCHIVED:
                 self._refuse_if_in_use(conn, row, "archive")
@@ -761,22 +963,41 @@ class ModelRegistry:
             self._event(conn, f"version.{status}", f"{row['name']}:{row['version']}", tenant=row["tenant"])
         return self.get_version(row["name"], row["version"])
 
-    def delete_version(self, ref: str | ModelRef) -> ModelVersion:
+    @_scoped
+    def delete_version(self, ref: str | ModelRef, *, tenant: str | None = None) -> ModelVersion:
         """Delete a version and its files.
 
+        Versions of other tenants that derive from it (possible while it is public) do not hold it:
+        they lose their parent link instead, as the owner cannot see them.
+
+        Args:
+            tenant: the caller's tenant, which must own the model (None: an admin).
+
         Raises:
-            AlreadyExistsError (409): an alias or a deployment points at it, or another version derives from it.
+            NotFoundError: no such version (or another tenant's private model).
+            PermissionDeniedError: another tenant's public model.
+            AlreadyExistsError (409): an alias or a deployment points at it, or another version of
+                its owner's (or a public one) derives from it.
         """
         with self.engine.begin() as conn:
+            self._writable(conn, parse_ref(ref).name, tenant, param="model")
             row = self._version_row(conn, ref)
             self._refuse_if_in_use(conn, row, "delete")
-            children = conn.execute(sa.select(sa.func.count()).where(model_versions.c.parent_id == row["id"])).scalar_one()
+            child_rows = conn.execute(
+                sa.select(model_versions.c.id, registered_models.c.tenant, registered_models.c.public)
+                .join(registered_models, registered_models.c.id == model_versions.c.model_id)
+                .where(model_versions.c.parent_id == row["id"])
+            ).all()
+            unseen = [c.id for c in child_rows if c.tenant != row["tenant"] and not c.public]
+            children = len(child_rows) - len(unseen)
             if children:
                 raise AlreadyExistsError(
                     f"cannot delete {row['name']}:{row['version']}: {children} version(s) derive from it; delete them first",
                     param="model",
                 )
             version = self._version(conn, row)
+            if unseen:
+                conn.execute(model_versions.update().where(model_versions.c.id.in_(unseen)).values(parent_id=None))
             conn.execute(model_versions.delete().where(model_versions.c.id == row["id"]))
             self._event(conn, "version.delete", version.ref, tenant=row["tenant"])
         # the row is gone first: a crash here leaves only unreferenced files, which gc removes
@@ -785,35 +1006,56 @@ class ModelRegistry:
 
     def _refuse_if_in_use(self, conn: Connection, row: dict[str, Any], verb: str) -> None:
         aliases = conn.execute(sa.select(model_aliases.c.alias).where(model_aliases.c.version_id == row["id"])).scalars().all()
-        deployments = self.deployments_of(row["name"], row["version"])
-        if aliases or deployments:
-            users = [f"alias {a!r}" for a in aliases] + [f"deployment {d!r}" for d in deployments]
+        deployed = self._deployed(conn, row["name"], row["version"])
+        if aliases or deployed:
+            users = [f"alias {a!r}" for a in aliases] + [f"deployment {d!r}" for d in deployed]
             raise AlreadyExistsError(
                 f"cannot {verb} {row['name']}:{row['version']}: {', '.join(users)} point(s) at it; move or delete them first",
                 param="model",
             )
 
     # -- lineage -------------------------------------------------------------------------
-    def lineage(self, ref: str | ModelRef) -> Lineage:
-        """A version's dataset, run, parent, children (derived versions), aliases and deployments."""
+    @_scoped
+    def lineage(self, ref: str | ModelRef, *, tenant: str | None = None) -> Lineage:
+        """A version's dataset, run, parent, children (derived versions), aliases and deployments.
+
+        Args:
+            tenant: only a model this tenant may see; a parent or children it may not see are left out.
+        """
         with self.engine.connect() as conn:
+            self._visible(conn, parse_ref(ref).name, tenant)
             row = self._version_row(conn, ref)
             version = self._version(conn, row)
-            parent = self._version(conn, self._version_row(conn, version.parent)) if version.parent else None
+            parent_row = self._version_row(conn, version.parent) if version.parent else None
+            parent = self._version(conn, parent_row) if parent_row and _sees(tenant, parent_row) else None
             children = tuple(
                 self._version(conn, r)
                 for r in conn.execute(
                     self._versions_query().where(model_versions.c.parent_id == row["id"]).order_by(model_versions.c.id)
                 ).mappings()
+                if _sees(tenant, r)
             )
             aliases = tuple(conn.execute(sa.select(model_aliases.c.alias).where(model_aliases.c.version_id == row["id"])).scalars())
-        return Lineage(version, parent, children, tuple(sorted(aliases)), tuple(self.deployments_of(version.name, version.version)))
+            deployed = self._deployed(conn, version.name, version.version)
+        return Lineage(version, parent, children, tuple(sorted(aliases)), tuple(deployed))
 
-    def trained_on(self, dataset: str) -> list[ModelVersion]:
-        """Every version whose recorded dataset is `dataset` (e.g. `wiki:3`), oldest first."""
+    def _deployed(self, conn: Connection, name: str, version: int) -> list[str]:
+        """Deployments that serve `name:version` by number: the database's records (`app/name`, see
+        `lmaas.serve.records`) and whatever `deployments_of` adds."""
+        ref = f"{name}:{version}"
+        rows = conn.execute(
+            sa.select(deployments.c.app, deployments.c.name)
+            .where(sa.or_(deployments.c.ref == ref, deployments.c.canary_ref == ref))
+            .order_by(deployments.c.app, deployments.c.name)
+        ).all()
+        return sorted({f"{r.app}/{r.name}" for r in rows} | set(self.deployments_of(name, version)))
+
+    @_scoped
+    def trained_on(self, dataset: str, *, tenant: str | None = None) -> list[ModelVersion]:
+        """Every version whose recorded dataset is `dataset` (e.g. `wiki:3`), oldest first (`tenant`: those it may see)."""
         with self.engine.connect() as conn:
             rows = conn.execute(self._versions_query().where(model_versions.c.dataset == dataset).order_by(model_versions.c.id)).mappings()
-            return [self._version(conn, r) for r in rows]
+            return [self._version(conn, r) for r in rows if _sees(tenant, r)]
 
     # -- garbage collection --------------------------------------------------------------
     def gc(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> list[str]:
@@ -935,6 +1177,17 @@ def _copy_checked(src: BinaryIO, dest: BinaryIO, path: str, expected: dict[str, 
         raise InvalidInputError(f"{path}: sha256 {digest.hexdigest()} does not match the declared {expected['sha256']}", param="sha256")
 
 
+def _check_owner(name: str, owner: str, public: bool, tenant: str | None, *, create: bool = False, param: str = "name") -> None:
+    """Raise unless `tenant` (None: an admin) may change model `name`, owned by `owner`; see `check_writable`."""
+    if tenant is None or owner == tenant:
+        return
+    if public:
+        raise PermissionDeniedError(f"model {name!r} belongs to another tenant and is shared read-only", param=param)
+    if create:
+        raise AlreadyExistsError(f"the model name {name!r} is taken; choose another name", param=param)
+    raise NotFoundError(f"no model named {name!r}", param=param)
+
+
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise InvalidInputError(f"unknown task {task!r}; use one of {', '.join(TASKS)}", param="task")
@@ -950,6 +1203,11 @@ def _owning_prefix(path: str) -> str:
 
 def _is_temporary_path(path: str) -> bool:
     return any(p.startswith(".") and (".tmp-" in p or ".staging-" in p) for p in path.split("/"))
+
+
+def _sees(tenant: str | None, row: Any) -> bool:
+    """Whether `tenant` may see the model of a `_versions_query` row."""
+    return tenant is None or bool(row["public"]) or row["tenant"] == tenant
 
 
 def _model(row: Any) -> RegisteredModel:

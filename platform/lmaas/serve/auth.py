@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, Request
@@ -93,20 +94,37 @@ async def inference_access(request: Request, principal: Principal = Depends(auth
 def build_auth(config: AuthConfig | None, settings: Any = None) -> Auth | None:
     """The `Auth` of an app from its config (None when disabled), bootstrapping an admin key if asked.
 
-    A generated admin key is printed once on stderr (and logged); `LMAAS_ADMIN_KEY` installs a known one instead.
+    A generated admin key never goes to a log (a replica's output lands in the Ray logs, which the
+    dashboard shows): it is written to `$LMAAS_HOME/admin-key` on the replica's node, readable by
+    its user only, and the log says where. `LMAAS_ADMIN_KEY` installs a known one instead.
     """
     if config is None or not config.enabled:
         return None
     from lmaas.config import load_settings
 
-    auth = Auth.from_settings(settings or load_settings(), config)
+    settings = settings or load_settings()
+    auth = Auth.from_settings(settings, config)
     if config.bootstrap:
         secret = auth.keys.bootstrap(secret=os.environ.get(ADMIN_KEY_ENV) or None)
         if secret:
-            message = f"lmaas: created tenant 'default' and its admin API key (shown once, keep it): {secret}"
+            path = write_secret_file(Path(settings.home) / ADMIN_KEY_FILE, secret)
+            message = f"lmaas: created tenant 'default' and its admin API key; it is in {path} on this node (mode 600), shown nowhere else"
             log.warning(message)
             print(message, file=sys.stderr, flush=True)
     return auth
+
+
+ADMIN_KEY_FILE = "admin-key"
+
+
+def write_secret_file(path: Path, secret: str) -> Path:
+    """Write `secret` to `path`, created readable and writable by this user only (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret + "\n")
+    os.chmod(path, 0o600)
+    return path
 
 
 class AuditFailures:

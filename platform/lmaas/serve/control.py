@@ -22,6 +22,7 @@ import ray
 from lmaas import db
 from lmaas.auth import Principal
 from lmaas.errors import NotFoundError
+from lmaas.serve.records import DeploymentRecords, TenantCaps
 
 log = logging.getLogger("lmaas.serve")
 
@@ -103,7 +104,7 @@ def _apply(change: dict[str, Any]) -> Any:
     op, app = change["op"], change["app"]
     if op == "deploy":
         served = ServedModel.model_validate(change["served"])
-        return deploy_models([served], env=change["env"], app_name=app, grpc_port=None)
+        return deploy_models([served], env=change["env"], app_name=app, grpc_port=None, owner=change.get("owner"))
     if op == "undeploy":
         undeploy_model(change["name"], app_name=app)
         return None
@@ -164,8 +165,9 @@ class DeploymentControl:
         args: its `ServeAppArgs` (the replica's view of the current config).
     """
 
-    def __init__(self, app: str, args: Any) -> None:
+    def __init__(self, app: str, args: Any, caps: TenantCaps | None = None) -> None:
         self.app, self.args = app, args
+        self.caps = caps or TenantCaps()
 
     def served(self, name: str) -> Any:
         """The configured `ServedModel` named `name`.
@@ -178,9 +180,29 @@ class DeploymentControl:
                 return m
         raise NotFoundError(f"no deployment named {name!r}; see GET /api/v1/deployments", param="name")
 
+    def check(self, principal: Principal, name: str, *, create: bool) -> None:
+        """Refuse a change to served name `name` the caller's tenant does not own (see `serve.records`)."""
+        current = next((m for m in self.args.models if m.name == name), None)
+        self.records.check_change(self.app, name, principal.tenant_filter, create=create, current_ref=current.ref if current else None)
+
+    @property
+    def records(self) -> DeploymentRecords:
+        """The deployment records of this replica's database (its environment is the app's `env`)."""
+        return DeploymentRecords.from_settings()
+
     def submit(self, principal: Principal, op: str, name: str, served: Any = None) -> dict[str, Any]:
-        """Audit the request and hand it to the applier; returns the change's summary."""
-        change = {"op": op, "app": self.app, "name": name, "env": dict(self.args.env), "actor": principal.actor, "tenant": principal.tenant}
+        """Check ownership and caps, audit the request and hand it to the applier; returns the change's summary.
+
+        Raises:
+            AlreadyExistsError: a deploy under a served name another tenant holds.
+            NotFoundError: an undeploy of another tenant's deployment.
+            PermissionDeniedError: a non-admin deployment over `TenantCaps`, or with custom resources.
+        """
+        self.check(principal, name, create=op == "deploy")
+        if served is not None and principal.tenant_filter is not None:
+            self.caps.check(served)
+        change = {"op": op, "app": self.app, "name": name, "env": dict(self.args.env), "actor": principal.actor,
+                  "tenant": principal.tenant, "owner": principal.tenant_filter}
         if served is not None:
             change["served"] = served.model_dump(mode="json")
         summary = submit(change)

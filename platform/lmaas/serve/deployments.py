@@ -985,13 +985,15 @@ def deploy_model(
 
 def deploy_models(
     served: list[ServedModel], *, env: dict[str, str], app_name: str = APP_NAME, host: str = "0.0.0.0", port: int = 8000,
-    grpc_port: int | None = DEFAULT_GRPC_PORT,
+    grpc_port: int | None = DEFAULT_GRPC_PORT, owner: str | None = None,
 ) -> dict[str, str]:
     """Add (or replace, by name) models in the app on the connected cluster and wait until they run.
 
     Other models keep their settings; Serve updates only deployments whose config changed. `port`
     (HTTP) and `grpc_port` (None: no gRPC) apply when this call starts Serve; a running Serve keeps
-    its own (`http_port()` tells where it listens).
+    its own (`http_port()` tells where it listens). Each served name's record (`serve.records`) is
+    written once the app runs: `owner` is the tenant it belongs to (None: its current owner, or for
+    a new name the owner of the model it serves). Ownership is checked by the caller (`DeploymentControl`).
 
     Returns:
         Served name -> the `name:version` it serves (its reference while scaled to zero).
@@ -1007,6 +1009,11 @@ def deploy_models(
     # a reference that no replica re-resolves (refresh 0) resolves again only when its replicas start
     restart = [m.name for m in served if m.refresh_interval_s == 0 and parse_ref(m.ref).version is None]
     handle = run_app(build_app(ServeAppArgs.model_validate(config.model_dump()), restart=restart), app_name)
+    from lmaas.serve.records import DeploymentRecords
+
+    records = DeploymentRecords.from_settings()
+    for m in served:
+        records.record(app_name, m.name, tenant=owner, ref=m.ref, canary_ref=m.canary.ref if m.canary else None)
     warm = [m.name for m in served if m.initial_replicas != 0 and not m.multiplexed]  # asking a cold one would start it
     versions = handle.served_versions.remote(warm).result() if warm else {}
     return {m.name: versions.get(m.name, m.ref) for m in served}
@@ -1044,12 +1051,14 @@ def undeploy_model(name: str, *, app_name: str = APP_NAME) -> None:
         raise NotFoundError(f"no deployment named {name!r} (deployed: {', '.join(names) or 'none'}); see `lmaas deployments`", param="name")
     rest = [m for m in args.models if m.name != name]
     from lmaas.serve.canary import CanaryStore
+    from lmaas.serve.records import DeploymentRecords
 
     CanaryStore.from_settings().reset(app_name, [name])
     if not rest:
         delete_app(app_name)
-        return
-    run_app(build_app(args.model_copy(update={"models": rest})), app_name)
+    else:
+        run_app(build_app(args.model_copy(update={"models": rest})), app_name)
+    DeploymentRecords.from_settings().remove(app_name, name)
 
 
 def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:

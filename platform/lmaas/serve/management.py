@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -19,7 +19,7 @@ from lmaas.auth import Auth
 from lmaas.registry import ModelRegistry
 from lmaas.serve.auth import AuditFailures
 from lmaas.serve.errors import install_error_handlers
-from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, BodySizeLimit
+from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, BodySizeLimit, readiness_response
 from lmaas.serve.routers import auth as auth_router
 from lmaas.serve.routers import jobs as jobs_router
 from lmaas.serve.routers import registry as registry_router
@@ -47,12 +47,12 @@ def build_app(
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        """Readiness: 200 when the database and the artifact store answer; else 503 naming what does not."""
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: 200 when the database and the artifact store answer; else 503 (naming the problem to admins only)."""
         from lmaas.ops.health import database_and_storage
 
         ready, checks = await run_in_threadpool(database_and_storage, registry.engine, registry.storage)
-        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+        return await readiness_response(auth, request, ready, checks)
 
     return app
 

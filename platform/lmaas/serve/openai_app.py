@@ -8,6 +8,7 @@ Mounted by the Serve ingress; standalone for tests and one-machine setups:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 import lmaas
@@ -82,20 +83,64 @@ def build_openai_app(
         """Liveness: the gateway answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "Not ready: `checks` names what does not answer."}})
-    async def readyz() -> JSONResponse:
-        """Readiness: 200 when every served model, the database and the artifact store answer; else 503 naming what does not."""
+    @app.get("/readyz", responses={503: {"description": "Not ready: `checks` says which component does not answer."}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: 200 when every served model, the database and the artifact store answer; else 503.
+
+        `checks` names each problem for an admin key (or with auth off). Anyone else, probes
+        included, sees only `ok` / `not ok` for `database`, `storage` and `models` (all served models
+        together): no model names, no store URI, nothing of any tenant's.
+        """
         ready, checks = (True, {}) if readiness is None else await readiness()
-        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+        return await readiness_response(auth, request, ready, checks)
 
     return app
+
+
+async def readiness_response(auth: Auth | None, request: Request, ready: bool, checks: dict[str, str]) -> JSONResponse:
+    """`/readyz`'s answer: 200 or 503, with `checks` in full for an admin and `_redacted` for anyone else."""
+    if not await _is_admin(auth, request.headers.get("authorization")):
+        checks = _redacted(checks)
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+
+
+async def _is_admin(auth: Auth | None, authorization: str | None) -> bool:
+    """Whether the caller holds an admin key (no key, a bad one, or no database to ask: no)."""
+    if auth is None:
+        return True
+    if not authorization:
+        return False
+    try:
+        principal = auth.authenticate_cached(authorization) or await asyncio.to_thread(auth.authenticate, authorization)
+    except Exception:  # noqa: BLE001 - an unknown key or a database outage: the redacted answer
+        return False
+    return principal.is_admin
+
+
+def _redacted(checks: dict[str, str]) -> dict[str, str]:
+    """`/readyz` checks as a non-admin sees them: each component ok or not, served models as one."""
+    out = {name: "ok" if value == "ok" else "not ok" for name, value in checks.items() if not name.startswith("model")}
+    models = [value for name, value in checks.items() if name.startswith("model")]
+    if models:
+        out["models"] = "ok" if all(v == "ok" for v in models) else "not ok"
+    return out
+
+
+class _BodyTooLarge(Exception):
+    """A streamed request body passed its limit (raised from `receive`, caught by `BodySizeLimit`)."""
+
+    def __init__(self, more: bool) -> None:
+        super().__init__("request body too large")
+        self.more = more
 
 
 class BodySizeLimit:
     """ASGI middleware: refuse request bodies over `max_bytes` with an OpenAI-style 413 error.
 
     A declared Content-Length is checked at once; a chunked body is read up to the limit first.
-    Model file uploads (`UPLOAD_PATHS`) stream through unbuffered: their declared length is held to `max_upload_bytes`.
+    Model file uploads (`UPLOAD_PATHS`) stream through unbuffered, counted as they arrive: a
+    declared length is held to `max_upload_bytes` at once, a chunked one (no Content-Length) the
+    moment it passes it (the handler's read fails, the partial file is discarded, the answer is 413).
     """
 
     def __init__(self, app, max_bytes: int, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:  # noqa: ANN001 - an ASGI app
@@ -109,8 +154,10 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._refuse(receive, send, limit)
-        if declared is not None or upload:  # a chunked upload streams on (a PUT is checked against its declared size)
+        if declared is not None:
             return await self.app(scope, receive, send)
+        if upload:
+            return await self._counted(scope, receive, send, limit)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -132,6 +179,42 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _counted(self, scope, receive, send, limit: int) -> None:  # noqa: ANN001
+        """Stream a chunked upload to the app, answering 413 instead of the app once more than `limit` bytes arrived.
+
+        Reading past the limit raises in the app (FastAPI turns a failed form parse into a 400, a
+        route reading the stream fails with it); whatever the app answers after that is dropped.
+        """
+        received, started = 0, False
+        tripped: _BodyTooLarge | None = None
+
+        async def counting():  # noqa: ANN202
+            nonlocal received, tripped
+            if tripped is not None:
+                raise tripped
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    tripped = _BodyTooLarge(bool(message.get("more_body")))
+                    raise tripped
+            return message
+
+        async def tracking(message):  # noqa: ANN001, ANN202
+            nonlocal started
+            if tripped is not None and not started:
+                return  # the app's answer to a body cut short: the 413 replaces it
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting, tracking)
+        except Exception:
+            if tripped is None or started:
+                raise
+        if tripped is not None and not started:
+            await self._refuse(receive, send, limit, more=tripped.more)
 
     async def _refuse(self, receive, send, limit: int, more: bool = True) -> None:  # noqa: ANN001
         # read the rest and discard it: a client still sending when the socket closes sees a reset, not the 413

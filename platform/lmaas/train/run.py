@@ -148,6 +148,7 @@ def train(
     model_overrides: dict[str, Any] | None = None,
     teacher: dict[str, Any] | None = None,
     register: bool = True,
+    tenant: str | None = None,
 ) -> TrainResult:
     """Run one training job on the connected Ray cluster and register its final model.
 
@@ -164,9 +165,13 @@ def train(
             `manifest_sha256`, `ref`) and the loss's `temperature` and `alpha`.
         register: register the final checkpoint as `config.output_model` (distillation evaluates
             and registers it itself).
+        tenant: who the run acts for (a queued job's tenant; None: the operator). The dataset and
+            `init_from` resolve as this tenant sees them, and `output_model` must be free or its own
+            (checked before training starts).
 
     Raises:
-        NotFoundError: the dataset or the resumed run does not exist.
+        NotFoundError: the dataset or the resumed run does not exist (or `tenant` may not see it).
+        AlreadyExistsError / PermissionDeniedError: `output_model` belongs to another tenant.
         InvalidInputError: the cluster cannot hold the workers.
         JobFailedError: training failed after `max_failures` restarts.
     """
@@ -177,13 +182,15 @@ def train(
 
     started = time.time()
     check_resources(config, ray.cluster_resources())
-    version = get_version(engine, config.dataset)
+    version = get_version(engine, config.dataset, tenant=tenant)
+    if register and config.output_model:
+        ModelRegistry.configured(storage, engine).check_writable(config.output_model, tenant=tenant, create=True, param="output_model")
     if resume is not None:
         read_run(storage, resume)
     run_id = resume or new_run_id(config)
     run_prefix = f"{RUNS_PREFIX}/{run_id}"
     tokenizer_files, spec = _tokenizer(storage, version)
-    init = _init_from(config, storage, engine, version) if config.init_from else None
+    init = _init_from(config, storage, engine, version, tenant) if config.init_from else None
     if init is not None:
         from transformers import LlamaConfig
 
@@ -274,7 +281,7 @@ def train(
     storage.write_text(f"{run_prefix}/{RUN_FILE}", json.dumps(record, indent=1))
     registered = None
     if register and config.output_model:
-        registered = register_run(storage, engine, run_id, config.output_model, alias=config.alias)
+        registered = register_run(storage, engine, run_id, config.output_model, alias=config.alias, tenant=tenant)
     return TrainResult(
         run_id=run_id,
         run_uri=storage.url(run_prefix),
@@ -287,7 +294,7 @@ def train(
     )
 
 
-def _init_from(config: TrainConfig, storage: Storage, engine: Engine, dataset: Any) -> dict[str, Any]:
+def _init_from(config: TrainConfig, storage: Storage, engine: Engine, dataset: Any, tenant: str | None) -> dict[str, Any]:
     """Where the workers load the base model of a fine-tune from, and its architecture (`config`).
 
     Raises:
@@ -295,8 +302,9 @@ def _init_from(config: TrainConfig, storage: Storage, engine: Engine, dataset: A
         InvalidInputError: not a Llama-architecture fp32 causal LM, encrypted, a context shorter than
             the dataset's rows, or a dataset tokenized with another tokenizer.
     """
-    registry = ModelRegistry(storage, engine)
-    base = registry.resolve(config.init_from)
+    registry = ModelRegistry.configured(storage, engine)
+    base = registry.resolve(config.init_from, tenant=tenant)
+    registry.check_signature(base)
     if base.task != "causal-lm":
         raise InvalidInputError(f"init_from {base.ref} is a {base.task} model; fine-tuning starts from a causal-lm", param="init_from")
     if base.encrypted:
@@ -342,11 +350,16 @@ def check_dataset_tokenizer(registry: ModelRegistry, model: ModelVersion, model_
     return vocab
 
 
-def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, alias: str | None = None) -> ModelVersion:
+def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, alias: str | None = None,
+                 tenant: str | None = None) -> ModelVersion:
     """Register the final checkpoint of a finished run as the next version of `name`.
 
     The version records its lineage: dataset `name:N` and content hash, the run id, the run's
-    final metrics, and `lmaas_training.json` (the run's config) among its files.
+    final metrics, and `lmaas_training.json` (the run's config) among its files. It is signed
+    and encrypted as the environment configures (`ModelRegistry.configured`).
+
+    Args:
+        tenant: who registers it (as for `ModelRegistry.register_version`; None: the operator).
 
     Raises:
         NotFoundError: no such run, or it has not finished.
@@ -358,7 +371,7 @@ def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, al
         final = record.get("metrics") or {}
         metrics = {k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and k not in ("epoch", "restarts")}
         metrics["parameters"] = float(record["parameters"])
-        registry = ModelRegistry(storage, engine)
+        registry = ModelRegistry.configured(storage, engine)
         registered = registry.register_version(
             name,
             model_dir,
@@ -370,9 +383,10 @@ def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, al
             metrics=metrics,
             description=(f"fine-tune of {record['init_from']}" if record.get("init_from") else f"{config.model} model")
             + f", {config.strategy} x{config.num_workers}, {final.get('step', 0)} steps on {record['dataset']}",
+            tenant=tenant,
         )
     if alias:
-        registry.set_alias(registered.name, alias, registered.version)
+        registry.set_alias(registered.name, alias, registered.version, tenant=tenant)
     record["model"] = f"{registered.name}:{registered.version}"
     storage.write_text(f"{RUNS_PREFIX}/{run_id}/{RUN_FILE}", json.dumps(record, indent=1))
     return registered

@@ -4,13 +4,19 @@ The directory's `modules.json` names the pipeline: a Transformer, a Pooling modu
 (`1_Pooling/config.json`: mean, cls, max, mean-sqrt-len or last token) and optionally Normalize.
 This engine reproduces that pipeline with `transformers.AutoModel`, so vectors match
 `sentence_transformers.SentenceTransformer(dir).encode(...)` without that package at runtime.
-Concurrent `embed` calls are batched: a worker takes everything queued and runs one forward pass.
+Concurrent `embed` calls are batched fairly: each forward pass takes at most `max_batch_size`
+texts, drawn in turn from every waiting request, so one request of 2,048 inputs shares the engine
+with the small ones that arrive behind it instead of holding it for its whole length. A request's
+texts are tokenized once on arrival (their lengths bound the request and order its passes, so
+each pass pads little); a request whose caller went away is dropped before its next pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +27,21 @@ if TYPE_CHECKING:
     import torch
 
 POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "lasttoken")
+MAX_TOKENS_PER_REQUEST = 300_000
+"""Tokens (after truncation to the model's context) one embeddings request may hold, as OpenAI's API allows."""
+
+
+@dataclass(eq=False)
+class _Request:
+    """One `embed` call in the batch loop: its texts in encoding order and what came back so far."""
+
+    texts: list[str]
+    order: list[int]
+    future: asyncio.Future
+    taken: int = 0
+    done: int = 0
+    vectors: list[list[float]] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
 
 
 class EmbeddingEngine(Engine):
@@ -31,9 +52,11 @@ class EmbeddingEngine(Engine):
         model_id: the name under `/v1/models` (default: the directory name).
         max_batch_size: most texts in one forward pass (16 suits a CPU; raise it on a GPU).
         num_threads: `torch.set_num_threads` (None: leave torch's default).
+        max_tokens_per_request: an `embed` call over this many tokens is refused (400 naming `input`).
     """
 
-    def __init__(self, model_dir: str | Path, *, model_id: str | None = None, max_batch_size: int = 16, num_threads: int | None = None) -> None:
+    def __init__(self, model_dir: str | Path, *, model_id: str | None = None, max_batch_size: int = 16, num_threads: int | None = None,
+                 max_tokens_per_request: int = MAX_TOKENS_PER_REQUEST) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -50,19 +73,36 @@ class EmbeddingEngine(Engine):
         limit = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
         self.max_seq_length = int(limit or min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings))
         self.max_batch_size = max_batch_size
+        self.max_tokens_per_request = max_tokens_per_request
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self._done = 0
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors of `texts` and their total token count.
+
+        Raises:
+            InvalidInputError: no texts, or more than `max_tokens_per_request` tokens (param `input`).
+        """
         if not texts:
             raise InvalidInputError("input must not be empty", param="input")
+        lengths = await asyncio.to_thread(self.token_lengths, texts)
+        total = sum(lengths)
+        if total > self.max_tokens_per_request:
+            raise InvalidInputError(f"input holds {total:,} tokens; one request may hold at most {self.max_tokens_per_request:,} "
+                                    "(split it into several requests)", param="input")
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._batch_loop())
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put((texts, future))
+        # by length, so each forward pass of this request's texts pads little
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        await self._queue.put(_Request(texts, order, future, vectors=[[] for _ in texts], counts=[0] * len(texts)))
         return await future
+
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        """Tokens of each text as the model reads it (truncated to its context)."""
+        return [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]]
 
     def encode(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
         """Vectors and token counts of `texts`, computed now in this thread.
@@ -92,25 +132,45 @@ class EmbeddingEngine(Engine):
         return vectors, counts
 
     async def _batch_loop(self) -> None:
+        waiting: deque[_Request] = deque()
         while True:
-            jobs = [await self._queue.get()]
+            if not waiting:
+                waiting.append(await self._queue.get())
             while not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-            texts = [t for job, _ in jobs for t in job]
-            try:
-                vectors, counts = await asyncio.to_thread(self.encode, texts)
-            except Exception as exc:  # noqa: BLE001 - the callers get the error, the worker keeps going
-                for _, future in jobs:
-                    if not future.done():
-                        future.set_exception(exc)
+                waiting.append(self._queue.get_nowait())
+            for request in [r for r in waiting if r.future.done()]:  # its caller went away
+                waiting.remove(request)
+            picks = self._next_pass(waiting)
+            if not picks:
                 continue
-            start = 0
-            for job, future in jobs:
-                end = start + len(job)
-                if not future.done():
-                    future.set_result((vectors[start:end], sum(counts[start:end])))
-                start = end
-            self._done += len(jobs)
+            try:
+                vectors, counts = await asyncio.to_thread(self.encode, [r.texts[i] for r, i in picks])
+            except Exception as exc:  # noqa: BLE001 - the callers get the error, the worker keeps going
+                for request in {id(r): r for r, _ in picks}.values():
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+                    waiting.remove(request)
+                continue
+            for (request, i), vector, count in zip(picks, vectors, counts):
+                request.vectors[i], request.counts[i] = vector, count
+                request.done += 1
+            for request in [r for r in waiting if r.done == len(r.texts)]:
+                waiting.remove(request)
+                if not request.future.done():
+                    request.future.set_result((request.vectors, sum(request.counts)))
+                self._done += 1
+
+    def _next_pass(self, waiting: deque[_Request]) -> list[tuple[_Request, int]]:
+        """Up to `max_batch_size` (request, text index) pairs, one text from each waiting request in turn."""
+        picks: list[tuple[_Request, int]] = []
+        while len(picks) < self.max_batch_size:
+            open_ = [r for r in waiting if r.taken < len(r.texts)]
+            if not open_:
+                break
+            for request in open_[: self.max_batch_size - len(picks)]:
+                picks.append((request, request.order[request.taken]))
+                request.taken += 1
+        return picks
 
     def stats(self) -> EngineStats:
         waiting = self._queue.qsize() if self._queue is not None else 0

@@ -45,6 +45,7 @@ class DeploymentOut(BaseModel):
     object: str = "deployment"
     name: str
     ref: str
+    tenant: str | None = Field(None, description="The tenant that owns the deployment (None: nobody's yet, e.g. a model not in the registry).")
     serving: str = Field(description="`name:version` a replica serves now (\"-\" when none runs).")
     status: str
     running: int

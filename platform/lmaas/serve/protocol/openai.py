@@ -90,6 +90,10 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
+MAX_EMBEDDING_INPUTS = 2048
+"""Strings one `/v1/embeddings` request may embed (OpenAI's limit); tokens are bounded by the engine."""
+
+
 class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
     input: Any = Field(description="A string or a list of strings.")
@@ -105,6 +109,8 @@ class EmbeddingRequest(_Request):
             raise ValueError("input must be a non-empty string or a non-empty list of strings")
         if any(not t for t in texts):
             raise ValueError("input must not contain empty strings")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input holds {len(texts):,} strings; one request may hold at most {MAX_EMBEDDING_INPUTS:,} (as OpenAI's API)")
         return texts
 
 

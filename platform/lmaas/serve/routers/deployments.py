@@ -9,6 +9,10 @@
 Every route needs the `deploy` scope. Changes are applied off the request path (`serve.control`):
 the answer is 202 with the desired configuration, and GET shows the change's status. A reference
 that does not resolve, or names another tenant's private model, is 404 before anything is queued.
+
+Each deployment has an owner tenant (`serve.records`, shown as `tenant`): a tenant lists and
+changes only its own; another tenant's is 404 to PATCH and DELETE, and its name is taken (409) to
+POST. Non-admin deployments stay within the tenant caps and set no custom `resources` (403).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def _check_ref(request: Request, principal: Principal, ref: str, param: str) -> 
     registry = request.app.state.registry
     try:
         if _visible(request, principal, ref):
-            registry.resolve(ref)
+            registry.check_signature(registry.resolve(ref, tenant=principal.tenant_filter))
             return
     except LmaasError as exc:
         if exc.status != 404:
@@ -65,21 +69,16 @@ def _accepted(change: dict, served: ServedModel | None) -> AcceptedOut:
 
 @router.get("", response_model=DeploymentList)
 async def list_deployments(request: Request, principal: Principal = Depends(authenticate)) -> DeploymentList:
-    deployments, changes = await _control(request).list()
+    control = _control(request)
+    deployments, changes = await control.list()
     latest = {c.get("name"): c for c in changes}
-    visible = await run_in_threadpool(lambda: [d for d in deployments if _visible_quiet(request, principal, d["ref"])])
-    names = {d["name"] for d in visible}
+    owners = await run_in_threadpool(lambda: {d["name"]: control.records.owner(control.app, d["name"], d["ref"]) for d in deployments})
+    own = [d for d in deployments if principal.tenant_filter in (None, owners[d["name"]])]
+    names = {d["name"] for d in own}
     return DeploymentList(
-        data=[DeploymentOut(**d, change=latest.get(d["name"])) for d in visible],
+        data=[DeploymentOut(**d, tenant=owners[d["name"]], change=latest.get(d["name"])) for d in own],
         changes=[ChangeOut(**c) for c in changes if c.get("name") in names or principal.is_admin],
     )
-
-
-def _visible_quiet(request: Request, principal: Principal, ref: str) -> bool:
-    try:
-        return _visible(request, principal, ref)
-    except LmaasError:
-        return False
 
 
 @router.get("/{name}", response_model=DeploymentOut)
@@ -103,8 +102,7 @@ def update_deployment(request: Request, name: str, body: DeploymentPatch, princi
     """Change a deployment: its stable reference, replicas, canary or canary weight."""
     control = _control(request)
     current = control.served(name)
-    if not _visible_quiet(request, principal, current.ref):
-        raise NotFoundError(f"no deployment named {name!r}; see GET /api/v1/deployments", param="name")
+    control.check(principal, name, create=False)
     update = body.model_dump(exclude_unset=True, exclude={"weight", "canary"})
     config = current.model_dump() | update
     if "canary" in body.model_fields_set:
@@ -127,7 +125,6 @@ def update_deployment(request: Request, name: str, body: DeploymentPatch, princi
 def delete_deployment(request: Request, name: str, principal: Principal = Depends(authenticate)) -> AcceptedOut:
     """Stop serving a model (in-flight streams finish first)."""
     control = _control(request)
-    current = control.served(name)
-    if not _visible_quiet(request, principal, current.ref):
-        raise NotFoundError(f"no deployment named {name!r}; see GET /api/v1/deployments", param="name")
+    control.served(name)
+    control.check(principal, name, create=False)
     return _accepted(control.submit(principal, "undeploy", name), None)

@@ -74,7 +74,7 @@ def submit_job(request: Request, body: SubmitJobRequest, principal: Principal = 
     job = _queue(request).submit(
         kind=kind, config=body.config, entrypoint=body.command,
         resources={"CPU": body.cpus, "GPU": body.gpus} if kind == "command" else None,
-        priority=body.priority, tenant=tenant, actor=principal.actor,
+        priority=body.priority, tenant=tenant, actor=principal.actor, privileged=principal.is_admin,
     )
     return _out(job)
 

@@ -8,6 +8,8 @@ Tenancy (with auth on): reading needs `models:read`, changing `models:write`; a 
 tenant's models and public ones (another tenant's private model is 404, as if it did not exist),
 changes only its tenant's (a public model of another tenant is read-only: 403), and a new model
 belongs to the caller's tenant. Admins see and change everything; only they make a model public.
+`ModelRegistry` itself enforces all of this (each call takes the caller's tenant); model names
+are global, so a name another tenant holds is 409 (taken) to a new registration.
 
 Or in two steps, for large files and clients that stream (presigned-style):
 
@@ -28,13 +30,13 @@ from typing import Annotated
 
 import anyio.from_thread
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from lmaas import db
 from lmaas.auth import Principal
-from lmaas.errors import InvalidInputError, NotFoundError, PermissionDeniedError
-from lmaas.registry import ModelRegistry, parse_ref
+from lmaas.errors import InvalidInputError
+from lmaas.registry import ModelRegistry
 from lmaas.registry.entities import ModelFile
 from lmaas.registry.refs import validate_file_path, validate_model_name
 from lmaas.serve.auth import admin_only, authenticate, registry_access
@@ -71,36 +73,9 @@ def _tenant(request: Request) -> str | None:
     return authenticate(request).tenant_filter
 
 
-def _writable(request: Request, name: str, *, create: bool = False) -> None:
-    """Refuse a change to `name` unless the caller's tenant owns it (404 if invisible, 403 if only public)."""
-    principal = authenticate(request)
-    tenant = principal.tenant_filter
-    if tenant is None:
-        return
-    try:
-        model = _registry(request).get_model(name, tenant=tenant)
-    except NotFoundError:
-        if create and not _exists(request, name):
-            return
-        raise
-    if model.tenant != tenant:
-        raise PermissionDeniedError(f"model {name!r} belongs to another tenant and is shared read-only", param="name")
-
-
-def _exists(request: Request, name: str) -> bool:
-    try:
-        _registry(request).get_model(name)
-        return True
-    except NotFoundError:
-        return False
-
-
-def _visible_ref(request: Request, ref: str) -> bool:
-    try:
-        _registry(request).get_model(parse_ref(ref).name, tenant=_tenant(request))
-        return True
-    except (NotFoundError, InvalidInputError):
-        return False
+def _owner(request: Request) -> str:
+    """Who a model the caller creates belongs to: its key's tenant (admins' too)."""
+    return authenticate(request).tenant
 
 
 @router.get("/models", response_model=ModelList)
@@ -155,7 +130,7 @@ def upload_version(
 ) -> ModelVersionOut:
     """Upload files as the next version of `name` (all checked before anything is registered)."""
     validate_model_name(name)
-    _writable(request, name, create=True)
+    _registry(request).check_writable(name, tenant=_tenant(request), create=True)  # before reading the body
     expected = _json_form(sha256, "sha256")
     parsed_metrics = _json_form(metrics, "metrics")
     tmp = Path(tempfile.mkdtemp(prefix="lmaas-upload-"))
@@ -181,7 +156,8 @@ def upload_version(
             metrics=parsed_metrics,
             description=description,
             expected_sha256=expected,
-            tenant=authenticate(request).tenant,
+            tenant=_tenant(request),
+            owner=_owner(request),
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -191,9 +167,8 @@ def upload_version(
 @router.post("/models/{name}/uploads", response_model=UploadOut, status_code=201)
 def begin_upload(request: Request, name: str, body: CreateUploadRequest) -> UploadOut:
     """Open a two-step upload of the next version of `name`: declare its files, get one PUT url each."""
-    _writable(request, name, create=True)
     files = [ModelFile(f.path, f.sha256.lower(), f.size) for f in body.files]
-    upload_id = _registry(request).begin_upload(name, files, tenant=authenticate(request).tenant)
+    upload_id = _registry(request).begin_upload(name, files, tenant=_tenant(request))
     targets = [
         UploadTargetOut(path=f.path, size=f.size, sha256=f.sha256, url=str(request.url_for("put_upload_file", upload_id=upload_id, path=f.path)))
         for f in files
@@ -205,18 +180,11 @@ def begin_upload(request: Request, name: str, body: CreateUploadRequest) -> Uplo
 async def put_upload_file(request: Request, upload_id: str, path: str) -> ModelFileOut:
     """The bytes of one declared file; 400 naming the file if its size or sha256 differs from the declared ones."""
     registry = _registry(request)
-    await run_in_threadpool(_writable_upload, request, upload_id)
+    tenant = _tenant(request)
+    await run_in_threadpool(registry.upload_name, upload_id, tenant=tenant)  # 404 before reading the body
     # the store call blocks, so it runs in a worker thread that pulls the body from the event loop as it reads
-    stored = await run_in_threadpool(registry.put_upload_file, upload_id, path, _BodyReader(request))
+    stored = await run_in_threadpool(registry.put_upload_file, upload_id, path, _BodyReader(request), tenant=tenant)
     return ModelFileOut(**stored.to_dict())
-
-
-def _writable_upload(request: Request, upload_id: str) -> None:
-    """An upload of another tenant is 404 (checked when it is created: the name was the caller's or free)."""
-    try:
-        _writable(request, _registry(request).upload_name(upload_id), create=True)
-    except PermissionDeniedError:
-        raise NotFoundError(f"no upload {upload_id!r}", param="upload_id") from None
 
 
 class _BodyReader(io.RawIOBase):
@@ -245,17 +213,15 @@ class _BodyReader(io.RawIOBase):
 @router.post("/uploads/{upload_id}/commit", response_model=ModelVersionOut, status_code=201)
 def commit_upload(request: Request, upload_id: str, body: CommitUploadRequest) -> ModelVersionOut:
     """Verify every declared file arrived and register the upload as the next version, atomically."""
-    _writable_upload(request, upload_id)
     details = body.model_dump()
     task = details.pop("task")
-    return version_out(_registry(request).commit_upload(upload_id, task=task, tenant=authenticate(request).tenant, **details))
+    return version_out(_registry(request).commit_upload(upload_id, task=task, tenant=_tenant(request), owner=_owner(request), **details))
 
 
 @router.delete("/uploads/{upload_id}", response_model=DeletedOut)
 def abort_upload(request: Request, upload_id: str) -> DeletedOut:
     """Abort an open upload and delete its files."""
-    _writable_upload(request, upload_id)
-    _registry(request).abort_upload(upload_id)
+    _registry(request).abort_upload(upload_id, tenant=_tenant(request))
     return DeletedOut(object="model.upload", id=upload_id)
 
 
@@ -283,61 +249,51 @@ def resolve(request: Request, ref: str) -> ModelVersionOut:
 
 
 @router.get("/models/{name}/versions/{version}/files/{path:path}")
-def download_file(request: Request, name: str, version: int, path: str) -> Response:
-    """One file of a version, verified against its sha256 before it is sent."""
+def download_file(request: Request, name: str, version: int, path: str) -> StreamingResponse:
+    """One file of a version, verified against its sha256: before it is sent, or (8 MiB and more) as it streams,
+    the connection breaking off if the stored bytes turn out altered (`X-Sha256` lets clients check too)."""
     validate_file_path(path)
-    _registry(request).get_model(name, tenant=_tenant(request))
-    found, data = _registry(request).read_file(f"{validate_model_name(name)}:{version}", path)
-    entry = next(f for f in found.files if f.path == path)
-    return Response(data, media_type="application/octet-stream", headers={"X-Sha256": entry.sha256})
+    _, entry, chunks = _registry(request).stream_file(f"{validate_model_name(name)}:{version}", path, tenant=_tenant(request))
+    headers = {"X-Sha256": entry.sha256, "Content-Length": str(entry.size)}
+    return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
 
 
 @router.put("/models/{name}/aliases/{alias}", response_model=AliasOut)
 def set_alias(request: Request, name: str, alias: str, body: SetAliasRequest) -> AliasOut:
-    _writable(request, name)
-    return AliasOut(**_registry(request).set_alias(name, alias, body.version).to_dict())
+    return AliasOut(**_registry(request).set_alias(name, alias, body.version, tenant=_tenant(request)).to_dict())
 
 
 @router.delete("/models/{name}/aliases/{alias}", response_model=DeletedOut)
 def delete_alias(request: Request, name: str, alias: str) -> DeletedOut:
-    _writable(request, name)
-    _registry(request).delete_alias(name, alias)
+    _registry(request).delete_alias(name, alias, tenant=_tenant(request))
     return DeletedOut(object="model.alias", id=f"{name}@{alias}")
 
 
 @router.post("/models/{name}/versions/{version}/archive", response_model=ModelVersionOut)
 def archive(request: Request, name: str, version: int) -> ModelVersionOut:
-    _writable(request, name)
-    return version_out(_registry(request).archive(f"{validate_model_name(name)}:{version}"))
+    return version_out(_registry(request).archive(f"{validate_model_name(name)}:{version}", tenant=_tenant(request)))
 
 
 @router.post("/models/{name}/versions/{version}/restore", response_model=ModelVersionOut)
 def restore(request: Request, name: str, version: int) -> ModelVersionOut:
-    _writable(request, name)
-    return version_out(_registry(request).restore(f"{validate_model_name(name)}:{version}"))
+    return version_out(_registry(request).restore(f"{validate_model_name(name)}:{version}", tenant=_tenant(request)))
 
 
 @router.delete("/models/{name}/versions/{version}", response_model=DeletedOut)
 def delete_version(request: Request, name: str, version: int) -> DeletedOut:
     """Delete a version; 409 while an alias, a deployment or a derived version points at it."""
-    _writable(request, name)
-    deleted = _registry(request).delete_version(f"{validate_model_name(name)}:{version}")
+    deleted = _registry(request).delete_version(f"{validate_model_name(name)}:{version}", tenant=_tenant(request))
     return DeletedOut(object="model.version", id=deleted.ref)
 
 
 @router.get("/models/{name}/versions/{version}/lineage", response_model=LineageOut)
 def lineage(request: Request, name: str, version: int) -> LineageOut:
     """Where a version came from and what derives from it (versions of models the caller cannot see are left out)."""
-    _registry(request).get_model(name, tenant=_tenant(request))
-    out = _registry(request).lineage(f"{validate_model_name(name)}:{version}").to_dict()
-    if _tenant(request) is not None:
-        out["children"] = [c for c in out["children"] if _visible_ref(request, c)]
-        out["parent"] = out["parent"] if out["parent"] and _visible_ref(request, out["parent"]) else None
-    return LineageOut(**out)
+    return LineageOut(**_registry(request).lineage(f"{validate_model_name(name)}:{version}", tenant=_tenant(request)).to_dict())
 
 
 @router.get("/lineage", response_model=VersionPage)
 def trained_on(request: Request, dataset: str) -> VersionPage:
     """Every model version trained on a dataset version."""
-    found = [v for v in _registry(request).trained_on(dataset) if _tenant(request) is None or _visible_ref(request, v.ref)]
+    found = _registry(request).trained_on(dataset, tenant=_tenant(request))
     return VersionPage(data=[version_out(v) for v in found], offset=0, limit=len(found), has_more=False, next_offset=None)

@@ -1,0 +1,148 @@
+"""Deployment records: which tenant owns each served name of a Serve app, and which references it serves.
+
+The Serve app's own config says what runs; the `deployments` table says whose it is. A deploy
+applied by the gateway's applier or by `lmaas deploy` writes the row, undeploy removes it. Every
+change a tenant asks for is checked here (`check_change`), below the HTTP routers:
+
+- a served name nobody holds may be taken by any tenant allowed to deploy;
+- a name held by another tenant is refused: 409 to a deploy (the name is taken), 404 to a change
+  or an undeploy (as if it did not exist);
+- a non-admin deployment stays within `TenantCaps` (replicas, CPUs, GPUs) and sets no custom Ray
+  `resources` (they pin replicas to nodes: an operator's decision).
+
+The registry reads the same table: a version a deployment names by number cannot be archived or
+deleted, and `lineage()` lists the deployments of a version.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from lmaas import db
+from lmaas.db.schema import deployments, registered_models
+from lmaas.errors import AlreadyExistsError, NotFoundError, PermissionDeniedError
+
+
+@dataclass(frozen=True)
+class TenantCaps:
+    """What one deployment of a non-admin tenant may ask for (each replica, and replicas in all)."""
+
+    max_replicas: int = 4
+    num_cpus: float = 4.0
+    num_gpus: float = 1.0
+
+    def check(self, served: Any, where: str = "") -> None:
+        """Raise `PermissionDeniedError` naming the field a `ServedModel` (or its canary: `canary.<field>`) exceeds."""
+        for field, limit in (("max_replicas", self.max_replicas), ("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus)):
+            value = getattr(served, field)
+            if value > limit:
+                raise PermissionDeniedError(f"{where}{field} {value:g} is over this tenant's limit of {limit:g} per deployment; "
+                                            "ask an admin", param=where + field)
+        if served.resources:
+            raise PermissionDeniedError("custom Ray resources pin replicas to nodes: only an admin sets them", param=where + "resources")
+        if not where and getattr(served, "canary", None) is not None:
+            self.check(served.canary, "canary.")
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    app: str
+    name: str
+    tenant: str
+    ref: str
+    canary_ref: str | None
+    created_at: float
+    updated_at: float
+
+
+class DeploymentRecords:
+    """The `deployments` table of one database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_settings(cls, settings: Any = None) -> "DeploymentRecords":
+        from lmaas.config import load_settings
+
+        return cls(db.connect((settings or load_settings()).database_url))
+
+    def get(self, app: str, name: str) -> DeploymentRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(deployments).where(deployments.c.app == app, deployments.c.name == name)).mappings().first()
+        return _record(row) if row else None
+
+    def list(self, app: str, *, tenant: str | None = None) -> dict[str, DeploymentRecord]:
+        """Served name -> record, of `app` (`tenant`: only its own)."""
+        query = sa.select(deployments).where(deployments.c.app == app)
+        if tenant is not None:
+            query = query.where(deployments.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            return {r["name"]: _record(r) for r in conn.execute(query).mappings()}
+
+    def owner(self, app: str, name: str, ref: str | None = None) -> str | None:
+        """Who owns served name `name`: its record's tenant, else (a deployment from before records
+        were kept) the owner of the model `ref` names, else nobody (None)."""
+        record = self.get(app, name)
+        if record is not None:
+            return record.tenant
+        if ref is None:
+            return None
+        from lmaas.registry import parse_ref
+
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(registered_models.c.tenant).where(registered_models.c.name == parse_ref(ref).name)).scalar()
+
+    def check_change(self, app: str, name: str, tenant: str | None, *, create: bool, current_ref: str | None = None) -> None:
+        """Refuse a change to served name `name` unless `tenant` owns it (None: an admin may change any).
+
+        Args:
+            create: a deploy (which may take a free name); otherwise a change or an undeploy of a running one.
+            current_ref: the running deployment's reference, for deployments without a record.
+
+        Raises:
+            AlreadyExistsError: a deploy of a name another tenant holds.
+            NotFoundError: a change or undeploy of another tenant's deployment (as if it did not exist).
+        """
+        if tenant is None:
+            return
+        owner = self.owner(app, name, current_ref)
+        if owner is None or owner == tenant:
+            return
+        if create:
+            raise AlreadyExistsError(f"the deployment name {name!r} is taken; choose another name", param="name")
+        raise NotFoundError(f"no deployment named {name!r}; see GET /api/v1/deployments", param="name")
+
+    def record(self, app: str, name: str, *, tenant: str | None, ref: str, canary_ref: str | None) -> DeploymentRecord:
+        """Write (or update) the record of a deploy that was applied; `tenant` None keeps the current owner
+        (or, for a new record, takes the owner of the model `ref` names, else `default`)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(deployments.c.id, deployments.c.tenant).where(deployments.c.app == app, deployments.c.name == name)).first()
+            if row is not None:
+                values = {"ref": ref, "canary_ref": canary_ref, "updated_at": now} | ({"tenant": tenant} if tenant else {})
+                conn.execute(deployments.update().where(deployments.c.id == row.id).values(**values))
+            else:
+                owner = tenant or self.owner(app, name, ref) or "default"
+                conn.execute(deployments.insert().values(app=app, name=name, tenant=owner, ref=ref, canary_ref=canary_ref,
+                                                         created_at=now, updated_at=now))
+        found = self.get(app, name)
+        assert found is not None
+        return found
+
+    def remove(self, app: str, name: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(deployments.delete().where(deployments.c.app == app, deployments.c.name == name))
+
+    def remove_app(self, app: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(deployments.delete().where(deployments.c.app == app))
+
+
+def _record(row: Any) -> DeploymentRecord:
+    return DeploymentRecord(row["app"], row["name"], row["tenant"], row["ref"], row["canary_ref"], row["created_at"], row["updated_at"])

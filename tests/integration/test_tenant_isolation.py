@@ -1,0 +1,294 @@
+"""Two tenants, alice and bob: every attack bob's keys can try on alice's models, datasets and jobs is refused.
+
+The management app (registry and jobs REST API) runs on uvicorn over one SQLite database and a local
+artifact store; bob holds `models:read`, `models:write` and `deploy`. After each attack the test
+compares alice's state byte for byte: her model rows, versions, aliases, datasets and every stored
+file. Queued jobs run through `lmaas.ops.queue.execute` (their Ray job's entrypoint) on the session's
+Ray cluster, as bob. Deployment takeovers are tried on a real Serve gateway in `test_canary.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import free_port, wait_for  # noqa: E402
+from registry_helpers import make_model_dir  # noqa: E402
+from serve_helpers import make_causal_lm  # noqa: E402
+
+KEYS = {  # name -> (tenant, scopes, secret)
+    "admin": ("default", ["admin"], "lmaas_isoadmin_" + "k" * 40),
+    "alice": ("alice", ["models:read", "models:write", "deploy", "inference"], "lmaas_isoalice_" + "k" * 40),
+    "bob": ("bob", ["models:read", "models:write", "deploy", "inference"], "lmaas_isobob_" + "k" * 40),
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """alice's private `a-secret` (production alias) and public `a-public`, her dataset, and the API over them."""
+    import uvicorn
+
+    from lmaas import db
+    from lmaas.auth import Auth
+    from lmaas.config import load_settings
+    from lmaas.data.versions import publish_version
+    from lmaas.ops.queue import ClusterQueue
+    from lmaas.registry import ModelRegistry
+    from lmaas.serve.management import build_app
+
+    root = tmp_path_factory.mktemp("iso")
+    env = {"LMAAS_HOME": str(root / "home"), "LMAAS_STORAGE": f"file://{root / 'store'}", "LMAAS_DATABASE_URL": f"sqlite:///{root / 'lmaas.db'}"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        settings = load_settings()
+        registry = ModelRegistry.from_settings(settings)
+        engine = registry.engine
+        auth = Auth(engine, registry=registry)
+        for name, (tenant, scopes, secret) in KEYS.items():
+            auth.keys.create_key(tenant, scopes, create_tenant=True, secret=secret)
+        # alice's dataset: not parquet at all, so any job that read it would fail loudly
+        data = root / "alice-data"
+        for split in ("train", "validation"):
+            (data / split).mkdir(parents=True)
+            (data / split / "part-00000.parquet").write_bytes(b"alice's private rows")
+        publish_version(registry.storage, engine, data, {
+            "name": "a-data", "tenant": "alice", "sources": ["/home/alice/corpus"], "content_hash": "1" * 64, "tokenizer_hash": "2" * 64,
+            "block_size": 32, "vocab_size": 512, "documents": 1, "train_rows": 1, "validation_rows": 1, "tokens": 64})
+        alice = registry.acting_for("alice")
+        lm = make_causal_lm(root / "lm", max_seq_len=64)
+        alice.register_version("a-secret", lm, task="causal-lm", dataset="a-data:1")
+        alice.set_alias("a-secret", "production", 1)
+        alice.register_version("a-public", lm, task="causal-lm", dataset="a-data:1")
+        registry.set_public("a-public", True)
+        app = build_app(registry, auth=auth)
+        app.state.jobs = ClusterQueue(settings, engine, lambda: None)  # queued only; test_jobs_run_as_their_tenant runs them
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        wait_for(lambda: server.started, 20, "uvicorn")
+        clients = {name: httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Authorization": f"Bearer {secret}"})
+                   for name, (_, _, secret) in KEYS.items()}
+        try:
+            yield {"registry": registry, "engine": engine, "root": root, "env": env, "settings": settings, "lm": lm, **clients}
+        finally:
+            for client in clients.values():
+                client.close()
+            server.should_exit = True
+            thread.join(10)
+
+
+def alice_state(world) -> dict:
+    """Everything of alice's, as bytes and rows: models, versions, aliases, datasets and stored files."""
+    from lmaas.db.schema import datasets, model_aliases, model_versions, registered_models
+
+    engine, storage = world["engine"], world["registry"].storage
+    with engine.connect() as conn:
+        models = conn.execute(sa.select(registered_models).where(registered_models.c.tenant == "alice").order_by(registered_models.c.id)).mappings().all()
+        ids = [m["id"] for m in models]
+        versions = conn.execute(sa.select(model_versions).where(model_versions.c.model_id.in_(ids)).order_by(model_versions.c.id)).mappings().all()
+        aliases = conn.execute(sa.select(model_aliases).where(model_aliases.c.model_id.in_(ids)).order_by(model_aliases.c.alias)).mappings().all()
+        data = conn.execute(sa.select(datasets).where(datasets.c.tenant == "alice").order_by(datasets.c.id)).mappings().all()
+    files = {}
+    for prefix in [v["prefix"] for v in versions] + [f"datasets/{d['name']}/{d['version']}" for d in data]:
+        for path in storage.list(prefix):
+            files[path] = hashlib.sha256(storage.read_bytes(path)).hexdigest()
+    rows = [dict(r) for r in [*models, *versions, *aliases, *data]]
+    return {"rows": json.loads(json.dumps(rows, default=str)), "files": files}
+
+
+def error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()["error"]
+    if param is not None:
+        assert body["param"] == param, body
+    return body
+
+
+def upload(client: httpx.Client, name: str, model_dir: Path, **form: str) -> httpx.Response:
+    files = [("files", (p.name, p.read_bytes())) for p in sorted(model_dir.iterdir()) if p.is_file()]
+    return client.post(f"/api/v1/models/{name}/versions", files=files, data={"task": "causal-lm", **form})
+
+
+def test_another_tenants_private_model_looks_missing_and_nothing_of_it_changes(world, tmp_path):
+    bob, before = world["bob"], alice_state(world)
+    missing = error(bob.get("/api/v1/models/nothing-here"), 404)
+    hidden = error(bob.get("/api/v1/models/a-secret"), 404)
+    assert hidden["message"].replace("a-secret", "X") == missing["message"].replace("nothing-here", "X")
+    for path in ("/api/v1/models/a-secret/versions", "/api/v1/models/a-secret/versions/1", "/api/v1/resolve?ref=a-secret@production",
+                 "/api/v1/models/a-secret/versions/1/files/config.json", "/api/v1/models/a-secret/versions/1/lineage"):
+        error(bob.get(path), 404)
+    assert {m["name"] for m in bob.get("/api/v1/models").json()["data"]} == {"a-public"}
+
+    mine = make_model_dir(tmp_path / "bob-model", seed=7)
+    taken = error(upload(bob, "a-secret", mine), 409, "name")  # names are global: taken, and nothing more is said
+    assert "alice" not in taken["message"]
+    error(upload(bob, "a-public", mine), 403, "name")  # shared read-only
+    error(upload(bob, "b-model", mine, parent="a-secret:1"), 404, "parent")
+    error(bob.post("/api/v1/models/a-secret/uploads", json={"files": [{"path": "w.safetensors", "size": 1, "sha256": "0" * 64}]}), 409)
+    error(bob.put("/api/v1/models/a-secret/aliases/production", json={"version": 1}), 404)
+    error(bob.delete("/api/v1/models/a-secret/aliases/production"), 404)
+    error(bob.put("/api/v1/models/a-public/aliases/production", json={"version": 1}), 403)
+    for action in ("archive", "restore"):
+        error(bob.post(f"/api/v1/models/a-secret/versions/1/{action}"), 404)
+        error(bob.post(f"/api/v1/models/a-public/versions/1/{action}"), 403)
+    error(bob.delete("/api/v1/models/a-secret/versions/1"), 404)
+    error(bob.delete("/api/v1/models/a-public/versions/1"), 403)
+    error(bob.patch("/api/v1/models/a-public", json={"public": False}), 403)
+    assert alice_state(world) == before
+
+    # the same refusals in the library, whatever the caller (a job, a script) passes
+    from lmaas.errors import AlreadyExistsError, NotFoundError, PermissionDeniedError
+
+    as_bob = world["registry"].acting_for("bob")
+    with pytest.raises(AlreadyExistsError):
+        as_bob.register_version("a-secret", mine, task="causal-lm", tenant=None)  # acting for bob overrides an explicit tenant
+    with pytest.raises(NotFoundError):
+        as_bob.resolve("a-secret")
+    with pytest.raises(NotFoundError):
+        as_bob.set_alias("a-secret", "production", 1)
+    with pytest.raises(PermissionDeniedError):
+        as_bob.delete_version("a-public:1")
+    with pytest.raises(PermissionDeniedError):
+        as_bob.set_public("a-public", False)
+    assert alice_state(world) == before
+
+
+def test_derived_versions_and_uploads_stay_with_their_tenant(world, tmp_path):
+    bob, alice = world["bob"], world["alice"]
+    # bob may derive from alice's public model: the child is his, and it does not pin alice's version
+    r = upload(bob, "b-derived", make_model_dir(tmp_path / "child", seed=3), parent="a-public:1")
+    assert r.status_code == 201 and r.json()["tenant"] == "bob", r.text
+    lineage = alice.get("/api/v1/models/a-public/versions/1/lineage").json()
+    assert lineage["children"] == []  # alice cannot see bob's private child
+    assert bob.get("/api/v1/models/a-public/versions/1/lineage").json()["children"] == ["b-derived:1"]
+
+    # bob's open upload is not alice's to fill, commit or abort
+    declared = make_model_dir(tmp_path / "two-step", seed=4) / "model.safetensors"
+    body = {"files": [{"path": "model.safetensors", "size": declared.stat().st_size, "sha256": hashlib.sha256(declared.read_bytes()).hexdigest()}]}
+    opened = bob.post("/api/v1/models/b-two-step/uploads", json=body)
+    assert opened.status_code == 201, opened.text
+    upload_id = opened.json()["id"]
+    error(alice.put(f"/api/v1/uploads/{upload_id}/files/model.safetensors", content=declared.read_bytes()), 404, "upload_id")
+    error(alice.post(f"/api/v1/uploads/{upload_id}/commit", json={"task": "causal-lm"}), 404, "upload_id")
+    error(alice.delete(f"/api/v1/uploads/{upload_id}"), 404, "upload_id")
+    assert bob.put(f"/api/v1/uploads/{upload_id}/files/model.safetensors", content=declared.read_bytes()).status_code == 200
+    committed = bob.post(f"/api/v1/uploads/{upload_id}/commit", json={"task": "causal-lm"})
+    assert committed.status_code == 201 and committed.json()["tenant"] == "bob", committed.text
+
+    # alice deleting her public version detaches bob's child instead of refusing (409) over a version she cannot see
+    registry = world["registry"]
+    extra = registry.acting_for("alice").register_version("a-public", make_model_dir(tmp_path / "v2", seed=5), task="causal-lm")
+    child = registry.acting_for("bob").register_version("b-derived", make_model_dir(tmp_path / "child2", seed=6), task="causal-lm",
+                                                        parent=extra.ref)
+    assert registry.acting_for("alice").delete_version(extra.ref).ref == "a-public:2"
+    assert registry.get_version("b-derived", child.version).parent is None
+
+
+def test_tenant_jobs_cannot_read_the_cluster_or_write_to_its_disks(world):
+    bob, before = world["bob"], alice_state(world)
+    store = world["root"] / "store"
+    for source in ("/etc/passwd", f"{store}/datasets/a-data/1", f"{store}/uploads/bob/../alice/x.txt", "s3://lmaas-test/anything",
+                   f"file://{store}/uploads/alice"):
+        r = bob.post("/api/v1/jobs", json={"kind": "ingest", "config": {"name": "b-data", "sources": [source]}})
+        body = error(r, 403, "sources")
+        assert "passwd" not in body["message"].replace(source, "") and "root:" not in body["message"]
+    ok = bob.post("/api/v1/jobs", json={"kind": "ingest", "config": {"name": "b-data", "sources": [f"{store}/uploads/bob/corpus"]}})
+    assert ok.status_code == 201 and ok.json()["tenant"] == "bob", ok.text
+    assert bob.post("/api/v1/jobs", json={"kind": "ingest", "config": {"name": "b-std", "sources": ["stdlib:5"]}}).status_code == 201
+    export = {"kind": "compress", "config": {"ref": "a-public", "method": "export", "formats": ["torchscript"], "torchscript_dir": "/tmp/x"}}
+    error(bob.post("/api/v1/jobs", json=export), 403, "config.torchscript_dir")
+    assert world["admin"].post("/api/v1/jobs", json={**export, "tenant": "bob"}).status_code == 201  # an admin's job may
+    error(bob.post("/api/v1/jobs", json={"kind": "ingest", "config": {"name": "b", "sources": ["stdlib:5"]}, "tenant": "alice"}), 403, "tenant")
+    assert alice_state(world) == before
+
+
+def test_jobs_run_as_their_tenant(world, ray_cluster, monkeypatch, capsys):
+    """A queued job's driver resolves, registers and ingests as the job's tenant, whatever its config names."""
+    from lmaas.ops import queue
+    from lmaas.registry import ModelRegistry
+
+    for name, value in world["env"].items():
+        monkeypatch.setenv(name, value)
+    engine, before = world["engine"], alice_state(world)
+
+    def run(kind: str, config: dict, tenant: str = "bob") -> tuple[int, str]:
+        job = queue.submit(engine, kind=kind, config=config, tenant=tenant, privileged=True)  # as an admin submits for bob
+        status = queue.execute(job.id)
+        return status, capsys.readouterr().out
+
+    status, out = run("compress", {"ref": "a-secret", "method": "int8-dynamic", "output_name": "b-stolen"})
+    assert status == 1 and "no model named 'a-secret'" in out, out
+    status, out = run("compress", {"ref": "a-public", "method": "int8-dynamic", "output_name": "a-secret"})
+    assert status == 1 and "the model name 'a-secret' is taken" in out, out
+    status, out = run("train", {"dataset": "a-data", "max_steps": 1, "output_model": "b-lm"})
+    assert status == 1 and "dataset a-data not found" in out and "a-data" not in out.split("not found")[1], out
+    status, out = run("ingest", {"name": "a-data", "sources": ["stdlib:5"]})
+    assert status == 1 and "the dataset name 'a-data' is taken" in out, out
+    assert alice_state(world) == before
+
+    # alice's public model compresses for bob: the variant is bob's, evaluated on a fixed sample, not on alice's dataset
+    status, out = run("compress", {"ref": "a-public:1", "method": "int8-dynamic", "output_name": "b-int8", "gate": {}})
+    assert status == 0, out
+    variant = ModelRegistry.from_settings(world["settings"]).get_version("b-int8", 1)
+    assert (variant.tenant, variant.parent) == ("bob", "a-public:1")
+    assert alice_state(world) == before
+
+
+def test_uploads_are_counted_as_they_stream_and_large_downloads_stream_checked(world, tmp_path):
+    """A chunked body (no Content-Length) over the upload limit is cut off with 413 and leaves nothing;
+    a file of 8 MiB and more downloads in chunks, and a tampered one breaks off instead of arriving whole."""
+    import uvicorn
+
+    from lmaas.auth import Auth
+    from lmaas.serve.management import build_app
+
+    registry = world["registry"]
+    app = build_app(registry, auth=Auth(world["engine"], registry=registry), max_upload_bytes=64 * 1024)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 20, "uvicorn")
+    bob = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Authorization": f"Bearer {KEYS['bob'][2]}"})
+    try:
+        data = b"\0" * (200 * 1024)
+        body = {"files": [{"path": "model.safetensors", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}]}
+        opened = bob.post("/api/v1/models/b-chunked/uploads", json=body).json()
+        chunked = bob.put(f"/api/v1/uploads/{opened['id']}/files/model.safetensors", content=iter([data[i:i + 16384] for i in range(0, len(data), 16384)]))
+        assert error(chunked, 413)["code"] == "request_too_large"
+        assert registry.storage.list(f"models/b-chunked/{opened['id']}") == []
+
+        request = bob.build_request("POST", "/api/v1/models/b-multipart/versions", files=[("files", ("model.safetensors", data))],
+                                    data={"task": "causal-lm"})
+        raw = request.read()
+        multipart = bob.post("/api/v1/models/b-multipart/versions", content=iter([raw[i:i + 16384] for i in range(0, len(raw), 16384)]),
+                             headers={"Content-Type": request.headers["Content-Type"]})
+        assert error(multipart, 413)["code"] == "request_too_large"
+        assert error(bob.get("/api/v1/models/b-multipart"), 404)
+    finally:
+        bob.close()
+        server.should_exit = True
+        thread.join(10)
+
+    big = make_model_dir(tmp_path / "big", seed=9, size=1500)  # a 9 MB weights file
+    version = registry.acting_for("bob").register_version("b-big", big, task="causal-lm")
+    with world["bob"].stream("GET", "/api/v1/models/b-big/versions/1/files/model.safetensors") as r:
+        assert r.status_code == 200 and r.headers["content-length"] == str((big / "model.safetensors").stat().st_size)
+        assert b"".join(r.iter_bytes()) == (big / "model.safetensors").read_bytes()
+    target = f"{version.prefix}/model.safetensors"
+    tampered = bytearray(registry.storage.read_bytes(target))
+    tampered[-1] ^= 1
+    registry.storage.write_bytes(target, bytes(tampered))
+    with pytest.raises(httpx.HTTPError):  # the stream breaks off at its end: the client never holds the altered file as complete
+        with world["bob"].stream("GET", "/api/v1/models/b-big/versions/1/files/model.safetensors") as r:
+            b"".join(r.iter_bytes())
