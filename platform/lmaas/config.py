@@ -73,17 +73,26 @@ class Settings(BaseSettings):
             object.__setattr__(self, "ray_address", None)
         return self
 
-    def env(self) -> dict[str, str]:
-        """The variables that give a worker process (Ray task, Serve replica) these same settings."""
+    def env(self, *, secrets: bool = True) -> dict[str, str]:
+        """The variables that give a worker process (Ray task, Serve replica) these same settings.
+
+        Args:
+            secrets: include the credentials (a database URL with a password, `AWS_ACCESS_KEY_ID` /
+                `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`). Without them (what a queued job's
+                runtime_env carries: Ray shows it on the dashboard) the process takes them from
+                its node's own environment (`ray start` run with them, an instance role).
+        """
         env = {
             "LMAAS_HOME": str(self.home),
             "LMAAS_STORAGE": self.storage,
-            "LMAAS_DATABASE_URL": self.database_url,
         }
+        if secrets or not _has_password(self.database_url):
+            env["LMAAS_DATABASE_URL"] = self.database_url
         if self.s3_endpoint_url:
             env["AWS_ENDPOINT_URL_S3"] = self.s3_endpoint_url
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):
-            if os.environ.get(name):
+        credentials = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+        for name in (*credentials, "AWS_DEFAULT_REGION", "AWS_REGION"):
+            if os.environ.get(name) and (secrets or name not in credentials):
                 env[name] = os.environ[name]
         # what loading a version checks and decrypts with: the public verify key and the path of the
         # encryption key's file (each node reads its own copy), never a private or raw key
@@ -91,6 +100,16 @@ class Settings(BaseSettings):
             if os.environ.get(name):
                 env[name] = os.environ[name]
         return env
+
+
+def _has_password(url: str) -> bool:
+    """Whether a database URL carries a password (`postgresql://user:secret@host/db`)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return bool(make_url(url).password)
+    except Exception:  # noqa: BLE001 - a malformed URL is refused elsewhere; keep it out of job envs
+        return True
 
 
 def normalize_storage_uri(uri: str) -> str:

@@ -212,12 +212,19 @@ def test_quickstart_joined_to_a_cluster_against_s3_and_postgres_runs_twice(cli, 
 
 
 def test_quickstart_starts_its_own_cluster(cli, lmaas_env, tmp_path):
-    """What `make demo` runs, on the embedded defaults (a second run is checked on a joined cluster above)."""
+    """What `make demo` runs, on the embedded defaults (a second run is checked on a joined cluster above).
+
+    It runs with signing keys and `LMAAS_REQUIRE_SIGNATURE=1`: every version it registers (trained,
+    compressed, imported) is signed, and its replicas load them only after checking that.
+    """
     from lmaas.config import load_settings
     from lmaas.registry import ModelRegistry
+    from lmaas.registry.store import generate_signing_key
 
+    private, public = generate_signing_key()
+    signed = {**lmaas_env, "LMAAS_SIGNING_KEY": private, "LMAAS_VERIFY_KEY": public, "LMAAS_REQUIRE_SIGNATURE": "1"}
     port = free_port()
-    result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", "--train-steps", "8", "--port", str(port), env=lmaas_env, timeout=400)
+    result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", "--train-steps", "8", "--port", str(port), env=signed, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "started a local cluster" in result.stdout
     assert "stdlib-demo:1 created" in result.stdout
@@ -226,6 +233,9 @@ def test_quickstart_starts_its_own_cluster(cli, lmaas_env, tmp_path):
     assert "Traceback" not in result.stderr
     assert "created tenant default and its admin key" in result.stdout
     assert_demo_registry(ModelRegistry.from_settings(load_settings()))
+    verifying = ModelRegistry.from_settings(load_settings(), verify_key=bytes.fromhex(public), require_signature=True)
+    for ref in ("tiny-lm@production", "tiny-lm@int8", "minilm"):
+        assert verifying.verify(ref).signature, ref
     store = tmp_path / "home" / "store" / "selfcheck"
     assert len(list(store.glob("*/summary/_manifest.json"))) == 1
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'home' / 'lmaas.db'}")

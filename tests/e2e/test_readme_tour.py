@@ -45,11 +45,21 @@ def test_the_tour_only_skips_starting_and_stopping_a_cluster():
 
 
 def test_readme_tour_runs_as_written(lmaas_env, cli, tmp_path):
-    """The tour as written; its `lmaas train` is also the suite's end-to-end test of the train CLI."""
+    """The tour as written; its `lmaas train` is also the suite's end-to-end test of the train CLI.
+
+    It runs with signing keys and `LMAAS_REQUIRE_SIGNATURE=1`: `lmaas train` and `lmaas compress`
+    sign what they register, `lmaas deploy` and the replicas check it, and a version whose
+    signature is removed is refused at deploy.
+    """
+    from lmaas.registry.store import generate_signing_key
+
+    private, public = generate_signing_key()
+    signing = {"LMAAS_SIGNING_KEY": private, "LMAAS_VERIFY_KEY": public, "LMAAS_REQUIRE_SIGNATURE": "1"}
     script = "set -euo pipefail\n" + "\n".join(body for info, body in blocks(tour_section()) if info == "bash tour")
     with ray_head_process(num_cpus=2) as (_dashboard, head_env):
         env = {
             **lmaas_env,
+            **signing,
             "RAY_ADDRESS": head_env["RAY_ADDRESS"],
             "RAY_AUTH_MODE": "token",
             "PATH": f"{BIN}:{lmaas_env['PATH']}",  # as after `source .venv/bin/activate`
@@ -87,3 +97,14 @@ def test_readme_tour_runs_as_written(lmaas_env, cli, tmp_path):
     assert json.loads(cli("runs", run_id, env=lmaas_env).stdout)["metrics"]["step"] == 40
     shown = cli("models", "show", "tour-lm@production", env=lmaas_env)
     assert shown.returncode == 0 and run_id in shown.stdout
+
+    verifying = ModelRegistry.from_settings(load_settings(), verify_key=bytes.fromhex(public), require_signature=True)
+    assert verifying.verify("tour-lm:1").signature and verifying.verify(variant.ref).signature
+    import sqlalchemy as sa
+
+    from lmaas.db.schema import model_versions
+
+    with verifying.engine.begin() as conn:  # someone strips the signature in the database
+        conn.execute(model_versions.update().where(model_versions.c.prefix == verifying.resolve("tour-lm:1").prefix).values(signature=None))
+    refused = cli("deploy", "tour-lm:1", env={**lmaas_env, **signing})
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == ["error: tour-lm:1 is not signed and this deployment requires signed versions"], refused.stderr

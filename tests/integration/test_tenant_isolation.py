@@ -213,11 +213,14 @@ def test_tenant_jobs_cannot_read_the_cluster_or_write_to_its_disks(world):
 
 
 def test_jobs_run_as_their_tenant(world, ray_cluster, monkeypatch, capsys):
-    """A queued job's driver resolves, registers and ingests as the job's tenant, whatever its config names."""
+    """A queued job's driver resolves, registers and ingests as the job's tenant, whatever its config names;
+    with signing keys in its environment (and signatures required) what it registers is signed."""
     from lmaas.ops import queue
     from lmaas.registry import ModelRegistry
+    from lmaas.registry.store import generate_signing_key
 
-    for name, value in world["env"].items():
+    private, public = generate_signing_key()
+    for name, value in {**world["env"], "LMAAS_SIGNING_KEY": private, "LMAAS_VERIFY_KEY": public}.items():
         monkeypatch.setenv(name, value)
     engine, before = world["engine"], alice_state(world)
 
@@ -241,6 +244,9 @@ def test_jobs_run_as_their_tenant(world, ray_cluster, monkeypatch, capsys):
     assert status == 0, out
     variant = ModelRegistry.from_settings(world["settings"]).get_version("b-int8", 1)
     assert (variant.tenant, variant.parent) == ("bob", "a-public:1")
+    verifying = ModelRegistry.from_settings(world["settings"], verify_key=bytes.fromhex(public), require_signature=True)
+    assert verifying.verify(variant.ref).signature  # the job's registry signed it (ModelRegistry.configured)
+    assert "evaluating against a-public:1 on fixed sample (stdlib difflib source)" in out, out  # bob never learns a-public's dataset
     assert alice_state(world) == before
 
 
@@ -292,3 +298,97 @@ def test_uploads_are_counted_as_they_stream_and_large_downloads_stream_checked(w
     with pytest.raises(httpx.HTTPError):  # the stream breaks off at its end: the client never holds the altered file as complete
         with world["bob"].stream("GET", "/api/v1/models/b-big/versions/1/files/model.safetensors") as r:
             b"".join(r.iter_bytes())
+
+
+def test_unsigned_versions_are_refused_at_replica_load(world, tmp_path):
+    """With a verify key and `LMAAS_REQUIRE_SIGNATURE=1`, the load every Serve replica makes refuses a version
+    whose signature was removed (and one never signed); a signed one loads and generates."""
+    import asyncio
+
+    from lmaas.db.schema import model_versions
+    from lmaas.errors import IntegrityError
+    from lmaas.registry import ModelRegistry
+    from lmaas.registry.store import generate_signing_key
+    from lmaas.serve.deployments import EngineOptions, _load_version
+    from lmaas.serve.engine import GenerationRequest, SamplingParams
+
+    private, public = generate_signing_key()
+    signing = ModelRegistry.from_settings(world["settings"], signing_key=bytes.fromhex(private), require_signature=True).acting_for("bob")
+    signed = signing.register_version("b-signed", world["lm"], task="causal-lm")
+    loaded = _load_version(signing, signed.ref, tmp_path / "cache", EngineOptions(num_threads=1), "b-signed")
+    request = GenerationRequest(request_id="r1", prompt="def f(x):", params=SamplingParams(max_tokens=2, ignore_eos=True))
+    out = asyncio.run(_collect(loaded.engine, request))
+    assert len(out) == 2
+    with world["engine"].begin() as conn:  # the signature stripped from the database
+        conn.execute(model_versions.update().where(model_versions.c.prefix == signed.prefix).values(signature=None))
+    with pytest.raises(IntegrityError, match="is not signed and this deployment requires signed versions"):
+        _load_version(signing, signed.ref, tmp_path / "cache", EngineOptions(num_threads=1), "b-signed")
+    assert len(list((tmp_path / "cache").glob("b-signed-1-*"))) == 1  # the first load's; the refused one left nothing
+
+
+async def _collect(engine, request) -> list:
+    events = [event async for event in engine.generate(request)]
+    await engine.close()
+    return [e for e in events if getattr(e, "token_id", None) is not None]
+
+
+def test_a_fuzzed_non_admin_key_never_sees_another_tenants_data(world, tmp_path):
+    """schemathesis over every `/api/v1` operation as bob, valid and invalid input, with alice's data present:
+    no response names alice's private models or datasets (names bob has never been told), her files'
+    locations or contents, and nothing of hers changes."""
+    import uuid
+
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    from lmaas.data.versions import publish_version
+
+    hidden, hidden_data = f"hidden-{uuid.uuid4().hex[:10]}", f"hidden-data-{uuid.uuid4().hex[:10]}"
+    alice = world["registry"].acting_for("alice")
+    data = tmp_path / "hidden-data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "part-00000.parquet").write_bytes(b"more of alice's rows")
+    publish_version(alice.storage, world["engine"], data, {
+        "name": hidden_data, "tenant": "alice", "sources": ["/home/alice/more"], "content_hash": "3" * 64, "tokenizer_hash": "4" * 64,
+        "block_size": 32, "vocab_size": 512, "documents": 1, "train_rows": 1, "validation_rows": 0, "tokens": 32})
+    version = alice.register_version(hidden, make_model_dir(tmp_path / "hidden", seed=11), task="causal-lm", dataset=f"{hidden_data}:1",
+                                     run="alice-run-7")
+    alice.set_alias(hidden, "production", 1)
+    before = alice_state(world)
+    secrets_ = [hidden, hidden_data, "/home/alice", "alice's rows", "alice-run-7", version.prefix.rsplit("/", 1)[-1],
+                world["registry"].resolve("a-secret:1").prefix.rsplit("/", 1)[-1]]
+    base, headers = str(world["bob"].base_url).rstrip("/"), {"Authorization": f"Bearer {KEYS['bob'][2]}"}
+    schema = schemathesis.openapi.from_url(base + "/openapi.json", headers=headers, timeout=30)
+    leaks, calls, operations = [], 0, 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if not operation.path.startswith("/api/v1/"):
+            continue
+        operations += 1
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=3, deadline=None, database=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            def fuzz(case) -> None:  # noqa: ANN001
+                nonlocal calls
+                response = case.call(base_url=base, headers=headers, timeout=60)
+                calls += 1
+                text = response.text
+                leaks.extend(f"{case.method} {case.formatted_path} -> {response.status_code}: {s!r}" for s in secrets_ if s in text)
+
+            try:
+                fuzz()
+            except Unsatisfiable:
+                pass
+    # and the reads that do name alice's things, asked directly
+    for path in ("/api/v1/models", "/api/v1/models?search=hidden", "/api/v1/lineage?dataset=a-data:1", f"/api/v1/lineage?dataset={hidden_data}:1",
+                 "/api/v1/models/a-public/versions", "/api/v1/models/a-public/versions/1/lineage", "/api/v1/jobs", "/api/v1/usage",
+                 "/api/v1/feedback"):
+        text = world["bob"].get(path).text
+        calls += 1
+        leaks.extend(f"GET {path}: {s!r}" for s in secrets_ if s in text)
+    assert operations >= 15 and calls >= 2 * operations
+    assert leaks == [], "\n".join(leaks[:20])
+    assert alice_state(world) == before

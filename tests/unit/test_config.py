@@ -40,6 +40,25 @@ def test_environment_overrides(lmaas_env, monkeypatch):
     assert load_settings() == settings
 
 
+def test_a_jobs_environment_carries_no_credentials(lmaas_env, monkeypatch):
+    """What a queued job's runtime_env gets (the dashboard shows it): settings, never a password or a cloud key."""
+    monkeypatch.setenv("LMAAS_DATABASE_URL", "postgresql://u:hunter2@db.example:5432/lmaas")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrEXAMPLEKEY")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("LMAAS_VERIFY_KEY", "ab" * 32)
+    monkeypatch.setenv("LMAAS_SIGNING_KEY", "cd" * 32)
+    settings = load_settings()
+    full, public = settings.env(), settings.env(secrets=False)
+    assert "hunter2" in full["LMAAS_DATABASE_URL"] and full["AWS_SECRET_ACCESS_KEY"] == "wJalrEXAMPLEKEY"
+    text = " ".join(f"{k}={v}" for k, v in public.items())
+    for secret in ("hunter2", "AKIAEXAMPLE", "wJalrEXAMPLEKEY", "cd" * 32):
+        assert secret not in text
+    assert public["AWS_REGION"] == "eu-west-1" and public["LMAAS_VERIFY_KEY"] == "ab" * 32 and "LMAAS_SIGNING_KEY" not in full
+    monkeypatch.setenv("LMAAS_DATABASE_URL", "sqlite:////tmp/lmaas.db")
+    assert load_settings().env(secrets=False)["LMAAS_DATABASE_URL"] == "sqlite:////tmp/lmaas.db"  # nothing secret in it
+
+
 def test_s3_specific_endpoint_wins(lmaas_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3only:2")

@@ -344,6 +344,7 @@ class RayJobsApi:
         from ray.job_submission import JobSubmissionClient
 
         self.client, self.env = JobSubmissionClient(address), dict(env)
+        """What every job's runtime_env sets: `Settings.env(secrets=False)` (no passwords or cloud keys: Ray shows it)."""
 
     def submit(self, job: QueuedJob, submission_id: str) -> None:
         if job.kind == "command":
@@ -516,7 +517,7 @@ def queue_actor(settings: Any, dashboard_url: str | None, max_running_per_tenant
         name=name, namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
         max_restarts=-1, max_concurrency=4, runtime_env={"env_vars": settings.env()},
     )
-    return actor.remote(settings.database_url, dashboard_url, settings.env(), max_running_per_tenant)
+    return actor.remote(settings.database_url, dashboard_url, settings.env(secrets=False), max_running_per_tenant)
 
 
 # ---- the queue as users drive it: `lmaas jobs` and `/api/v1/jobs` ----
@@ -573,7 +574,7 @@ class ClusterQueue:
 
     def jobs_api(self) -> "RayJobsApi | None":
         info = self.cluster()
-        return None if info is None else RayJobsApi(info.dashboard_url, self.settings.env())
+        return None if info is None else RayJobsApi(info.dashboard_url, self.settings.env(secrets=False))
 
 
 def cluster_if_any(settings: Any) -> Any:

@@ -25,6 +25,7 @@ reveals only that the name is in use. A `parent` must be visible to the caller.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import io
@@ -641,7 +642,7 @@ class ModelRegistry:
         if status:
             query = query.where(model_versions.c.status == status)
         with self.engine.connect() as conn:
-            return [self._version(conn, r) for r in conn.execute(query.offset(offset).limit(limit)).mappings()]
+            return [_seen(self._version(conn, r), tenant) for r in conn.execute(query.offset(offset).limit(limit)).mappings()]
 
     @_scoped
     def get_version(self, name: str, version: int, *, tenant: str | None = None) -> ModelVersion:
@@ -655,7 +656,9 @@ class ModelRegistry:
         A bare `name` means its `production` alias if set, else its latest ready version.
 
         Args:
-            tenant: only a model this tenant owns, or a public one (None: any model).
+            tenant: only a model this tenant owns, or a public one (None: any model). Another
+                tenant's public version comes without its training lineage (`dataset`,
+                `dataset_sha256`, `run`): those name its owner's private data.
 
         Raises:
             InvalidInputError: a malformed reference.
@@ -664,7 +667,7 @@ class ModelRegistry:
         if tenant is not None:
             self.get_model(parse_ref(ref).name, tenant=tenant)
         with self.engine.connect() as conn:
-            return self._version(conn, self._version_row(conn, ref))
+            return _seen(self._version(conn, self._version_row(conn, ref)), tenant)
 
     @_scoped
     def aliases(self, name: str, *, tenant: str | None = None) -> list[Alias]:
@@ -1025,11 +1028,11 @@ class ModelRegistry:
         with self.engine.connect() as conn:
             self._visible(conn, parse_ref(ref).name, tenant)
             row = self._version_row(conn, ref)
-            version = self._version(conn, row)
+            version = _seen(self._version(conn, row), tenant)
             parent_row = self._version_row(conn, version.parent) if version.parent else None
-            parent = self._version(conn, parent_row) if parent_row and _sees(tenant, parent_row) else None
+            parent = _seen(self._version(conn, parent_row), tenant) if parent_row and _sees(tenant, parent_row) else None
             children = tuple(
-                self._version(conn, r)
+                _seen(self._version(conn, r), tenant)
                 for r in conn.execute(
                     self._versions_query().where(model_versions.c.parent_id == row["id"]).order_by(model_versions.c.id)
                 ).mappings()
@@ -1052,10 +1055,11 @@ class ModelRegistry:
 
     @_scoped
     def trained_on(self, dataset: str, *, tenant: str | None = None) -> list[ModelVersion]:
-        """Every version whose recorded dataset is `dataset` (e.g. `wiki:3`), oldest first (`tenant`: those it may see)."""
+        """Every version whose recorded dataset is `dataset` (e.g. `wiki:3`), oldest first (`tenant`: only its own
+        models': a dataset is its owner's, and which public models were trained on it is the owner's to know)."""
         with self.engine.connect() as conn:
             rows = conn.execute(self._versions_query().where(model_versions.c.dataset == dataset).order_by(model_versions.c.id)).mappings()
-            return [self._version(conn, r) for r in rows if _sees(tenant, r)]
+            return [self._version(conn, r) for r in rows if tenant is None or r["tenant"] == tenant]
 
     # -- garbage collection --------------------------------------------------------------
     def gc(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> list[str]:
@@ -1203,6 +1207,13 @@ def _owning_prefix(path: str) -> str:
 
 def _is_temporary_path(path: str) -> bool:
     return any(p.startswith(".") and (".tmp-" in p or ".staging-" in p) for p in path.split("/"))
+
+
+def _seen(version: ModelVersion, tenant: str | None) -> ModelVersion:
+    """`version` as `tenant` sees it: another tenant's (public) version without its training lineage."""
+    if tenant is None or version.tenant == tenant:
+        return version
+    return dataclasses.replace(version, dataset=None, dataset_sha256=None, run=None)
 
 
 def _sees(tenant: str | None, row: Any) -> bool:

@@ -93,10 +93,8 @@ class DeploymentRecords:
             return record.tenant
         if ref is None:
             return None
-        from lmaas.registry import parse_ref
-
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(registered_models.c.tenant).where(registered_models.c.name == parse_ref(ref).name)).scalar()
+            return _model_owner(conn, ref)
 
     def check_change(self, app: str, name: str, tenant: str | None, *, create: bool, current_ref: str | None = None) -> None:
         """Refuse a change to served name `name` unless `tenant` owns it (None: an admin may change any).
@@ -127,8 +125,8 @@ class DeploymentRecords:
             if row is not None:
                 values = {"ref": ref, "canary_ref": canary_ref, "updated_at": now} | ({"tenant": tenant} if tenant else {})
                 conn.execute(deployments.update().where(deployments.c.id == row.id).values(**values))
-            else:
-                owner = tenant or self.owner(app, name, ref) or "default"
+            else:  # (one connection: on SQLite every transaction holds the write lock, a second would wait on this one)
+                owner = tenant or _model_owner(conn, ref) or "default"
                 conn.execute(deployments.insert().values(app=app, name=name, tenant=owner, ref=ref, canary_ref=canary_ref,
                                                          created_at=now, updated_at=now))
         found = self.get(app, name)
@@ -142,6 +140,13 @@ class DeploymentRecords:
     def remove_app(self, app: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(deployments.delete().where(deployments.c.app == app))
+
+
+def _model_owner(conn: Any, ref: str) -> str | None:
+    """The tenant owning the registry model `ref` names (None: not in the registry)."""
+    from lmaas.registry import parse_ref
+
+    return conn.execute(sa.select(registered_models.c.tenant).where(registered_models.c.name == parse_ref(ref).name)).scalar()
 
 
 def _record(row: Any) -> DeploymentRecord:
