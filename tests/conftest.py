@@ -52,6 +52,24 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> Non
 
 
 @contextlib.contextmanager
+def uvicorn_app(app):
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a thread; yields its base URL, stops it after."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 20, "uvicorn")
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextlib.contextmanager
 def ray_head_process(num_cpus: int = 2, env: dict[str, str] | None = None):
     """`ray start --head --block` with the dashboard (and so the Jobs API) on a free port.
 

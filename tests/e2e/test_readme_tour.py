@@ -104,7 +104,8 @@ def test_readme_tour_runs_as_written(lmaas_env, cli, tmp_path):
 
     from lmaas.db.schema import model_versions
 
+    prefix = verifying.resolve("tour-lm:1").prefix  # (outside the transaction: on SQLite it holds the write lock)
     with verifying.engine.begin() as conn:  # someone strips the signature in the database
-        conn.execute(model_versions.update().where(model_versions.c.prefix == verifying.resolve("tour-lm:1").prefix).values(signature=None))
+        conn.execute(model_versions.update().where(model_versions.c.prefix == prefix).values(signature=None))
     refused = cli("deploy", "tour-lm:1", env={**lmaas_env, **signing})
     assert refused.returncode == 1 and refused.stderr.strip().splitlines() == ["error: tour-lm:1 is not signed and this deployment requires signed versions"], refused.stderr

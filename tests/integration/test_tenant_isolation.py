@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import free_port, wait_for  # noqa: E402
+from conftest import uvicorn_app  # noqa: E402
 from registry_helpers import make_model_dir  # noqa: E402
 from serve_helpers import make_causal_lm  # noqa: E402
 
@@ -34,9 +33,6 @@ KEYS = {  # name -> (tenant, scopes, secret)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """alice's private `a-secret` (production alias) and public `a-public`, her dataset, and the API over them."""
-    import uvicorn
-
-    from lmaas import db
     from lmaas.auth import Auth
     from lmaas.config import load_settings
     from lmaas.data.versions import publish_version
@@ -71,20 +67,14 @@ def world(tmp_path_factory):
         registry.set_public("a-public", True)
         app = build_app(registry, auth=auth)
         app.state.jobs = ClusterQueue(settings, engine, lambda: None)  # queued only; test_jobs_run_as_their_tenant runs them
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        wait_for(lambda: server.started, 20, "uvicorn")
-        clients = {name: httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Authorization": f"Bearer {secret}"})
-                   for name, (_, _, secret) in KEYS.items()}
-        try:
-            yield {"registry": registry, "engine": engine, "root": root, "env": env, "settings": settings, "lm": lm, **clients}
-        finally:
-            for client in clients.values():
-                client.close()
-            server.should_exit = True
-            thread.join(10)
+        with uvicorn_app(app) as base:
+            clients = {name: httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {secret}"})
+                       for name, (_, _, secret) in KEYS.items()}
+            try:
+                yield {"registry": registry, "engine": engine, "root": root, "env": env, "settings": settings, "lm": lm, **clients}
+            finally:
+                for client in clients.values():
+                    client.close()
 
 
 def alice_state(world) -> dict:
@@ -253,20 +243,12 @@ def test_jobs_run_as_their_tenant(world, ray_cluster, monkeypatch, capsys):
 def test_uploads_are_counted_as_they_stream_and_large_downloads_stream_checked(world, tmp_path):
     """A chunked body (no Content-Length) over the upload limit is cut off with 413 and leaves nothing;
     a file of 8 MiB and more downloads in chunks, and a tampered one breaks off instead of arriving whole."""
-    import uvicorn
-
     from lmaas.auth import Auth
     from lmaas.serve.management import build_app
 
     registry = world["registry"]
     app = build_app(registry, auth=Auth(world["engine"], registry=registry), max_upload_bytes=64 * 1024)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 20, "uvicorn")
-    bob = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Authorization": f"Bearer {KEYS['bob'][2]}"})
-    try:
+    with uvicorn_app(app) as base, httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {KEYS['bob'][2]}"}) as bob:
         data = b"\0" * (200 * 1024)
         body = {"files": [{"path": "model.safetensors", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}]}
         opened = bob.post("/api/v1/models/b-chunked/uploads", json=body).json()
@@ -281,10 +263,8 @@ def test_uploads_are_counted_as_they_stream_and_large_downloads_stream_checked(w
                              headers={"Content-Type": request.headers["Content-Type"]})
         assert error(multipart, 413)["code"] == "request_too_large"
         assert error(bob.get("/api/v1/models/b-multipart"), 404)
-    finally:
-        bob.close()
-        server.should_exit = True
-        thread.join(10)
+        huge = {"files": [{"path": "model.safetensors", "size": 65 << 30, "sha256": "0" * 64}]}  # over the 64 GiB per file
+        assert "limit per file" in error(bob.post("/api/v1/models/b-huge/uploads", json=huge), 400, "files")["message"]
 
     big = make_model_dir(tmp_path / "big", seed=9, size=1500)  # a 9 MB weights file
     version = registry.acting_for("bob").register_version("b-big", big, task="causal-lm")

@@ -61,6 +61,10 @@ from lmaas.storage import MANIFEST, FileEntry, Manifest, Storage
 MODELS_PREFIX = "models"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 """Weights formats that unpickle (or may) on load: refused at registration."""
+MAX_FILE_BYTES = 64 << 30
+"""Largest file one version may hold (an upload declaring more is refused before anything is stored)."""
+MAX_SEALED_FILE_BYTES = 2 << 30
+"""Largest file of an upload with encryption on: AES-GCM seals a whole file at once, in memory."""
 STREAM_ABOVE_BYTES = 8 << 20
 """Files at least this big are sent in chunks, hashed as they go (`stream_file`); smaller ones are checked whole first."""
 SIGNING_KEY_ENV = "LMAAS_SIGNING_KEY"
@@ -365,7 +369,8 @@ class ModelRegistry:
 
         Raises:
             InvalidInputError: bad name, no files, a file listed twice, an unsafe path, pickle-format
-                weights, a negative size or a malformed sha256.
+                weights, a negative size, a file over `MAX_FILE_BYTES` (`MAX_SEALED_FILE_BYTES` with
+                encryption on) or a malformed sha256.
             AlreadyExistsError / PermissionDeniedError: as for `register_version`.
         """
         self.check_writable(name, tenant=tenant, create=True)
@@ -379,6 +384,10 @@ class ModelRegistry:
             _check_weights_format(path)
             if f.size < 0:
                 raise InvalidInputError(f"{path}: size must not be negative", param="files")
+            limit = MAX_FILE_BYTES if self.encryption_key is None else MAX_SEALED_FILE_BYTES
+            if f.size > limit:
+                why = "" if self.encryption_key is None else " with encryption at rest on (each file is sealed whole, in memory)"
+                raise InvalidInputError(f"{path}: {f.size:,} bytes is over the {limit:,}-byte limit per file{why}", param="files")
             digest = f.sha256.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise InvalidInputError(f"{path}: sha256 must be 64 hex digits", param="files")
