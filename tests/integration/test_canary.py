@@ -233,6 +233,20 @@ def _deployments(base: str, key: str = DEPLOY_KEY) -> httpx.Response:
     return httpx.get(base + "/api/v1/deployments", headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
 
+def _steady(method: str, url: str, **kwargs) -> httpx.Response:
+    """One request, tried again for up to 60 s while the gateway restarts (a deploy replaces its replicas)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            response = httpx.request(method, url, timeout=60, **kwargs)
+            if response.status_code not in (502, 503, 504) or time.monotonic() > deadline:
+                return response
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
 def _listed(base: str) -> dict[str, dict]:
     """Deployments by name; {} while the gateway cannot answer (a redeploy on a loaded machine): callers wait for a state."""
     try:
@@ -272,13 +286,14 @@ def test_deployments_rest_api(gateway):
     created = httpx.post(base + "/api/v1/deployments", json=body, headers=auth, timeout=60)
     assert created.status_code == 202, created.text
     assert created.json()["deployment"]["canary"]["weight"] == 20 and created.json()["change"]["status"] == "pending"
-    wait_for(lambda: "rest-m" in _listed(base), 180, "the created deployment")
-    # the deployment is recorded: its versions show it in their lineage and cannot be deleted
+    # done: the applier's deploy returned, so the deployment's record is written
+    wait_for(lambda: (_listed(base).get("rest-m") or {}).get("change", {}).get("status") == "done", 180, "the created deployment")
+    # the deployment is recorded: its versions show it in their lineage and cannot be archived or deleted
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     assert _listed(base)["rest-m"]["tenant"] == "default"
-    refused = httpx.delete(base + "/api/v1/models/tiny/versions/2", headers=admin, timeout=60)
+    refused = _steady("POST", base + "/api/v1/models/tiny/versions/2/archive", headers=admin)  # (archiving is undone easily, were it let through)
     assert refused.status_code == 409 and f"{APP}/rest-m" in refused.json()["error"]["message"], refused.text
-    assert httpx.get(base + "/api/v1/models/tiny/versions/1/lineage", headers=admin, timeout=60).json()["deployments"] == [f"{APP}/rest-m"]
+    assert _steady("GET", base + "/api/v1/models/tiny/versions/1/lineage", headers=admin).json()["deployments"] == [f"{APP}/rest-m"]
     patched = httpx.patch(base + "/api/v1/deployments/rest-m", json={"weight": 40}, headers=auth, timeout=60)
     assert patched.status_code == 202 and patched.json()["deployment"]["canary"]["weight"] == 40
     try:
@@ -289,7 +304,8 @@ def test_deployments_rest_api(gateway):
     deleted = httpx.delete(base + "/api/v1/deployments/rest-m", headers=auth, timeout=60)
     assert deleted.status_code == 202 and deleted.json()["deployment"] is None
     wait_for(lambda: "rest-m" not in _listed(base) and "split" in _listed(base), 180, "the deleted deployment")
-    assert httpx.get(base + "/api/v1/models/tiny/versions/1/lineage", headers=admin, timeout=60).json()["deployments"] == []
+    wait_for(lambda: _steady("GET", base + "/api/v1/models/tiny/versions/1/lineage", headers=admin).json()["deployments"] == [], 60,
+             "the deleted deployment's record")
     actions = {e["action"] for e in _audit(gateway[2], "deployment.deploy") + _audit(gateway[2], "deployment.undeploy")}
     assert actions == {"deployment.deploy", "deployment.undeploy"}
 
@@ -307,23 +323,24 @@ def test_another_tenants_deployments_cannot_be_taken_over(gateway, tmp_path):
         listed = _listed(base)
         return {n: (d["ref"], d["tenant"], d["canary"]["ref"], d["canary"]["weight"]) for n, d in listed.items() if n in ("split", "sticky")}
 
+    wait_for(lambda: {"split", "sticky"} <= set(kept()), 120, "the gateway's listing")  # (a previous test's redeploy may still be settling)
     before = kept()
     assert before["split"] == ("tiny:1", "default", "tiny:2", 10), before
-    taken = httpx.post(base + "/api/v1/deployments", json={"ref": "bob-lm", "name": "split", "num_cpus": 0.05}, headers=bob, timeout=60)
+    taken = _steady("POST", base + "/api/v1/deployments", json={"ref": "bob-lm", "name": "split", "num_cpus": 0.05}, headers=bob)
     assert taken.status_code == 409 and taken.json()["error"]["param"] == "name", taken.text
     for method, body in (("PATCH", {"weight": 90}), ("PATCH", {"ref": "bob-lm"}), ("DELETE", None)):
-        r = httpx.request(method, base + "/api/v1/deployments/split", json=body, headers=bob, timeout=60)
+        r = _steady(method, base + "/api/v1/deployments/split", json=body, headers=bob)
         assert r.status_code == 404 and r.json()["error"]["param"] == "name", (method, r.text)
-    assert httpx.get(base + "/api/v1/deployments/split", headers=bob, timeout=60).status_code == 404
-    assert httpx.get(base + "/api/v1/deployments", headers=bob, timeout=60).json()["data"] == []
-    hidden = httpx.post(base + "/api/v1/deployments", json={"ref": "tiny:1", "name": "bob-tiny"}, headers=bob, timeout=60)
+    assert _steady("GET", base + "/api/v1/deployments/split", headers=bob).status_code == 404
+    assert _steady("GET", base + "/api/v1/deployments", headers=bob).json()["data"] == []
+    hidden = _steady("POST", base + "/api/v1/deployments", json={"ref": "tiny:1", "name": "bob-tiny"}, headers=bob)
     assert hidden.status_code == 404 and hidden.json()["error"]["param"] == "ref"
     # caps for non-admins: replicas, CPUs, GPUs; custom resources are an admin's
     for extra, param in (({"num_gpus": 8}, "num_gpus"), ({"max_replicas": 50}, "max_replicas"), ({"num_cpus": 64}, "num_cpus"),
                          ({"resources": {"head": 1}}, "resources")):
-        r = httpx.post(base + "/api/v1/deployments", json={"ref": "bob-lm", "name": "bob-chat", **extra}, headers=bob, timeout=60)
+        r = _steady("POST", base + "/api/v1/deployments", json={"ref": "bob-lm", "name": "bob-chat", **extra}, headers=bob)
         assert r.status_code == 403 and r.json()["error"]["param"] == param, (extra, r.text)
-    assert kept() == before
+    wait_for(lambda: kept() == before, 30, "the default tenant's deployments, unchanged")
 
 
 def test_oversized_bodies_get_413_on_every_route(gateway):
