@@ -8,7 +8,7 @@ normalization), same client (httpx, `POST /v1/embeddings`), same texts (lines of
       time behind a lock (2 torch threads);
   (b) lmaas: `lmaas.serve.deployments.build_app` on a local Ray cluster (HAProxy proxy), the model
       registered in a temporary registry, one replica (2 torch threads) whose `EmbeddingEngine`
-      takes whatever requests are queued and encodes them sorted by length, 16 texts per forward pass.
+      batches the queued requests, up to 16 texts per forward pass drawn in turn from each request.
 At each concurrency it reports requests/s, texts/s and p50/p99 request latency, and the lmaas /
 baseline ratio, plus the compute roofline: the texts/s this machine's matmul speed allows at
 2 x (non-embedding parameters) FLOPs per token and the corpus's mean tokens per text. Both servers

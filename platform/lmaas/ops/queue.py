@@ -604,9 +604,8 @@ def execute(job_id: int) -> int:
     from lmaas import cluster, db
     from lmaas.config import load_settings
     from lmaas.errors import LmaasError
-    from lmaas.storage import Storage
-
     from lmaas.registry import ModelRegistry
+    from lmaas.storage import Storage
 
     settings = load_settings()
     engine = db.connect(settings.database_url)

@@ -565,13 +565,8 @@ class ModelRegistry:
         """
         validate_model_name(name)
         with self.engine.connect() as conn:
-            row = self._model_row(conn, name)
-        if row is None:
-            if create:
-                return None
-            raise NotFoundError(f"no model named {name!r}", param=param)
-        _check_owner(name, row.tenant, bool(row.public), tenant, create=create, param=param)
-        return _model(row._mapping)
+            row = self._writable(conn, name, tenant, create=create, param=param)
+        return None if row is None else _model(row._mapping)
 
     def _check_parent(self, parent: str, tenant: str | None) -> None:
         """NotFoundError naming `parent` unless it resolves to a version `tenant` may see."""
@@ -583,17 +578,20 @@ class ModelRegistry:
     def _model_row(self, conn: Connection, name: str) -> Any:
         return conn.execute(sa.select(registered_models).where(registered_models.c.name == name)).first()
 
-    def _writable(self, conn: Connection, name: str, tenant: str | None, *, param: str) -> None:
-        """`check_writable` inside the caller's transaction, for an existing model."""
+    def _writable(self, conn: Connection, name: str, tenant: str | None, *, create: bool = False, param: str) -> Any:
+        """`check_writable` inside the caller's transaction: the model's row (None: free, with `create`)."""
         row = self._model_row(conn, name)
         if row is None:
+            if create:
+                return None
             raise NotFoundError(f"no model named {name!r}", param=param)
-        _check_owner(name, row.tenant, bool(row.public), tenant, param=param)
+        _check_owner(name, row.tenant, bool(row.public), tenant, create=create, param=param)
+        return row
 
     def _visible(self, conn: Connection, name: str, tenant: str | None, *, param: str = "model") -> None:
         """NotFoundError unless `tenant` may see model `name` (its own or public; None sees all)."""
         row = self._model_row(conn, name)
-        if row is None or not (tenant is None or row.public or row.tenant == tenant):
+        if row is None or not _sees(tenant, row._mapping):
             raise NotFoundError(f"no model named {name!r}", param=param)
 
     # -- reading -------------------------------------------------------------------------
@@ -820,19 +818,21 @@ class ModelRegistry:
         """
         version = self.resolve(ref, tenant=tenant)
         self.check_signature(version)
-        entry = next((f for f in version.files if f.path == path), None)
-        if entry is None:
-            raise NotFoundError(f"{version.ref} has no file {path!r}", param="path")
+        return version, self._read_checked(version, _file_entry(version, path))
+
+    def _read_checked(self, version: ModelVersion, entry: ModelFile) -> bytes:
+        """One file's bytes, decrypted if sealed, verified against the sha256 the database records."""
+        path = entry.path
         where = self.storage.url(f"{version.prefix}/{path}")
         try:
             data = self.storage.read_bytes(f"{version.prefix}/{path}")
         except NotFoundError:
             raise IntegrityError(f"{where} is missing (listed in the manifest)") from None
         if version.encrypted:
-            return version, self._decrypt_checked(version, self._decryption_key(version), entry, data)
+            return self._decrypt_checked(version, self._decryption_key(version), entry, data)
         if not _matches(data, entry):
             raise IntegrityError(f"{where} does not match its sha256 in the manifest: truncated or altered")
-        return version, data
+        return data
 
     @_scoped
     def stream_file(self, ref: str | ModelRef, path: str, *, tenant: str | None = None, chunk_size: int = 1 << 20,
@@ -851,13 +851,10 @@ class ModelRegistry:
             IntegrityError: the file is missing, truncated or altered.
         """
         version = self.resolve(ref, tenant=tenant)
-        entry = next((f for f in version.files if f.path == path), None)
-        if entry is None:
-            raise NotFoundError(f"{version.ref} has no file {path!r}", param="path")
-        if version.encrypted or entry.size < whole_below:
-            _, data = self.read_file(version.ref, path)
-            return version, entry, iter([data])
         self.check_signature(version)
+        entry = _file_entry(version, path)
+        if version.encrypted or entry.size < whole_below:
+            return version, entry, iter([self._read_checked(version, entry)])
         target, where = f"{version.prefix}/{path}", self.storage.url(f"{version.prefix}/{path}")
         try:
             size = self.storage.size(target)
@@ -943,8 +940,7 @@ class ModelRegistry:
         """Remove an alias. Raises `NotFoundError` if it does not exist; `tenant` as for `set_alias`."""
         validate_alias(alias)
         with self.engine.begin() as conn:
-            self._writable(conn, validate_model_name(name), tenant, param="name")
-            model = self._model_row(conn, name)
+            model = self._writable(conn, validate_model_name(name), tenant, param="name")
             deleted = conn.execute(
                 model_aliases.delete().where(model_aliases.c.model_id == model.id, model_aliases.c.alias == alias)
             ).rowcount
@@ -1223,6 +1219,14 @@ def _seen(version: ModelVersion, tenant: str | None) -> ModelVersion:
     if tenant is None or version.tenant == tenant:
         return version
     return dataclasses.replace(version, dataset=None, dataset_sha256=None, run=None)
+
+
+def _file_entry(version: ModelVersion, path: str) -> ModelFile:
+    """The recorded file `path` of `version`; `NotFoundError` naming it when the version has none."""
+    entry = next((f for f in version.files if f.path == path), None)
+    if entry is None:
+        raise NotFoundError(f"{version.ref} has no file {path!r}", param="path")
+    return entry
 
 
 def _sees(tenant: str | None, row: Any) -> bool:

@@ -52,7 +52,7 @@ def build_app(
         from lmaas.ops.health import database_and_storage
 
         ready, checks = await run_in_threadpool(database_and_storage, registry.engine, registry.storage)
-        return await readiness_response(auth, request, ready, checks)
+        return await readiness_response(request, ready, checks)
 
     return app
 

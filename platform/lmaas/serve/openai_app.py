@@ -8,7 +8,6 @@ Mounted by the Serve ingress; standalone for tests and one-machine setups:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -23,6 +22,7 @@ from fastapi.responses import JSONResponse
 import lmaas
 from lmaas.auth import Auth
 from lmaas.ops.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id_from
+from lmaas.serve.auth import authenticate_async, get_auth
 from lmaas.serve.engine import Engine
 from lmaas.serve.errors import error_body, install_error_handlers
 from lmaas.serve.openai_api import OpenAIServing
@@ -92,29 +92,26 @@ def build_openai_app(
         together): no model names, no store URI, nothing of any tenant's.
         """
         ready, checks = (True, {}) if readiness is None else await readiness()
-        return await readiness_response(auth, request, ready, checks)
+        return await readiness_response(request, ready, checks)
 
     return app
 
 
-async def readiness_response(auth: Auth | None, request: Request, ready: bool, checks: dict[str, str]) -> JSONResponse:
+async def readiness_response(request: Request, ready: bool, checks: dict[str, str]) -> JSONResponse:
     """`/readyz`'s answer: 200 or 503, with `checks` in full for an admin and `_redacted` for anyone else."""
-    if not await _is_admin(auth, request.headers.get("authorization")):
+    if not await _is_admin(request):
         checks = _redacted(checks)
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
 
 
-async def _is_admin(auth: Auth | None, authorization: str | None) -> bool:
+async def _is_admin(request: Request) -> bool:
     """Whether the caller holds an admin key (no key, a bad one, or no database to ask: no)."""
-    if auth is None:
-        return True
-    if not authorization:
-        return False
+    if get_auth(request) is not None and not request.headers.get("authorization"):
+        return False  # a probe: no key, no lookup
     try:
-        principal = auth.authenticate_cached(authorization) or await asyncio.to_thread(auth.authenticate, authorization)
+        return (await authenticate_async(request)).is_admin  # auth off: the unrestricted caller, an admin
     except Exception:  # noqa: BLE001 - an unknown key or a database outage: the redacted answer
         return False
-    return principal.is_admin
 
 
 def _redacted(checks: dict[str, str]) -> dict[str, str]:
