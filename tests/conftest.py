@@ -6,12 +6,16 @@
 - `storage_uri` / `storage`: parametrized over a local directory and the S3 server.
 - `database_url`: parametrized over a SQLite file and a fresh PostgreSQL database.
 - `lmaas_env`: a temporary LMAAS_HOME with every LMAAS_* / RAY_ADDRESS variable cleared.
+- `background`: the outcome of a test's `@pytest.mark.background(command)` script, which started
+  with the session at low CPU priority (it runs in the time the other tests leave the CPUs idle);
+  such tests run last.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -22,6 +26,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -217,6 +222,81 @@ def lmaas_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]
     home = tmp_path / "home"
     monkeypatch.setenv("LMAAS_HOME", str(home))
     return dict(os.environ)
+
+
+BACKGROUND_NICE = 15
+"""A background script's CPU priority: it takes about 3 % of a CPU the tests are using, all of an idle one."""
+
+
+@dataclass
+class BackgroundScript:
+    """A script a test needs only the outcome of, started when the session starts (see `background`)."""
+
+    command: list[str]
+    ray_tmp: str
+    proc: subprocess.Popen
+    out: IO[str]
+    err: IO[str]
+
+    @classmethod
+    def start(cls, command: list[str]) -> "BackgroundScript":
+        ray_tmp = tempfile.mkdtemp(prefix="lmb-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+        env.pop("RAY_ADDRESS", None)
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        nice = ["ionice", "-c", "3"] if shutil.which("ionice") else []
+        proc = subprocess.Popen([*nice, "nice", "-n", str(BACKGROUND_NICE), *command], env=env, stdout=out, stderr=err, text=True,
+                                start_new_session=True, cwd=REPO)
+        return cls(command, ray_tmp, proc, out, err)
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess:
+        """Wait for the script (at most `timeout` s from now, its process group killed past it); its outcome."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"{self.command[1:2]} ran past {timeout:.0f} s more: {self._read(self.err)[-3000:]}") from None
+        return subprocess.CompletedProcess(self.command, self.proc.returncode, self._read(self.out), self._read(self.err))
+
+    @staticmethod
+    def _read(f: IO[str]) -> str:
+        f.seek(0)
+        return f.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its Ray cluster with it
+            self.proc.wait()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+_BACKGROUND: dict[str, BackgroundScript] = {}
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:  # noqa: ANN001
+    """Tests with a background script run last: theirs has had the whole session to finish."""
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)  # (a stable sort)
+
+
+def pytest_collection_finish(session) -> None:  # noqa: ANN001
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        marker = item.get_closest_marker("background")
+        if marker is not None:
+            _BACKGROUND[item.nodeid] = BackgroundScript.start([str(a) for a in marker.args[0]])
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
+    for script in _BACKGROUND.values():
+        script.stop()
+
+
+@pytest.fixture
+def background(request: pytest.FixtureRequest) -> BackgroundScript:
+    """This test's `@pytest.mark.background([command...])` script, running since the session started."""
+    return _BACKGROUND[request.node.nodeid]
 
 
 @pytest.fixture(scope="session")

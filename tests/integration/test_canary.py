@@ -212,21 +212,33 @@ def test_broken_canary_is_rolled_back_on_error_rate_while_clients_get_answers(ga
 
 
 def test_healthy_canary_is_promoted(gateway):
+    from ray import serve
+
     base, store, engine, _ = gateway
     with Loop(base, "promoted", threads=2) as loop:
         wait_for(lambda: (store.get(APP, "promoted") or store.get(APP, "nothing")) is not None
                  and store.get(APP, "promoted").state == "promoted", 120, "promotion")
-        # the promotion redeploys `promoted` with tiny:2 as its stable ref (no canary left)
-        wait_for(lambda: (_listed(base).get("promoted") or {}).get("ref") == "tiny:2", 180, "the promotion redeploy")
-        time.sleep(2)
+        time.sleep(2)  # past the gateway's state TTL: every replica sends all of it to the canary
+        promoted_at = len(loop.answers)
+
+        def redeployed() -> bool:  # the promotion's redeploy is done: tiny:2 is the stable version, no canary left
+            listed = _listed(base).get("promoted") or {}
+            return listed.get("ref") == "tiny:2" and (listed.get("change") or {}).get("op") == "promote" \
+                and listed["change"].get("status") == "done"
+
+        wait_for(redeployed, 180, "the promotion redeploy")
         after = len(loop.answers)
-        wait_for(lambda: len(loop.answers) >= after + 6, 120, "answers after the redeploy")  # the new stable replica may still be loading
+        wait_for(lambda: len(loop.answers) >= after + 6, 120, "answers after the redeploy")
     events = [e for e in _audit(engine, "deployment.canary.promote") if e["target"] == f"{APP}/promoted"]
     assert len(events) == 1 and "healthy" in events[0]["detail"]["reason"]
     failed = [a for a in loop.answers if a[0] != 200]
     assert len(failed) <= 2, failed  # a redeploy may refuse a request or two while the old gateway drains
-    assert {v for s, v in loop.answers[after:] if s == 200} == {"tiny:2"}, loop.answers[-20:]
+    # from the promotion on, through the redeploy, no answer came from the old version
+    assert {v for s, v in loop.answers[promoted_at:] if s == 200} == {"tiny:2"}, loop.answers[promoted_at:][:20]
     assert _listed(base)["promoted"]["canary"] is None
+    # the canary's deployment, replicas and all, became the stable one
+    deployments = serve.status().applications[APP].deployments
+    assert "model-promoted-canary" in deployments and "model-promoted" not in deployments, sorted(deployments)
 
 
 def _deployments(base: str, key: str = DEPLOY_KEY) -> httpx.Response:

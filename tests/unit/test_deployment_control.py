@@ -34,3 +34,13 @@ def test_the_pickle_registry_race_is_retried_and_other_errors_are_not(monkeypatc
     with pytest.raises(ValueError, match="unknown deployment change"):
         control._apply_retrying({"id": "c3"})
     assert len(calls) == 1
+
+
+def test_a_promotion_swaps_the_stable_and_canary_deployments():
+    from lmaas.serve.deployments import ServedModel
+
+    served = ServedModel(ref="tiny:1", name="m", canary={"ref": "tiny:2"})
+    assert served.deployments == ("model-m", "model-m-canary")
+    promoted = served.model_copy(update={"ref": "tiny:2", "canary": None, "swapped": True})
+    assert promoted.deployments == ("model-m-canary", "model-m")  # the canary's replicas go on serving as the stable side
+    assert ServedModel.model_validate(promoted.model_dump(mode="json")).deployments == promoted.deployments

@@ -168,10 +168,11 @@ def logs(
 ) -> None:
     """Print the replica logs of a deployment: JSON lines with the request id the gateway returned in X-Request-Id."""
     from lmaas.ops.logs import follow_replica_logs, replica_actors, replica_logs
-    from lmaas.serve.deployments import deployment_name
+    from lmaas.serve.deployments import canary_deployment_name, deployment_name
 
     _connect()
-    deployment = name if replica_actors(name, app_name) else deployment_name(name)
+    # a served name's stable side runs in model-<name>, or after a canary promotion in model-<name>-canary
+    deployment = next((d for d in (name, deployment_name(name), canary_deployment_name(name)) if replica_actors(d, app_name)), name)
     if not replica_actors(deployment, app_name):
         raise InvalidInputError(f"no running replica of {name!r} in app {app_name!r}; see `lmaas deployments`", param="name")
     if follow:

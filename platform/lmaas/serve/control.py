@@ -113,7 +113,8 @@ def _apply(change: dict[str, Any]) -> Any:
         current = next((m for m in (args.models if args else []) if m.name == change["name"]), None)
         if current is None or current.canary is None or current.canary.ref != change["canary_ref"]:
             return "skipped: the deployment changed since the promotion"
-        promoted = current.model_copy(update={"ref": current.canary.ref, "canary": None})
+        # the canary's deployment (and its running replicas) becomes the stable one: the old version's goes
+        promoted = current.model_copy(update={"ref": current.canary.ref, "canary": None, "swapped": not current.swapped})
         return deploy_models([promoted], env=args.env, app_name=app, grpc_port=None)
     raise ValueError(f"unknown deployment change {op!r}")
 
@@ -204,7 +205,7 @@ class DeploymentControl:
         change = {"op": op, "app": self.app, "name": name, "env": dict(self.args.env), "actor": principal.actor,
                   "tenant": principal.tenant, "owner": principal.tenant_filter}
         if served is not None:
-            change["served"] = served.model_dump(mode="json")
+            change["served"] = served.model_dump(mode="json", exclude_unset=True)  # unset: `deploy_models` keeps the current `swapped`
         summary = submit(change)
         from lmaas.config import load_settings
 

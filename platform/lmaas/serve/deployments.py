@@ -203,6 +203,16 @@ class ServedModel(ScalingOptions):
     engine: EngineOptions = Field(default_factory=EngineOptions)
     canary: CanaryOptions | None = None
     """Split traffic with a canary version (its own deployment, `model-<name>-canary`); see `lmaas.serve.canary`."""
+    swapped: bool = False
+    """Set by a canary promotion: the stable version runs on in the deployment its canary ran in,
+    replicas and all (no request goes back to the old version while the old one drains); a next
+    canary then runs in `model-<name>`. See `deployments`."""
+
+    @property
+    def deployments(self) -> tuple[str, str]:
+        """The Serve deployment names of (the stable side, its canary)."""
+        names = (deployment_name(self.name), canary_deployment_name(self.name))
+        return names[::-1] if self.swapped else names
 
     @model_validator(mode="after")
     def _name(self) -> "ServedModel":
@@ -775,7 +785,7 @@ class OpenAIIngress:
         app = serve.status().applications.get(serve.get_replica_context().app_name)
         out = {}
         for m in args.models:
-            key, scaling = (MULTIPLEX_NAME, args.multiplex) if m.multiplexed else (deployment_name(m.name), m)
+            key, scaling = (MULTIPLEX_NAME, args.multiplex) if m.multiplexed else (m.deployments[0], m)
             state = app.deployments.get(key) if app is not None else None
             running = _running_replicas(state)
             if running or scaling.min_replicas == 0 and state is not None and _status(state) != "DEPLOY_FAILED":
@@ -877,11 +887,12 @@ def build_app(args: dict | ServeAppArgs, *, restart: Collection[str] = ()) -> se
             multiplexed[served.name] = served.ref
             continue
         model_args = (served.ref, served.name, served.engine.model_dump(), served.refresh_interval_s)
-        options = served.deployment_options(config.env) | {"name": deployment_name(served.name)}
+        stable_name, canary_name = served.deployments
+        options = served.deployment_options(config.env) | {"name": stable_name}
         models[served.name] = ModelServer.options(**options, **_version(*model_args, fresh.get(served.name))).bind(*model_args)
         if served.canary is not None:  # its own deployment and replicas; the ingress splits the traffic
             canary_args = (served.canary.ref, served.name, served.engine.model_dump(), served.refresh_interval_s)
-            options = served.canary.deployment_options(config.env) | {"name": canary_deployment_name(served.name)}
+            options = served.canary.deployment_options(config.env) | {"name": canary_name}
             canaries[served.name] = ModelServer.options(**options, **_version(*canary_args, fresh.get(served.name))).bind(*canary_args)
     multiplex = None
     if multiplexed:
@@ -999,8 +1010,12 @@ def deploy_models(
         Served name -> the `name:version` it serves (its reference while scaled to zero).
     """
     args = _current_args(app_name)
+    current = {m.name: m for m in (args.models if args else [])}
+    # a replacement keeps the deployment its stable side runs in (a promotion may have swapped it) unless it says otherwise
+    served = [m if "swapped" in m.model_fields_set or m.name not in current else m.model_copy(update={"swapped": current[m.name].swapped})
+              for m in served]
     names = {m.name for m in served}
-    models = [m for m in (args.models if args else []) if m.name not in names] + list(served)
+    models = [m for m in current.values() if m.name not in names] + list(served)
     config = (args or ServeAppArgs(models=models)).model_copy(update={"models": models, "env": env or (args.env if args else {})})
     _start_canaries(app_name, served)
     serve.start(http_options={"host": host, "port": port}, grpc_options=grpc_options(grpc_port) if grpc_port else None)
@@ -1071,7 +1086,7 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
     def running(key: str) -> int:
         return _running_replicas(app.deployments.get(key))
 
-    live = [m.name for m in args.models if not m.multiplexed and running(deployment_name(m.name))]
+    live = [m.name for m in args.models if not m.multiplexed and running(m.deployments[0])]
     try:
         serving = serve.get_app_handle(app_name).served_versions.remote(live).result(timeout_s=10)
     except Exception:  # noqa: BLE001 - a replica starting or stopping: list it without a version
@@ -1081,7 +1096,7 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
     splits = CanaryStore.from_settings().list(app_name) if any(m.canary for m in args.models) else {}
     out = []
     for m in args.models:
-        key = MULTIPLEX_NAME if m.multiplexed else deployment_name(m.name)
+        key = MULTIPLEX_NAME if m.multiplexed else m.deployments[0]
         state = app.deployments.get(key)
         scaling = args.multiplex if m.multiplexed else m
         canary = None
@@ -1089,7 +1104,7 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
             split = splits.get(m.name)
             if split is not None and split.rollout != rollout_id(m.ref, m.canary.policy()):
                 split = None  # an earlier rollout's row: the gateway has not taken the new config yet
-            canary_state = app.deployments.get(canary_deployment_name(m.name))
+            canary_state = app.deployments.get(m.deployments[1])
             canary = {
                 "ref": m.canary.ref,
                 "weight": m.canary.weight if split is None else split.routed_weight,
