@@ -93,6 +93,14 @@ class AlreadyExistsError(LmaasError):
     type = "conflict_error"
 
 
+class PayloadTooLargeError(LmaasError):
+    """An upload past a size limit: a file's maximum, or the room left in its tenant's storage quota."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class IntegrityError(LmaasError):
     """Stored bytes do not match their recorded sha256 (tampered or truncated)."""
 

@@ -258,6 +258,39 @@ class Storage:
         with f:
             yield f
 
+    def checked_chunks(self, path: str, sha256: str, size: int, *, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+        """An object's bytes as chunks, checked against its recorded `size` and `sha256` on the way.
+
+        The size is checked before the first chunk; the hash as the bytes stream, with the last chunk
+        held back until it is known: the iterator raises `IntegrityError` instead of yielding it if
+        they differ (a server then breaks the connection short of its Content-Length, so no client
+        takes an altered object as complete).
+
+        Raises:
+            IntegrityError: the object is missing, of another size, or (while iterating) altered.
+        """
+        where = self.url(path)
+        try:
+            stored = self.size(path)
+        except NotFoundError:
+            raise IntegrityError(f"{where} is missing (it is recorded)") from None
+        if stored != size:
+            raise IntegrityError(f"{where} has {stored} bytes, {size} are recorded: truncated or altered")
+
+        def chunks() -> Iterator[bytes]:
+            digest, held = hashlib.sha256(), b""
+            with self.open(path) as f:
+                while chunk := f.read(chunk_size):
+                    digest.update(chunk)
+                    if held:
+                        yield held
+                    held = chunk
+            if digest.hexdigest() != sha256:
+                raise IntegrityError(f"{where} does not match its recorded sha256: altered")
+            yield held
+
+        return chunks()
+
     def sha256(self, path: str) -> str:
         """Hex sha256 of a stored object, streamed."""
         digest = hashlib.sha256()

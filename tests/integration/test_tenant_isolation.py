@@ -10,6 +10,7 @@ Ray cluster, as bob. Deployment takeovers are tried on a real Serve gateway in `
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -71,15 +72,18 @@ def world(tmp_path_factory):
             clients = {name: httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {secret}"})
                        for name, (_, _, secret) in KEYS.items()}
             try:
-                yield {"registry": registry, "engine": engine, "root": root, "env": env, "settings": settings, "lm": lm, **clients}
+                _, inference_key = auth.keys.create_key("alice", ["inference"])
+                yield {"registry": registry, "engine": engine, "root": root, "env": env, "settings": settings, "lm": lm,
+                       "inference_key": inference_key, **clients}
             finally:
                 for client in clients.values():
                     client.close()
 
 
 def alice_state(world) -> dict:
-    """Everything of alice's, as bytes and rows: models, versions, aliases, datasets and stored files."""
+    """Everything of alice's, as bytes and rows: models, versions, aliases, datasets, uploaded files and stored bytes."""
     from lmaas.db.schema import datasets, model_aliases, model_versions, registered_models
+    from lmaas.db.schema import files as files_table
 
     engine, storage = world["engine"], world["registry"].storage
     with engine.connect() as conn:
@@ -88,11 +92,12 @@ def alice_state(world) -> dict:
         versions = conn.execute(sa.select(model_versions).where(model_versions.c.model_id.in_(ids)).order_by(model_versions.c.id)).mappings().all()
         aliases = conn.execute(sa.select(model_aliases).where(model_aliases.c.model_id.in_(ids)).order_by(model_aliases.c.alias)).mappings().all()
         data = conn.execute(sa.select(datasets).where(datasets.c.tenant == "alice").order_by(datasets.c.id)).mappings().all()
+        uploaded = conn.execute(sa.select(files_table).where(files_table.c.tenant == "alice").order_by(files_table.c.id)).mappings().all()
     files = {}
-    for prefix in [v["prefix"] for v in versions] + [f"datasets/{d['name']}/{d['version']}" for d in data]:
+    for prefix in [v["prefix"] for v in versions] + [f"datasets/{d['name']}/{d['version']}" for d in data] + ["uploads/alice"]:
         for path in storage.list(prefix):
             files[path] = hashlib.sha256(storage.read_bytes(path)).hexdigest()
-    rows = [dict(r) for r in [*models, *versions, *aliases, *data]]
+    rows = [dict(r) for r in [*models, *versions, *aliases, *data, *uploaded]]
     return {"rows": json.loads(json.dumps(rows, default=str)), "files": files}
 
 
@@ -323,6 +328,7 @@ def test_a_fuzzed_non_admin_key_never_sees_another_tenants_data(world, tmp_path)
     from hypothesis.errors import Unsatisfiable
 
     from lmaas.data.versions import publish_version
+    from lmaas.registry.files import FileStore
 
     hidden, hidden_data = f"hidden-{uuid.uuid4().hex[:10]}", f"hidden-data-{uuid.uuid4().hex[:10]}"
     alice = world["registry"].acting_for("alice")
@@ -335,15 +341,18 @@ def test_a_fuzzed_non_admin_key_never_sees_another_tenants_data(world, tmp_path)
     version = alice.register_version(hidden, make_model_dir(tmp_path / "hidden", seed=11), task="causal-lm", dataset=f"{hidden_data}:1",
                                      run="alice-run-7")
     alice.set_alias(hidden, "production", 1)
+    alice_file = FileStore(alice.storage, world["engine"]).create(io.BytesIO(b"alice's uploaded notes\n"), filename="alice-notes.txt",
+                                                                  purpose="user_data", tenant="alice")
     before = alice_state(world)
     secrets_ = [hidden, hidden_data, "/home/alice", "alice's rows", "alice-run-7", version.prefix.rsplit("/", 1)[-1],
+                alice_file.id, "alice-notes", "alice's uploaded",
                 world["registry"].resolve("a-secret:1").prefix.rsplit("/", 1)[-1]]
     base, headers = str(world["bob"].base_url).rstrip("/"), {"Authorization": f"Bearer {KEYS['bob'][2]}"}
     schema = schemathesis.openapi.from_url(base + "/openapi.json", headers=headers, timeout=30)
     leaks, calls, operations = [], 0, 0
     for result in schema.get_all_operations():
         operation = result.ok()
-        if not operation.path.startswith("/api/v1/"):
+        if not operation.path.startswith(("/api/v1/", "/v1/files")):
             continue
         operations += 1
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
@@ -363,7 +372,7 @@ def test_a_fuzzed_non_admin_key_never_sees_another_tenants_data(world, tmp_path)
             except Unsatisfiable:
                 pass
     # and the reads that do name alice's things, asked directly
-    for path in ("/api/v1/models", "/api/v1/models?search=hidden", "/api/v1/lineage?dataset=a-data:1", f"/api/v1/lineage?dataset={hidden_data}:1",
+    for path in ("/v1/files", f"/v1/files/{alice_file.id}", f"/v1/files/{alice_file.id}/content", "/api/v1/models", "/api/v1/models?search=hidden", "/api/v1/lineage?dataset=a-data:1", f"/api/v1/lineage?dataset={hidden_data}:1",
                  "/api/v1/models/a-public/versions", "/api/v1/models/a-public/versions/1/lineage", "/api/v1/jobs", "/api/v1/usage",
                  "/api/v1/feedback"):
         text = world["bob"].get(path).text
@@ -372,3 +381,120 @@ def test_a_fuzzed_non_admin_key_never_sees_another_tenants_data(world, tmp_path)
     assert operations >= 15 and calls >= 2 * operations
     assert leaks == [], "\n".join(leaks[:20])
     assert alice_state(world) == before
+
+
+FINE_TUNE = b"".join(json.dumps(line).encode() + b"\n" for line in [
+    {"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}]},
+    {"prompt": "def f(x):", "completion": " return x"},
+])
+
+
+def openai_client(world, who: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=str(world["bob"].base_url).rstrip("/") + "/v1", api_key=KEYS[who][2], max_retries=0, timeout=60)
+
+
+def test_files_api_with_the_openai_client_keeps_each_tenants_files_its_own(world):
+    """alice uploads, lists, reads and deletes her files with the real `openai` client; bob's key finds none of them."""
+    import openai
+
+    alice, bob = openai_client(world, "alice"), openai_client(world, "bob")
+    made = alice.files.create(file=("chat.jsonl", FINE_TUNE), purpose="fine-tune")
+    assert (made.object, made.bytes, made.filename, made.purpose, made.status) == ("file", len(FINE_TUNE), "chat.jsonl", "fine-tune", "processed")
+    assert made.id.startswith("file-") and made.id in [f.id for f in alice.files.list()]
+    assert alice.files.retrieve(made.id).bytes == len(FINE_TUNE)
+    assert alice.files.content(made.id).read() == FINE_TUNE
+    batch = alice.files.create(file=("requests.jsonl", b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n'),
+                               purpose="batch")
+    assert [f.id for f in alice.files.list(purpose="batch")] == [batch.id]
+    before = alice_state(world)
+
+    # bob: every route answers as if alice's files did not exist
+    assert made.id not in [f.id for f in bob.files.list()]
+    for attempt in (lambda: bob.files.retrieve(made.id), lambda: bob.files.content(made.id), lambda: bob.files.delete(made.id)):
+        with pytest.raises(openai.NotFoundError):
+            attempt()
+    error(world["bob"].get(f"/v1/files/{made.id}/content"), 404, "file_id")
+    assert alice_state(world) == before
+    assert made.id in [f["id"] for f in world["admin"].get("/v1/files").json()["data"]]  # an admin sees every tenant's
+
+    deleted = alice.files.delete(batch.id)
+    assert deleted.deleted and deleted.id == batch.id
+    with pytest.raises(openai.NotFoundError):
+        alice.files.retrieve(batch.id)
+    assert world["registry"].storage.list(f"uploads/alice/files/{batch.id}") == []
+
+
+def test_bad_files_are_refused_naming_the_line_and_leave_nothing(world):
+    from lmaas.registry.files import FileStore
+
+    storage, alice = world["registry"].storage, world["alice"]
+    kept = set(storage.list("uploads/alice"))
+
+    def post(content: bytes, purpose: str = "fine-tune", client=alice) -> httpx.Response:  # noqa: ANN001
+        return client.post("/v1/files", files={"file": ("x.jsonl", content)}, data={"purpose": purpose})
+
+    no_answer = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    assert "line 2: messages needs at least one assistant message" in error(post(FINE_TUNE.split(b"\n")[0] + b"\n" + no_answer), 400, "file")["message"]
+    assert "line 1 is not valid JSON" in error(post(b"{nope\n"), 400, "file")["message"]
+    assert "line 2: messages[0].role" in error(post(FINE_TUNE.split(b"\n")[0] + b'\n{"messages": [{"role": "robot", "content": "x"}]}'), 400, "file")["message"]
+    twice = b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n' * 2
+    assert "line 2: custom_id 'a' is used twice" in error(post(twice, "batch"), 400, "file")["message"]
+    assert "url must be one of" in error(post(b'{"custom_id": "a", "method": "POST", "url": "/v1/files", "body": {}}', "batch"), 400, "file")["message"]
+    error(post(b"x", "assistants"), 400, "purpose")
+    error(alice.post("/v1/files", data={"purpose": "fine-tune"}), 400, "file")
+    # an inference-only key may upload batch files, not training data
+    inference = httpx.Client(base_url=alice.base_url, timeout=60, headers={"Authorization": "Bearer " + world["inference_key"]})
+    assert "models:write" in error(post(FINE_TUNE, client=inference), 403)["message"]
+    assert post(b'{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}', "batch", inference).status_code == 200
+    # larger than a file may be: refused as it streams, nothing kept
+    with pytest.raises(Exception, match="larger than 1,000 bytes") as refused:
+        FileStore(storage, world["engine"]).create(io.BytesIO(b"x" * 5000), filename="big.txt", purpose="user_data", tenant="alice", max_bytes=1000)
+    assert refused.value.status == 413
+    left = set(storage.list("uploads/alice")) - kept
+    assert all("/files/" in p for p in left) and len(left) == 1  # only the inference key's batch file
+    with world["engine"].connect() as conn:
+        assert conn.execute(sa.text("select count(*) from files where tenant = 'alice' and filename = 'big.txt'")).scalar_one() == 0
+
+
+def test_storage_quota_refuses_files_and_model_versions_past_it(world, tmp_path):
+    admin, alice = world["admin"], world["alice"]
+    r = admin.put("/api/v1/tenants/alice/storage-quota", json={"storage_bytes": 0})
+    assert r.status_code == 200 and r.json()["storage_bytes"] == 0
+    error(world["bob"].put("/api/v1/tenants/alice/storage-quota", json={"storage_bytes": None}), 403)
+    error(admin.put("/api/v1/tenants/alice/storage-quota", json={"storage_bytes": -1}), 400, "storage_bytes")
+    before = alice_state(world)
+    try:
+        refused = alice.post("/v1/files", files={"file": ("notes.txt", b"some notes")}, data={"purpose": "user_data"})
+        assert "storage quota" in error(refused, 413, "file")["message"]
+        refused = upload(alice, "a-secret", make_model_dir(tmp_path / "m", seed=4))
+        assert "storage quota" in error(refused, 413, "files")["message"]
+        assert alice_state(world) == before  # no file, no version, no bytes left behind
+        assert world["bob"].post("/v1/files", files={"file": ("n.txt", b"bob's")}, data={"purpose": "user_data"}).status_code == 200  # bob's own quota
+        assert admin.put("/api/v1/tenants/alice/storage-quota", json={"storage_bytes": 10**12}).status_code == 200
+        assert alice.post("/v1/files", files={"file": ("notes.txt", b"some notes")}, data={"purpose": "user_data"}).status_code == 200
+        assert {t["name"]: t["storage_bytes"] for t in admin.get("/api/v1/tenants").json()["data"]}["alice"] == 10**12
+    finally:
+        admin.put("/api/v1/tenants/alice/storage-quota", json={"storage_bytes": None})
+
+
+def test_an_uploaded_file_is_an_ingest_source_for_its_tenant_only(world, ray_cluster, monkeypatch, capsys):
+    """alice ingests her uploaded text by its id (a queued job run as her); bob's job naming it is refused (404)."""
+    from lmaas.ops import queue
+
+    for name, value in world["env"].items():
+        monkeypatch.setenv(name, value)
+    text = "".join(f"line {i} of alice's uploaded corpus, def f{i}(x): return x\n" for i in range(200))
+    made = world["alice"].post("/v1/files", files={"file": ("corpus.txt", text.encode())}, data={"purpose": "user_data"}).json()
+    bob_job = world["bob"].post("/api/v1/jobs", json={"kind": "ingest", "config": {"name": "b-copy", "sources": [made["id"]]}})
+    assert made["id"] in error(bob_job, 404, "config.sources")["message"]
+    engine = world["engine"]
+    job = queue.submit(engine, kind="ingest", tenant="alice", storage=world["registry"].storage,
+                       config={"name": "a-uploaded", "sources": [made["id"]], "format": "lines", "block_size": 16, "vocab_size": 300})
+    assert job.config["sources"][0].endswith(f"uploads/alice/files/{made['id']}/corpus.txt")
+    assert queue.execute(job.id) == 0, capsys.readouterr().out
+    from lmaas.data.versions import get_version
+
+    version = get_version(engine, "a-uploaded", tenant="alice")
+    assert version.documents == 200 and version.tenant == "alice"

@@ -40,9 +40,11 @@ class Tenant:
     name: str
     created_at: float
     limits: Limits = field(default_factory=Limits)
+    storage_bytes: int | None = None
+    """The most its model versions and uploaded files may hold in the artifact store (None: no limit)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "created_at": self.created_at, **self.limits.to_dict()}
+        return {"name": self.name, "created_at": self.created_at, **self.limits.to_dict(), "storage_bytes": self.storage_bytes}
 
 
 @dataclass(frozen=True)

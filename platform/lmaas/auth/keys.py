@@ -150,6 +150,19 @@ class KeyStore:
             db.record_event(conn, actor=actor, action="tenant.limits", target=name, tenant=name, detail=limits.to_dict())
         return self.get_tenant(name)
 
+    def set_storage_quota(self, name: str, storage_bytes: int | None, *, actor: str = "cli") -> Tenant:
+        """Set the most a tenant's model versions and files may hold in the store (None: no limit).
+
+        What it holds already stays; new versions and uploads past the quota are refused (413).
+        """
+        if storage_bytes is not None and (isinstance(storage_bytes, bool) or not 0 <= storage_bytes <= db.MAX_BIGINT):
+            raise InvalidInputError(f"storage_bytes must be between 0 and {db.MAX_BIGINT}, or none", param="storage_bytes")
+        with self.engine.begin() as conn:
+            if not conn.execute(tenants.update().where(tenants.c.name == name).values(storage_bytes=storage_bytes)).rowcount:
+                raise NotFoundError(f"no tenant named {name!r}", param="tenant")
+            db.record_event(conn, actor=actor, action="tenant.storage_quota", target=name, tenant=name, detail={"storage_bytes": storage_bytes})
+        return self.get_tenant(name)
+
     # -- keys ----------------------------------------------------------------------------
     def create_key(
         self,
@@ -397,7 +410,8 @@ class KeyStore:
 
 
 def _tenant(row: Any) -> Tenant:
-    return Tenant(name=row["name"], created_at=row["created_at"], limits=Limits(row["rpm"], row["tpm"], row["tpd"]))
+    return Tenant(name=row["name"], created_at=row["created_at"], limits=Limits(row["rpm"], row["tpm"], row["tpd"]),
+                  storage_bytes=row["storage_bytes"])
 
 
 def _key(row: Any) -> ApiKey:

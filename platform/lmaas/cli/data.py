@@ -18,7 +18,7 @@ app = typer.Typer(help="Ingest corpora into versioned, tokenized datasets.", no_
 
 @app.command()
 def ingest(
-    sources: list[str] = typer.Argument(..., help="Paths, globs, file:// or s3:// URIs; `stdlib[:N]` is the built-in corpus."),
+    sources: list[str] = typer.Argument(..., help="Paths, globs, file:// or s3:// URIs, uploaded files' ids (file-...); `stdlib[:N]` is the built-in corpus."),
     name: str = typer.Option(..., "--name", help="Dataset name."),
     fmt: str = typer.Option("auto", "--format", help="auto, text, lines, jsonl, parquet or csv."),
     block_size: int = typer.Option(None, "--block-size", help="Tokens per packed sequence (>= 8)."),
@@ -43,6 +43,9 @@ def ingest(
     settings = load_settings()
     storage = Storage.from_settings(settings)
     engine = db.connect(settings.database_url)
+    from lmaas.registry.files import FileStore, resolve_sources
+
+    cfg = cfg.model_copy(update={"sources": resolve_sources(cfg.sources, FileStore(storage, engine), tenant=None)})  # `file-...` ids
     quiet_ray_data_logs()  # failures are reported once, as one line
     console = Console(stderr=True, highlight=False)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,

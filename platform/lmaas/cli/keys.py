@@ -138,6 +138,16 @@ def list_tenants(as_json: bool = typer.Option(False, "--json", help="Print JSON.
     console.print(table)
 
 
+@tenants_app.command("storage-quota")
+def set_storage_quota(
+    name: str = typer.Argument(...),
+    storage_bytes: int = typer.Option(None, "--bytes", min=0, help="The most its model versions and files may hold (left out: no limit)."),
+) -> None:
+    """Set a tenant's storage quota: uploads and new model versions past it are refused (413)."""
+    tenant = _keys().set_storage_quota(name, storage_bytes, actor=ACTOR)
+    console.print(f"tenant {tenant.name}: storage quota {_limit(tenant.storage_bytes)} bytes")
+
+
 @tenants_app.command("limits")
 def set_limits(
     name: str = typer.Argument(...),

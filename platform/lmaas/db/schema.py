@@ -145,8 +145,10 @@ tenants = sa.Table(
     sa.Column("rpm", sa.Integer, nullable=True),
     sa.Column("tpm", sa.Integer, nullable=True),
     sa.Column("tpd", sa.BigInteger, nullable=True),
+    sa.Column("storage_bytes", sa.BigInteger, nullable=True),
 )
-"""Who owns models, datasets and keys; `rpm`/`tpm`/`tpd` are the tenant-wide limits (NULL: none)."""
+"""Who owns models, datasets and keys; `rpm`/`tpm`/`tpd` are the tenant-wide limits, `storage_bytes`
+the most its model versions and files may hold in the artifact store (NULL: no limit)."""
 
 api_keys = sa.Table(
     "api_keys",
@@ -282,3 +284,19 @@ deployments = sa.Table(
 """Who owns each served name of a Serve app and what it serves (`serve.records`): written when a
 deploy is applied, removed by undeploy. Only the owner tenant (or an admin) may replace, change or
 remove a deployment; a version a row names by number (`name:3`) cannot be archived or deleted."""
+
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(200), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("filename", sa.String(255), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("path", sa.String(700), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, default=time.time),
+    sa.Index(None, "tenant", "created_at"),
+)
+"""Uploaded files (`registry.files`, the OpenAI files API): one row per file, written once its bytes
+are in the store under `path` (`uploads/<tenant>/files/<id>/<filename>`) and checked for its purpose."""

@@ -185,6 +185,8 @@ def submit(
     else:
         if entrypoint:
             raise InvalidInputError(f"a {kind} job runs its config; a command (--command) is for command jobs", param="command")
+        if kind == "ingest" and isinstance((config or {}).get("sources"), list):
+            config = {**config, "sources": _file_sources(config["sources"], engine, storage, None if privileged else tenant)}
         try:
             validated = job_config(kind, config or {})
         except ValidationError as exc:
@@ -211,6 +213,23 @@ def submit(
         record_event(conn, actor=actor, action="job.submit", target=f"job:{job_id}", tenant=tenant,
                      detail={"kind": kind, "priority": priority, "resources": resources})
     return get(engine, int(job_id))
+
+
+def _file_sources(sources: list, engine: Engine, storage: Any, tenant: str | None) -> list:
+    """Uploaded files named by id (`file-...`, see `registry.files`) as the paths of their bytes; 404 for another tenant's."""
+    from lmaas.registry.files import FileStore, is_file_id, resolve_sources
+
+    if not any(isinstance(s, str) and is_file_id(s) for s in sources):
+        return sources
+    if storage is None:
+        from lmaas.config import load_settings
+        from lmaas.storage import Storage
+
+        storage = Storage.from_settings(load_settings())
+    try:
+        return resolve_sources(sources, FileStore(storage, engine), tenant=tenant)
+    except NotFoundError as exc:
+        raise NotFoundError(exc.message, param="config.sources") from None
 
 
 def _check_unprivileged(kind: str, config: Any, storage: Any, tenant: str) -> None:

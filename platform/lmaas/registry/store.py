@@ -55,6 +55,7 @@ from lmaas.registry.entities import (
     RegisteredModel,
     signing_payload,
 )
+from lmaas.registry.usage import check_storage_quota
 from lmaas.registry.refs import DEFAULT_ALIAS, ModelRef, parse_ref, validate_alias, validate_file_path, validate_model_name
 from lmaas.storage import MANIFEST, FileEntry, Manifest, Storage
 
@@ -228,6 +229,7 @@ class ModelRegistry:
         self.check_writable(name, tenant=tenant, create=True)
         if parent:
             self._check_parent(parent, tenant)
+        self._check_room(name, local_dir, owner or tenant or "default")
         staged = self.stage(name, local_dir, expected_sha256=expected_sha256, progress=progress)
         try:
             return self.commit(
@@ -245,6 +247,14 @@ class ModelRegistry:
         except Exception:
             self.abandon(staged)
             raise
+
+    def _check_room(self, name: str, local_dir: str | os.PathLike[str], owner: str) -> None:
+        """Refuse, before uploading anything, a version that would not fit its tenant's storage quota (`commit` checks again)."""
+        root = Path(local_dir)
+        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+        with self.engine.connect() as conn:
+            held = conn.execute(sa.select(registered_models.c.tenant).where(registered_models.c.name == name)).scalar()
+            check_storage_quota(conn, held or owner, size, param="files")
 
     def abandon(self, staged: "StagedUpload") -> None:
         """Delete a staged upload that will never be committed (best effort; gc catches the rest)."""
@@ -316,6 +326,7 @@ class ModelRegistry:
                 self._visible(conn, parse_ref(parent).name, tenant, param="parent")
             parent_id = self._version_row(conn, parent)["id"] if parent else None
             model = self._lock_model(conn, staged.name, owner=owner or tenant or "default", tenant=tenant)
+            check_storage_quota(conn, model["tenant"], staged.manifest.size, param="files")
             number = model["last_version"] + 1
             signature = None
             if self._signer is not None:
@@ -855,28 +866,7 @@ class ModelRegistry:
         entry = _file_entry(version, path)
         if version.encrypted or entry.size < whole_below:
             return version, entry, iter([self._read_checked(version, entry)])
-        target, where = f"{version.prefix}/{path}", self.storage.url(f"{version.prefix}/{path}")
-        try:
-            size = self.storage.size(target)
-        except NotFoundError:
-            raise IntegrityError(f"{where} is missing (listed in the manifest)") from None
-        if size != entry.size:
-            raise IntegrityError(f"{where} has {size} bytes, the manifest says {entry.size}: truncated or altered")
-
-        def chunks() -> Iterator[bytes]:
-            # the last chunk is held back until the hash is known: an altered file never arrives whole
-            digest, held = hashlib.sha256(), b""
-            with self.storage.open(target) as f:
-                while chunk := f.read(chunk_size):
-                    digest.update(chunk)
-                    if held:
-                        yield held
-                    held = chunk
-            if digest.hexdigest() != entry.sha256:
-                raise IntegrityError(f"{where} does not match its sha256 in the manifest: altered")
-            yield held
-
-        return version, entry, chunks()
+        return version, entry, self.storage.checked_chunks(f"{version.prefix}/{path}", entry.sha256, entry.size, chunk_size=chunk_size)
 
     @_scoped
     def verify(self, ref: str | ModelRef, *, tenant: str | None = None) -> ModelVersion:

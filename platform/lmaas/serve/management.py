@@ -1,4 +1,4 @@
-"""The management HTTP app: registry, auth and job REST APIs (`/api/v1/...`), `/healthz`, `/readyz`, `/openapi.json`.
+"""The management HTTP app: registry, auth and job REST APIs (`/api/v1/...`), the files API (`/v1/files`), `/healthz`, `/readyz`, `/openapi.json`.
 
 Its routes ride on the gateway Serve app (one port for `/v1` and `/api/v1`, plus `/api/v1/deployments`
 there) and it runs standalone for tests and small setups:
@@ -17,10 +17,12 @@ from starlette.concurrency import run_in_threadpool
 import lmaas
 from lmaas.auth import Auth
 from lmaas.registry import ModelRegistry
+from lmaas.registry.files import FileStore
 from lmaas.serve.auth import AuditFailures
 from lmaas.serve.errors import install_error_handlers
 from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, BodySizeLimit, readiness_response
 from lmaas.serve.routers import auth as auth_router
+from lmaas.serve.routers import files as files_router
 from lmaas.serve.routers import jobs as jobs_router
 from lmaas.serve.routers import registry as registry_router
 
@@ -70,7 +72,9 @@ def add_management_routes(app: FastAPI, registry: ModelRegistry | None, *, auth:
         registry = ModelRegistry.from_settings(load_settings())
     app.state.registry = registry
     app.state.auth = auth
+    app.state.files = FileStore(registry.storage, registry.engine)
     app.include_router(registry_router.router)
+    app.include_router(files_router.router)
     app.include_router(auth_router.router)
     app.include_router(jobs_router.router)
     if deployments is not None:

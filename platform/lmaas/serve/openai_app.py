@@ -32,7 +32,10 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_UPLOAD_BYTES = 64 * 1024**3
 UPLOAD_PATHS = re.compile(r"^/api/v1/(uploads/[^/]+/files/.+|models/[^/]+/versions)$")
 """Model file uploads (multipart, or one PUT per file): limited by `max_upload_bytes`, not `max_body_bytes`."""
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/healthz", "/readyz")
+FILES_PATH = "/v1/files"
+FILES_MAX_BODY = 513 * 1024 * 1024
+"""`POST /v1/files`: a file of up to 512 MB (`registry.files.MAX_FILE_BYTES`) and its multipart framing."""
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/files", "/healthz", "/readyz")
 """Route label values of request metrics; other paths count as "other" (a scanner cannot mint series)."""
 
 access_log = logging.getLogger("lmaas.serve.access")
@@ -146,8 +149,9 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
-        upload = UPLOAD_PATHS.match(scope["path"]) is not None
-        limit = self.max_upload_bytes if upload else self.max_bytes
+        files = scope["path"] == FILES_PATH
+        upload = files or UPLOAD_PATHS.match(scope["path"]) is not None
+        limit = min(self.max_upload_bytes, FILES_MAX_BODY) if files else self.max_upload_bytes if upload else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._refuse(receive, send, limit)

@@ -62,6 +62,13 @@ class TenantOut(BaseModel):
     rpm: int | None
     tpm: int | None
     tpd: int | None
+    storage_bytes: int | None = Field(None, description="The most its model versions and files may hold in the store (null: no limit).")
+
+
+class StorageQuotaIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    storage_bytes: int | None = Field(..., description="Bytes its model versions and uploaded files may hold in the store; null: no limit.")
 
 
 class TenantList(BaseModel):

@@ -4,6 +4,7 @@
     GET    /api/v1/keys            keys without secrets (`?tenant=`)
     DELETE /api/v1/keys/{id}       revoke: every replica refuses it within the key cache TTL (2 s)
     POST   /api/v1/tenants         {"name", "rpm", "tpm", "tpd"};  GET /api/v1/tenants;  PATCH /api/v1/tenants/{name}
+    PUT    /api/v1/tenants/{name}/storage-quota   {"storage_bytes": N | null}: what its models and files may hold
     GET    /api/v1/usage           requests and tokens per tenant, key and model (`?since=2026-01-01&until=...`)
     GET    /api/v1/audit           the audit log, newest first (`?action=key.*&tenant=...`)
     POST   /api/v1/feedback        {"response_id", "rating", "comment"}: stored against the version that answered
@@ -38,6 +39,7 @@ from lmaas.serve.protocol.auth import (
     KeyList,
     KeyOut,
     LimitsIn,
+    StorageQuotaIn,
     TenantList,
     TenantOut,
     UsageOut,
@@ -99,6 +101,12 @@ def list_tenants(request: Request, _admin: Principal = Depends(admin_only)) -> T
 def set_tenant_limits(request: Request, name: str, body: LimitsIn, principal: Principal = Depends(admin_only)) -> TenantOut:
     """Replace a tenant's limits (omitted or null: no limit)."""
     return TenantOut(**_auth(request).keys.set_tenant_limits(name, _limits(body), actor=principal.actor).to_dict())
+
+
+@router.put("/tenants/{name}/storage-quota", response_model=TenantOut)
+def set_storage_quota(request: Request, name: str, body: StorageQuotaIn, principal: Principal = Depends(admin_only)) -> TenantOut:
+    """Set the bytes a tenant's model versions and files may hold (null: no limit); uploads past it get 413."""
+    return TenantOut(**_auth(request).keys.set_storage_quota(name, body.storage_bytes, actor=principal.actor).to_dict())
 
 
 # -- usage -----------------------------------------------------------------------------
