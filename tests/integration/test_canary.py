@@ -352,6 +352,15 @@ def test_another_tenants_deployments_cannot_be_taken_over(gateway, tmp_path):
                          ({"resources": {"head": 1}}, "resources")):
         r = _steady("POST", base + "/api/v1/deployments", json={"ref": "bob-lm", "name": "bob-chat", **extra}, headers=bob)
         assert r.status_code == 403 and r.json()["error"]["param"] == param, (extra, r.text)
+    # the CLI against the gateway, with bob's key: none of them listed
+    import os
+    import subprocess
+
+    from conftest import BIN
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"LMAAS_URL": base, "LMAAS_API_KEY": BOB_KEY, "COLUMNS": "250"}
+    listed = subprocess.run([str(BIN / "lmaas"), "deployments"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and " split " not in listed.stdout and " sticky " not in listed.stdout, listed.stdout + listed.stderr
     wait_for(lambda: kept() == before, 30, "the default tenant's deployments, unchanged")
 
 

@@ -498,3 +498,21 @@ def test_an_uploaded_file_is_an_ingest_source_for_its_tenant_only(world, ray_clu
 
     version = get_version(engine, "a-uploaded", tenant="alice")
     assert version.documents == 200 and version.tenant == "alice"
+
+
+def test_the_cli_with_another_tenants_key_finds_none_of_alices_models(world, cli):
+    """`lmaas models` against the gateway (LMAAS_URL) with bob's key: alice's private model is missing, one line, exit 1."""
+    import os
+
+    before = alice_state(world)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("LMAAS_")} | {
+        "LMAAS_URL": str(world["bob"].base_url).rstrip("/"), "LMAAS_API_KEY": KEYS["bob"][2]}
+    listed = cli("models", "list", env=env)
+    assert listed.returncode == 0 and "a-public" in listed.stdout and "a-secret" not in listed.stdout, listed.stdout + listed.stderr
+    for ref in ("a-secret", "a-secret:1", "a-secret@production"):
+        shown = cli("models", "show", ref, env=env)
+        assert shown.returncode == 1 and "Traceback" not in shown.stderr, shown.stderr
+        assert "no model named 'a-secret'" in shown.stderr and len(shown.stderr.strip().splitlines()) == 1, shown.stderr
+    public = cli("models", "show", "a-public:1", "--json", env=env)
+    assert public.returncode == 0 and json.loads(public.stdout)["dataset"] is None  # alice's lineage stays hers
+    assert alice_state(world) == before
