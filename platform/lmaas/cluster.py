@@ -97,7 +97,7 @@ def is_remote(address: str) -> bool:
 
 def runtime_env(settings: Settings, *, ship_package: bool) -> dict[str, Any]:
     """The runtime environment every lmaas job and replica runs with."""
-    env: dict[str, Any] = {"env_vars": {**settings.env(), **_QUIET_ENV}}
+    env: dict[str, Any] = {"env_vars": {**settings.worker_env(), **_QUIET_ENV}}
     if ship_package:
         import lmaas
 

@@ -16,6 +16,8 @@ Library functions take explicit arguments; only the CLI, `jobs/` and `deployment
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,6 +104,64 @@ class Settings(BaseSettings):
         return env
 
 
+    def worker_env(self) -> dict[str, str]:
+        """What a Ray process of lmaas runs with (Serve replicas, job drivers and workers, helper actors).
+
+        `env(secrets=False)`, with the credentials it leaves out passed by reference: they go to a
+        file only this user can read (`$LMAAS_HOME/secrets/<hash>.json`, named by its content) and
+        the environment carries its path (`LMAAS_SECRETS_FILE`) and their names
+        (`LMAAS_SECRET_NAMES`), never their values: Ray shows runtime environments on its dashboard
+        and in `serve status`. A process on another node reads the file if it is there; a variable
+        its node's own environment sets wins (`apply_secrets_file`).
+        """
+        env = self.env(secrets=False)
+        secret = {k: v for k, v in self.env(secrets=True).items() if k not in env}
+        if secret:
+            text = json.dumps(secret, sort_keys=True)
+            folder = self.home / "secrets"
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = folder / (hashlib.sha256(text.encode()).hexdigest()[:20] + ".json")
+            if not path.exists():
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                os.replace(tmp, path)
+            env[SECRETS_FILE_ENV] = str(path)
+            env[SECRET_NAMES_ENV] = ",".join(sorted(secret))
+        return env
+
+
+SECRETS_FILE_ENV = "LMAAS_SECRETS_FILE"
+SECRET_NAMES_ENV = "LMAAS_SECRET_NAMES"
+
+
+def apply_secrets_file() -> None:
+    """Set the credentials `Settings.worker_env` passed by reference that this process's environment lacks.
+
+    Called when lmaas is imported (so a Ray worker has them before it opens the store) and by
+    `load_settings`. Nothing happens without `LMAAS_SECRETS_FILE`, or when every named variable is set.
+
+    Raises:
+        ConfigError: a named variable is unset and the file is not on this node (the message names them).
+    """
+    path = os.environ.get(SECRETS_FILE_ENV)
+    if not path:
+        return
+    missing = [n for n in os.environ.get(SECRET_NAMES_ENV, "").split(",") if n and not os.environ.get(n)]
+    if not missing:
+        return
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"{', '.join(missing)} unset on this node and {SECRETS_FILE_ENV} {path} is not readable here: start this node's "
+            "Ray (`ray start`, cluster.yaml) with them in its environment", param=SECRETS_FILE_ENV) from None
+    for name in missing:
+        if isinstance(values.get(name), str):
+            os.environ[name] = values[name]
+
+
 def _has_password(url: str) -> bool:
     """Whether a database URL carries a password (`postgresql://user:secret@host/db`)."""
     from sqlalchemy.engine import make_url
@@ -175,6 +235,7 @@ def load_settings(**overrides: object) -> Settings:
     Raises:
         ConfigError: a setting is malformed; the message names the variable.
     """
+    apply_secrets_file()
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -59,6 +59,38 @@ def test_a_jobs_environment_carries_no_credentials(lmaas_env, monkeypatch):
     assert load_settings().env(secrets=False)["LMAAS_DATABASE_URL"] == "sqlite:////tmp/lmaas.db"  # nothing secret in it
 
 
+def test_a_workers_environment_passes_credentials_by_a_file_only_its_user_reads(lmaas_env, monkeypatch):
+    """`worker_env` (Serve apps, job drivers, helper actors): the credentials' names and a 0600 file's path, never their values;
+    a process started with it gets them back from the file, and its own environment's values win."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("LMAAS_DATABASE_URL", "postgresql://u:hunter2@db.example:5432/lmaas")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrEXAMPLEKEY")
+    env = load_settings().worker_env()
+    text = " ".join(f"{k}={v}" for k, v in env.items())
+    assert "hunter2" not in text and "AKIAEXAMPLE" not in text and "wJalrEXAMPLEKEY" not in text
+    path = env["LMAAS_SECRETS_FILE"]
+    assert env["LMAAS_SECRET_NAMES"] == "AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,LMAAS_DATABASE_URL"
+    assert os.stat(path).st_mode & 0o777 == 0o600 and os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
+    assert load_settings().worker_env() == env  # the same content, the same file: a redeploy does not restart replicas
+
+    def worker(extra: dict[str, str]) -> dict:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("LMAAS_", "AWS_"))}
+        code = "import json, os, lmaas; from lmaas.config import load_settings; s = load_settings(); " \
+               "print(json.dumps({'db': s.database_url, 'key': os.environ.get('AWS_SECRET_ACCESS_KEY')}))"
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env, **extra}, capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr.strip().splitlines()[-1]}
+
+    assert worker({}) == {"db": "postgresql://u:hunter2@db.example:5432/lmaas", "key": "wJalrEXAMPLEKEY"}
+    assert worker({"AWS_SECRET_ACCESS_KEY": "the-nodes-own"})["key"] == "the-nodes-own"
+    os.remove(path)
+    assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, LMAAS_DATABASE_URL unset on this node" in worker({})["error"]
+
+
 def test_s3_specific_endpoint_wins(lmaas_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3only:2")

@@ -101,7 +101,7 @@ def deploy(
     settings = _connect()
     _bootstrap_admin_key(settings)
     with console.status(f"deploying {served.name} ({ref}) ..."):
-        version = deploy_model(served, env=settings.env(), port=port, grpc_port=grpc_port or None)
+        version = deploy_model(served, env=settings.worker_env(), port=port, grpc_port=grpc_port or None)
     port = http_port()  # Serve may have been running already, on its own port
     console.print(f"deployed [bold]{served.name}[/] serving {version}; try (a key from `lmaas keys create --scope inference`):")
     if served.canary is not None:

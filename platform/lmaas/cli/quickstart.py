@@ -240,7 +240,7 @@ def _deploy_demo(settings, served: list[tuple[str, str]], port: int) -> tuple[di
                     graceful_shutdown_timeout_s=5, refresh_interval_s=5, engine=EngineOptions(max_batch_size=16, num_threads=1))
         for name, ref in served
     ]
-    versions = deploy_models(models, env=settings.env(), host="127.0.0.1", port=port, grpc_port=None)
+    versions = deploy_models(models, env=settings.worker_env(), host="127.0.0.1", port=port, grpc_port=None)
     return versions, f"http://127.0.0.1:{http_port()}"
 
 

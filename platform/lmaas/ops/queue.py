@@ -534,7 +534,7 @@ def queue_actor(settings: Any, dashboard_url: str | None, max_running_per_tenant
     name = "lmaas-job-queue-" + hashlib.sha256(settings.database_url.encode()).hexdigest()[:12]
     actor = ray.remote(JobQueue).options(
         name=name, namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_restarts=-1, max_concurrency=4, runtime_env={"env_vars": settings.env()},
+        max_restarts=-1, max_concurrency=4, runtime_env={"env_vars": settings.worker_env()},
     )
     return actor.remote(settings.database_url, dashboard_url, settings.env(secrets=False), max_running_per_tenant)
 
