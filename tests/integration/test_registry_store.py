@@ -377,6 +377,39 @@ def test_encryption_at_rest(registry_backend, tmp_path: Path):
         sealed.read_file("secret:1", "model.safetensors")
 
 
+def test_encrypted_files_over_a_segment_stream_through_every_path(registry_backend, tmp_path: Path):
+    """Sealed in 1 MiB segments: registration, the two-step upload, download, streamed and whole reads give the plaintext back;
+    an altered segment stops a stream before it is complete."""
+    import io
+
+    from lmaas.registry.entities import ModelFile
+
+    sealed = open_registry(registry_backend, encryption_key=os.urandom(32))
+    src = make_model_dir(tmp_path / "src", size=800)  # a 2.5 MB weights file: three segments
+    plain = (src / "model.safetensors").read_bytes()
+    sealed.register_version("big", src, task="causal-lm")
+    sealed.download("big:1", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == plain
+    _, _, chunks = sealed.stream_file("big:1", "model.safetensors", whole_below=0)
+    parts = list(chunks)
+    assert len(parts) == 3 and b"".join(parts) == plain
+    files = [ModelFile(p.name, hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size) for p in sorted(src.iterdir())]
+    upload_id = sealed.begin_upload("big", files)
+    for f in files:
+        sealed.put_upload_file(upload_id, f.path, io.BytesIO((src / f.path).read_bytes()))
+    second = sealed.commit_upload(upload_id, task="causal-lm")
+    assert second.encrypted and sealed.read_file(second.ref, "model.safetensors")[1] == plain
+    target = f"{second.prefix}/model.safetensors"
+    data = bytearray(sealed.storage.read_bytes(target))
+    data[len(data) // 2] ^= 1
+    sealed.storage.write_bytes(target, bytes(data))
+    got = []
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        for chunk in sealed.stream_file(second.ref, "model.safetensors", whole_below=0)[2]:
+            got.append(chunk)
+    assert len(b"".join(got)) < len(plain)
+
+
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 def test_two_step_upload(registry_backend, tmp_path: Path, encrypted: bool):
     """begin_upload / put_upload_file / commit_upload: the REST API's two-step path, on both backends."""

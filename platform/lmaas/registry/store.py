@@ -55,6 +55,7 @@ from lmaas.registry.entities import (
     RegisteredModel,
     signing_payload,
 )
+from lmaas.registry import sealing
 from lmaas.registry.usage import check_storage_quota
 from lmaas.registry.refs import DEFAULT_ALIAS, ModelRef, parse_ref, validate_alias, validate_file_path, validate_model_name
 from lmaas.storage import MANIFEST, FileEntry, Manifest, Storage
@@ -64,7 +65,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib",
 """Weights formats that unpickle (or may) on load: refused at registration."""
 MAX_FILE_BYTES = 64 << 30
 """Largest file one version may hold (an upload declaring more is refused before anything is stored)."""
-MAX_SEALED_FILE_BYTES = 2 << 30
 """Largest file of an upload with encryption on: AES-GCM seals a whole file at once, in memory."""
 STREAM_ABOVE_BYTES = 8 << 20
 """Files at least this big are sent in chunks, hashed as they go (`stream_file`); smaller ones are checked whole first."""
@@ -289,7 +289,8 @@ class ModelRegistry:
                 for entry in manifest.files:
                     dest = Path(sealed) / entry.path
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_bytes(_encrypt(self.encryption_key, entry.path, (Path(local_dir) / entry.path).read_bytes()))
+                    with open(Path(local_dir) / entry.path, "rb") as src, open(dest, "wb") as out:
+                        sealing.seal(self.encryption_key, entry.path, src, out)
                 published = self.storage.publish_dir(sealed, prefix, progress=progress)
         stored = self.storage.verify(prefix)
         if stored.sha256 != published.sha256:
@@ -380,8 +381,7 @@ class ModelRegistry:
 
         Raises:
             InvalidInputError: bad name, no files, a file listed twice, an unsafe path, pickle-format
-                weights, a negative size, a file over `MAX_FILE_BYTES` (`MAX_SEALED_FILE_BYTES` with
-                encryption on) or a malformed sha256.
+                weights, a negative size, a file over `MAX_FILE_BYTES` or a malformed sha256.
             AlreadyExistsError / PermissionDeniedError: as for `register_version`.
         """
         self.check_writable(name, tenant=tenant, create=True)
@@ -395,10 +395,8 @@ class ModelRegistry:
             _check_weights_format(path)
             if f.size < 0:
                 raise InvalidInputError(f"{path}: size must not be negative", param="files")
-            limit = MAX_FILE_BYTES if self.encryption_key is None else MAX_SEALED_FILE_BYTES
-            if f.size > limit:
-                why = "" if self.encryption_key is None else " with encryption at rest on (each file is sealed whole, in memory)"
-                raise InvalidInputError(f"{path}: {f.size:,} bytes is over the {limit:,}-byte limit per file{why}", param="files")
+            if f.size > MAX_FILE_BYTES:
+                raise InvalidInputError(f"{path}: {f.size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit per file", param="files")
             digest = f.sha256.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise InvalidInputError(f"{path}: sha256 must be 64 hex digits", param="files")
@@ -429,23 +427,19 @@ class ModelRegistry:
         if expected is None:
             raise InvalidInputError(f"{path}: not a file of upload {upload_id}; declare it when the upload begins", param="path")
         target = f"{upload['prefix']}/{path}"
-        if self.encryption_key is None:
-            with self.storage.writer(target) as out:
-                _copy_checked(data, out, path, expected)
-            if path.endswith(".safetensors"):
-                try:
-                    with self.storage.open(target) as f:
-                        _check_safetensors_header(f, expected["size"], path)
-                except InvalidInputError:
-                    self.storage.delete(target)
-                    raise
-        else:
-            plain = io.BytesIO()
-            _copy_checked(data, plain, path, expected)
-            if path.endswith(".safetensors"):
-                plain.seek(0)
-                _check_safetensors_header(plain, expected["size"], path)
-            self.storage.write_bytes(target, _encrypt(self.encryption_key, path, plain.getvalue()))
+        key = self.encryption_key
+        with self.storage.writer(target) as out:  # sealed as it streams when encryption is on: one segment in memory
+            sink = out if key is None else sealing.SealingWriter(key, path, out)
+            _copy_checked(data, sink, path, expected)
+            sink.close() if key is not None else None
+        if path.endswith(".safetensors"):
+            try:
+                with self.storage.open(target) as f:
+                    plain = f if key is None else sealing.UnsealingReader(sealing.unsealed(key, path, f, self.storage.url(target)))
+                    _check_safetensors_header(plain, expected["size"], path)
+            except InvalidInputError:
+                self.storage.delete(target)
+                raise
         return ModelFile(path, expected["sha256"], expected["size"])
 
     @_scoped
@@ -476,9 +470,12 @@ class ModelRegistry:
                 digest = self.storage.sha256(target)
                 stored.append(FileEntry(path, digest, self.storage.size(target)))
             else:
-                sealed = self.storage.read_bytes(target)
-                stored.append(FileEntry(path, hashlib.sha256(sealed).hexdigest(), len(sealed)))
-                digest = hashlib.sha256(_decrypt(self.encryption_key, path, sealed, self.storage.url(target))).hexdigest()
+                stored.append(FileEntry(path, self.storage.sha256(target), self.storage.size(target)))
+                plain_digest = hashlib.sha256()
+                with self.storage.open(target) as f:
+                    for chunk in sealing.unsealed(self.encryption_key, path, f, self.storage.url(target)):
+                        plain_digest.update(chunk)
+                digest = plain_digest.hexdigest()
             if digest != expected["sha256"]:
                 raise IntegrityError(f"{self.storage.url(target)} does not match the sha256 it was uploaded with: altered")
             plain.append(FileEntry(path, expected["sha256"], expected["size"]))
@@ -798,10 +795,11 @@ class ModelRegistry:
         with tempfile.TemporaryDirectory(prefix="lmaas-sealed-") as sealed:
             self.storage.download_dir(version.prefix, sealed, manifest=manifest)  # verifies the ciphertext hashes
             for entry in version.files:
-                plain = self._decrypt_checked(version, key, entry, (Path(sealed) / entry.path).read_bytes())
                 dest = local_dir / entry.path
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(plain)
+                with open(Path(sealed) / entry.path, "rb") as src, open(dest, "wb") as out:
+                    for chunk in self._unsealed_checked(version, key, entry, src):
+                        out.write(chunk)
         return version
 
     def _decryption_key(self, version: ModelVersion) -> bytes:
@@ -813,11 +811,26 @@ class ModelRegistry:
         return self.encryption_key
 
     def _decrypt_checked(self, version: ModelVersion, key: bytes, entry: ModelFile, data: bytes) -> bytes:
+        return b"".join(self._unsealed_checked(version, key, entry, io.BytesIO(data)))
+
+    def _unsealed_checked(self, version: ModelVersion, key: bytes, entry: ModelFile, src: BinaryIO) -> Iterator[bytes]:
+        """A sealed file's plaintext in segments, hashed as it goes; the last segment is held back until the hash matches.
+
+        Raises (while iterating):
+            IntegrityError: it does not decrypt, or its plaintext differs from the recorded size and sha256.
+        """
         where = self.storage.url(f"{version.prefix}/{entry.path}")
-        plain = _decrypt(key, entry.path, data, where)
-        if not _matches(plain, entry):
+        digest, size, held = hashlib.sha256(), 0, None
+        for chunk in sealing.unsealed(key, entry.path, src, where):
+            digest.update(chunk)
+            size += len(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+        if size != entry.size or digest.hexdigest() != entry.sha256:
             raise IntegrityError(f"{where} does not match its sha256 in the manifest after decryption: altered")
-        return plain
+        if held:
+            yield held
 
     @_scoped
     def read_file(self, ref: str | ModelRef, path: str, *, tenant: str | None = None) -> tuple[ModelVersion, bytes]:
@@ -864,8 +877,18 @@ class ModelRegistry:
         version = self.resolve(ref, tenant=tenant)
         self.check_signature(version)
         entry = _file_entry(version, path)
-        if version.encrypted or entry.size < whole_below:
+        if entry.size < whole_below:
             return version, entry, iter([self._read_checked(version, entry)])
+        if version.encrypted:
+            key, target = self._decryption_key(version), f"{version.prefix}/{path}"
+            if not self.storage.exists(target):
+                raise IntegrityError(f"{self.storage.url(target)} is missing (listed in the manifest)")
+
+            def unsealed_chunks() -> Iterator[bytes]:
+                with self.storage.open(target) as f:
+                    yield from self._unsealed_checked(version, key, entry, f)
+
+            return version, entry, unsealed_chunks()
         return version, entry, self.storage.checked_chunks(f"{version.prefix}/{path}", entry.sha256, entry.size, chunk_size=chunk_size)
 
     @_scoped
@@ -1247,30 +1270,6 @@ def _hex_env(var: str) -> bytes | None:
     if len(key) != 32:
         raise ConfigError(f"{var} must be a hex-encoded 32-byte key, not {len(key)} bytes", param=var)
     return key
-
-
-_SEALED_MAGIC = b"LMAE1"
-
-
-def _encrypt(key: bytes, path: str, data: bytes) -> bytes:
-    """AES-256-GCM with a random nonce; the file's path is authenticated too, so files cannot be swapped."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    nonce = os.urandom(12)
-    return _SEALED_MAGIC + nonce + AESGCM(key).encrypt(nonce, data, path.encode())
-
-
-def _decrypt(key: bytes, path: str, sealed: bytes, where: str) -> bytes:
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    if not sealed.startswith(_SEALED_MAGIC):
-        raise IntegrityError(f"{where} is not an lmaas-encrypted file: altered")
-    nonce, body = sealed[len(_SEALED_MAGIC) : len(_SEALED_MAGIC) + 12], sealed[len(_SEALED_MAGIC) + 12 :]
-    try:
-        return AESGCM(key).decrypt(nonce, body, path.encode())
-    except InvalidTag:
-        raise IntegrityError(f"{where} does not decrypt: wrong encryption key, or the file was altered") from None
 
 
 def _encryption_key_from_env() -> bytes | None:
