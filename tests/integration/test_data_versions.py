@@ -68,3 +68,39 @@ def test_gc_collects_a_dead_writers_prefix_after_the_grace_period(store, engine,
     assert store.list_published("datasets") == [kept.prefix]
     assert _uploads(engine) == []
     assert versions.gc(store, engine, grace_seconds=0) == []
+
+
+def test_two_tenants_publishing_one_new_name_at_once_get_one_owner(database_url, tmp_path):
+    """Both pass the early name check; where the version becomes visible one of them is refused, and leaves nothing."""
+    import threading
+
+    from lmaas.errors import AlreadyExistsError
+
+    store, engine = Storage(f"file://{tmp_path / 'store'}"), db.connect(database_url)
+    outcomes: dict[str, list] = {}
+    for round_ in range(4):
+        name = f"shared-{round_}"
+        barrier = threading.Barrier(2)
+
+        def publish(tenant: str) -> None:
+            local = tmp_path / f"{name}-{tenant}"
+            (local / "train").mkdir(parents=True)
+            (local / "train" / "part-00000.parquet").write_bytes(tenant.encode())
+            barrier.wait()
+            try:
+                versions.publish_version(store, engine, local, {**_record(name), "tenant": tenant})
+                outcomes.setdefault(name, []).append(tenant)
+            except AlreadyExistsError as exc:
+                assert "is taken" in exc.message
+                outcomes.setdefault(name, []).append("refused")
+
+        threads = [threading.Thread(target=publish, args=(t,)) for t in ("alice", "bob")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        with engine.connect() as conn:
+            owners = {r[0] for r in conn.execute(sa.text("select tenant from datasets where name = :n"), {"n": name})}
+        assert len(owners) == 1 and sorted(outcomes[name]) == sorted([*owners, "refused"]), (name, owners, outcomes[name])
+        assert [p for p in store.list(f"datasets/{name}") if not p.startswith(f"datasets/{name}/1/")] == []  # the loser's shards are gone
+    assert _uploads(engine) == []

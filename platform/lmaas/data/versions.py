@@ -134,7 +134,17 @@ def check_name_free(engine: Engine, name: str, tenant: str | None) -> None:
     if tenant is None:
         return
     with engine.connect() as conn:
-        owners = set(conn.execute(sa.select(datasets.c.tenant).where(datasets.c.name == name).distinct()).scalars())
+        _check_owner(conn, name, tenant)
+
+
+def _check_owner(conn: sa.Connection, name: str, tenant: str | None, *, lock: bool = False) -> None:
+    """`check_name_free` on `conn`; `lock`: first serialize with every other publish of `name` until the transaction ends
+    (PostgreSQL: a transaction-scoped advisory lock; SQLite's write transactions are serialized already)."""
+    if tenant is None:
+        return
+    if lock and conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"lmaas.datasets/{name}"})
+    owners = set(conn.execute(sa.select(datasets.c.tenant).where(datasets.c.name == name).distinct()).scalars())
     if owners - {tenant}:
         raise AlreadyExistsError(f"the dataset name {name!r} is taken; choose another name", param="name")
 
@@ -193,6 +203,8 @@ def publish_version(storage: Storage, engine: Engine, local_dir: str | Path, rec
             raise
         try:
             with engine.begin() as conn:
+                # checked again where the version becomes visible: two tenants publishing one new name at once get one owner
+                _check_owner(conn, name, record.get("tenant", "default"), lock=True)
                 conn.execute(datasets.insert().values(**entry.to_dict()))
                 conn.execute(dataset_uploads.delete().where(dataset_uploads.c.prefix == prefix))
         except BaseException:
