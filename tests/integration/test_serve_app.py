@@ -126,6 +126,15 @@ def test_models_list(client):
     assert {"tiny", "minilm", "tail-a", "tail-a@production", "tail-b"} <= ids
 
 
+def test_an_app_started_from_its_config_records_its_deployments(served):
+    """Started as `serve deploy serve.yaml` starts it (no `lmaas deploy`): every served name has a record, owned by its model's tenant."""
+    from lmaas.serve.records import DeploymentRecords
+
+    records = DeploymentRecords(served[1].engine).list(APP)
+    assert set(records) == {"tiny", "minilm", "tail-a", "tail-b", "cold", "slow"}
+    assert records["tail-a"].ref == "tail-a@production" and {r.tenant for r in records.values()} == {"default"}
+
+
 def test_completion_and_chat(client, served):
     assert greedy(client) == local_greedy(served[2][0])
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, extra_body={"ignore_eos": True})

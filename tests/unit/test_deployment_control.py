@@ -44,3 +44,23 @@ def test_a_promotion_swaps_the_stable_and_canary_deployments():
     promoted = served.model_copy(update={"ref": "tiny:2", "canary": None, "swapped": True})
     assert promoted.deployments == ("model-m-canary", "model-m")  # the canary's replicas go on serving as the stable side
     assert ServedModel.model_validate(promoted.model_dump(mode="json")).deployments == promoted.deployments
+
+
+def test_records_follow_what_a_gateway_serves_and_keep_their_owners(tmp_path):
+    """`reconcile` (a gateway replica starting): new names get their model's owner, gone names lose their record,
+    a changed reference is updated and the owner `lmaas deploy` recorded stays."""
+    from lmaas import db
+    from lmaas.db.schema import registered_models
+    from lmaas.serve.records import DeploymentRecords
+
+    engine = db.connect(f"sqlite:///{tmp_path / 'lmaas.db'}")
+    with engine.begin() as conn:
+        conn.execute(registered_models.insert().values(name="bob-lm", tenant="bob", description="", tags={}, created_at=0, last_version=1))
+    records = DeploymentRecords(engine)
+    records.record("app", "chat", tenant="alice", ref="a-lm:1", canary_ref=None)
+    records.record("app", "old", tenant="alice", ref="a-lm:1", canary_ref=None)
+    records.reconcile("app", [("chat", "a-lm:2", "a-lm:3"), ("bobs", "bob-lm:1", None), ("orphan", "nowhere:1", None)])
+    got = {n: (r.tenant, r.ref, r.canary_ref) for n, r in records.list("app").items()}
+    assert got == {"chat": ("alice", "a-lm:2", "a-lm:3"), "bobs": ("bob", "bob-lm:1", None), "orphan": ("default", "nowhere:1", None)}
+    records.reconcile("other-app", [])
+    assert set(records.list("app")) == {"chat", "bobs", "orphan"}  # another app's records are its own

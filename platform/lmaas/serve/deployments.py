@@ -720,6 +720,18 @@ class OpenAIIngress:
         if canaries:
             self._split_traffic(canaries)
         self._grpc = GrpcServing(OpenAIServing(self._engines), refs=refs)
+        self._record_deployments()
+
+    def _record_deployments(self) -> None:
+        """The app's deployment records follow what this gateway serves (also when `serve deploy` of a YAML started it)."""
+        from lmaas.serve.records import DeploymentRecords
+
+        config = ServeAppArgs(**self._args)
+        try:
+            DeploymentRecords.from_settings().reconcile(
+                serve.get_replica_context().app_name, [(m.name, m.ref, m.canary.ref if m.canary else None) for m in config.models])
+        except Exception:  # noqa: BLE001 - serving goes on; lineage and ownership fall back to the models' owners
+            log.exception("could not record the app's deployments")
 
     def _split_traffic(self, canaries: dict[str, DeploymentHandle]) -> None:
         """Put a `CanaryEngine` (stable + canary deployments, state in the database) behind each name with a canary."""

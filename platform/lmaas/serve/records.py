@@ -133,6 +133,29 @@ class DeploymentRecords:
         assert found is not None
         return found
 
+    def reconcile(self, app: str, served: list[tuple[str, str, str | None]]) -> None:
+        """Make `app`'s records those of `served`, its (name, ref, canary ref) now: what a gateway replica does as it starts.
+
+        An app deployed without `deploy_models` (`serve deploy serve.yaml`) gets its records this way
+        (each new name owned by its model's tenant, else `default`); a name no longer served loses its
+        record; an existing record keeps its owner.
+        """
+        now = time.time()
+        with self.engine.begin() as conn:
+            rows = {r.name: r for r in conn.execute(sa.select(deployments.c.id, deployments.c.name, deployments.c.ref, deployments.c.canary_ref)
+                                                   .where(deployments.c.app == app))}
+            names = {name for name, _, _ in served}
+            gone = [r.id for n, r in rows.items() if n not in names]
+            if gone:
+                conn.execute(deployments.delete().where(deployments.c.id.in_(gone)))
+            for name, ref, canary_ref in served:
+                row = rows.get(name)
+                if row is None:
+                    conn.execute(deployments.insert().values(app=app, name=name, tenant=_model_owner(conn, ref) or "default", ref=ref,
+                                                             canary_ref=canary_ref, created_at=now, updated_at=now))
+                elif (row.ref, row.canary_ref) != (ref, canary_ref):
+                    conn.execute(deployments.update().where(deployments.c.id == row.id).values(ref=ref, canary_ref=canary_ref, updated_at=now))
+
     def remove(self, app: str, name: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(deployments.delete().where(deployments.c.app == app, deployments.c.name == name))
