@@ -21,7 +21,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -29,36 +28,12 @@ from lmaas.auth import INFERENCE, MODELS_READ, MODELS_WRITE, Principal
 from lmaas.errors import InvalidInputError, PermissionDeniedError
 from lmaas.registry.files import PURPOSES, FileStore, StoredFile
 from lmaas.serve.auth import authenticate
+from lmaas.serve.protocol.files import FileDeleted, FileList, FileOut
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 READ_SCOPE = {"batch": INFERENCE, "fine-tune": MODELS_READ, "user_data": MODELS_READ}
 WRITE_SCOPE = {"batch": INFERENCE, "fine-tune": MODELS_WRITE, "user_data": MODELS_WRITE}
-
-
-class FileOut(BaseModel):
-    id: str
-    object: Literal["file"] = "file"
-    bytes: int
-    created_at: int
-    filename: str
-    purpose: str
-    status: str = "processed"
-    status_details: str | None = None
-
-
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FileOut]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
-
-
-class FileDeleted(BaseModel):
-    id: str
-    object: Literal["file"] = "file"
-    deleted: bool = True
 
 
 def files_access(principal: Principal = Depends(authenticate)) -> Principal:
