@@ -78,6 +78,7 @@ def gateway(ray_cluster, tmp_path_factory):
         ],
         "ingress": {"num_cpus": 0.05},
         "env": settings.env(),
+        "tenant_caps": {"tenants": {"bob": {"max_deployments": 0}}},  # (what each tenant may deploy; bob: nothing more)
     }
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -352,6 +353,8 @@ def test_another_tenants_deployments_cannot_be_taken_over(gateway, tmp_path):
                          ({"resources": {"head": 1}}, "resources")):
         r = _steady("POST", base + "/api/v1/deployments", json={"ref": "bob-lm", "name": "bob-chat", **extra}, headers=bob)
         assert r.status_code == 403 and r.json()["error"]["param"] == param, (extra, r.text)
+    counted = _steady("POST", base + "/api/v1/deployments", json={"ref": "bob-lm", "name": "bob-chat", "num_cpus": 0.05}, headers=bob)
+    assert counted.status_code == 403 and counted.json()["error"]["param"] == "name" and "its limit" in counted.text, counted.text
     # the CLI against the gateway, with bob's key: none of them listed
     import os
     import subprocess

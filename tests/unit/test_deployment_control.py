@@ -64,3 +64,23 @@ def test_records_follow_what_a_gateway_serves_and_keep_their_owners(tmp_path):
     assert got == {"chat": ("alice", "a-lm:2", "a-lm:3"), "bobs": ("bob", "bob-lm:1", None), "orphan": ("default", "nowhere:1", None)}
     records.reconcile("other-app", [])
     assert set(records.list("app")) == {"chat", "bobs", "orphan"}  # another app's records are its own
+
+
+def test_tenant_caps_come_from_the_apps_args_per_tenant(tmp_path):
+    from lmaas import db
+    from lmaas.errors import PermissionDeniedError
+    from lmaas.serve.deployments import ServeAppArgs, ServedModel
+    from lmaas.serve.records import DeploymentRecords
+
+    args = ServeAppArgs.model_validate({"models": [{"ref": "m:1"}], "tenant_caps": {"default": {"max_deployments": 1},
+                                                                                    "tenants": {"acme": {"max_replicas": 16}}}})
+    caps = args.tenant_caps
+    assert caps.for_tenant("acme").max_replicas == 16 and caps.for_tenant("other").max_replicas == 4
+    caps.for_tenant("acme").check(ServedModel(ref="m:1", max_replicas=16))
+    with pytest.raises(PermissionDeniedError, match="max_replicas 16 is over"):
+        caps.for_tenant("other").check(ServedModel(ref="m:1", max_replicas=16))
+    records = DeploymentRecords(db.connect(f"sqlite:///{tmp_path / 'lmaas.db'}"))
+    records.record("app", "one", tenant="other", ref="m:1", canary_ref=None)
+    records.check_count("app", "one", "other", caps.for_tenant("other"))  # replacing its own: not a new one
+    with pytest.raises(PermissionDeniedError, match="holds 1 deployments"):
+        records.check_count("app", "two", "other", caps.for_tenant("other"))

@@ -22,7 +22,7 @@ import ray
 from lmaas import db
 from lmaas.auth import Principal
 from lmaas.errors import NotFoundError
-from lmaas.serve.records import DeploymentRecords, TenantCaps
+from lmaas.serve.records import CapsConfig, DeploymentRecords
 
 log = logging.getLogger("lmaas.serve")
 
@@ -166,9 +166,9 @@ class DeploymentControl:
         args: its `ServeAppArgs` (the replica's view of the current config).
     """
 
-    def __init__(self, app: str, args: Any, caps: TenantCaps | None = None) -> None:
+    def __init__(self, app: str, args: Any, caps: CapsConfig | None = None) -> None:
         self.app, self.args = app, args
-        self.caps = caps or TenantCaps()
+        self.caps = caps or getattr(args, "tenant_caps", None) or CapsConfig()
 
     def served(self, name: str) -> Any:
         """The configured `ServedModel` named `name`.
@@ -197,11 +197,13 @@ class DeploymentControl:
         Raises:
             AlreadyExistsError: a deploy under a served name another tenant holds.
             NotFoundError: an undeploy of another tenant's deployment.
-            PermissionDeniedError: a non-admin deployment over `TenantCaps`, or with custom resources.
+            PermissionDeniedError: a non-admin deployment over its tenant's caps (`tenant_caps`), or with custom resources.
         """
         self.check(principal, name, create=op == "deploy")
         if served is not None and principal.tenant_filter is not None:
-            self.caps.check(served)
+            caps = self.caps.for_tenant(principal.tenant)
+            caps.check(served)
+            self.records.check_count(self.app, name, principal.tenant, caps)
         change = {"op": op, "app": self.app, "name": name, "env": dict(self.args.env), "actor": principal.actor,
                   "tenant": principal.tenant, "owner": principal.tenant_filter}
         if served is not None:

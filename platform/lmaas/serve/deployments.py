@@ -53,6 +53,7 @@ from lmaas.ops.logs import REQUEST_ID, configure_logging
 from lmaas.ops.metrics import ENGINE_POLL_S, GatewayMetrics, ServingMetrics
 from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
 from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
+from lmaas.serve.records import CapsConfig
 
 log = logging.getLogger("lmaas.serve")
 
@@ -262,6 +263,8 @@ class ServeAppArgs(BaseModel):
     """API keys, tenants and quotas on the gateway (`enabled: false` opens it to every caller)."""
     env: dict[str, str] = Field(default_factory=dict)
     """Environment of model replicas (LMAAS_STORAGE, LMAAS_DATABASE_URL, ...); empty: the cluster's."""
+    tenant_caps: CapsConfig = Field(default_factory=CapsConfig)
+    """What a non-admin tenant may deploy through `/api/v1/deployments` (see `serve.records.TenantCaps`)."""
 
     @model_validator(mode="after")
     def _unique(self) -> "ServeAppArgs":

@@ -7,8 +7,9 @@ change a tenant asks for is checked here (`check_change`), below the HTTP router
 - a served name nobody holds may be taken by any tenant allowed to deploy;
 - a name held by another tenant is refused: 409 to a deploy (the name is taken), 404 to a change
   or an undeploy (as if it did not exist);
-- a non-admin deployment stays within `TenantCaps` (replicas, CPUs, GPUs) and sets no custom Ray
-  `resources` (they pin replicas to nodes: an operator's decision).
+- a non-admin deployment stays within its tenant's `TenantCaps` (replicas, CPUs and GPUs per replica,
+  deployments per app; `tenant_caps` in the app's args sets them, per tenant if need be) and sets
+  no custom Ray `resources` (they pin replicas to nodes: an operator's decision).
 
 The registry reads the same table: a version a deployment names by number cannot be archived or
 deleted, and `lineage()` lists the deployments of a version.
@@ -23,18 +24,26 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from lmaas import db
 from lmaas.db.schema import deployments, registered_models
 from lmaas.errors import AlreadyExistsError, NotFoundError, PermissionDeniedError
 
 
-@dataclass(frozen=True)
-class TenantCaps:
-    """What one deployment of a non-admin tenant may ask for (each replica, and replicas in all)."""
+class TenantCaps(BaseModel):
+    """What a non-admin tenant's deployments may ask for: per replica, replicas per deployment, deployments per app."""
 
-    max_replicas: int = 4
-    num_cpus: float = 4.0
-    num_gpus: float = 1.0
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_replicas: int = Field(4, ge=0)
+    """Replicas of one deployment (its `max_replicas`; a canary's own count separately)."""
+    num_cpus: float = Field(4.0, ge=0)
+    """CPUs per replica."""
+    num_gpus: float = Field(1.0, ge=0)
+    """GPUs per replica."""
+    max_deployments: int = Field(8, ge=0)
+    """Served names the tenant may hold in one app."""
 
     def check(self, served: Any, where: str = "") -> None:
         """Raise `PermissionDeniedError` naming the field a `ServedModel` (or its canary: `canary.<field>`) exceeds."""
@@ -47,6 +56,19 @@ class TenantCaps:
             raise PermissionDeniedError("custom Ray resources pin replicas to nodes: only an admin sets them", param=where + "resources")
         if not where and getattr(served, "canary", None) is not None:
             self.check(served.canary, "canary.")
+
+
+class CapsConfig(BaseModel):
+    """`tenant_caps` of a Serve app's args: the caps of every non-admin tenant, and other caps for named tenants."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default: TenantCaps = Field(default_factory=TenantCaps)
+    tenants: dict[str, TenantCaps] = Field(default_factory=dict)
+    """Tenant name -> its caps instead of `default`."""
+
+    def for_tenant(self, tenant: str) -> TenantCaps:
+        return self.tenants.get(tenant, self.default)
 
 
 @dataclass(frozen=True)
@@ -115,6 +137,13 @@ class DeploymentRecords:
         if create:
             raise AlreadyExistsError(f"the deployment name {name!r} is taken; choose another name", param="name")
         raise NotFoundError(f"no deployment named {name!r}; see GET /api/v1/deployments", param="name")
+
+    def check_count(self, app: str, name: str, tenant: str, caps: TenantCaps) -> None:
+        """Refuse a new served name `name` for `tenant` once it holds `caps.max_deployments` in `app` (403 naming `name`)."""
+        held = set(self.list(app, tenant=tenant))
+        if name not in held and len(held) >= caps.max_deployments:
+            raise PermissionDeniedError(f"tenant {tenant!r} holds {len(held)} deployments in this app, its limit; remove one "
+                                        "or ask an admin", param="name")
 
     def record(self, app: str, name: str, *, tenant: str | None, ref: str, canary_ref: str | None) -> DeploymentRecord:
         """Write (or update) the record of a deploy that was applied; `tenant` None keeps the current owner
