@@ -100,7 +100,10 @@ def test_two_tenants_publishing_one_new_name_at_once_get_one_owner(database_url,
         for t in threads:
             t.join(60)
         with engine.connect() as conn:
-            owners = {r[0] for r in conn.execute(sa.text("select tenant from datasets where name = :n"), {"n": name})}
-        assert len(owners) == 1 and sorted(outcomes[name]) == sorted([*owners, "refused"]), (name, owners, outcomes[name])
-        assert [p for p in store.list(f"datasets/{name}") if not p.startswith(f"datasets/{name}/1/")] == []  # the loser's shards are gone
+            rows = conn.execute(sa.text("select tenant, version from datasets where name = :n"), {"n": name}).all()
+        owners = {tenant for tenant, _ in rows}
+        assert len(rows) == 1 and sorted(outcomes[name]) == sorted([*owners, "refused"]), (name, rows, outcomes[name])
+        # the loser's shards are gone: only the winner's version is stored (1, or 2 when the loser took number 1 first)
+        kept = f"datasets/{name}/{rows[0][1]}/"
+        assert [p for p in store.list(f"datasets/{name}") if not p.startswith(kept)] == []
     assert _uploads(engine) == []
