@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -129,6 +129,25 @@ class Manifest:
             if rel not in (MANIFEST, CLAIM):
                 files.append(FileEntry(rel, sha256_file(path), path.stat().st_size))
         return cls(files=tuple(files))
+
+
+def verified(chunks: Iterable[bytes], sha256: str, size: int, mismatch: str) -> Iterator[bytes]:
+    """`chunks` passed on, hashed and counted as they go, the last one held back until its hash and size are known.
+
+    Raises (instead of yielding the last chunk):
+        IntegrityError(`mismatch`): the bytes are not `size` long or do not hash to `sha256`.
+    """
+    digest, count, held = hashlib.sha256(), 0, None
+    for chunk in chunks:
+        digest.update(chunk)
+        count += len(chunk)
+        if held is not None:
+            yield held
+        held = chunk
+    if count != size or digest.hexdigest() != sha256:
+        raise IntegrityError(mismatch)
+    if held:
+        yield held
 
 
 class Storage:
@@ -278,18 +297,10 @@ class Storage:
             raise IntegrityError(f"{where} has {stored} bytes, {size} are recorded: truncated or altered")
 
         def chunks() -> Iterator[bytes]:
-            digest, held = hashlib.sha256(), b""
             with self.open(path) as f:
-                while chunk := f.read(chunk_size):
-                    digest.update(chunk)
-                    if held:
-                        yield held
-                    held = chunk
-            if digest.hexdigest() != sha256:
-                raise IntegrityError(f"{where} does not match its recorded sha256: altered")
-            yield held
+                yield from iter(lambda: f.read(chunk_size), b"")
 
-        return chunks()
+        return verified(chunks(), sha256, size, f"{where} does not match its recorded sha256: altered")
 
     def sha256(self, path: str) -> str:
         """Hex sha256 of a stored object, streamed."""

@@ -172,8 +172,8 @@ def logs(
 
     _connect()
     # a served name's stable side runs in model-<name>, or after a canary promotion in model-<name>-canary
-    deployment = next((d for d in (name, deployment_name(name), canary_deployment_name(name)) if replica_actors(d, app_name)), name)
-    if not replica_actors(deployment, app_name):
+    deployment = next((d for d in (name, deployment_name(name), canary_deployment_name(name)) if replica_actors(d, app_name)), None)
+    if deployment is None:
         raise InvalidInputError(f"no running replica of {name!r} in app {app_name!r}; see `lmaas deployments`", param="name")
     if follow:
         for line in follow_replica_logs(deployment, app_name, tail=tail):

@@ -157,31 +157,22 @@ class FileStore:
         with self.engine.connect() as conn:
             return [_stored(r) for r in conn.execute(query.order_by(*ordering).limit(limit)).mappings()]
 
-    def content(self, file_id: str, *, tenant: str | None) -> tuple[StoredFile, Iterator[bytes]]:
-        """A file and its bytes as chunks, checked against the recorded size and sha256 as they stream.
-
-        Raises:
-            NotFoundError: no such file, or another tenant's.
-            IntegrityError: the stored bytes are missing or altered.
-        """
-        record = self.get(file_id, tenant=tenant)
-        return record, self.storage.checked_chunks(record.path, record.sha256, record.bytes)
-
-    def read_bytes(self, file_id: str, *, tenant: str | None) -> bytes:
-        """A (small) file's whole content, checked."""
-        return b"".join(self.content(file_id, tenant=tenant)[1])
+    def chunks(self, record: StoredFile) -> Iterator[bytes]:
+        """A file's bytes (a record `get` returned), checked against its size and sha256 as they stream."""
+        return self.storage.checked_chunks(record.path, record.sha256, record.bytes)
 
     def url(self, file_id: str, *, tenant: str | None) -> str:
         """Where a file's bytes are, as a path or URI a job reads (an ingest source)."""
         return self.storage.url(self.get(file_id, tenant=tenant).path)
 
-    def delete(self, file_id: str, *, tenant: str | None) -> StoredFile:
-        """Delete a file: its row first (it is gone for every reader at once), then its bytes.
+    def delete(self, record: StoredFile) -> StoredFile:
+        """Delete a file (a record `get` returned, so for a tenant that may see it): its row first, so it is gone for
+        every reader at once, then its bytes.
 
         Raises:
-            NotFoundError: no such file, or another tenant's.
+            NotFoundError: it was deleted meanwhile.
         """
-        record = self.get(file_id, tenant=tenant)
+        file_id = record.id
         with self.engine.begin() as conn:
             if not conn.execute(files.delete().where(files.c.id == file_id)).rowcount:
                 raise NotFoundError(f"no file {file_id!r}; see GET /v1/files", param="file_id")

@@ -58,14 +58,13 @@ from lmaas.registry.entities import (
 from lmaas.registry import sealing
 from lmaas.registry.usage import check_storage_quota
 from lmaas.registry.refs import DEFAULT_ALIAS, ModelRef, parse_ref, validate_alias, validate_file_path, validate_model_name
-from lmaas.storage import MANIFEST, FileEntry, Manifest, Storage
+from lmaas.storage import MANIFEST, FileEntry, Manifest, Storage, verified
 
 MODELS_PREFIX = "models"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 """Weights formats that unpickle (or may) on load: refused at registration."""
 MAX_FILE_BYTES = 64 << 30
 """Largest file one version may hold (an upload declaring more is refused before anything is stored)."""
-"""Largest file of an upload with encryption on: AES-GCM seals a whole file at once, in memory."""
 STREAM_ABOVE_BYTES = 8 << 20
 """Files at least this big are sent in chunks, hashed as they go (`stream_file`); smaller ones are checked whole first."""
 SIGNING_KEY_ENV = "LMAAS_SIGNING_KEY"
@@ -431,7 +430,8 @@ class ModelRegistry:
         with self.storage.writer(target) as out:  # sealed as it streams when encryption is on: one segment in memory
             sink = out if key is None else sealing.SealingWriter(key, path, out)
             _copy_checked(data, sink, path, expected)
-            sink.close() if key is not None else None
+            if key is not None:
+                sink.close()  # its last segment
         if path.endswith(".safetensors"):
             try:
                 with self.storage.open(target) as f:
@@ -820,17 +820,8 @@ class ModelRegistry:
             IntegrityError: it does not decrypt, or its plaintext differs from the recorded size and sha256.
         """
         where = self.storage.url(f"{version.prefix}/{entry.path}")
-        digest, size, held = hashlib.sha256(), 0, None
-        for chunk in sealing.unsealed(key, entry.path, src, where):
-            digest.update(chunk)
-            size += len(chunk)
-            if held is not None:
-                yield held
-            held = chunk
-        if size != entry.size or digest.hexdigest() != entry.sha256:
-            raise IntegrityError(f"{where} does not match its sha256 in the manifest after decryption: altered")
-        if held:
-            yield held
+        return verified(sealing.unsealed(key, entry.path, src, where), entry.sha256, entry.size,
+                        f"{where} does not match its sha256 in the manifest after decryption: altered")
 
     @_scoped
     def read_file(self, ref: str | ModelRef, path: str, *, tenant: str | None = None) -> tuple[ModelVersion, bytes]:

@@ -116,9 +116,8 @@ def retrieve_file(request: Request, file_id: str, principal: Principal = Depends
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes."}})
 def file_content(request: Request, file_id: str, principal: Principal = Depends(files_access)) -> StreamingResponse:
     """The file's bytes, streamed; a stored file that no longer matches its sha256 is cut short (never served whole)."""
-    _readable(request, principal, file_id)
-    record, chunks = _store(request, principal).content(file_id, tenant=principal.tenant_filter)
-    return StreamingResponse(iterate_in_threadpool(chunks), media_type="application/octet-stream", headers={
+    record = _readable(request, principal, file_id)
+    return StreamingResponse(iterate_in_threadpool(_store(request, principal).chunks(record)), media_type="application/octet-stream", headers={
         "Content-Length": str(record.bytes), "Content-Disposition": f'attachment; filename="{record.id}"'})
 
 
@@ -127,5 +126,5 @@ def delete_file(request: Request, file_id: str, principal: Principal = Depends(f
     store = _store(request, principal)
     record = store.get(file_id, tenant=principal.tenant_filter)
     _check_scope(principal, record.purpose, WRITE_SCOPE)
-    store.delete(file_id, tenant=principal.tenant_filter)
+    store.delete(record)
     return FileDeleted(id=file_id)
