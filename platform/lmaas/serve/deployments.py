@@ -36,12 +36,11 @@ import logging
 import re
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -80,6 +79,33 @@ class EngineOptions(BaseModel):
     """torch threads per replica (None: Ray's default, 1 per whole CPU of `num_cpus`)."""
     device: str = "cpu"
     """"cuda" on GPU replicas (`num_gpus: 1`)."""
+    engine: Literal["auto", "vllm", "lmaas"] = "auto"
+    """Causal LMs: "vllm" (vLLM's async engine in the replica), "lmaas" (lmaas's own continuous-batching torch
+    engine), or "auto": vLLM where it is installed and can load the version (not lmaas's int8/int4 formats),
+    else lmaas's. Embedding models always use lmaas's embedding engine."""
+    max_model_len: int | None = Field(None, ge=1)
+    """vLLM: context length (None: the model's)."""
+    kv_cache_gib: float | None = Field(None, gt=0)
+    """vLLM: KV cache size in GiB (None: on CPU, room for max_batch_size full-length sequences, at most 4 GiB;
+    on GPUs vLLM's default share of device memory)."""
+    enforce_eager: bool = False
+    """vLLM: skip torch.compile and CUDA graphs (starts in a third of the time, decodes somewhat slower)."""
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """vLLM: any other `AsyncEngineArgs` field (e.g. `gpu_memory_utilization`, `enable_prefix_caching`)."""
+
+    def causal_lm_engine(self, directory: Path) -> str:
+        """Which engine serves the causal LM in `directory`: "vllm" or "lmaas"."""
+        from lmaas.serve.engine import vllm
+
+        if self.engine != "auto":
+            return self.engine
+        if not vllm.available():
+            return "lmaas"
+        problem = vllm.unsupported(directory, self.device)
+        if problem:
+            log.info("serving %s with lmaas's engine: %s", directory.name, problem)
+            return "lmaas"
+        return "vllm"
 
 
 class ScalingOptions(BaseModel):
@@ -312,7 +338,7 @@ class LoadedVersion:
 
 def _load_version(registry: Any, ref: str, cache_root: Path, options: EngineOptions, model_id: str) -> LoadedVersion:
     """Download `ref` (integrity-checked) into a fresh directory under `cache_root` and start its engine."""
-    from lmaas.serve.engine import CausalLMEngine, EmbeddingEngine
+    from lmaas.serve.engine import CausalLMEngine, EmbeddingEngine, VLLMEngine
 
     version = registry.resolve(ref)
     if version.task not in ENGINE_TASKS:
@@ -322,8 +348,14 @@ def _load_version(registry: Any, ref: str, cache_root: Path, options: EngineOpti
     try:
         registry.download(version.ref, directory)
         batch = {"max_batch_size": options.max_batch_size} if options.max_batch_size is not None else {}  # else the engine's default
-        if version.task == "causal-lm":
-            engine: Engine = CausalLMEngine(directory, model_id=model_id, num_threads=options.num_threads, device=options.device, **batch)
+        if version.task == "causal-lm" and options.causal_lm_engine(directory) == "vllm":
+            engine: Engine = VLLMEngine(
+                directory, model_id=model_id, num_threads=options.num_threads, device=options.device, max_batch_size=options.max_batch_size,
+                max_model_len=options.max_model_len, kv_cache_gib=options.kv_cache_gib, enforce_eager=options.enforce_eager,
+                engine_kwargs=options.engine_kwargs,
+            )
+        elif version.task == "causal-lm":
+            engine = CausalLMEngine(directory, model_id=model_id, num_threads=options.num_threads, device=options.device, **batch)
         else:
             engine = EmbeddingEngine(directory, model_id=model_id, num_threads=options.num_threads, **batch)
     except BaseException:
@@ -378,9 +410,8 @@ async def _stream(
 
 
 def _check_alive(loaded: LoadedVersion) -> None:
-    thread = getattr(loaded.engine, "_thread", None)  # CausalLMEngine's decode loop
-    if isinstance(thread, threading.Thread) and not thread.is_alive():
-        raise RuntimeError(f"{loaded.ref}: the engine's decode thread has stopped")
+    if not loaded.engine.healthy():
+        raise RuntimeError(f"{loaded.ref}: the engine has stopped")
 
 
 @serve.deployment(name="ModelServer")
@@ -473,8 +504,9 @@ class ModelServer:
         return vectors, tokens
 
     def info(self) -> dict[str, Any]:
-        """What this replica serves: `{"ref", "version", "task", "max_context"}`."""
-        return {"ref": self.ref, "version": self.current.ref, "task": self.current.task, "max_context": self.current.engine.max_context}
+        """What this replica serves: `{"ref", "version", "task", "max_context", "engine"}`."""
+        engine = self.current.engine
+        return {"ref": self.ref, "version": self.current.ref, "task": self.current.task, "max_context": engine.max_context, "engine": engine.kind}
 
     def stats(self) -> dict[str, int]:
         """The engine's counters (running, waiting, generated_tokens, ...) and requests in flight here."""

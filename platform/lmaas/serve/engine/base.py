@@ -1,4 +1,4 @@
-"""The engine contract: what every inference backend (this CPU/torch one, vLLM on GPU clusters) implements.
+"""The engine contract: what every inference backend (lmaas's torch engine, vLLM, embeddings) implements.
 
 An engine knows nothing of HTTP or Ray. The OpenAI serving classes (`lmaas.serve.openai_api`) talk to
 it only through `Engine`, and Ray Serve deployments wrap one engine per replica.
@@ -48,6 +48,29 @@ class SamplingParams:
             raise InvalidInputError(f"top_k must be -1, 0 or positive, got {self.top_k}", param="top_k")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidInputError(f"logprobs must be between 0 and 20, got {self.logprobs}", param="logprobs")
+
+
+def plan_tokens(prompt_ids: list[int], params: SamplingParams, max_context: int) -> int:
+    """How many tokens a request may generate: `max_tokens`, or what the context leaves after the prompt.
+
+    Raises:
+        InvalidInputError: an empty prompt, or prompt + max_tokens beyond the context.
+    """
+    if not prompt_ids:
+        raise InvalidInputError("prompt must not be empty", param="prompt")
+    room = max_context - len(prompt_ids)
+    if room < 1:
+        raise InvalidInputError(
+            f"prompt is {len(prompt_ids)} tokens; this model's context is {max_context} tokens. Shorten the prompt.", param="prompt"
+        )
+    max_tokens = room if params.max_tokens is None else params.max_tokens
+    if max_tokens > room:
+        raise InvalidInputError(
+            f"max_tokens {max_tokens} + prompt {len(prompt_ids)} tokens exceeds the context length {max_context}; "
+            f"use max_tokens <= {room}",
+            param="max_tokens",
+        )
+    return max_tokens
 
 
 @dataclass(frozen=True)
@@ -104,11 +127,13 @@ class EngineStats:
 class Engine(abc.ABC):
     """An inference backend that one model replica runs.
 
-    `CausalLMEngine` implements it with torch on CPU or one GPU; on GPU clusters a vLLM-backed engine
-    implements the same four methods on top of `vllm.AsyncLLMEngine` (see `VLLMEngine`), so the OpenAI
-    layer and the Ray Serve deployments above it do not change.
+    `CausalLMEngine` implements it with torch on CPU or one GPU, `VLLMEngine` on top of vLLM's `AsyncLLM`,
+    `EmbeddingEngine` for sentence embeddings; the OpenAI layer and the Ray Serve replicas above them do
+    not know which one runs.
     """
 
+    kind: str = "lmaas"
+    """Which engine this is ("lmaas", "vllm"): shown in a replica's info, never used to branch on."""
     model_id: str
     """The name the engine reports under `/v1/models`."""
     max_context: int | None = None
@@ -131,6 +156,10 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
+
+    def healthy(self) -> bool:
+        """False once the engine can serve no more requests (its decode loop or engine process died)."""
+        return True
 
     def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The prompt token ids of a chat conversation under this model's chat template."""

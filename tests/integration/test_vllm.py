@@ -1,0 +1,220 @@
+"""vLLM as the serving engine: one Serve replica running vLLM's CPU build, called with the real `openai` client.
+
+The model is a tiny random-weight Llama with 32-dimensional attention heads (vLLM's CPU kernels have
+none for lmaas's `tiny` size's 16). The same weights also run in lmaas's own engine in this process:
+greedy decoding is deterministic, so both engines must give the same tokens, texts and logprobs.
+One vLLM replica serves every test here (it starts in ~30 s with `enforce_eager`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import free_port, wait_for  # noqa: E402
+from serve_helpers import make_causal_lm  # noqa: E402
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("vllm", reason="vLLM is part of `make test`'s install (the vllm extra)")
+pytestmark = pytest.mark.timeout(400)
+
+APP = "lmaas-vllm-test"
+KEY = "lmaas_vllmtest_" + "k" * 40
+QUOTA_KEY = "lmaas_vllmquota_" + "q" * 40
+PROMPT = "def f(x):"
+VLLM_ENGINE = {"engine": "vllm", "enforce_eager": True, "max_batch_size": 16, "num_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    """(base URL, model dir, settings) of a Serve app whose `vtiny` runs on vLLM; Serve shuts down at module end."""
+    from ray import serve
+
+    from lmaas import db
+    from lmaas.auth import KeyStore, Limits
+    from lmaas.config import load_settings
+    from lmaas.registry import ModelRegistry
+    from lmaas.serve.deployments import build_app, http_port, run_app
+
+    root = tmp_path_factory.mktemp("vllm")
+    settings = load_settings(home=root / "home")
+    registry = ModelRegistry.from_settings(settings)
+    model_dir = make_causal_lm(root / "lm", max_seq_len=128, initializer_range=0.5, num_attention_heads=2, num_key_value_heads=1)
+    registry.register_version("vtiny", model_dir, task="causal-lm")
+    keys = KeyStore(db.connect(settings.database_url))
+    keys.create_key("default", ["inference"], create_tenant=True, secret=KEY)
+    keys.create_key("default", ["inference"], secret=QUOTA_KEY, limits=Limits(tpd=120))
+    args = {
+        "models": [{"ref": "vtiny", "num_cpus": 0.3, "graceful_shutdown_timeout_s": 5, "refresh_interval_s": 0, "engine": VLLM_ENGINE}],
+        "ingress": {"num_cpus": 0.1},
+        "env": settings.env(),
+    }
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    try:
+        run_app(build_app(args), APP)
+        base = f"http://127.0.0.1:{http_port()}"
+        wait_for(lambda: _status(base + "/healthz") == 200, 120, "Serve ingress")
+        yield base, model_dir, settings
+    finally:
+        serve.shutdown()
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except OSError:
+        return 0
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    """The same weights in lmaas's own engine, in this process: `(run(prompt_or_ids, SamplingParams) -> events, tokenizer)`."""
+    import asyncio
+
+    from lmaas.serve.engine import CausalLMEngine, GenerationRequest
+
+    engine = CausalLMEngine(served[1], num_threads=1)
+
+    def run(prompt, params):
+        async def collect():
+            return [e async for e in engine.generate(GenerationRequest("ref", prompt, params))]
+
+        return asyncio.run(collect())
+
+    yield run, engine
+    asyncio.run(engine.close())
+
+
+def test_the_replica_runs_vllm_and_answers_what_lmaas_engine_answers(served, client, reference):
+    from ray import serve
+
+    from lmaas.serve.deployments import deployment_name
+    from lmaas.serve.engine import SamplingParams
+
+    info = serve.get_deployment_handle(deployment_name("vtiny"), APP).info.remote().result(timeout_s=30)
+    assert info["engine"] == "vllm" and info["version"] == "vtiny:1" and info["max_context"] == 128
+    run, engine = reference
+    expected = run(PROMPT, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    out = client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].text == "".join(e.text for e in expected)
+    assert out.choices[0].finish_reason == "length"
+    prompt_tokens = len(engine.tokenizer.encode(PROMPT, add_special_tokens=False))
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (prompt_tokens, 12)
+    assert out.usage.total_tokens == prompt_tokens + 12
+
+
+def test_streams_give_the_same_text_as_whole_answers(client):
+    whole = client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(
+        model="vtiny", prompt=PROMPT, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    ))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+    messages = [{"role": "user", "content": "import os"}]
+    chat = client.chat.completions.create(model="vtiny", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    stream = list(client.chat.completions.create(
+        model="vtiny", messages=messages, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    ))
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
+    assert chat.usage.completion_tokens == 8 == stream[-1].usage.completion_tokens
+    assert chat.choices[0].finish_reason == "length"
+
+
+def test_logprobs_match_lmaas_engine_and_stop_strings_end_the_text(client, reference):
+    from lmaas.serve.engine import SamplingParams
+
+    run, _ = reference
+    expected = run(PROMPT, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3))
+    out = client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == 5 and all(len(top) == 3 for top in lp.top_logprobs)
+    for got, want in zip(lp.token_logprobs, expected):
+        assert got == pytest.approx(want.logprob, abs=1e-3)  # fp32 on both sides; kernels differ in summation order
+    chat = client.chat.completions.create(
+        model="vtiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+
+    text = client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+
+
+def test_seeded_sampling_repeats_and_bad_fields_are_400s_naming_them(client):
+    def sample(seed):
+        return client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=16, temperature=1.0, seed=seed,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1  # 16 tokens sampled from a near-uniform random model: a collision is ~impossible
+    for kwargs, param in (
+        ({"max_tokens": 500}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"prompt": "x " * 400}, "prompt"),
+        ({"logprobs": 50}, "logprobs"),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="vtiny", **{"prompt": PROMPT, "max_tokens": 4, **kwargs})
+        assert err.value.body["param"] == param, err.value.body
+
+
+def test_token_quota_cuts_off_within_one_request(served):
+    quota = openai.OpenAI(base_url=served[0] + "/v1", api_key=QUOTA_KEY, max_retries=0, timeout=120)
+    used = answered = 0
+    for _ in range(30):
+        try:
+            out = quota.completions.create(model="vtiny", prompt=PROMPT, max_tokens=10, extra_body={"ignore_eos": True})
+        except openai.RateLimitError as exc:
+            assert exc.body["param"] == "tpd"
+            break
+        used += out.usage.total_tokens
+        answered += 1
+    else:
+        pytest.fail("never cut off")
+    assert 120 <= used < 120 + used / answered + 1  # reached the limit, overshot by at most one request
+
+
+def test_engine_gauges_come_from_vllm(served, client):
+    from ray import serve
+
+    from lmaas.serve.deployments import deployment_name
+
+    client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=4, extra_body={"ignore_eos": True})
+    stats = serve.get_deployment_handle(deployment_name("vtiny"), APP).stats.remote().result(timeout_s=30)
+    # the KV cache vLLM allocated: 16 sequences x 128 tokens at least (lmaas sizes it from max_batch_size)
+    assert stats["kv_cache_capacity"] >= 16 * 128 and stats["max_batch_size"] == 16
+    assert stats["generated_tokens"] >= 4 and stats["finished_requests"] >= 1
+
+
+def test_auto_picks_vllm_only_for_what_it_can_load(served, tmp_path):
+    from lmaas.serve.deployments import EngineOptions
+    from lmaas.serve.engine import vllm
+
+    auto = EngineOptions()
+    assert auto.causal_lm_engine(served[1]) == "vllm"
+    tiny = make_causal_lm(tmp_path / "tiny")  # 16-dimensional heads
+    assert auto.causal_lm_engine(tiny) == "lmaas" and "head size 16" in vllm.unsupported(tiny)
+    config = json.loads((served[1] / "config.json").read_text())
+    quantized = tmp_path / "q"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "lmaas", "scheme": "int8-dynamic"}}))
+    assert auto.causal_lm_engine(quantized) == "lmaas" and "int8-dynamic" in vllm.unsupported(quantized)
+    assert EngineOptions(engine="lmaas").causal_lm_engine(served[1]) == "lmaas"
