@@ -27,9 +27,17 @@ def stdlib_lines(limit: int = 600) -> list[str]:
 def make_causal_lm(
     root: Path, *, size: str = "tiny", vocab_size: int = 512, max_seq_len: int = 128, chat_template: str | None = None, seed: int = 0, **overrides
 ) -> Path:
-    """Train a tokenizer, build a random-weight model of `size` (weights from `seed`), save both under `root/model`."""
+    """Train a tokenizer, build a random-weight model of `size` (weights from `seed`), save both under `root/model`.
+
+    `tiny` gets 16-dimensional heads here (4 heads, 2 KV heads; the same weight shapes as the size's own
+    2 x 32): vLLM has no CPU kernel for them, so `engine: auto` serves these with lmaas's engine, whose
+    replicas start in seconds. Pass `num_attention_heads=2, num_key_value_heads=1` for a model vLLM serves.
+    """
     from lmaas.data.tokenizer import train_bpe
     from lmaas.models import build_model, model_config, save_model
+
+    if size == "tiny":
+        overrides = {"num_attention_heads": 4, "num_key_value_heads": 2, **overrides}
 
     spec = train_bpe(stdlib_lines(), vocab_size)
     tok_dir = spec.save(root / "tokenizer")

@@ -60,7 +60,7 @@ def test_configs_are_shipped():
         ("student=huge", "student: Value error, unknown model size 'huge'"),
         ("model=tiny", "model: Extra inputs are not permitted"),  # the student's size is `student`
         ("student_overrides.vocab_size=99", "student_overrides cannot set vocab_size"),
-        ("student_overrides.hidden_size=62", "hidden_size 62 must be a multiple of num_attention_heads 4"),
+        ("student_overrides.hidden_size=63", "hidden_size 63 must be a multiple of num_attention_heads 2"),
         ("student_overrides.num_hidden_layers=0", "must be positive"),
     ],
 )
