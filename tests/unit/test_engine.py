@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
@@ -227,6 +228,26 @@ def test_a_small_embeddings_request_is_not_held_behind_a_large_one_and_requests_
     assert info.value.param == "input"
 
 
-def test_vllm_engine_says_clearly_what_is_missing(tmp_path):
-    with pytest.raises(ConfigError, match="vllm"):
-        VLLMEngine(tmp_path)
+def test_vllm_engine_refuses_what_it_cannot_serve_naming_the_reason(tmp_path):
+    from lmaas.serve.engine import vllm
+
+    llama = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 2, "vocab_size": 512}
+    cases = {
+        "int8": ({**llama, "quantization_config": {"quant_method": "lmaas", "scheme": "int8-dynamic"}}, "int8-dynamic format"),
+        "heads": ({**llama, "num_attention_heads": 4}, "head size 16"),
+        "arch": ({**llama, "architectures": ["BertModel"]}, "architecture BertModel"),
+    }
+    for name, (config, reason) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        assert reason in vllm.unsupported(tmp_path / name)
+        with pytest.raises(ConfigError, match=reason if vllm.available() else "needs vLLM") as info:
+            VLLMEngine(tmp_path / name)
+        assert info.value.param == "engine"
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(llama))
+    assert vllm.unsupported(tmp_path / "ok") is None
+    if vllm.available():  # a misspelt pass-through argument is named before any engine starts
+        with pytest.raises(ConfigError, match="engine_kwargs.gpu_memory_utilisation is not") as info:
+            VLLMEngine(tmp_path / "ok", engine_kwargs={"gpu_memory_utilisation": 0.5})
+        assert info.value.param == "engine_kwargs.gpu_memory_utilisation"

@@ -159,17 +159,16 @@ class VLLMEngine(Engine):
 
         from lmaas.models.family import read_config
 
+        extra = dict(engine_kwargs or {})
+        for key in extra:
+            if key not in AsyncEngineArgs.__dataclass_fields__:
+                raise ConfigError(f"engine_kwargs.{key} is not a vLLM engine argument", param=f"engine_kwargs.{key}")
         config = read_config(model_dir)
         self.model_id = model_id or model_dir.name
         self.max_context = int(max_model_len or config.get("max_position_embeddings") or 2048)
         self.vocab_size = int(config["vocab_size"])
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_batch_size = max_batch_size or 0
-        extra = dict(engine_kwargs or {})
-        known = set(AsyncEngineArgs.__dataclass_fields__)
-        for key in extra:
-            if key not in known:
-                raise ConfigError(f"engine_kwargs.{key} is not a vLLM engine argument", param=f"engine_kwargs.{key}")
         args: dict[str, Any] = {
             "model": str(model_dir),
             "served_model_name": [self.model_id],
