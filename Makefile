@@ -22,6 +22,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_storage.py
 	$(BIN)/python bench/data_ingest.py
 	$(BIN)/python bench/serve_llm.py
+	$(BIN)/python bench/serve_vllm.py
 	$(BIN)/python bench/serve_embeddings.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/compression.py

@@ -131,11 +131,29 @@ def compression(d: dict) -> list[Row]:
     return rows
 
 
+def serve_vllm(d: dict) -> list[Row]:
+    rows = []
+    loop = d["closed_loop"]
+    for side, target in (("lmaas-vllm", 0.9), ("lmaas-engine", None)):
+        for level in (16, 64):
+            ours, base = _at(loop[side], level), _at(loop["vllm"], level)
+            ratio = ours["tokens_per_s"] / base["tokens_per_s"]
+            rows.append(Row("serve_vllm", f"{level} streams, {side}: output tokens/s", f"{ours['tokens_per_s']:,.0f}",
+                            f"{base['tokens_per_s']:,.0f} (vllm serve alone)", ratio,
+                            f">= {target}" if target else "report", ratio >= target if target else None))
+        ours, base = _at(loop[side], 16), _at(loop["vllm"], 16)
+        ttft = ours["ttft_p50_ms"] / base["ttft_p50_ms"]
+        rows.append(Row("serve_vllm", f"16 streams, {side}: TTFT p50", f"{ours['ttft_p50_ms']:.0f} ms", f"{base['ttft_p50_ms']:.0f} ms",
+                        ttft, "<= 1.2" if target else "report", ttft <= 1.2 if target else None))
+    return rows
+
+
 BENCHES: dict[str, Callable[[dict], list[Row]]] = {
     "storage": storage,
     "data_ingest": data_ingest,
     "train_throughput": train_throughput,
     "serve_llm": serve_llm,
+    "serve_vllm": serve_vllm,
     "serve_embeddings": serve_embeddings,
     "engine_batching": engine_batching,
     "compression": compression,

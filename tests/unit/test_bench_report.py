@@ -31,6 +31,11 @@ def test_report_tables_ratios_marks_targets_and_refreshes_the_readme(tmp_path):
         {"concurrency": 16, "generate_tokens_per_s": 120.0, "lmaas_tokens_per_s": 600.0, "ratio": 5.0}]}))
     (results / "compression.json").write_text(json.dumps({"at_scale": {"size": "base", "parameters": 88_000_000, "variants": [
         {"variant": "int8-dynamic", "latency_ms_per_token": 10.0, "parent_latency_ms_per_token": 30.0, "decode_speedup": 3.0}]}}))
+    def levels(tokens_per_s: float, ttft: float) -> list[dict]:
+        return [{"concurrency": c, "tokens_per_s": tokens_per_s * c, "ttft_p50_ms": ttft} for c in (16, 64)]
+
+    (results / "serve_vllm.json").write_text(json.dumps({"closed_loop": {
+        "vllm": levels(100.0, 50.0), "lmaas-vllm": levels(95.0, 55.0), "lmaas-engine": levels(50.0, 100.0)}}))
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\noutro\n")
 
@@ -41,6 +46,9 @@ def test_report_tables_ratios_marks_targets_and_refreshes_the_readme(tmp_path):
     assert "| serve_embeddings | 32 clients: texts/s | 20.0 | 10.0 (encode, one at a time) | 2.00x | >= 3 | **no** |" in text
     assert "| engine_batching | 16 requests at once (12.9M params, no HTTP): output tokens/s | 600 | 120 (generate, one at a time) | 5.00x |" in text
     assert "| compression | int8-dynamic at size base (88M params, random weights): decode speed | 10.00 ms/token | 30.00 ms/token | 3.00x | >= 1.3 | yes |" in text
+    assert "| serve_vllm | 64 streams, lmaas-vllm: output tokens/s | 6,080 | 6,400 (vllm serve alone) | 0.95x | >= 0.9 | yes |" in text
+    assert "| serve_vllm | 16 streams, lmaas-vllm: TTFT p50 | 55 ms | 50 ms | 1.10x | <= 1.2 | yes |" in text
+    assert "| serve_vllm | 16 streams, lmaas-engine: output tokens/s | 800 | 1,600 (vllm serve alone) | 0.50x | report |" in text
     assert "| train_throughput | not run |" in text and "![ratios](ratios.png)" in text
     assert (results / "ratios.png").stat().st_size > 1000
     refreshed = readme.read_text()

