@@ -72,6 +72,50 @@ def test_completion_with_usage_and_logprobs(client):
     assert len(choice.logprobs.tokens) == 7 and all(len(t) == 2 for t in choice.logprobs.top_logprobs)
 
 
+def test_n_choices_each_sample_on_their_own_and_usage_counts_them_all(client):
+    kwargs = {"model": LM, "prompt": "def f(x):", "max_tokens": 6, "temperature": 1.0, "seed": 5, "extra_body": {"ignore_eos": True}}
+    out = client.completions.create(n=3, **kwargs)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert len({c.text for c in out.choices}) > 1  # their own seeds (5, 6, 7): 6 tokens from a random model do not collide
+    assert out.choices[0].text == client.completions.create(**kwargs).choices[0].text  # choice 0 is the n=1 answer
+    assert out == client.completions.create(n=3, **kwargs).model_copy(update={"id": out.id, "created": out.created})  # seeded: repeats
+    one = client.completions.create(**kwargs).usage
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (one.prompt_tokens, 18)
+
+    chunks = list(client.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kwargs))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert texts == [c.text for c in out.choices]
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason == "length") == 3
+    assert chunks[-1].usage.completion_tokens == 18
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model=LM, messages=messages, n=2, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content  # greedy
+    assert chat.usage.completion_tokens == 8
+    stream = list(client.chat.completions.create(model=LM, messages=messages, n=2, max_tokens=4, temperature=0, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    assert ["".join(c.choices[0].delta.content or "" for c in stream if c.choices and c.choices[0].index == i) for i in range(2)] == [
+        chat.choices[0].message.content] * 2
+
+
+def test_fields_this_engine_does_not_serve_are_400s_naming_them(server):
+    chat = {"model": LM, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for extra, param in (
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ):
+        status, out = post(server[0] + "/v1/chat/completions", json.dumps({**chat, **extra}).encode())
+        assert status == 400 and out["error"]["param"] == param, (extra, out)
+    status, out = post(server[0] + "/v1/chat/completions", json.dumps({**chat, "response_format": {"type": "text"}, "tools": []}).encode())
+    assert status == 200, out  # the defaults, sent explicitly, are fine
+
+
 def test_chat_completion(client):
     out = client.chat.completions.create(
         model=LM, messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True}
@@ -160,7 +204,7 @@ def test_disconnect_mid_stream_frees_the_engine_slot(server, client):
         ({"model": LM, "prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"model": LM, "prompt": "x", "temperature": -1}, "temperature"),
         ({"model": LM, "prompt": "x", "max_tokens": "many"}, "max_tokens"),
-        ({"model": LM, "prompt": "x", "n": 2}, "n"),
+        ({"model": LM, "prompt": "x", "n": 17}, "n"),
         ({"model": LM, "prompt": "x", "max_tokens": 500}, "max_tokens"),
         ({"model": LM, "prompt": "def f(x): return x\n" * 60}, "prompt"),
         ({"prompt": "x"}, "model"),

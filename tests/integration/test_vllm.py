@@ -176,6 +176,48 @@ def test_seeded_sampling_repeats_and_bad_fields_are_400s_naming_them(client):
         assert err.value.body["param"] == param, err.value.body
 
 
+def test_n_choices_on_vllm(client):
+    kwargs = {"model": "vtiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": 11, "extra_body": {"ignore_eos": True}}
+    out = client.completions.create(n=2, **kwargs)
+    assert [c.index for c in out.choices] == [0, 1] and out.choices[0].text != out.choices[1].text
+    assert out.choices[0].text == client.completions.create(**kwargs).choices[0].text
+    assert out.usage.completion_tokens == 16
+    chunks = list(client.chat.completions.create(
+        model="vtiny", messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    ))
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i) for i in range(2)]
+    assert texts[0] == texts[1] and texts[0] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_structured_output_follows_the_schema(client):
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "level": {"type": "integer", "enum": [1, 2, 3]}},
+        "required": ["ok", "level"],
+        "additionalProperties": False,
+    }
+    messages = [{"role": "user", "content": "status?"}]
+    for seed in (1, 2, 3):
+        out = client.chat.completions.create(
+            model="vtiny", messages=messages, max_tokens=64, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "status", "schema": schema, "strict": True}},
+        )
+        value = json.loads(out.choices[0].message.content)  # a random-weight model, yet always valid JSON of the schema
+        assert set(value) == {"ok", "level"} and isinstance(value["ok"], bool) and value["level"] in (1, 2, 3), value
+        assert out.choices[0].finish_reason == "stop"
+    anything = client.chat.completions.create(model="vtiny", messages=messages, max_tokens=64, seed=4, response_format={"type": "json_object"},
+                                              presence_penalty=0.5)
+    text = anything.choices[0].message.content
+    assert text.startswith("{")  # any object: a random model may still be writing its first key at 64 tokens ...
+    if anything.choices[0].finish_reason == "stop":  # ... and when it closed the object, the text parses
+        assert isinstance(json.loads(text), dict)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="vtiny", messages=messages, max_tokens=8,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}})
+    assert err.value.body["param"] == "response_format"
+
+
 def test_token_quota_cuts_off_within_one_request(served):
     quota = openai.OpenAI(base_url=served[0] + "/v1", api_key=QUOTA_KEY, max_retries=0, timeout=120)
     used = answered = 0

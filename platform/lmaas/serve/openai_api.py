@@ -12,6 +12,7 @@ import base64
 import json
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from lmaas.errors import InvalidInputError, LmaasError, NotFoundError, ReplicaLostError
 from lmaas.serve.errors import error_body
@@ -69,6 +70,8 @@ class OpenAIServing:
     async def start_completion(self, request: CompletionRequest) -> tuple[str, AsyncIterator[TokenEvent]]:
         """Check `request` and start generating: its id and its token events (HTTP and gRPC share this).
 
+        With `n` > 1 the events of all choices interleave, each tagged with its `index`.
+
         Raises:
             NotFoundError, InvalidInputError: before the first token, so no stream has begun.
         """
@@ -76,15 +79,16 @@ class OpenAIServing:
         if request.echo:
             raise InvalidInputError("echo is not supported", param="echo")
         params = _sampling(request, request.max_tokens, request.logprobs)
-        gen = GenerationRequest(new_request_id("cmpl"), request.prompt, params)
-        events = engine.generate(gen)
-        first = await _first(events)
-        return gen.request_id, _chain(first, events)
+        request_id = new_request_id("cmpl")
+        streams = await _start_choices(
+            lambda i: engine.generate(GenerationRequest(_choice_id(request_id, i), request.prompt, _choice_params(params, i))), request.n
+        )
+        return request_id, _merge(streams)
 
-    def _restart_completion(self, request: CompletionRequest, request_id: str) -> AsyncIterator[TokenEvent]:
-        """The request's events once more, from its first token (see `_collect`)."""
-        params = _sampling(request, request.max_tokens, request.logprobs)
-        return self.engine(request.model).generate(GenerationRequest(request_id, request.prompt, params))
+    def _restart_completion(self, request: CompletionRequest, request_id: str, index: int) -> AsyncIterator[TokenEvent]:
+        """Choice `index`'s events once more, from its first token (see `_collect_choices`)."""
+        params = _choice_params(_sampling(request, request.max_tokens, request.logprobs), index)
+        return self.engine(request.model).generate(GenerationRequest(_choice_id(request_id, index), request.prompt, params))
 
     async def create_completion(self, request: CompletionRequest, *, on_finish: OnFinish | None = None) -> CompletionResponse | AsyncIterator[str]:
         """A full response, or (when `stream`) an iterator of SSE lines; errors before the first token raise.
@@ -95,27 +99,30 @@ class OpenAIServing:
         request_id, events = await self.start_completion(request)
         if request.stream:
             return self._completion_stream(request, request_id, events, on_finish)
-        collected = await _collect(events, lambda: self._restart_completion(request, request_id))
-        text = "".join(e.text for e in collected)
-        last = collected[-1]
+        choices = await _collect_choices(events, request.n, lambda i: self._restart_completion(request, request_id, i))
+        usage = _total_usage(choices)
         if on_finish is not None:
-            await on_finish(request_id, last.prompt_tokens, last.completion_tokens)
-        choice = CompletionChoice(text=text, finish_reason=last.finish_reason, logprobs=_completion_logprobs(collected, request.logprobs is not None))
-        return CompletionResponse(id=request_id, model=request.model, choices=[choice], usage=_usage(last))
+            await on_finish(request_id, usage.prompt_tokens, usage.completion_tokens)
+        return CompletionResponse(id=request_id, model=request.model, usage=usage, choices=[
+            CompletionChoice(index=i, text="".join(e.text for e in collected), finish_reason=collected[-1].finish_reason,
+                             logprobs=_completion_logprobs(collected, request.logprobs is not None))
+            for i, collected in enumerate(choices)
+        ])
 
     async def _completion_stream(
         self, request: CompletionRequest, request_id: str, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None
     ) -> AsyncIterator[str]:
-        offset = 0
-        async for event in _metered(request_id, events, on_finish):
-            logprobs = _completion_logprobs([event], request.logprobs is not None, offset)
-            offset += len(event.text)
+        offsets = [0] * request.n
+        lasts: dict[int, TokenEvent] = {}
+        async for event in _metered(request_id, events, on_finish, lasts):
+            logprobs = _completion_logprobs([event], request.logprobs is not None, offsets[event.index])
+            offsets[event.index] += len(event.text)
             if not event.text and event.finish_reason is None and logprobs is None:
                 continue
-            choice = CompletionChoice(text=event.text, finish_reason=event.finish_reason, logprobs=logprobs)
+            choice = CompletionChoice(index=event.index, text=event.text, finish_reason=event.finish_reason, logprobs=logprobs)
             yield _sse(CompletionResponse(id=request_id, model=request.model, choices=[choice]))
-            if event.finish_reason is not None and request.stream_options and request.stream_options.include_usage:
-                yield _sse(CompletionResponse(id=request_id, model=request.model, choices=[], usage=_usage(event)))
+        if lasts and request.stream_options and request.stream_options.include_usage:
+            yield _sse(CompletionResponse(id=request_id, model=request.model, choices=[], usage=_usage(list(lasts.values()))))
 
     # ---- chat ----
 
@@ -129,42 +136,47 @@ class OpenAIServing:
             raise InvalidInputError("top_logprobs needs logprobs: true", param="top_logprobs")
         params = _sampling(request, request.max_completion_tokens or request.max_tokens, top)
         request_id = new_request_id("chatcmpl")
-        events = engine.generate_chat(request_id, messages, params)
-        first = await _first(events)
+
+        def start(i: int) -> AsyncIterator[TokenEvent]:
+            return engine.generate_chat(_choice_id(request_id, i), messages, _choice_params(params, i))
+
+        events = _merge(await _start_choices(start, request.n))
         if request.stream:
-            return self._chat_stream(request, request_id, first, events, top is not None, on_finish)
-        collected = await _collect(_chain(first, events), lambda: engine.generate_chat(request_id, messages, params))
-        last = collected[-1]
+            return self._chat_stream(request, request_id, events, top is not None, on_finish)
+        choices = await _collect_choices(events, request.n, start)
+        usage = _total_usage(choices)
         if on_finish is not None:
-            await on_finish(request_id, last.prompt_tokens, last.completion_tokens)
-        choice = ChatChoice(
-            message=ChatMessageOut(content="".join(e.text for e in collected)),
-            finish_reason=last.finish_reason,
-            logprobs=_chat_logprobs(collected) if top is not None else None,
-        )
-        return ChatCompletionResponse(id=request_id, model=request.model, choices=[choice], usage=_usage(last))
+            await on_finish(request_id, usage.prompt_tokens, usage.completion_tokens)
+        return ChatCompletionResponse(id=request_id, model=request.model, usage=usage, choices=[
+            ChatChoice(index=i, message=ChatMessageOut(content="".join(e.text for e in collected)), finish_reason=collected[-1].finish_reason,
+                       logprobs=_chat_logprobs(collected) if top is not None else None)
+            for i, collected in enumerate(choices)
+        ])
 
     async def _chat_stream(
         self,
         request: ChatCompletionRequest,
         request_id: str,
-        first: TokenEvent,
         events: AsyncIterator[TokenEvent],
         logprobs: bool,
         on_finish: OnFinish | None = None,
     ) -> AsyncIterator[str]:
-        yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))]))
-        async for event in _metered(request_id, _chain(first, events), on_finish):
+        for i in range(request.n):
+            role = ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+            yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[role]))
+        lasts: dict[int, TokenEvent] = {}
+        async for event in _metered(request_id, events, on_finish, lasts):
             if not event.text and event.finish_reason is None and not logprobs:
                 continue
             choice = ChatChunkChoice(
+                index=event.index,
                 delta=ChatDelta(content=event.text or None) if event.text else ChatDelta(),
                 finish_reason=event.finish_reason,
                 logprobs=_chat_logprobs([event]) if logprobs else None,
             )
             yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[choice]))
-            if event.finish_reason is not None and request.stream_options and request.stream_options.include_usage:
-                yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[], usage=_usage(event)))
+        if lasts and request.stream_options and request.stream_options.include_usage:
+            yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[], usage=_usage(list(lasts.values()))))
 
     # ---- embeddings ----
 
@@ -180,6 +192,7 @@ class OpenAIServing:
 
 
 def _sampling(request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:  # noqa: ANN001 - either request type
+    fmt = request.response_format
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=request.temperature,
@@ -187,12 +200,102 @@ def _sampling(request, max_tokens: int | None, logprobs: int | None) -> Sampling
         top_k=request.top_k,
         stop=tuple(request.stop or ()),
         seed=request.seed,
-        n=request.n,
         logprobs=logprobs,
         ignore_eos=request.ignore_eos,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        json_schema=json.dumps(fmt.json_schema.schema_) if fmt is not None and fmt.type == "json_schema" else None,
+        json_object=fmt is not None and fmt.type == "json_object",
     )
     params.check()
     return params
+
+
+def _choice_id(request_id: str, index: int) -> str:
+    """The engine request id of choice `index` (the response's own id for the first)."""
+    return request_id if index == 0 else f"{request_id}-{index}"
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` samples with its own seed (seed + index), so a seeded request with n > 1 repeats, choice by choice."""
+    return params if index == 0 or params.seed is None else replace(params, seed=params.seed + index)
+
+
+async def _start_choices(start: Callable[[int], AsyncIterator[TokenEvent]], n: int) -> list[AsyncIterator[TokenEvent]]:
+    """Start `n` choices and wait for each one's first event, so bad input fails before any stream begins."""
+    streams = [start(i) for i in range(n)]
+    firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
+    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if failed is not None:
+        await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+        raise failed
+    return [_chain(first, s) for first, s in zip(firsts, streams)]
+
+
+async def _merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[TokenEvent]:
+    """The events of every choice as they come, each tagged with its choice's `index` (token counts stay per choice)."""
+    if len(streams) == 1:
+        try:
+            async for event in streams[0]:
+                yield event
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, events: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async for event in events:
+                queue.put_nowait((index, event))
+            queue.put_nowait((index, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((index, exc))
+        finally:
+            await events.aclose()
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    running = len(streams)
+    try:
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield replace(item, index=index)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _collect_choices(
+    events: AsyncIterator[TokenEvent], n: int, restart: Callable[[int], AsyncIterator[TokenEvent]]
+) -> list[list[TokenEvent]]:
+    """Every event of a non-streaming request, per choice. A choice whose replica was lost mid-way
+    runs once more from its start on another replica; finished choices are kept."""
+    choices: list[list[TokenEvent]] = [[] for _ in range(n)]
+    try:
+        async for event in events:
+            choices[event.index].append(event)
+    except ReplicaLostError:
+        # the client has received nothing yet, so each unfinished choice it gets is one whole generation
+        for i, collected in enumerate(choices):
+            if not collected or collected[-1].finish_reason is None:
+                retried = restart(i)
+                try:
+                    choices[i] = [e async for e in retried]
+                finally:
+                    await retried.aclose()
+    finally:
+        await events.aclose()
+    return choices
+
+
+def _total_usage(choices: list[list[TokenEvent]]) -> Usage:
+    """OpenAI's usage of a request with several choices: the prompt once, every choice's completion tokens."""
+    return _usage([c[-1] for c in choices])
 
 
 async def _first(events: AsyncIterator[TokenEvent]) -> TokenEvent:
@@ -202,21 +305,6 @@ async def _first(events: AsyncIterator[TokenEvent]) -> TokenEvent:
     except BaseException:
         await events.aclose()
         raise
-
-
-async def _collect(events: AsyncIterator[TokenEvent], restart: Callable[[], AsyncIterator[TokenEvent]]) -> list[TokenEvent]:
-    """Every event of a non-streaming request. When the replica generating it is lost mid-way
-    (`ReplicaLostError`), the request runs once more from the start on another replica: its client
-    has received nothing yet, so the answer it gets is one whole generation."""
-    try:
-        return [e async for e in events]
-    except ReplicaLostError:
-        pass
-    retried = restart()
-    try:
-        return [e async for e in retried]
-    finally:
-        await retried.aclose()
 
 
 async def _chain(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
@@ -229,21 +317,29 @@ async def _chain(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> AsyncI
         await events.aclose()
 
 
-async def _metered(request_id: str, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None) -> AsyncIterator[TokenEvent]:
-    """`events`, calling `on_finish` with the last event's token counts when they end (or are abandoned)."""
-    last, reported = None, False
+async def _metered(
+    request_id: str, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None, lasts: dict[int, TokenEvent] | None = None
+) -> AsyncIterator[TokenEvent]:
+    """`events`, calling `on_finish` with the request's token counts (every choice's) when they end or are abandoned.
+
+    `lasts` (choice index -> its latest event) is filled as events pass, for the caller's usage chunk.
+    """
+    lasts = {} if lasts is None else lasts
+    reported = False
     try:
         async for event in events:
-            last = event
+            lasts[event.index] = event
             yield event
-        if on_finish is not None and last is not None:
+        if on_finish is not None and lasts:
             reported = True
-            await on_finish(request_id, last.prompt_tokens, last.completion_tokens)  # before [DONE]: usage is current once a client sees it
+            usage = _usage(list(lasts.values()))
+            await on_finish(request_id, usage.prompt_tokens, usage.completion_tokens)  # before [DONE]: usage is current once a client sees it
     finally:
         await events.aclose()
-        if on_finish is not None and last is not None and not reported:
+        if on_finish is not None and lasts and not reported:
             # the client left (or the engine failed) mid-stream: bill what was generated, without blocking the teardown
-            task = asyncio.ensure_future(on_finish(request_id, last.prompt_tokens, last.completion_tokens))
+            usage = _usage(list(lasts.values()))
+            task = asyncio.ensure_future(on_finish(request_id, usage.prompt_tokens, usage.completion_tokens))
             _background.add(task)
             task.add_done_callback(_background.discard)
 
@@ -252,8 +348,10 @@ _background: set[asyncio.Future] = set()
 """Metering tasks of abandoned streams (a reference keeps them from being garbage-collected mid-run)."""
 
 
-def _usage(event: TokenEvent) -> Usage:
-    return Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens, total_tokens=event.prompt_tokens + event.completion_tokens)
+def _usage(lasts: list[TokenEvent]) -> Usage:
+    """The usage of a request from the last event of each of its choices."""
+    prompt, completion = lasts[0].prompt_tokens, sum(e.completion_tokens for e in lasts)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _completion_logprobs(events: list[TokenEvent], wanted: bool, offset: int = 0) -> CompletionLogprobs | None:

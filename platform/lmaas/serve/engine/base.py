@@ -33,6 +33,15 @@ class SamplingParams:
     """None: no logprobs; k >= 0: the chosen token's logprob plus the k most likely alternatives."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks and tests that need exact lengths)."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    json_schema: str | None = None
+    """Structured output: the text is JSON valid under this JSON Schema (the schema as JSON text)."""
+    json_object: bool = False
+    """Structured output: the text is one JSON object."""
+
+    def structured(self) -> bool:
+        return self.json_schema is not None or self.json_object
 
     def check(self) -> None:
         """Raises InvalidInputError naming the first bad field."""
@@ -48,6 +57,18 @@ class SamplingParams:
             raise InvalidInputError(f"top_k must be -1, 0 or positive, got {self.top_k}", param="top_k")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidInputError(f"logprobs must be between 0 and 20, got {self.logprobs}", param="logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidInputError(f"{name} must be between -2 and 2, got {getattr(self, name)}", param=name)
+
+    def refuse_unsupported(self, engine: str) -> None:
+        """For engines without penalties and structured output: a 400 naming the first such field that is set."""
+        if self.structured():
+            raise InvalidInputError(f"response_format {'json_schema' if self.json_schema else 'json_object'} needs the vLLM engine; "
+                                    f"this model runs on {engine}'s", param="response_format")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidInputError(f"{name} needs the vLLM engine; this model runs on {engine}'s", param=name)
 
 
 def plan_tokens(prompt_ids: list[int], params: SamplingParams, max_context: int) -> int:
@@ -108,6 +129,8 @@ class TokenEvent:
     """This token's own text (for logprobs)."""
     logprob: float | None = None
     top_logprobs: tuple[TopLogprob, ...] = ()
+    index: int = 0
+    """The choice this token belongs to, when a request asks for several (`n`); engines leave it 0."""
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,7 @@ class CausalLMEngine(Engine):
         """
         params = request.params
         params.check()
+        params.refuse_unsupported("lmaas")
         if isinstance(request.prompt, str):
             ids = self.tokenizer.encode(request.prompt, add_special_tokens=False)
         else:

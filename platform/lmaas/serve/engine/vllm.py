@@ -25,6 +25,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ class VLLMEngine(Engine):
             os.environ["OMP_NUM_THREADS"] = str(num_threads)
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from lmaas.models.family import read_config
@@ -181,6 +183,9 @@ class VLLMEngine(Engine):
         }
         if max_batch_size:
             args["max_num_seqs"] = max_batch_size
+        # structured output as compact JSON, as OpenAI's: no free whitespace between tokens, which a weak
+        # model otherwise fills until max_tokens (an engine setting in vLLM, not a per-request one)
+        args["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
         if kv_cache_gib is not None:
             args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         elif device == "cpu":
@@ -216,13 +221,19 @@ class VLLMEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         ids, max_tokens = self.prepare(request)
         p = request.params
+        structured = None
+        if p.json_schema is not None:
+            structured = StructuredOutputsParams(json=p.json_schema)
+        elif p.json_object:
+            structured = StructuredOutputsParams(json_object=True)
         sampling = VSamplingParams(
             n=1, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=max(p.top_k, 0),
             stop=list(p.stop) or None, seed=p.seed, logprobs=p.logprobs, ignore_eos=p.ignore_eos,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, structured_outputs=structured,
             skip_special_tokens=True, output_kind=RequestOutputKind.DELTA,
         )
         count = 0
@@ -248,8 +259,9 @@ class VLLMEngine(Engine):
                     finished = True
                     self._finished += 1
                     return
-        except ValueError as exc:  # vLLM's own request checks, after ours
-            raise InvalidInputError(str(exc), param=None) from exc
+        except (ValueError, _client_error()) as exc:  # vLLM's own request checks, after ours (a schema its grammar backend cannot compile)
+            message = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(exc))  # the grammar compiler's time and C++ source line
+            raise InvalidInputError(message, param="response_format" if p.structured() else None) from exc
         finally:
             if not finished:
                 self.abort(request.request_id)
@@ -273,6 +285,15 @@ class VLLMEngine(Engine):
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.shutdown)
+
+
+def _client_error() -> type[Exception]:
+    """vLLM's exception for a request it refuses (`VLLMClientError`; plain ValueError in versions without it)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return ValueError
+    return VLLMClientError
 
 
 def _finish_reason(reason: str | None) -> str:

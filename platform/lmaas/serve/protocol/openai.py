@@ -1,8 +1,9 @@
 """Request and response schemas of the OpenAI-compatible inference API (`/v1/...`), in OpenAI's shapes.
 
 Validation failures become 400 errors naming the field (see `lmaas.serve.errors`). Fields OpenAI has
-and lmaas does not use are accepted and ignored; `top_k` and `ignore_eos` are extensions (as in vLLM),
-sent with the `openai` client through `extra_body`.
+that change the output and lmaas does not serve (`tools`, `logit_bias`, ...) are refused naming them;
+fields that only describe the caller (`user`, `metadata`, ...) are accepted. `top_k` and `ignore_eos`
+are extensions (as in vLLM), sent with the `openai` client through `extra_body`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Request(BaseModel):
@@ -22,19 +23,54 @@ class StreamOptions(BaseModel):
     """Send one last chunk with `usage` before `[DONE]`."""
 
 
+class JsonSchema(BaseModel):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON Schema the output must satisfy.")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON valid under a schema (structured output)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format type json_schema needs a json_schema object")
+        return self
+
+
 class _SamplingFields(_Request):
     model: str = Field(min_length=1, description="A model reference: name, name:version or name@alias.")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, description="Extension: sample among the k most likely tokens (0 or -1: all).")
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=16, description="Choices to generate (each a request of its own in the engine; at most 16).")
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="Extension: generate exactly max_tokens tokens.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
     user: str | None = None
+    # fields OpenAI has that lmaas does not serve yet: refused (400 naming them) rather than ignored
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("tools", "functions", "logit_bias", "tool_choice")
+    @classmethod
+    def _unserved(cls, value: Any) -> Any:
+        if value not in (None, [], {}, "none"):
+            raise ValueError("is not supported by lmaas yet")
+        return value
 
     @field_validator("stop")
     @classmethod
