@@ -157,10 +157,10 @@ def deployments() -> None:
     if not rows:
         console.print("nothing deployed; `lmaas deploy REF` serves a registered model")
         return
-    table = Table("name", "ref", "serving", "status", "replicas", "min..max", "multiplexed", "canary")
+    table = Table("name", "ref", "serving", "engine", "status", "replicas", "min..max", "multiplexed", "canary")
     for r in rows:
         canary = f"{r.canary['ref']} {r.canary['weight']}% {r.canary['state']}" if r.canary else ""
-        table.add_row(r.name, r.ref, r.serving, r.status, str(r.running), f"{r.min_replicas}..{r.max_replicas}", "yes" if r.multiplexed else "", canary)
+        table.add_row(r.name, r.ref, r.serving, r.engine, r.status, str(r.running), f"{r.min_replicas}..{r.max_replicas}", "yes" if r.multiplexed else "", canary)
     console.print(table)
 
 

@@ -112,7 +112,9 @@ def quickstart(
         served += [("minilm", embedding.ref.split(":")[0])] if embedding else []
         with console.status(f"deploying {len(served)} models through Ray Serve (one autoscaled deployment each)"):
             versions, base = _deploy_demo(settings, served, port)
-        console.print(f"  [green]ok[/] serve     {', '.join(f'{n} -> {v}' for n, v in versions.items())} at {base}/v1")
+        engines = _engines()
+        shown = ", ".join(f"{n} -> {v} ({engines.get(n, '-')})" for n, v in versions.items())
+        console.print(f"  [green]ok[/] serve     {shown} at {base}/v1")
 
         with console.status("calling the OpenAI API over HTTP"):
             calls = _call_demo(base, key, embedding is not None)
@@ -242,6 +244,13 @@ def _deploy_demo(settings, served: list[tuple[str, str]], port: int) -> tuple[di
     ]
     versions = deploy_models(models, env=settings.worker_env(), host="127.0.0.1", port=port, grpc_port=None)
     return versions, f"http://127.0.0.1:{http_port()}"
+
+
+def _engines() -> dict[str, str]:
+    """Served name -> the engine its replica runs (vllm, lmaas)."""
+    from lmaas.serve.deployments import list_deployments
+
+    return {d.name: d.engine for d in list_deployments()}
 
 
 def _demo_keys(settings) -> tuple[str | None, str]:  # noqa: ANN001 - Settings

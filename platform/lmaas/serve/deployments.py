@@ -858,14 +858,18 @@ class OpenAIIngress:
         """The `ServeAppArgs` this app was built from."""
         return self._args
 
-    async def served_versions(self, names: list[str] | None = None) -> dict[str, str]:
-        """Served name -> `name:version` a replica of it serves now (multiplexed: its reference).
+    async def served_info(self, names: list[str] | None = None) -> dict[str, dict]:
+        """Served name -> what a replica of it serves now (`ModelServer.info`: version, engine, ...).
 
         Asking about a deployment scaled to zero starts a replica: pass only `names` that have one.
         """
         names = [n for n in (self._models if names is None else names) if n in self._models]
         infos = await asyncio.gather(*(self._models[n].info.remote() for n in names))
-        return {name: info["version"] for name, info in zip(names, infos)} | dict(self._multiplexed)
+        return dict(zip(names, infos))
+
+    async def served_versions(self, names: list[str] | None = None) -> dict[str, str]:
+        """Served name -> `name:version` a replica of it serves now (multiplexed: its reference)."""
+        return {name: info["version"] for name, info in (await self.served_info(names)).items()} | dict(self._multiplexed)
 
 
 def _running_replicas(state: Any) -> int:
@@ -980,6 +984,8 @@ class DeploymentSummary:
     multiplexed: bool
     canary: dict[str, Any] | None = None
     """`{ref, weight, state, reason, serving}` while a canary is configured (`state`: running, rolled_back, promoted)."""
+    engine: str = "-"
+    """The engine a replica runs ("vllm", "lmaas"; "-" when none runs or the deployment is multiplexed)."""
 
 
 APP_POLL_S = 0.1
@@ -1136,7 +1142,7 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
 
     live = [m.name for m in args.models if not m.multiplexed and running(m.deployments[0])]
     try:
-        serving = serve.get_app_handle(app_name).served_versions.remote(live).result(timeout_s=10)
+        serving = serve.get_app_handle(app_name).served_info.remote(live).result(timeout_s=10)
     except Exception:  # noqa: BLE001 - a replica starting or stopping: list it without a version
         serving = {}
     from lmaas.serve.canary import CanaryStore, rollout_id
@@ -1162,8 +1168,9 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
             }
         out.append(
             DeploymentSummary(
-                m.name, m.ref, serving.get(m.name, "-"), str(getattr(state.status, "value", state.status)) if state else "MISSING",
-                running(key), scaling.min_replicas, scaling.max_replicas, m.multiplexed, canary,
+                m.name, m.ref, serving.get(m.name, {}).get("version", m.ref if m.multiplexed else "-"),
+                str(getattr(state.status, "value", state.status)) if state else "MISSING",
+                running(key), scaling.min_replicas, scaling.max_replicas, m.multiplexed, canary, serving.get(m.name, {}).get("engine", "-"),
             )
         )
     return out

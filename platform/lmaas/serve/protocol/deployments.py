@@ -53,6 +53,7 @@ class DeploymentOut(BaseModel):
     max_replicas: int
     multiplexed: bool
     canary: dict[str, Any] | None = Field(None, description="`{ref, weight, state, reason, status}` while a canary is configured.")
+    engine: str = Field("-", description="The engine a replica runs: vllm or lmaas (\"-\" when none runs, or multiplexed).")
     change: ChangeOut | None = Field(None, description="The latest change requested for this deployment.")
 
 
