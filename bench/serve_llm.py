@@ -116,7 +116,7 @@ def baseline_server(model_dir: str, port: int) -> None:
 # ---- the client ----
 
 
-async def one_stream(client, url: str, model: str, prompt: str, n: int) -> dict:  # noqa: ANN001
+async def one_stream(client, url: str, model: str, prompt: str | list[int], n: int) -> dict:  # noqa: ANN001
     body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -131,7 +131,9 @@ async def one_stream(client, url: str, model: str, prompt: str, n: int) -> dict:
                 arrivals.append(time.perf_counter() - start)
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"ttft": arrivals[0], "itl": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": tokens}
+    end = time.perf_counter() - start
+    return {"ttft": arrivals[0], "itl": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": tokens,
+            "tpot": (end - arrivals[0]) / max(tokens - 1, 1)}
 
 
 async def load(url: str, model: str, prompts: list[str], concurrency: int, requests: int, n: int) -> dict:

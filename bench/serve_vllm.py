@@ -30,32 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_common import AUTH, free_port, pct, start_lmaas, stop_lmaas, wait_http  # noqa: E402
-from serve_llm import build_model  # noqa: E402
+from serve_llm import build_model, one_stream  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MAX_SEQS = 64
 CONTEXT = 512
 SIDES = ("vllm", "lmaas-vllm", "lmaas-engine")
-
-
-async def one(client, url: str, model: str, prompt: list[int], n: int) -> dict:  # noqa: ANN001
-    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    arrivals, tokens = [], 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                arrivals.append(time.perf_counter() - start)
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    end = time.perf_counter() - start
-    return {"ttft": arrivals[0], "itl": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": tokens,
-            "tpot": (end - arrivals[0]) / max(tokens - 1, 1)}
 
 
 def summary(results: list[dict], wall: float, n: int, **extra: object) -> dict:
@@ -82,7 +62,7 @@ async def closed_loop(url: str, model: str, prompts: list[list[int]], concurrenc
         async def worker() -> None:
             while queue:
                 i = queue.pop()
-                results.append(await one(client, url, model, prompts[i % len(prompts)], n))
+                results.append(await one_stream(client, url, model, prompts[i % len(prompts)], n))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -98,7 +78,7 @@ async def poisson(url: str, model: str, prompts: list[list[int]], rate: float, r
         start = time.perf_counter()
         tasks = []
         for i in range(requests):
-            tasks.append(asyncio.create_task(one(client, url, model, prompts[i % len(prompts)], n)))
+            tasks.append(asyncio.create_task(one_stream(client, url, model, prompts[i % len(prompts)], n)))
             await asyncio.sleep(gaps.expovariate(rate))
         results = await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
