@@ -46,6 +46,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def http_status(url: str) -> int:
+    """The status of a GET of `url` (0 when nothing answers): a probe for `wait_for`."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except OSError:
+        return 0
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> None:
     """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

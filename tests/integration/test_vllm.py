@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import free_port, wait_for  # noqa: E402
+from conftest import free_port, http_status, wait_for  # noqa: E402
 from serve_helpers import make_causal_lm  # noqa: E402
 
 openai = pytest.importorskip("openai")
@@ -58,18 +57,10 @@ def served(ray_cluster, tmp_path_factory):
     try:
         run_app(build_app(args), APP)
         base = f"http://127.0.0.1:{http_port()}"
-        wait_for(lambda: _status(base + "/healthz") == 200, 120, "Serve ingress")
+        wait_for(lambda: http_status(base + "/healthz") == 200, 120, "Serve ingress")
         yield base, model_dir, settings
     finally:
         serve.shutdown()
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except OSError:
-        return 0
 
 
 @pytest.fixture
