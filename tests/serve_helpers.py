@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import textwrap as _textwrap
+import threading
+import time
 from pathlib import Path
 
 SEQ = 64
@@ -81,3 +84,62 @@ def publish_dataset(storage, engine, root: Path, ids: list[int], tokenizer_dir: 
               "block_size": SEQ, "vocab_size": 512, "documents": 1, "train_rows": cut, "validation_rows": len(rows) - cut,
               "tokens": len(ids)}
     return publish_version(storage, engine, root, record).ref
+
+
+class ClientLoop:
+    """Threads posting completions to `base` until stopped; keeps (finished at, status, body head, answering version) of each."""
+
+    def __init__(self, base: str, key: str, threads: int = 3, model: str = "tiny", max_tokens: int = 16) -> None:
+        self.base, self.key, self.model, self.max_tokens = base, key, model, max_tokens
+        self.answers: list[tuple[float, int, str, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        body = {"model": self.model, "prompt": "def f(x):", "max_tokens": self.max_tokens, "temperature": 0, "ignore_eos": True}
+        import httpx
+
+        with httpx.Client(headers={"Authorization": f"Bearer {self.key}"}) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.post(self.base + "/v1/completions", json=body, timeout=30)
+                    self.answers.append((time.monotonic(), r.status_code, r.text[:300], r.headers.get("X-Lmaas-Model-Version")))
+                except Exception as exc:  # noqa: BLE001 - a failed request is a finding
+                    self.answers.append((time.monotonic(), 0, repr(exc)[:300], None))
+                    time.sleep(0.1)  # a refused connection returns at once: do not spin
+
+    def failed(self, since: float = 0.0) -> list[tuple[float, int, str, str | None]]:
+        return [a for a in self.answers if a[1] != 200 and a[0] >= since]
+
+    def __enter__(self) -> "ClientLoop":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+def replica_processes(app: str, deployment: str) -> dict[str, tuple[int, str]]:
+    """Replica actor name -> (process id, node id), for the live replicas of a Serve deployment."""
+    import ray
+
+    from lmaas.ops.logs import SERVE_NAMESPACE, replica_actors
+
+    def where(_replica) -> tuple[int, str]:  # noqa: ANN001 - runs inside the replica actor
+        return os.getpid(), ray.get_runtime_context().get_node_id()
+
+    out = {}
+    for name, _ in replica_actors(deployment, app):
+        try:
+            out[name] = tuple(ray.get(ray.get_actor(name, namespace=SERVE_NAMESPACE).__ray_call__.remote(where), timeout=10))
+        except Exception:  # noqa: BLE001 - a replica that is just going away
+            continue
+    return out
+
+
+def replica_placement(app: str, deployment: str) -> dict[str, str]:
+    """Replica actor name -> node id, for the live replicas of a Serve deployment."""
+    return {name: node for name, (_, node) in replica_processes(app, deployment).items()}

@@ -34,7 +34,7 @@ from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import free_port  # noqa: E402
-from test_failures import ClientLoop, replica_placement  # noqa: E402
+from serve_helpers import ClientLoop, replica_placement  # noqa: E402
 
 APP = "lmaas-ha-nodes"
 KEY = "lmaas_hanodes_" + "k" * 40

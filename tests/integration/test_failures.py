@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import free_port, wait_for  # noqa: E402
-from serve_helpers import make_causal_lm  # noqa: E402
+from serve_helpers import ClientLoop, make_causal_lm, replica_placement, replica_processes  # noqa: E402,F401 - multinode_failures imports them from here too
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.timeout(300)
@@ -36,40 +35,6 @@ APP = "lmaas-ha-test"
 KEY = "lmaas_hatest_" + "k" * 40
 DEPLOYMENT = "model-tiny"
 SCRIPT = Path(__file__).with_name("multinode_failures.py")
-
-
-class ClientLoop:
-    """Threads posting completions to `base` until stopped; keeps (finished at, status, body head) of each."""
-
-    def __init__(self, base: str, key: str, threads: int = 3, model: str = "tiny") -> None:
-        self.base, self.key, self.model = base, key, model
-        self.answers: list[tuple[float, int, str]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        body = {"model": self.model, "prompt": "def f(x):", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
-        with httpx.Client(headers={"Authorization": f"Bearer {self.key}"}) as client:
-            while not self._stop.is_set():
-                try:
-                    r = client.post(self.base + "/v1/completions", json=body, timeout=30)
-                    self.answers.append((time.monotonic(), r.status_code, r.text[:300]))
-                except Exception as exc:  # noqa: BLE001 - a failed request is a finding
-                    self.answers.append((time.monotonic(), 0, repr(exc)[:300]))
-                    time.sleep(0.1)  # a refused connection returns at once: do not spin
-
-    def failed(self, since: float = 0.0) -> list[tuple[float, int, str]]:
-        return [a for a in self.answers if a[1] != 200 and a[0] >= since]
-
-    def __enter__(self) -> "ClientLoop":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
 
 
 def _status(url: str) -> int:
@@ -105,29 +70,6 @@ def gateway(ray_cluster, tmp_path_factory):
         yield base
     finally:
         serve.shutdown()
-
-
-def replica_processes(app: str, deployment: str) -> dict[str, tuple[int, str]]:
-    """Replica actor name -> (process id, node id), for the live replicas of a Serve deployment."""
-    import ray
-
-    from lmaas.ops.logs import SERVE_NAMESPACE, replica_actors
-
-    def where(_replica) -> tuple[int, str]:  # noqa: ANN001 - runs inside the replica actor
-        return os.getpid(), ray.get_runtime_context().get_node_id()
-
-    out = {}
-    for name, _ in replica_actors(deployment, app):
-        try:
-            out[name] = tuple(ray.get(ray.get_actor(name, namespace=SERVE_NAMESPACE).__ray_call__.remote(where), timeout=10))
-        except Exception:  # noqa: BLE001 - a replica that is just going away
-            continue
-    return out
-
-
-def replica_placement(app: str, deployment: str) -> dict[str, str]:
-    """Replica actor name -> node id, for the live replicas of a Serve deployment."""
-    return {name: node for name, (_, node) in replica_processes(app, deployment).items()}
 
 
 def _replicas() -> dict[str, int]:

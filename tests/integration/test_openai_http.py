@@ -229,3 +229,53 @@ def test_unknown_model_huge_body_and_bad_json(server, client):
     assert status == 400 and out["error"]["param"] == "input" and "2,048" in out["error"]["message"]
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=LM, input="x")
+
+
+def test_tokenize_and_detokenize_agree_with_what_generation_counts(server, client):
+    base, lm = server
+    text = "def f(x):\n    return x"
+    status, out = post(base + "/v1/tokenize", json.dumps({"model": LM, "prompt": text, "return_token_strs": True}).encode())
+    assert status == 200 and out["tokens"] == lm.tokenizer.encode(text, add_special_tokens=False)
+    assert out["count"] == len(out["tokens"]) == client.completions.create(model=LM, prompt=text, max_tokens=1).usage.prompt_tokens
+    assert out["max_model_len"] == 128 and len(out["token_strs"]) == out["count"]
+    assert post(base + "/v1/detokenize", json.dumps({"model": LM, "tokens": out["tokens"]}).encode()) == (200, {"prompt": text})
+
+    messages = [{"role": "user", "content": "hi"}]
+    status, chat = post(base + "/v1/tokenize", json.dumps({"model": LM, "messages": messages}).encode())
+    assert status == 200 and chat["token_strs"] is None
+    assert chat["count"] == client.chat.completions.create(model=LM, messages=messages, max_tokens=1).usage.prompt_tokens
+    for body, param in (({"model": LM}, "messages"), ({"model": LM, "prompt": "x", "messages": messages}, "messages"),
+                        ({"model": LM, "prompt": ""}, "prompt")):
+        status, err = post(base + "/v1/tokenize", json.dumps(body).encode())
+        assert status == 400 and err["error"]["param"] == param, err
+    status, err = post(base + "/v1/detokenize", json.dumps({"model": LM, "tokens": [10**6]}).encode())
+    assert status == 400 and err["error"]["param"] == "tokens", err
+    status, err = post(base + "/v1/tokenize", json.dumps({"model": "nope", "prompt": "x"}).encode())
+    assert status == 404 and err["error"]["param"] == "model"
+
+
+def test_prompt_lists_answer_each_prompt_as_alone_and_echo_starts_with_the_prompt(server, client):
+    base, lm = server
+    kwargs = {"model": LM, "max_tokens": 5, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    prompts = ["def f(x):", "import os"]
+    alone = [client.completions.create(prompt=p, **kwargs) for p in prompts]
+    batch = client.completions.create(prompt=prompts, n=2, **kwargs)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]  # choice i*n+j: prompt i's j-th
+    assert [c.text for c in batch.choices] == [alone[0].choices[0].text] * 2 + [alone[1].choices[0].text] * 2
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone) and batch.usage.completion_tokens == 20
+    ids = [lm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    assert [c.text for c in client.completions.create(prompt=ids, **kwargs).choices] == [a.choices[0].text for a in alone]
+
+    echoed = client.completions.create(prompt=prompts[0], echo=True, **kwargs)
+    assert echoed.choices[0].text == prompts[0] + alone[0].choices[0].text
+    assert echoed.usage.completion_tokens == 5
+    assert client.completions.create(prompt=ids[1], echo=True, **kwargs).choices[0].text == prompts[1] + alone[1].choices[0].text
+    chunks = list(client.completions.create(prompt=prompts, echo=True, stream=True, stream_options={"include_usage": True}, **kwargs))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(2)]
+    assert texts == [p + a.choices[0].text for p, a in zip(prompts, alone)]
+    assert chunks[-1].usage.prompt_tokens == batch.usage.prompt_tokens and chunks[-1].usage.completion_tokens == 10
+
+    for body, param in (({"prompt": "x", "echo": True, "logprobs": 1}, "echo"), ({"prompt": ["x"] * 65}, "prompt"),
+                        ({"prompt": ["x", 5]}, "prompt")):
+        status, err = post(base + "/v1/completions", json.dumps({"model": LM, "max_tokens": 2, **body}).encode())
+        assert status == 400 and err["error"]["param"] == param, err

@@ -9,14 +9,17 @@ One vLLM replica serves every test here (it starts in ~30 s with `enforce_eager`
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import free_port, http_status, wait_for  # noqa: E402
-from serve_helpers import make_causal_lm  # noqa: E402
+from serve_helpers import ClientLoop, make_causal_lm, replica_processes  # noqa: E402
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("vllm", reason="vLLM is part of `make test`'s install (the vllm extra)")
@@ -27,6 +30,9 @@ KEY = "lmaas_vllmtest_" + "k" * 40
 QUOTA_KEY = "lmaas_vllmquota_" + "q" * 40
 PROMPT = "def f(x):"
 VLLM_ENGINE = {"engine": "vllm", "enforce_eager": True, "max_batch_size": 16, "num_threads": 1}
+MODEL = {"ref": "vtiny", "min_replicas": 2, "max_replicas": 2, "num_cpus": 0.3, "graceful_shutdown_timeout_s": 5, "health_check_period_s": 1,
+         "refresh_interval_s": 0, "engine": VLLM_ENGINE}
+"""Two replicas: the kill test takes one away while the other answers."""
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +51,15 @@ def served(ray_cluster, tmp_path_factory):
     registry = ModelRegistry.from_settings(settings)
     model_dir = make_causal_lm(root / "lm", max_seq_len=128, initializer_range=0.5, num_attention_heads=2, num_key_value_heads=1)
     registry.register_version("vtiny", model_dir, task="causal-lm")
+    # ~47M parameters with 64-dimensional heads: vLLM serves it, several times slower per token than vtiny (the canary test's)
+    slow = make_causal_lm(root / "slow", size="small", max_seq_len=128, hidden_size=512, num_hidden_layers=16, intermediate_size=1408,
+                          num_attention_heads=8, num_key_value_heads=8)
+    registry.register_version("vslow", slow, task="causal-lm")
     keys = KeyStore(db.connect(settings.database_url))
     keys.create_key("default", ["inference"], create_tenant=True, secret=KEY)
     keys.create_key("default", ["inference"], secret=QUOTA_KEY, limits=Limits(tpd=120))
     args = {
-        "models": [{"ref": "vtiny", "num_cpus": 0.3, "graceful_shutdown_timeout_s": 5, "refresh_interval_s": 0, "engine": VLLM_ENGINE}],
+        "models": [MODEL],
         "ingress": {"num_cpus": 0.1},
         "env": settings.env(),
     }
@@ -123,6 +133,19 @@ def test_streams_give_the_same_text_as_whole_answers(client):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
     assert chat.usage.completion_tokens == 8 == stream[-1].usage.completion_tokens
     assert chat.choices[0].finish_reason == "length"
+
+
+def test_tokenize_through_the_gateway_counts_what_vllm_bills(served, client):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    out = httpx.post(served[0] + "/v1/tokenize", json={"model": "vtiny", "prompt": PROMPT}, headers=headers, timeout=30).json()
+    assert out["count"] == client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=1).usage.prompt_tokens
+    assert out["max_model_len"] == 128
+    back = httpx.post(served[0] + "/v1/detokenize", json={"model": "vtiny", "tokens": out["tokens"]}, headers=headers, timeout=30)
+    assert back.json() == {"prompt": PROMPT}
+    anonymous = httpx.post(served[0] + "/v1/tokenize", json={"model": "vtiny", "prompt": PROMPT}, timeout=30)
+    assert anonymous.status_code == 401
 
 
 def test_logprobs_match_lmaas_engine_and_stop_strings_end_the_text(client, reference):
@@ -230,8 +253,12 @@ def test_engine_gauges_come_from_vllm(served, client):
 
     from lmaas.serve.deployments import deployment_name
 
-    client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=4, extra_body={"ignore_eos": True})
-    stats = serve.get_deployment_handle(deployment_name("vtiny"), APP).stats.remote().result(timeout_s=30)
+    handle = serve.get_deployment_handle(deployment_name("vtiny"), APP)
+    for _ in range(20):  # two replicas: ask until the one that answers `stats` has served a request too
+        client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=4, extra_body={"ignore_eos": True})
+        stats = handle.stats.remote().result(timeout_s=30)
+        if stats["finished_requests"]:
+            break
     # the KV cache vLLM allocated: 16 sequences x 128 tokens at least (lmaas sizes it from max_batch_size)
     assert stats["kv_cache_capacity"] >= 16 * 128 and stats["max_batch_size"] == 16
     assert stats["generated_tokens"] >= 4 and stats["finished_requests"] >= 1
@@ -251,3 +278,70 @@ def test_auto_picks_vllm_only_for_what_it_can_load(served, tmp_path):
     (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "lmaas", "scheme": "int8-dynamic"}}))
     assert auto.causal_lm_engine(quantized) == "lmaas" and "int8-dynamic" in vllm.unsupported(quantized)
     assert EngineOptions(engine="lmaas").causal_lm_engine(served[1]) == "lmaas"
+
+
+def test_a_slow_vllm_canary_is_rolled_back_while_clients_run(served, monkeypatch):
+    """A canary (its own vLLM replica, a 47M-parameter version) whose p99 latency is past 2x the stable side's is
+    rolled back while clients run; every request is answered; afterwards only the stable version answers."""
+    from lmaas.serve.canary import CanaryStore
+    from lmaas.serve.deployments import ServedModel, deploy_models
+
+    base, _, settings = served
+    canary = {"ref": "vslow:1", "weight": 50, "min_requests": 6, "max_latency_ratio": 2, "window_s": 120, "num_cpus": 0.3,
+              "graceful_shutdown_timeout_s": 5}  # its engine is the served model's (vLLM)
+    store = CanaryStore.from_settings(settings)
+    for name, value in settings.env().items():  # `deploy_models` keeps its records in this app's database, as `lmaas deploy` would
+        monkeypatch.setenv(name, value)
+    try:
+        deploy_models([ServedModel(**MODEL, canary=canary)], env=settings.env(), app_name=APP)
+        with ClientLoop(base, KEY, threads=2, model="vtiny", max_tokens=32) as loop:
+            wait_for(lambda: (state := store.get(APP, "vtiny")) is not None and state.state == "rolled_back", 180, "rollback")
+            rolled_back_at = len(loop.answers)
+            time.sleep(3)  # past the gateway's state TTL: no more canary answers
+            settled = len(loop.answers)
+            wait_for(lambda: len(loop.answers) >= settled + 6, 60, "answers after the rollback")
+        assert loop.failed() == []
+        assert "vslow:1" in {a[3] for a in loop.answers[:rolled_back_at]}
+        assert {a[3] for a in loop.answers[settled:]} == {"vtiny:1"}
+        state = store.get(APP, "vtiny")
+        assert state.routed_weight == 0 and "p99" in state.reason, state
+    finally:
+        deploy_models([ServedModel(**MODEL)], env=settings.env(), app_name=APP)  # the canary's deployment goes
+
+
+def test_a_killed_vllm_replica_costs_at_most_one_percent_and_leaves_no_engine_process(served):
+    """SIGKILL one of the two vLLM replicas under load: <= 1% of requests fail, Serve starts a replacement, and the
+    killed replica's vLLM engine processes (EngineCore, its worker) exit too instead of holding their memory."""
+    import psutil
+    from ray import serve
+
+    from lmaas.serve.deployments import _running_replicas, deployment_name
+
+    base = served[0]
+    deployment = deployment_name("vtiny")
+
+    def running() -> int:
+        app = serve.status().applications.get(APP)
+        return _running_replicas(app.deployments.get(deployment)) if app else 0
+
+    before = {name: pid for name, (pid, _) in replica_processes(APP, deployment).items()}
+    assert len(before) == 2 and running() == 2, before
+    victim, pid = min(before.items())
+    engine_processes = psutil.Process(pid).children(recursive=True)
+    assert any("EngineCore" in " ".join(p.cmdline()) or "VLLM" in p.name() for p in engine_processes), [p.name() for p in engine_processes]
+    with ClientLoop(base, KEY, threads=2, model="vtiny") as loop:
+        wait_for(lambda: len(loop.answers) >= 30, 60, "30 answers before the kill")
+        os.kill(pid, signal.SIGKILL)
+
+        def recovered() -> bool:
+            now = {name for name, _ in replica_processes(APP, deployment).items()}
+            return victim not in now and len(now) == 2 and running() == 2
+
+        wait_for(recovered, 150, "two running replicas after the kill", interval=1)  # a vLLM replica starts in ~30-60 s here
+        after = len(loop.answers)
+        wait_for(lambda: len(loop.answers) >= after + 30, 60, "30 answers after the recovery")
+    failed = loop.failed()
+    assert len(failed) <= 0.01 * len(loop.answers), (len(loop.answers), failed[:3])
+    assert all(a[1] == 200 for a in loop.answers[after:]), loop.answers[after:][:3]
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engine_processes), 60,
+             "the killed replica's vLLM processes to exit")

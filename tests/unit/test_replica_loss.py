@@ -67,7 +67,7 @@ def test_a_second_loss_and_a_started_stream_end_with_the_error():
 
 
 class FakeStream:
-    """What `handle.options(stream=True).generate.remote(...)` returns: events, or an error after `events`."""
+    """What `handle.options(stream=True).generate.remote(...)` returns: lists of events (one each here), or an error after `events`."""
 
     def __init__(self, events: list[TokenEvent], error: BaseException | None) -> None:
         self.events, self.error, self.cancelled = events, error, False
@@ -75,9 +75,9 @@ class FakeStream:
     def __aiter__(self) -> "FakeStream":
         return self
 
-    async def __anext__(self) -> TokenEvent:
+    async def __anext__(self) -> list[TokenEvent]:
         if self.events:
-            return self.events.pop(0)
+            return [self.events.pop(0)]
         if self.error is not None:
             raise self.error
         raise StopAsyncIteration

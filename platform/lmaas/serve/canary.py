@@ -42,7 +42,7 @@ from sqlalchemy.engine import Engine as DbEngine
 from lmaas import db
 from lmaas.db.schema import canaries
 from lmaas.errors import LmaasError
-from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
+from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, Tokenized
 
 log = logging.getLogger("lmaas.serve")
 
@@ -433,6 +433,13 @@ class CanaryEngine(Engine):
         self._record(side, True, started)
         _mark(side, self.refs[side])
         return out
+
+    async def tokenize(self, prompt: str | list[dict], **options: bool) -> Tokenized:
+        """The stable side's tokenizer (a canary of another tokenizer answers its own generations, not this)."""
+        return await self.sides[STABLE].tokenize(prompt, **options)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self.sides[STABLE].detokenize(ids)
 
     def stats(self) -> EngineStats:
         return EngineStats(0, 0, 0, 0, 0)

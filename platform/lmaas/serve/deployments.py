@@ -50,9 +50,10 @@ from lmaas.auth import AuthConfig
 from lmaas.errors import InvalidInputError, LmaasError, ReplicaLostError
 from lmaas.ops.logs import REQUEST_ID, configure_logging
 from lmaas.ops.metrics import ENGINE_POLL_S, GatewayMetrics, ServingMetrics
-from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
+from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, Tokenized
 from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
 from lmaas.serve.records import CapsConfig
+from lmaas.serve.streams import ready_batches
 
 log = logging.getLogger("lmaas.serve")
 
@@ -478,20 +479,20 @@ class ModelServer:
         loaded.in_flight += 1
         return loaded
 
-    async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[TokenEvent]:
-        """Stream token events (call through `handle.options(stream=True)`); `http_request_id` tags the log line."""
+    async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[list[TokenEvent]]:
+        """Stream token events in lists (call through `handle.options(stream=True)`), one list per engine output (see `ready_batches`); `http_request_id` tags the log line."""
         loaded = self._acquire()
         events = _events(lambda: loaded.engine.generate(request))
-        async for event in _stream(loaded, events, self._metrics_of(loaded), http_request_id):
-            yield event
+        async for batch in ready_batches(_stream(loaded, events, self._metrics_of(loaded), http_request_id)):
+            yield batch
 
     async def generate_chat(
         self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncIterator[list[TokenEvent]]:
         loaded = self._acquire()
         events = _events(lambda: loaded.engine.generate_chat(request_id, messages, params))
-        async for event in _stream(loaded, events, self._metrics_of(loaded), http_request_id):
-            yield event
+        async for batch in ready_batches(_stream(loaded, events, self._metrics_of(loaded), http_request_id)):
+            yield batch
 
     async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
         loaded = self._acquire()
@@ -503,6 +504,12 @@ class ModelServer:
         log.info("embedding finished", extra={"request_id": http_request_id, "model": self.model_id, "version": loaded.ref,
                                               "texts": len(texts), "prompt_tokens": tokens})
         return vectors, tokens
+
+    async def tokenize(self, prompt: str | list[dict], options: dict[str, bool]) -> Tokenized:
+        return await self.current.engine.tokenize(prompt, **options)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self.current.engine.detokenize(ids)
 
     def info(self) -> dict[str, Any]:
         """What this replica serves: `{"ref", "version", "task", "max_context", "engine"}`."""
@@ -572,18 +579,19 @@ class MultiplexedModelServer:
             found = self._metrics[loaded.ref] = ServingMetrics(serve.get_multiplexed_model_id(), loaded.ref)
         return found
 
-    async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[list[TokenEvent]]:
         loaded = await self._acquire()
-        async for event in _stream(loaded, _events(lambda: loaded.engine.generate(request)), self._metrics_of(loaded), http_request_id):
-            yield event
+        events = _events(lambda: loaded.engine.generate(request))
+        async for batch in ready_batches(_stream(loaded, events, self._metrics_of(loaded), http_request_id)):
+            yield batch
 
     async def generate_chat(
         self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncIterator[list[TokenEvent]]:
         loaded = await self._acquire()
         events = _events(lambda: loaded.engine.generate_chat(request_id, messages, params))
-        async for event in _stream(loaded, events, self._metrics_of(loaded), http_request_id):
-            yield event
+        async for batch in ready_batches(_stream(loaded, events, self._metrics_of(loaded), http_request_id)):
+            yield batch
 
     async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
         loaded = await self._acquire()
@@ -593,6 +601,12 @@ class MultiplexedModelServer:
             await loaded.release()
         self._metrics_of(loaded).finished(tokens, 0)
         return vectors, tokens
+
+    async def tokenize(self, prompt: str | list[dict], options: dict[str, bool]) -> Tokenized:
+        return await (await self.get_model(serve.get_multiplexed_model_id())).loaded.engine.tokenize(prompt, **options)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await (await self.get_model(serve.get_multiplexed_model_id())).loaded.engine.detokenize(ids)
 
     def check_health(self) -> None:
         wrapper = getattr(self._loader, "__serve_multiplex_wrapper", None)
@@ -674,10 +688,23 @@ class DeploymentEngine(Engine):
                 log.warning("%s: %s; sending the request to another replica", self.model_id, exc.message)
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        return await self._unary("embed", texts, REQUEST_ID.get())
+
+    async def tokenize(
+        self, prompt: str | list[dict], *, add_special_tokens: bool = False, add_generation_prompt: bool = True, token_strs: bool = False
+    ) -> Tokenized:
+        options = {"add_special_tokens": add_special_tokens, "add_generation_prompt": add_generation_prompt, "token_strs": token_strs}
+        return await self._unary("tokenize", prompt, options)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self._unary("detokenize", ids)
+
+    async def _unary(self, method: str, *args: Any) -> Any:  # noqa: ANN401 - what the replica's method returns
+        """One call of a replica method with no side effects, sent again (up to `retries`) when its replica died."""
         attempt = 0
         while True:
             try:
-                return await self._call().embed.remote(texts, REQUEST_ID.get())
+                return await getattr(self._call(), method).remote(*args)
             except Exception as exc:  # noqa: BLE001
                 error = _unwrapped(exc)
                 if not isinstance(error, ReplicaLostError) or attempt == self.retries:
@@ -690,11 +717,13 @@ class DeploymentEngine(Engine):
 
 
 async def _remote_stream(responses: Any) -> AsyncIterator[TokenEvent]:
+    """The token events of a replica's stream of event lists (see `ready_batches`)."""
     finished = False
     try:
-        async for event in responses:
-            yield event
-            finished = event.finish_reason is not None
+        async for batch in responses:
+            for event in batch:
+                yield event
+            finished = batch[-1].finish_reason is not None
     except Exception as exc:  # noqa: BLE001
         raise _unwrapped(exc) from None
     finally:

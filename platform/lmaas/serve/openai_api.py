@@ -30,11 +30,15 @@ from lmaas.serve.protocol.openai import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     TokenLogprobOut,
     TopLogprobOut,
     Usage,
@@ -75,20 +79,25 @@ class OpenAIServing:
         Raises:
             NotFoundError, InvalidInputError: before the first token, so no stream has begun.
         """
-        engine = self.engine(request.model)
-        if request.echo:
-            raise InvalidInputError("echo is not supported", param="echo")
-        params = _sampling(request, request.max_tokens, request.logprobs)
+        self.engine(request.model)  # 404 before anything starts
         request_id = new_request_id("cmpl")
-        streams = await _start_choices(
-            lambda i: engine.generate(GenerationRequest(_choice_id(request_id, i), request.prompt, _choice_params(params, i))), request.n
-        )
+        total = len(request.prompts()) * request.n
+        streams = await _start_choices(lambda i: self._completion_choice(request, request_id, i), total)
         return request_id, _merge(streams)
 
-    def _restart_completion(self, request: CompletionRequest, request_id: str, index: int) -> AsyncIterator[TokenEvent]:
-        """Choice `index`'s events once more, from its first token (see `_collect_choices`)."""
-        params = _choice_params(_sampling(request, request.max_tokens, request.logprobs), index)
-        return self.engine(request.model).generate(GenerationRequest(_choice_id(request_id, index), request.prompt, params))
+    def _completion_choice(self, request: CompletionRequest, request_id: str, index: int) -> AsyncIterator[TokenEvent]:
+        """Choice `index` of a completion: prompt `index // n`, sampled with seed + `index % n` (so each prompt of a
+        batch answers as it would alone); also how `_collect_choices` runs a choice again from its first token."""
+        params = _choice_params(_sampling(request, request.max_tokens, request.logprobs), index % request.n)
+        prompt = request.prompts()[index // request.n]
+        return self.engine(request.model).generate(GenerationRequest(_choice_id(request_id, index), prompt, params))
+
+    async def _echoes(self, request: CompletionRequest) -> list[str]:
+        """Each prompt's text, for `echo` (token-id prompts decoded by the model's tokenizer)."""
+        if not request.echo:
+            return [""] * len(request.prompts())
+        engine = self.engine(request.model)
+        return [p if isinstance(p, str) else await engine.detokenize(p) for p in request.prompts()]
 
     async def create_completion(self, request: CompletionRequest, *, on_finish: OnFinish | None = None) -> CompletionResponse | AsyncIterator[str]:
         """A full response, or (when `stream`) an iterator of SSE lines; errors before the first token raise.
@@ -96,33 +105,39 @@ class OpenAIServing:
         `on_finish` gets the token counts once the response is complete (a stream: at its end, also
         when the client leaves early).
         """
+        echoes = await self._echoes(request)
         request_id, events = await self.start_completion(request)
         if request.stream:
-            return self._completion_stream(request, request_id, events, on_finish)
-        choices = await _collect_choices(events, request.n, lambda i: self._restart_completion(request, request_id, i))
-        usage = _total_usage(choices)
+            return self._completion_stream(request, request_id, events, on_finish, echoes)
+        total = len(echoes) * request.n
+        choices = await _collect_choices(events, total, lambda i: self._completion_choice(request, request_id, i))
+        usage = _total_usage(choices, request.n)
         if on_finish is not None:
             await on_finish(request_id, usage.prompt_tokens, usage.completion_tokens)
         return CompletionResponse(id=request_id, model=request.model, usage=usage, choices=[
-            CompletionChoice(index=i, text="".join(e.text for e in collected), finish_reason=collected[-1].finish_reason,
+            CompletionChoice(index=i, text=echoes[i // request.n] + "".join(e.text for e in collected), finish_reason=collected[-1].finish_reason,
                              logprobs=_completion_logprobs(collected, request.logprobs is not None))
             for i, collected in enumerate(choices)
         ])
 
     async def _completion_stream(
-        self, request: CompletionRequest, request_id: str, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None
+        self, request: CompletionRequest, request_id: str, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None,
+        echoes: list[str],
     ) -> AsyncIterator[str]:
-        offsets = [0] * request.n
+        offsets = [0] * (len(echoes) * request.n)
         lasts: dict[int, TokenEvent] = {}
-        async for event in _metered(request_id, events, on_finish, lasts):
+        echoed: set[int] = set()
+        async for event in _metered(request_id, events, on_finish, lasts, request.n):
+            echo = "" if event.index in echoed else echoes[event.index // request.n]  # a choice's first chunk starts with its prompt
+            echoed.add(event.index)
             logprobs = _completion_logprobs([event], request.logprobs is not None, offsets[event.index])
             offsets[event.index] += len(event.text)
-            if not event.text and event.finish_reason is None and logprobs is None:
+            if not event.text and not echo and event.finish_reason is None and logprobs is None:
                 continue
-            choice = CompletionChoice(index=event.index, text=event.text, finish_reason=event.finish_reason, logprobs=logprobs)
+            choice = CompletionChoice(index=event.index, text=echo + event.text, finish_reason=event.finish_reason, logprobs=logprobs)
             yield _sse(CompletionResponse(id=request_id, model=request.model, choices=[choice]))
         if lasts and request.stream_options and request.stream_options.include_usage:
-            yield _sse(CompletionResponse(id=request_id, model=request.model, choices=[], usage=_usage(list(lasts.values()))))
+            yield _sse(CompletionResponse(id=request_id, model=request.model, choices=[], usage=_usage(lasts, request.n)))
 
     # ---- chat ----
 
@@ -144,7 +159,7 @@ class OpenAIServing:
         if request.stream:
             return self._chat_stream(request, request_id, events, top is not None, on_finish)
         choices = await _collect_choices(events, request.n, start)
-        usage = _total_usage(choices)
+        usage = _total_usage(choices, request.n)
         if on_finish is not None:
             await on_finish(request_id, usage.prompt_tokens, usage.completion_tokens)
         return ChatCompletionResponse(id=request_id, model=request.model, usage=usage, choices=[
@@ -165,7 +180,7 @@ class OpenAIServing:
             role = ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
             yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[role]))
         lasts: dict[int, TokenEvent] = {}
-        async for event in _metered(request_id, events, on_finish, lasts):
+        async for event in _metered(request_id, events, on_finish, lasts, request.n):
             if not event.text and event.finish_reason is None and not logprobs:
                 continue
             choice = ChatChunkChoice(
@@ -176,7 +191,19 @@ class OpenAIServing:
             )
             yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[choice]))
         if lasts and request.stream_options and request.stream_options.include_usage:
-            yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[], usage=_usage(list(lasts.values()))))
+            yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[], usage=_usage(lasts, request.n)))
+
+    # ---- tokens ----
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        engine = self.engine(request.model)
+        prompt = request.prompt if request.prompt is not None else [{"role": m.role, "content": m.text()} for m in request.messages or []]
+        out = await engine.tokenize(prompt, add_special_tokens=request.add_special_tokens, add_generation_prompt=request.add_generation_prompt,
+                                    token_strs=request.return_token_strs)
+        return TokenizeResponse(count=len(out.ids), max_model_len=out.max_context, tokens=out.ids, token_strs=out.strs)
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        return DetokenizeResponse(prompt=await self.engine(request.model).detokenize(request.tokens))
 
     # ---- embeddings ----
 
@@ -293,9 +320,9 @@ async def _collect_choices(
     return choices
 
 
-def _total_usage(choices: list[list[TokenEvent]]) -> Usage:
-    """OpenAI's usage of a request with several choices: the prompt once, every choice's completion tokens."""
-    return _usage([c[-1] for c in choices])
+def _total_usage(choices: list[list[TokenEvent]], n: int) -> Usage:
+    """OpenAI's usage of a request with several choices: each prompt once, every choice's completion tokens."""
+    return _usage({i: c[-1] for i, c in enumerate(choices) if c}, n)
 
 
 async def _first(events: AsyncIterator[TokenEvent]) -> TokenEvent:
@@ -318,11 +345,12 @@ async def _chain(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> AsyncI
 
 
 async def _metered(
-    request_id: str, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None, lasts: dict[int, TokenEvent] | None = None
+    request_id: str, events: AsyncIterator[TokenEvent], on_finish: OnFinish | None, lasts: dict[int, TokenEvent] | None = None, n: int = 1
 ) -> AsyncIterator[TokenEvent]:
     """`events`, calling `on_finish` with the request's token counts (every choice's) when they end or are abandoned.
 
-    `lasts` (choice index -> its latest event) is filled as events pass, for the caller's usage chunk.
+    `lasts` (choice index -> its latest event) is filled as events pass, for the caller's usage chunk;
+    `n` is the choices per prompt (see `_usage`).
     """
     lasts = {} if lasts is None else lasts
     reported = False
@@ -332,13 +360,13 @@ async def _metered(
             yield event
         if on_finish is not None and lasts:
             reported = True
-            usage = _usage(list(lasts.values()))
+            usage = _usage(lasts, n)
             await on_finish(request_id, usage.prompt_tokens, usage.completion_tokens)  # before [DONE]: usage is current once a client sees it
     finally:
         await events.aclose()
         if on_finish is not None and lasts and not reported:
             # the client left (or the engine failed) mid-stream: bill what was generated, without blocking the teardown
-            usage = _usage(list(lasts.values()))
+            usage = _usage(lasts, n)
             task = asyncio.ensure_future(on_finish(request_id, usage.prompt_tokens, usage.completion_tokens))
             _background.add(task)
             task.add_done_callback(_background.discard)
@@ -348,9 +376,11 @@ _background: set[asyncio.Future] = set()
 """Metering tasks of abandoned streams (a reference keeps them from being garbage-collected mid-run)."""
 
 
-def _usage(lasts: list[TokenEvent]) -> Usage:
-    """The usage of a request from the last event of each of its choices."""
-    prompt, completion = lasts[0].prompt_tokens, sum(e.completion_tokens for e in lasts)
+def _usage(lasts: dict[int, TokenEvent], n: int = 1) -> Usage:
+    """The usage of a request from the last event of each of its choices (index -> event): every prompt's tokens
+    once (choices `i*n .. i*n+n-1` share prompt `i`) and every choice's completion tokens."""
+    prompt = sum({i // n: e.prompt_tokens for i, e in lasts.items()}.values())
+    completion = sum(e.completion_tokens for e in lasts.values())
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 

@@ -5,7 +5,7 @@
         print(event.text, end="")
 """
 
-from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, TopLogprob
+from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, Tokenized, TopLogprob
 from lmaas.serve.engine.causal_lm import DEFAULT_CHAT_TEMPLATE, CausalLMEngine, new_request_id
 from lmaas.serve.engine.embedding import EmbeddingEngine
 from lmaas.serve.engine.vllm import VLLMEngine
@@ -19,6 +19,7 @@ __all__ = [
     "GenerationRequest",
     "SamplingParams",
     "TokenEvent",
+    "Tokenized",
     "TopLogprob",
     "VLLMEngine",
     "new_request_id",

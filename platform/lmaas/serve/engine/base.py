@@ -147,6 +147,16 @@ class EngineStats:
     """Token slots at full load (max_batch_size x max_context); 0: the engine keeps no KV cache."""
 
 
+@dataclass(frozen=True)
+class Tokenized:
+    """A prompt as this model's tokenizer sees it (`/v1/tokenize`)."""
+
+    ids: list[int]
+    max_context: int | None
+    strs: list[str] | None = None
+    """Each token's own string, when asked for."""
+
+
 class Engine(abc.ABC):
     """An inference backend that one model replica runs.
 
@@ -195,6 +205,30 @@ class Engine(abc.ABC):
         generates (a version swap between two calls could otherwise mix tokenizers).
         """
         return self.generate(GenerationRequest(request_id, self.tokenize_chat(messages), params))
+
+    async def tokenize(
+        self, prompt: str | list[dict], *, add_special_tokens: bool = False, add_generation_prompt: bool = True, token_strs: bool = False
+    ) -> Tokenized:
+        """The token ids of a text (as `/v1/completions` reads it: no special tokens unless asked) or of a chat
+        conversation under the chat template (as `/v1/chat/completions` does), with the model's context length."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            raise InvalidInputError(f"model {self.model_id!r} has no tokenizer", param="model")
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            ids = self.tokenize_chat(prompt, add_generation_prompt)
+        return Tokenized(list(ids), self.max_context, tokenizer.convert_ids_to_tokens(ids) if token_strs else None)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids (special tokens kept, as vLLM's `/detokenize`)."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            raise InvalidInputError(f"model {self.model_id!r} has no tokenizer", param="model")
+        bad = [t for t in ids if not 0 <= t < len(tokenizer)]
+        if bad:
+            raise InvalidInputError(f"token id {bad[0]} is outside the vocabulary (0..{len(tokenizer) - 1})", param="tokens")
+        return tokenizer.decode(ids)
 
     async def close(self) -> None:  # noqa: B027
         """Stop background work; pending requests end."""

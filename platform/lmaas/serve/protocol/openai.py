@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class _Request(BaseModel):
@@ -81,26 +81,43 @@ class _SamplingFields(_Request):
         return stops
 
 
+MAX_PROMPTS = 64
+"""Prompts one `/v1/completions` request may hold (each with `n` choices)."""
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Any = Field(description="A string, a list with one string, or a list of token ids.")
+    prompt: Any = Field(description="A string, a list of token ids, or a list of either (a batch: choice i*n+j is prompt i's j-th).")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = Field(False, description="Start each choice's text with its prompt.")
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, value: Any) -> str | list[int]:
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-            value = value[0]  # a batch of one
-        if isinstance(value, str):
-            if not value:
-                raise ValueError("prompt must not be empty")
+    def _prompt(cls, value: Any) -> str | list[int] | list[str | list[int]]:
+        if _one_prompt(value):
             return value
-        if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        if isinstance(value, list) and value and all(_one_prompt(p) for p in value):
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"prompt holds {len(value)} prompts; one request may hold at most {MAX_PROMPTS}")
             return value
-        if isinstance(value, list) and len(value) > 1:
-            raise ValueError("prompt batches are not supported; send one prompt per request")
-        raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+        raise ValueError("prompt must be a non-empty string, a non-empty list of token ids, or a list of such prompts")
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("logprobs") is not None:
+            raise ValueError("echo with logprobs (the prompt tokens' own logprobs) is not supported; drop one of them")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or the batch."""
+        return [self.prompt] if _one_prompt(self.prompt) else list(self.prompt)
+
+
+def _one_prompt(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 class TextContent(BaseModel):
@@ -148,6 +165,29 @@ class EmbeddingRequest(_Request):
         if len(texts) > MAX_EMBEDDING_INPUTS:
             raise ValueError(f"input holds {len(texts):,} strings; one request may hold at most {MAX_EMBEDDING_INPUTS:,} (as OpenAI's API)")
         return texts
+
+
+class TokenizeRequest(_Request):
+    """vLLM's `/tokenize`: a prompt (as `/v1/completions` reads it) or chat messages (under the chat template)."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, validate_default=True)
+    add_special_tokens: bool = Field(False, description="Add the tokenizer's special tokens (lmaas's completions do not).")
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @field_validator("messages")
+    @classmethod
+    def _one_input(cls, value: list[ChatMessage] | None, info: ValidationInfo) -> list[ChatMessage] | None:
+        if (value is None) == (info.data.get("prompt") is None):
+            raise ValueError("send either prompt or messages")
+        return value
+
+
+class DetokenizeRequest(_Request):
+    model: str = Field(min_length=1)
+    tokens: list[int] = Field(min_length=1, max_length=1_000_000)
 
 
 # ---- responses ----
@@ -261,3 +301,14 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: Usage
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

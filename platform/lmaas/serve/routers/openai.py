@@ -28,10 +28,15 @@ from lmaas.serve.protocol.openai import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
+from lmaas.serve.streams import ready_batches
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(inference_access)])
 VERSION_HEADER = "X-Lmaas-Model-Version"
@@ -157,6 +162,19 @@ async def create_embedding(request: Request, response: Response, body: Embedding
     return result
 
 
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
+    """vLLM's `/tokenize`: the token ids the model's tokenizer gives a prompt or a chat (not metered: nothing is generated)."""
+    await _admit_model(request, body.model)
+    return await _serving(request).tokenize(body)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
+    await _admit_model(request, body.model)
+    return await _serving(request).detokenize(body)
+
+
 async def _answered_version(request: Request, model: str) -> str:
     """`name:version` that answered (with a canary: its side's); the reference itself when the registry cannot say."""
     routed = ROUTED.get()
@@ -175,10 +193,11 @@ def _respond(result, response: Response, version: str):  # noqa: ANN001, ANN202
 
 
 async def _sse(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    # a client that disconnects cancels this generator; closing `lines` aborts the request in the engine
+    # a client that disconnects cancels this generator; closing `lines` aborts the request in the engine.
+    # Lines that are ready together (several tokens from one replica message) go out in one write.
     try:
-        async for line in lines:
-            yield line
+        async for batch in ready_batches(lines):
+            yield "".join(batch)
     except Exception as exc:  # noqa: BLE001 - the status is already 200: report the error in the stream
         yield error_event(exc)
     finally:
