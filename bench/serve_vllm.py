@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_common import AUTH, free_port, pct, start_lmaas, stop_lmaas, wait_http  # noqa: E402
+from serve_common import AUTH, free_port, pct, start_lmaas, stop_lmaas  # noqa: E402
 from serve_llm import build_model, one_stream  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

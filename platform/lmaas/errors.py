@@ -47,7 +47,7 @@ class ReplicaLostError(UnreachableError):
     """The model replica answering a request died (its process or node went away) before it finished.
 
     The gateway retries a request on another replica while nothing of it has reached the client
-    (see `lmaas.serve.deployments.DeploymentEngine`); a stream already under way ends with this error.
+    (see `lmaas.serve.replica.DeploymentEngine`); a stream already under way ends with this error.
     """
 
 

@@ -100,7 +100,6 @@ def test_readme_tour_runs_as_written(lmaas_env, cli, tmp_path):
 
     verifying = ModelRegistry.from_settings(load_settings(), verify_key=bytes.fromhex(public), require_signature=True)
     assert verifying.verify("tour-lm:1").signature and verifying.verify(variant.ref).signature
-    import sqlalchemy as sa
 
     from lmaas.db.schema import model_versions
 

@@ -20,7 +20,6 @@ may stall for up to 10 s on a loaded machine without being declared dead.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -168,7 +167,7 @@ def _wait_for_replicas(app: str, deployment: str, count: int, since: float, time
     """Seconds from `since` until `deployment` runs `count` replicas (None: not within `timeout`)."""
     from ray import serve
 
-    from lmaas.serve.deployments import _running_replicas
+    from lmaas.serve.ingress import _running_replicas
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -95,7 +95,7 @@ def gateway(ray_cluster, tmp_path_factory):
 def _kill_applier(env: dict) -> None:
     import ray
 
-    from lmaas.serve.control import applier
+    from lmaas.serve.deployments import applier
 
     try:
         ray.kill(applier(env))

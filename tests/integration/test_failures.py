@@ -79,7 +79,7 @@ def _replicas() -> dict[str, int]:
 def _running() -> int:
     from ray import serve
 
-    from lmaas.serve.deployments import _running_replicas
+    from lmaas.serve.ingress import _running_replicas
 
     app = serve.status().applications.get(APP)
     return _running_replicas(app.deployments.get(DEPLOYMENT)) if app else 0

@@ -158,7 +158,7 @@ def test_cancelled_stream_frees_the_engine_slot(served):
     """
     from ray import serve
 
-    from lmaas.serve.deployments import deployment_name
+    from lmaas.serve.options import deployment_name
 
     _, stub, _, _ = served
     handle = serve.get_deployment_handle(deployment_name("slow"), app_name=APP)

@@ -135,7 +135,7 @@ def test_traffic_shows_up_on_the_metrics_endpoint(served):
 
 def test_request_id_is_returned_and_reaches_the_replica_log(served):
     from lmaas.ops.logs import replica_logs
-    from lmaas.serve.deployments import deployment_name
+    from lmaas.serve.options import deployment_name
 
     base, _ = served
     client = openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=60)

@@ -11,7 +11,6 @@ import asyncio
 import shutil
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -220,7 +219,7 @@ def test_scale_from_zero_cold_start(client, served):
     """`cold` starts with no replica (min_replicas 0); the first request waits for one, then succeeds."""
     from ray import serve
 
-    from lmaas.serve.deployments import deployment_name
+    from lmaas.serve.options import deployment_name
 
     def replicas() -> int:
         state = serve.status().applications[APP].deployments[deployment_name("cold")]
@@ -235,7 +234,7 @@ def test_client_disconnect_mid_stream_frees_the_engine_slot(served):
     import httpx
     from ray import serve
 
-    from lmaas.serve.deployments import deployment_name
+    from lmaas.serve.options import deployment_name
 
     handle = serve.get_deployment_handle(deployment_name("tiny"), app_name=APP)
     before = handle.stats.remote().result()["generated_tokens"]
@@ -251,7 +250,7 @@ def test_client_disconnect_mid_stream_frees_the_engine_slot(served):
 def test_multiplexed_models_share_a_replica_with_an_lru_bound(client, served):
     from ray import serve
 
-    from lmaas.serve.deployments import MULTIPLEX_NAME
+    from lmaas.serve.replica import MULTIPLEX_NAME
 
     expected = local_greedy(served[2][0])
     assert greedy(client, "tail-a") == expected
@@ -298,7 +297,6 @@ def test_alias_rollout_fails_no_request(client, served):
 def test_removing_a_model_finishes_its_in_flight_stream(served):
     """Redeploying without `slow` stops its replica (and replaces the ingress) gracefully: a running stream completes."""
     import httpx
-    from ray import serve
 
     from lmaas.serve.deployments import build_app, run_app
 

@@ -294,7 +294,8 @@ def test_unsigned_versions_are_refused_at_replica_load(world, tmp_path):
     from lmaas.errors import IntegrityError
     from lmaas.registry import ModelRegistry
     from lmaas.registry.store import generate_signing_key
-    from lmaas.serve.deployments import EngineOptions, _load_version
+    from lmaas.serve.options import EngineOptions
+    from lmaas.serve.replica import _load_version
     from lmaas.serve.engine import GenerationRequest, SamplingParams
 
     private, public = generate_signing_key()

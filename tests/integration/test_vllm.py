@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import free_port, http_status, wait_for  # noqa: E402
-from serve_helpers import ClientLoop, make_causal_lm, replica_processes  # noqa: E402
+from serve_helpers import EMBEDDING_DIR, ClientLoop, make_causal_lm, replica_processes  # noqa: E402
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("vllm", reason="vLLM is part of `make test`'s install (the vllm extra)")
@@ -100,7 +100,7 @@ def reference(served):
 def test_the_replica_runs_vllm_and_answers_what_lmaas_engine_answers(served, client, reference):
     from ray import serve
 
-    from lmaas.serve.deployments import deployment_name
+    from lmaas.serve.options import deployment_name
     from lmaas.serve.engine import SamplingParams
 
     info = serve.get_deployment_handle(deployment_name("vtiny"), APP).info.remote().result(timeout_s=30)
@@ -251,7 +251,7 @@ def test_token_quota_cuts_off_within_one_request(served):
 def test_engine_gauges_come_from_vllm(served, client):
     from ray import serve
 
-    from lmaas.serve.deployments import deployment_name
+    from lmaas.serve.options import deployment_name
 
     handle = serve.get_deployment_handle(deployment_name("vtiny"), APP)
     for _ in range(20):  # two replicas: ask until the one that answers `stats` has served a request too
@@ -265,7 +265,7 @@ def test_engine_gauges_come_from_vllm(served, client):
 
 
 def test_auto_picks_vllm_only_for_what_it_can_load(served, tmp_path):
-    from lmaas.serve.deployments import EngineOptions
+    from lmaas.serve.options import EngineOptions
     from lmaas.serve.engine import vllm
 
     auto = EngineOptions()
@@ -284,7 +284,8 @@ def test_a_slow_vllm_canary_is_rolled_back_while_clients_run(served, monkeypatch
     """A canary (its own vLLM replica, a 47M-parameter version) whose p99 latency is past 2x the stable side's is
     rolled back while clients run; every request is answered; afterwards only the stable version answers."""
     from lmaas.serve.canary import CanaryStore
-    from lmaas.serve.deployments import ServedModel, deploy_models
+    from lmaas.serve.deployments import deploy_models
+    from lmaas.serve.options import ServedModel
 
     base, _, settings = served
     canary = {"ref": "vslow:1", "weight": 50, "min_requests": 6, "max_latency_ratio": 2, "window_s": 120, "num_cpus": 0.3,
@@ -315,7 +316,8 @@ def test_a_killed_vllm_replica_costs_at_most_one_percent_and_leaves_no_engine_pr
     import psutil
     from ray import serve
 
-    from lmaas.serve.deployments import _running_replicas, deployment_name
+    from lmaas.serve.ingress import _running_replicas
+    from lmaas.serve.options import deployment_name
 
     base = served[0]
     deployment = deployment_name("vtiny")
@@ -345,3 +347,36 @@ def test_a_killed_vllm_replica_costs_at_most_one_percent_and_leaves_no_engine_pr
     assert all(a[1] == 200 for a in loop.answers[after:]), loop.answers[after:][:3]
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engine_processes), 60,
              "the killed replica's vLLM processes to exit")
+
+
+def test_embeddings_on_vllm_pooling_equal_lmaas_embedding_engine():
+    """vLLM's pooling runner loads the pretrained MiniLM directory and gives lmaas's embedding engine's vectors and token counts."""
+    import asyncio
+
+    from lmaas.errors import InvalidInputError
+    from lmaas.serve.engine import EmbeddingEngine, VLLMEmbeddingEngine
+
+    texts = ["a cat sat on the mat", "def f(x):\n    return x", "x " * 400]  # the last is past MiniLM's 256 tokens: truncated alike
+
+    async def run():
+        engine = VLLMEmbeddingEngine(EMBEDDING_DIR, num_threads=1)
+        try:
+            got = await engine.embed(texts)
+            engine.max_tokens_per_request = 10
+            with pytest.raises(InvalidInputError) as err:
+                await engine.embed(texts)
+            assert err.value.param == "input"
+            assert engine.stats().finished_requests == 1 and engine.healthy()
+        finally:
+            await engine.close()
+        reference = EmbeddingEngine(EMBEDDING_DIR, num_threads=1)
+        try:
+            return got, await reference.embed(texts)
+        finally:
+            await reference.close()
+
+    (vectors, tokens), (expected, expected_tokens) = asyncio.run(run())
+    assert tokens == expected_tokens
+    for got, want in zip(vectors, expected):
+        assert len(got) == len(want) == 384
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4  # fp32 both; kernels sum in other orders

@@ -14,7 +14,7 @@ from lmaas.serve.canary import (
     CANARY, PROMOTED, ROLLED_BACK, RUNNING, STABLE, CALLER, ROUTED, CanaryEngine, CanaryState, CanaryStore, HealthWindow, Routed, SideStats,
     evaluate, pick_side, rollout_id,
 )
-from lmaas.serve.deployments import CanaryOptions, ServedModel
+from lmaas.serve.options import CanaryOptions, ServedModel
 from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
 
 

@@ -1,4 +1,4 @@
-"""The deployment applier's retry of Ray Serve's pickle-registry race (`lmaas.serve.control`), without Ray running.
+"""The deployment applier's retry of Ray Serve's pickle-registry race (`lmaas.serve.deployments`), without Ray running.
 
 The race itself needs two threads inside `serve.run` at the wrong instant; it is injected here.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmaas.serve import control
+from lmaas.serve import deployments
 
 
 def test_the_pickle_registry_race_is_retried_and_other_errors_are_not(monkeypatch):
@@ -16,28 +16,28 @@ def test_the_pickle_registry_race_is_retried_and_other_errors_are_not(monkeypatc
     def flaky(change):  # noqa: ANN001, ANN202
         calls.append(change["id"])
         if len(calls) < 3:
-            raise ValueError(f"<module 'ray.serve.autoscaling_policy'> {control.PICKLE_RACE}")
+            raise ValueError(f"<module 'ray.serve.autoscaling_policy'> {deployments.PICKLE_RACE}")
         return "deployed"
 
-    monkeypatch.setattr(control, "_apply", flaky)
-    monkeypatch.setattr(control.time, "sleep", lambda _s: None)
-    assert control._apply_retrying({"id": "c1"}) == "deployed" and calls == ["c1"] * 3
+    monkeypatch.setattr(deployments, "_apply", flaky)
+    monkeypatch.setattr(deployments.time, "sleep", lambda _s: None)
+    assert deployments._apply_retrying({"id": "c1"}) == "deployed" and calls == ["c1"] * 3
 
     calls.clear()
-    monkeypatch.setattr(control, "_apply", lambda change: calls.append(1) or (_ for _ in ()).throw(ValueError(control.PICKLE_RACE)))
+    monkeypatch.setattr(deployments, "_apply", lambda change: calls.append(1) or (_ for _ in ()).throw(ValueError(deployments.PICKLE_RACE)))
     with pytest.raises(ValueError, match="pickle by value"):
-        control._apply_retrying({"id": "c2"})
-    assert len(calls) == control.PICKLE_RACE_ATTEMPTS
+        deployments._apply_retrying({"id": "c2"})
+    assert len(calls) == deployments.PICKLE_RACE_ATTEMPTS
 
     calls.clear()
-    monkeypatch.setattr(control, "_apply", lambda change: calls.append(1) or (_ for _ in ()).throw(ValueError("unknown deployment change 'x'")))
+    monkeypatch.setattr(deployments, "_apply", lambda change: calls.append(1) or (_ for _ in ()).throw(ValueError("unknown deployment change 'x'")))
     with pytest.raises(ValueError, match="unknown deployment change"):
-        control._apply_retrying({"id": "c3"})
+        deployments._apply_retrying({"id": "c3"})
     assert len(calls) == 1
 
 
 def test_a_promotion_swaps_the_stable_and_canary_deployments():
-    from lmaas.serve.deployments import ServedModel
+    from lmaas.serve.options import ServedModel
 
     served = ServedModel(ref="tiny:1", name="m", canary={"ref": "tiny:2"})
     assert served.deployments == ("model-m", "model-m-canary")
@@ -69,7 +69,7 @@ def test_records_follow_what_a_gateway_serves_and_keep_their_owners(tmp_path):
 def test_tenant_caps_come_from_the_apps_args_per_tenant(tmp_path):
     from lmaas import db
     from lmaas.errors import PermissionDeniedError
-    from lmaas.serve.deployments import ServeAppArgs, ServedModel
+    from lmaas.serve.options import ServeAppArgs, ServedModel
     from lmaas.serve.records import DeploymentRecords
 
     args = ServeAppArgs.model_validate({"models": [{"ref": "m:1"}], "tenant_caps": {"default": {"max_deployments": 1},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,83 @@ def test_serve_engine_imports_neither_ray_nor_http():
         if module.split(".")[0] in {"ray", "fastapi", "starlette", "uvicorn"}
     ]
     assert not problems, "\n".join(problems)
+
+
+def import_graph(root: Path) -> dict[str, dict[str, int]]:
+    """Each module of the package at `root` -> {module of that package it imports: line}, function-level (lazy) imports included.
+
+    `from a.b import c` imports module `a.b.c` where that is a module, else module `a.b` (the longest prefix that is one).
+    """
+    def name(path: Path) -> str:
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name(path): path for path in sorted(root.rglob("*.py"))}
+    graph: dict[str, dict[str, int]] = {}
+    for module, path in modules.items():
+        edges = graph[module] = {}
+        for imported, line in imports_of(path):
+            parts = imported.split(".")
+            target = next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in modules), None)
+            if target is not None and target != module:
+                edges[target] = min(line, edges.get(target, line))
+    return graph
+
+
+def find_cycle(graph: dict[str, dict[str, int]]) -> list[str]:
+    """One import cycle of `graph` as [a, b, ..., a], or [] when every import goes one way."""
+    on_path: list[str] = []
+    done: set[str] = set()
+
+    def visit(module: str) -> list[str]:
+        on_path.append(module)
+        for target in sorted(graph.get(module, {})):
+            if target in on_path:
+                return on_path[on_path.index(target):] + [target]
+            if target not in done and (cycle := visit(target)):
+                return cycle
+        on_path.pop()
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        if module not in done and (cycle := visit(module)):
+            return cycle
+    return []
+
+
+def describe_cycle(graph: dict[str, dict[str, int]], cycle: list[str]) -> str:
+    return "import cycle:\n" + "\n".join(f"  {a} (line {graph[a][b]}) imports {b}" for a, b in itertools.pairwise(cycle))
+
+
+def test_serve_imports_go_one_way():
+    """No import cycle among `lmaas.serve`'s modules, counting imports inside functions: options < replica < ingress < app < deployments.
+
+    A lazy import still makes a circle (it only moves the failure from import time to call time, and
+    the modules can no longer be read, or tested, one without the other). Break one properly: move
+    the code to the module that owns it, or pass the dependency in as an argument.
+    """
+    graph = import_graph(PACKAGE / "serve")
+    assert graph.get("lmaas.serve.deployments"), "the graph lost the serve modules"
+    cycle = find_cycle(graph)
+    assert not cycle, describe_cycle(graph, cycle)
+
+
+def test_the_cycle_finder_sees_lazy_imports(tmp_path: Path):
+    fake = tmp_path / "lmaas"
+    (fake / "serve").mkdir(parents=True)
+    (fake / "serve" / "__init__.py").write_text("")
+    (fake / "serve" / "low.py").write_text("def f():\n    from lmaas.serve.high import g\n")
+    (fake / "serve" / "high.py").write_text("from lmaas.serve import low\nfrom .low import f\n")
+    (fake / "serve" / "leaf.py").write_text("import lmaas.serve.low\n")
+    globals_backup = globals()["PACKAGE"]
+    globals()["PACKAGE"] = fake
+    try:
+        graph = import_graph(fake / "serve")
+    finally:
+        globals()["PACKAGE"] = globals_backup
+    assert graph["lmaas.serve.leaf"] == {"lmaas.serve.low": 1}
+    assert find_cycle(graph) == ["lmaas.serve.high", "lmaas.serve.low", "lmaas.serve.high"]
+    assert "lmaas.serve.low (line 2) imports lmaas.serve.high" in describe_cycle(graph, find_cycle(graph))
+    del graph["lmaas.serve.low"]["lmaas.serve.high"]
+    assert find_cycle(graph) == []

@@ -117,7 +117,7 @@ def _died() -> BaseException:
 
 
 def test_the_deployment_engine_resends_a_generation_that_lost_its_replica_before_its_first_event():
-    from lmaas.serve.deployments import DeploymentEngine
+    from lmaas.serve.replica import DeploymentEngine
 
     async def run(handle: FakeHandle) -> list[str]:
         engine = DeploymentEngine("m", handle)

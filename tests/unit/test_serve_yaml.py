@@ -23,6 +23,18 @@ def test_ray_serve_schema_accepts_it():
     assert app.runtime_env["working_dir"].startswith("local:///")
 
 
+def test_serve_itself_can_call_the_import_path_with_the_yaml_args():
+    """What `serve deploy deployments/serve.yaml` does before anything runs: import the builder, check it takes exactly
+    one parameter, call it with the YAML's `args` (building the app graph needs no cluster)."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.utils import import_attr
+    from ray.serve.deployment import Application
+
+    app = load()["applications"][0]
+    builder = import_attr(app["import_path"])
+    assert isinstance(call_user_app_builder_with_args_if_necessary(builder, app["args"]), Application)
+
+
 def test_grpc_options_register_the_lmaas_servicer():
     from ray.serve.config import gRPCOptions
 
@@ -35,7 +47,7 @@ def test_grpc_options_register_the_lmaas_servicer():
 
 
 def test_args_are_valid_and_every_scaling_knob_is_in_the_yaml():
-    from lmaas.serve.deployments import ScalingOptions, ServeAppArgs
+    from lmaas.serve.options import ScalingOptions, ServeAppArgs
 
     args = load()["applications"][0]["args"]
     parsed = ServeAppArgs.model_validate(args)
@@ -47,7 +59,7 @@ def test_args_are_valid_and_every_scaling_knob_is_in_the_yaml():
 def test_bad_args_name_the_field():
     from pydantic import ValidationError
 
-    from lmaas.serve.deployments import ServeAppArgs
+    from lmaas.serve.options import ServeAppArgs
 
     with pytest.raises(ValidationError, match="max_replicas"):
         ServeAppArgs.model_validate({"models": [{"ref": "m", "min_replicas": 3, "max_replicas": 1}]})
@@ -56,7 +68,7 @@ def test_bad_args_name_the_field():
 
 
 def test_placement_options_reach_serve():
-    from lmaas.serve.deployments import ServedModel
+    from lmaas.serve.options import ServedModel
 
     options = ServedModel(ref="m", resources={"gpu_a100": 1}, max_replicas_per_node=1).deployment_options({})
     assert options["ray_actor_options"]["resources"] == {"gpu_a100": 1} and options["max_replicas_per_node"] == 1

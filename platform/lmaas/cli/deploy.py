@@ -73,7 +73,8 @@ def deploy(
 
     from lmaas.auth import parse_duration
     from lmaas.registry import ModelRegistry
-    from lmaas.serve.deployments import ServedModel, deploy_model, http_port
+    from lmaas.serve.deployments import deploy_model, http_port
+    from lmaas.serve.options import ServedModel
 
     settings = load_settings()
     registry = ModelRegistry.from_settings(settings)
@@ -172,7 +173,7 @@ def logs(
 ) -> None:
     """Print the replica logs of a deployment: JSON lines with the request id the gateway returned in X-Request-Id."""
     from lmaas.ops.logs import follow_replica_logs, replica_actors, replica_logs
-    from lmaas.serve.deployments import canary_deployment_name, deployment_name
+    from lmaas.serve.options import canary_deployment_name, deployment_name
 
     _connect()
     # a served name's stable side runs in model-<name>, or after a canary promotion in model-<name>-canary

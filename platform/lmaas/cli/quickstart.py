@@ -163,7 +163,7 @@ def quickstart(
         elif info.started_here:
             console.print("This command started Ray, so the endpoints stop with it; [bold]make demo ARGS=--keep-running[/] leaves them up.")
         else:
-            console.print(f"The deployments stay up on the cluster; [bold]lmaas deployments[/] lists them, [bold]lmaas undeploy NAME[/] removes one.")
+            console.print("The deployments stay up on the cluster; [bold]lmaas deployments[/] lists them, [bold]lmaas undeploy NAME[/] removes one.")
     finally:
         cluster.disconnect()
 
@@ -234,7 +234,8 @@ def _deploy_demo(settings, served: list[tuple[str, str]], port: int) -> tuple[di
     """Deploy `(name, ref)`s, small enough for a laptop; returns (name -> name:version, base URL)."""
     import logging
 
-    from lmaas.serve.deployments import EngineOptions, ServedModel, deploy_models, http_port
+    from lmaas.serve.deployments import deploy_models, http_port
+    from lmaas.serve.options import EngineOptions, ServedModel
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     models = [

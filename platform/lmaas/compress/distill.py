@@ -22,7 +22,7 @@ from typing import Any
 from lmaas.compress.config import DistillConfig
 from lmaas.compress.run import CompressResult, Progress, register_variant
 from lmaas.data.versions import DatasetVersion, get_version
-from lmaas.errors import InvalidInputError, NotFoundError
+from lmaas.errors import InvalidInputError
 from lmaas.registry import ModelRegistry, ModelVersion
 
 

@@ -56,7 +56,7 @@ ACTOR = "gateway"
 
 
 class CanaryPolicy(Protocol):
-    """What the watch needs of `deployments.CanaryOptions`."""
+    """What the watch needs of `options.CanaryOptions`."""
 
     ref: str
     weight: int
@@ -266,7 +266,7 @@ class CanaryEngine(Engine):
         app, model_id: the Serve app and the served name (the row's key).
         stable, canary: the engines of each side (`DeploymentEngine`s in the gateway).
         stable_ref: the stable side's reference.
-        policy: the canary's settings (`deployments.CanaryOptions`).
+        policy: the canary's settings (`options.CanaryOptions`).
         store: the shared state.
         on_promote: called once, by the replica that promoted, to make the canary the stable version.
     """

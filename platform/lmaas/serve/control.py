@@ -1,20 +1,21 @@
-"""Deployment changes requested over HTTP (`/api/v1/deployments`) or by a canary promotion, applied off the request path.
+"""Deployment changes requested over HTTP (`/api/v1/deployments`) or by a canary promotion, queued for the applier.
 
 A gateway replica must not call `serve.run` itself: the new app may replace the very replica that
-handles the request. It hands the change to `DeploymentApplier`, one detached Ray actor per
-environment that applies changes one at a time (the same `deploy_models` / `undeploy_model` as
-`lmaas deploy`), and answers 202 with the desired state; `GET /api/v1/deployments` shows each
-change's status (pending, applying, done, failed) next to what runs.
+handles the request. It hands the change to the applier, one detached Ray actor per environment
+that applies changes one at a time (`deployments.DeploymentApplier`: the same `deploy_models` /
+`undeploy_model` as `lmaas deploy`), and answers 202 with the desired state; `GET /api/v1/deployments`
+shows each change's status (pending, applying, done, failed) next to what runs.
+
+This module is the gateway's side: `DeploymentControl` checks ownership and caps, audits each
+request and queues it. The applier is passed in (`applier(env) -> actor handle`; the gateway is
+given `deployments.applier`), as the code that applies a change builds the app this gateway runs in.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -24,126 +25,13 @@ from lmaas.auth import Principal
 from lmaas.errors import NotFoundError
 from lmaas.serve.records import CapsConfig, DeploymentRecords
 
-log = logging.getLogger("lmaas.serve")
-
-APPLIER_NAMESPACE = "lmaas"
-KEPT_CHANGES = 100
-
-
-@ray.remote(num_cpus=0, max_concurrency=4)
-class DeploymentApplier:
-    """Applies deployment changes in order (one at a time) and remembers how each went."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._changes: dict[str, dict[str, Any]] = {}
-
-    def apply(self, change: dict[str, Any]) -> dict[str, Any]:
-        """Apply one change: `{"id", "op": "deploy" | "undeploy" | "promote", "app", "env", ...}`."""
-        record = self._changes.setdefault(change["id"], _summary(change) | {"status": "pending"})
-        with self._lock:
-            record.update(status="applying", started_at=time.time())
-            try:
-                record["result"] = _apply_retrying(change)
-                record["status"] = "done"
-            except Exception as exc:  # noqa: BLE001 - reported in the change's status
-                log.exception("deployment change %s failed", change["id"])
-                record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            record["finished_at"] = time.time()
-            _audit_applied(change, record)
-        while len(self._changes) > KEPT_CHANGES:
-            self._changes.pop(next(iter(self._changes)))
-        return record
-
-    def queue(self, change: dict[str, Any]) -> None:
-        self._changes[change["id"]] = _summary(change) | {"status": "pending"}
-
-    def changes(self, app: str) -> list[dict[str, Any]]:
-        """This app's recent changes, oldest first."""
-        return [dict(c) for c in self._changes.values() if c["app"] == app]
-
-    def deployments(self, app: str) -> list[dict[str, Any]]:
-        """What `lmaas deployments` lists, as dicts."""
-        from dataclasses import asdict
-
-        from lmaas.serve.deployments import list_deployments
-
-        return [asdict(d) for d in list_deployments(app)]
-
 
 def _summary(change: dict[str, Any]) -> dict[str, Any]:
     return {k: change[k] for k in ("id", "op", "app", "name", "actor") if k in change} | {"requested_at": change.get("requested_at")}
 
 
-PICKLE_RACE = "is not registered for pickle by value"
-PICKLE_RACE_ATTEMPTS = 3
-
-
-def _apply_retrying(change: dict[str, Any]) -> Any:
-    """`_apply`, tried again when Ray Serve's unguarded pickle registry trips over another thread of this actor.
-
-    Ray Serve 2.60 registers and unregisters `ray.serve.autoscaling_policy` for pickle-by-value around
-    each `AutoscalingConfig` it builds (`ray/serve/config.py`, `serialize_policy`), with no lock: when
-    another thread of the process builds one at the same time, the second unregister raises ValueError
-    and `serve.run` fails before it sends anything. The same config applied again is harmless.
-    """
-    for attempt in range(1, PICKLE_RACE_ATTEMPTS + 1):
-        try:
-            return _apply(change)
-        except ValueError as exc:
-            if PICKLE_RACE not in str(exc) or attempt == PICKLE_RACE_ATTEMPTS:
-                raise
-            log.warning("deployment change %s: Ray's pickle registry race (%s); trying again", change["id"], exc)
-            time.sleep(0.5 * attempt)
-    raise AssertionError("unreachable")
-
-
-def _apply(change: dict[str, Any]) -> Any:
-    from lmaas.serve.deployments import ServedModel, _current_args, deploy_models, undeploy_model
-
-    op, app = change["op"], change["app"]
-    if op == "deploy":
-        served = ServedModel.model_validate(change["served"])
-        return deploy_models([served], env=change["env"], app_name=app, grpc_port=None, owner=change.get("owner"))
-    if op == "undeploy":
-        undeploy_model(change["name"], app_name=app)
-        return None
-    if op == "promote":
-        args = _current_args(app)
-        current = next((m for m in (args.models if args else []) if m.name == change["name"]), None)
-        if current is None or current.canary is None or current.canary.ref != change["canary_ref"]:
-            return "skipped: the deployment changed since the promotion"
-        # the canary's deployment (and its running replicas) becomes the stable one: the old version's goes
-        promoted = current.model_copy(update={"ref": current.canary.ref, "canary": None, "swapped": not current.swapped})
-        return deploy_models([promoted], env=args.env, app_name=app, grpc_port=None)
-    raise ValueError(f"unknown deployment change {op!r}")
-
-
-def _audit_applied(change: dict[str, Any], record: dict[str, Any]) -> None:
-    try:
-        from lmaas.config import load_settings
-
-        db.record_event(
-            db.connect(load_settings().database_url), actor=change.get("actor", "gateway"), tenant=change.get("tenant"),
-            action="deployment.applied", target=f"{change['app']}/{change.get('name', '')}",
-            outcome="ok" if record["status"] == "done" else "error",
-            detail={"change": change["id"], "op": change["op"], "error": record.get("error")},
-        )
-    except Exception:  # noqa: BLE001 - the change happened (or not) either way
-        log.exception("could not audit deployment change %s", change["id"])
-
-
-def applier(env: dict[str, str]) -> Any:
-    """The `DeploymentApplier` for replicas with environment `env` (created on first use, detached)."""
-    digest = hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:12]
-    options: dict[str, Any] = {"name": f"lmaas-deployments-{digest}", "namespace": APPLIER_NAMESPACE, "lifetime": "detached", "get_if_exists": True}
-    if env:
-        options["runtime_env"] = {"env_vars": dict(env)}
-    return DeploymentApplier.options(**options).remote()
-
-
-def submit(change: dict[str, Any]) -> dict[str, Any]:
-    """Queue `change` on the applier without waiting for it; returns its summary (status pending)."""
+def submit(change: dict[str, Any], applier: Callable[[dict[str, str]], Any]) -> dict[str, Any]:
+    """Queue `change` on the applier (`applier(env)`, see `deployments.applier`) without waiting for it; returns its summary (status pending)."""
     change = {"id": uuid.uuid4().hex[:12], "requested_at": time.time()} | change
     actor = applier(change["env"])
     ray.get(actor.queue.remote(change))
@@ -151,7 +39,7 @@ def submit(change: dict[str, Any]) -> dict[str, Any]:
     return _summary(change) | {"status": "pending"}
 
 
-def request_promotion(app: str, name: str, canary_ref: str, env: dict[str, str]) -> None:
+def request_promotion(app: str, name: str, canary_ref: str, env: dict[str, str], applier: Callable[[dict[str, str]], Any]) -> None:
     """Ask for the redeploy that makes `name`'s canary its stable version (called by the replica that promoted)."""
     change = {"id": uuid.uuid4().hex[:12], "requested_at": time.time(), "op": "promote", "app": app, "name": name,
               "canary_ref": canary_ref, "env": env, "actor": "gateway"}
@@ -164,10 +52,12 @@ class DeploymentControl:
     Args:
         app: the Serve app this gateway belongs to.
         args: its `ServeAppArgs` (the replica's view of the current config).
+        applier: env -> the actor that applies changes (`deployments.applier`).
     """
 
-    def __init__(self, app: str, args: Any, caps: CapsConfig | None = None) -> None:
+    def __init__(self, app: str, args: Any, caps: CapsConfig | None = None, *, applier: Callable[[dict[str, str]], Any]) -> None:
         self.app, self.args = app, args
+        self.applier = applier
         self.caps = caps or getattr(args, "tenant_caps", None) or CapsConfig()
 
     def served(self, name: str) -> Any:
@@ -208,7 +98,7 @@ class DeploymentControl:
                   "tenant": principal.tenant, "owner": principal.tenant_filter}
         if served is not None:
             change["served"] = served.model_dump(mode="json", exclude_unset=True)  # unset: `deploy_models` keeps the current `swapped`
-        summary = submit(change)
+        summary = submit(change, self.applier)
         from lmaas.config import load_settings
 
         db.record_event(
@@ -219,5 +109,5 @@ class DeploymentControl:
 
     async def list(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(deployments as `lmaas deployments` lists them, recent changes)."""
-        actor = applier(dict(self.args.env))
+        actor = self.applier(dict(self.args.env))
         return await actor.deployments.remote(self.app), await actor.changes.remote(self.app)

@@ -2,7 +2,7 @@
 
 The proto messages become the HTTP API's pydantic requests, so both transports share validation,
 engines and error messages; errors become gRPC status codes (`errors.grpc_status`). No Ray here: the
-Serve ingress (`deployments.OpenAIIngress`) has methods named like the RPCs that call these, and
+Serve ingress (`ingress.OpenAIIngress`) has methods named like the RPCs that call these, and
 Serve's gRPC proxy routes `/lmaas.v1.Inference/<Method>` to them.
 
     import grpc

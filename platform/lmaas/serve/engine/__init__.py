@@ -8,7 +8,7 @@
 from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, Tokenized, TopLogprob
 from lmaas.serve.engine.causal_lm import DEFAULT_CHAT_TEMPLATE, CausalLMEngine, new_request_id
 from lmaas.serve.engine.embedding import EmbeddingEngine
-from lmaas.serve.engine.vllm import VLLMEngine
+from lmaas.serve.engine.vllm import VLLMEmbeddingEngine, VLLMEngine
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
@@ -21,6 +21,7 @@ __all__ = [
     "TokenEvent",
     "Tokenized",
     "TopLogprob",
+    "VLLMEmbeddingEngine",
     "VLLMEngine",
     "new_request_id",
 ]

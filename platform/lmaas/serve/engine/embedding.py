@@ -69,9 +69,7 @@ class EmbeddingEngine(Engine):
         self.model = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pooling, self.normalize = _read_pipeline(model_dir)
-        st_config = model_dir / "sentence_bert_config.json"
-        limit = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
-        self.max_seq_length = int(limit or min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings))
+        self.max_seq_length = max_seq_length(model_dir, self.tokenizer, self.model.config.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self.max_tokens_per_request = max_tokens_per_request
         self._queue: asyncio.Queue | None = None
@@ -87,10 +85,7 @@ class EmbeddingEngine(Engine):
         if not texts:
             raise InvalidInputError("input must not be empty", param="input")
         lengths = await asyncio.to_thread(self.token_lengths, texts)
-        total = sum(lengths)
-        if total > self.max_tokens_per_request:
-            raise InvalidInputError(f"input holds {total:,} tokens; one request may hold at most {self.max_tokens_per_request:,} "
-                                    "(split it into several requests)", param="input")
+        check_request_tokens(lengths, self.max_tokens_per_request)
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._batch_loop())
@@ -179,6 +174,21 @@ class EmbeddingEngine(Engine):
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
+
+
+def max_seq_length(model_dir: Path, tokenizer, max_position_embeddings: int) -> int:  # noqa: ANN001 - a transformers tokenizer
+    """Tokens per text the model reads: sentence-transformers' `max_seq_length`, else what tokenizer and positions allow."""
+    st_config = model_dir / "sentence_bert_config.json"
+    limit = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+    return int(limit or min(tokenizer.model_max_length, max_position_embeddings))
+
+
+def check_request_tokens(lengths: list[int], limit: int) -> int:
+    """The request's total tokens; InvalidInputError (param `input`) past `limit`."""
+    total = sum(lengths)
+    if total > limit:
+        raise InvalidInputError(f"input holds {total:,} tokens; one request may hold at most {limit:,} (split it into several requests)", param="input")
+    return total
 
 
 def _read_pipeline(model_dir: Path) -> tuple[str, bool]:

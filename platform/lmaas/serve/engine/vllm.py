@@ -85,7 +85,30 @@ def unsupported(model_dir: str | Path, device: str = "cpu") -> str | None:
     return None
 
 
-def _stat_logger(engine: "VLLMEngine") -> Any:
+def _prepare_process(device: str, num_threads: int | None, engine_kwargs: dict[str, Any] | None) -> None:
+    """vLLM's environment in this process (before vLLM is imported), and `engine_kwargs` checked against its engine arguments."""
+    if device == "cpu":
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        # Ray does not pin replicas to cores; vLLM's default pins every engine to the same first core
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    if num_threads:
+        os.environ["OMP_NUM_THREADS"] = str(num_threads)
+    from vllm import AsyncEngineArgs
+
+    for key in engine_kwargs or {}:
+        if key not in AsyncEngineArgs.__dataclass_fields__:
+            raise ConfigError(f"engine_kwargs.{key} is not a vLLM engine argument", param=f"engine_kwargs.{key}")
+
+
+def _start(args: dict[str, Any], engine_kwargs: dict[str, Any] | None, owner: Engine) -> Any:
+    """vLLM's `AsyncLLM` for `args` + `engine_kwargs`, its scheduler stats kept on `owner` (see `_stat_logger`)."""
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**{**args, **(engine_kwargs or {})}), stat_loggers=[_stat_logger(owner)])
+
+
+def _stat_logger(engine: Engine) -> Any:
     """A vLLM stat logger factory that keeps the latest scheduler stats on `engine` (for `stats()`)."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -148,23 +171,12 @@ class VLLMEngine(Engine):
         problem = unsupported(model_dir, device)
         if problem:
             raise ConfigError(f"engine 'vllm' cannot serve {model_dir.name}: {problem}; use engine 'lmaas'", param="engine")
-        if device == "cpu":
-            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-            # Ray does not pin replicas to cores; vLLM's default pins every engine to the same first core
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        if num_threads:
-            os.environ["OMP_NUM_THREADS"] = str(num_threads)
+        _prepare_process(device, num_threads, engine_kwargs)
         from transformers import AutoTokenizer
-        from vllm import AsyncEngineArgs
         from vllm.config import StructuredOutputsConfig
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         from lmaas.models.family import read_config
 
-        extra = dict(engine_kwargs or {})
-        for key in extra:
-            if key not in AsyncEngineArgs.__dataclass_fields__:
-                raise ConfigError(f"engine_kwargs.{key} is not a vLLM engine argument", param=f"engine_kwargs.{key}")
         config = read_config(model_dir)
         self.model_id = model_id or model_dir.name
         self.max_context = int(max_model_len or config.get("max_position_embeddings") or 2048)
@@ -191,12 +203,11 @@ class VLLMEngine(Engine):
         elif device == "cpu":
             # without a size, vLLM on CPU reserves a fraction of the node's whole memory for every replica
             args["kv_cache_memory_bytes"] = kv_cache_bytes(config, self.max_context, max_batch_size or DEFAULT_MAX_NUM_SEQS)
-        args.update(extra)
         self._scheduler: Any = None
         self._kv_capacity = 0
         self._generated = 0
         self._finished = 0
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[_stat_logger(self)])
+        self._engine = _start(args, engine_kwargs, self)
         self.max_batch_size = int(self._engine.vllm_config.scheduler_config.max_num_seqs)
 
     # ---- the Engine contract ----
@@ -310,3 +321,110 @@ def _logprobs(entry: dict | None, token: int | None, k: int | None) -> tuple[tup
         (chosen.decoded_token or "", float(chosen.logprob)) if chosen is not None else None,
         tuple(TopLogprob(lp.decoded_token or "", int(tid), float(lp.logprob)) for tid, lp in top[:k]),
     )
+
+
+EMBEDDING_ARCHITECTURES = ("BertModel",)
+"""Encoder architectures lmaas hands to vLLM's pooling runner (the one its tests load: all-MiniLM-L6-v2)."""
+
+
+def unsupported_embedding(model_dir: str | Path) -> str | None:
+    """Why vLLM's pooling runner cannot serve this sentence-embedding directory, or None when it can."""
+    from lmaas.models.family import read_config
+
+    architectures = read_config(model_dir).get("architectures") or []
+    if not any(a in EMBEDDING_ARCHITECTURES for a in architectures):
+        return f"architecture {', '.join(architectures) or 'unknown'} is not one lmaas embeds with vLLM ({', '.join(EMBEDDING_ARCHITECTURES)})"
+    return None
+
+
+class VLLMEmbeddingEngine(Engine):
+    """Serve a sentence-transformers directory with vLLM's pooling runner (`runner="pooling"`).
+
+    vLLM reads the directory's `modules.json` (pooling mode, normalization) as `EmbeddingEngine` does, so
+    the vectors are the same (cosine 1.0 to 1e-6 on all-MiniLM-L6-v2); texts are tokenized here with the
+    model's tokenizer and truncated to its `max_seq_length`, so token counts (usage, the per-request
+    token limit) match too. Each text is one vLLM request; vLLM's scheduler batches them with every
+    other request on the replica.
+
+    Args:
+        model_dir: config.json + *.safetensors + tokenizer + modules.json (+ 1_Pooling/, 2_Normalize/).
+        model_id: the name under `/v1/models` (default: the directory name).
+        max_batch_size: most texts vLLM runs together (`max_num_seqs`; None: vLLM's default).
+        num_threads, device, enforce_eager, engine_kwargs: as `VLLMEngine`'s.
+        max_tokens_per_request: an `embed` call over this many tokens is refused (400 naming `input`).
+    """
+
+    kind = "vllm"
+
+    def __init__(
+        self, model_dir: str | Path, *, model_id: str | None = None, max_batch_size: int | None = None, num_threads: int | None = None,
+        device: str = "cpu", enforce_eager: bool | None = None, engine_kwargs: dict[str, Any] | None = None,
+        max_tokens_per_request: int | None = None,
+    ) -> None:
+        from lmaas.serve.engine.embedding import MAX_TOKENS_PER_REQUEST, max_seq_length
+
+        if not available():
+            raise ConfigError("engine 'vllm' needs vLLM in the replica's environment: pip install -e '.[vllm]'", param="engine")
+        model_dir = Path(model_dir)
+        problem = unsupported_embedding(model_dir)
+        if problem:
+            raise ConfigError(f"engine 'vllm' cannot serve {model_dir.name}: {problem}; use engine 'lmaas'", param="engine")
+        _prepare_process(device, num_threads, engine_kwargs)
+        from transformers import AutoTokenizer
+
+        from lmaas.models.family import read_config
+
+        config = read_config(model_dir)
+        self.model_id = model_id or model_dir.name
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_seq_length = max_seq_length(model_dir, self.tokenizer, int(config.get("max_position_embeddings") or 512))
+        self.max_tokens_per_request = max_tokens_per_request or MAX_TOKENS_PER_REQUEST
+        args: dict[str, Any] = {
+            "model": str(model_dir), "runner": "pooling", "served_model_name": [self.model_id], "max_model_len": self.max_seq_length,
+            "enforce_eager": device == "cpu" if enforce_eager is None else enforce_eager, "seed": 0,
+            "dtype": "float32" if device == "cpu" else "auto", "enable_log_requests": False,
+        }
+        if max_batch_size:
+            args["max_num_seqs"] = max_batch_size
+        if device == "cpu":  # an encoder keeps no KV cache between steps: the least vLLM accepts
+            args["kv_cache_memory_bytes"] = 16 * 2**20
+        self._scheduler: Any = None
+        self._kv_capacity = 0
+        self._done = 0
+        self._engine = _start(args, engine_kwargs, self)
+        self.max_batch_size = int(self._engine.vllm_config.scheduler_config.max_num_seqs)
+        self._ids = 0
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors of `texts` and their total token count (InvalidInputError naming `input` past the token limit)."""
+        from lmaas.serve.engine.embedding import check_request_tokens
+
+        if not texts:
+            raise InvalidInputError("input must not be empty", param="input")
+        ids = await asyncio.to_thread(lambda: self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"])
+        total = check_request_tokens([len(i) for i in ids], self.max_tokens_per_request)
+        self._ids += 1
+        base = f"emb-{self._ids}"
+        vectors = await asyncio.gather(*(self._one(f"{base}-{i}", row) for i, row in enumerate(ids)))
+        self._done += 1
+        return list(vectors), total
+
+    async def _one(self, request_id: str, ids: list[int]) -> list[float]:
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        last = None
+        async for output in self._engine.encode(TokensPrompt(prompt_token_ids=ids), PoolingParams(task="embed"), request_id):
+            last = output
+        return last.outputs.data.tolist()
+
+    def healthy(self) -> bool:
+        return not self._engine.errored
+
+    def stats(self) -> EngineStats:
+        s = self._scheduler
+        running, waiting = (s.num_running_reqs, s.num_waiting_reqs) if s is not None else (0, 0)
+        return EngineStats(running, waiting, self.max_batch_size, 0, self._done)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._engine.shutdown)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmaas.serve.deployments import CanaryOptions
+from lmaas.serve.options import CanaryOptions
 
 
 class DeploymentPatch(BaseModel):

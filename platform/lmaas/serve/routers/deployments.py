@@ -24,7 +24,7 @@ from lmaas.auth import DEPLOY, Principal
 from lmaas.errors import ConfigError, InvalidInputError, LmaasError, NotFoundError
 from lmaas.serve.auth import authenticate, get_auth, require
 from lmaas.serve.control import DeploymentControl
-from lmaas.serve.deployments import ServedModel
+from lmaas.serve.options import ServedModel
 from lmaas.serve.protocol.deployments import AcceptedOut, ChangeOut, DeploymentList, DeploymentOut, DeploymentPatch
 
 router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"], dependencies=[require(DEPLOY)])
