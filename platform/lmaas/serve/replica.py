@@ -228,16 +228,14 @@ class ModelServer:
     async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[list[TokenEvent]]:
         """Stream token events in lists (call through `handle.options(stream=True)`), one list per engine output (see `ready_batches`); `http_request_id` tags the log line."""
         loaded = self._acquire()
-        events = _events(lambda: loaded.engine.generate(request))
-        async for batch in ready_batches(_stream(loaded, events, self._metrics_of(loaded), http_request_id)):
+        async for batch in _served(loaded, lambda: loaded.engine.generate(request), self._metrics_of(loaded), http_request_id):
             yield batch
 
     async def generate_chat(
         self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None
     ) -> AsyncIterator[list[TokenEvent]]:
         loaded = self._acquire()
-        events = _events(lambda: loaded.engine.generate_chat(request_id, messages, params))
-        async for batch in ready_batches(_stream(loaded, events, self._metrics_of(loaded), http_request_id)):
+        async for batch in _served(loaded, lambda: loaded.engine.generate_chat(request_id, messages, params), self._metrics_of(loaded), http_request_id):
             yield batch
 
     async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
@@ -279,6 +277,12 @@ class ModelServer:
             self._poller.cancel()
         if hasattr(self, "current"):  # __init__ may have failed before loading
             await self.current.retire()
+
+
+def _served(loaded: LoadedVersion, start, metrics: ServingMetrics, request_id: str | None) -> AsyncIterator[list[TokenEvent]]:  # noqa: ANN001
+    """What a replica streams for one generation: `start()`'s events, measured and logged (`_stream`), in lists of
+    what is ready at once (`ready_batches`)."""
+    return ready_batches(_stream(loaded, _events(start), metrics, request_id))
 
 
 async def _events(start) -> AsyncIterator[TokenEvent]:  # noqa: ANN001 - () -> AsyncIterator[TokenEvent]
@@ -327,16 +331,14 @@ class MultiplexedModelServer:
 
     async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[list[TokenEvent]]:
         loaded = await self._acquire()
-        events = _events(lambda: loaded.engine.generate(request))
-        async for batch in ready_batches(_stream(loaded, events, self._metrics_of(loaded), http_request_id)):
+        async for batch in _served(loaded, lambda: loaded.engine.generate(request), self._metrics_of(loaded), http_request_id):
             yield batch
 
     async def generate_chat(
         self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None
     ) -> AsyncIterator[list[TokenEvent]]:
         loaded = await self._acquire()
-        events = _events(lambda: loaded.engine.generate_chat(request_id, messages, params))
-        async for batch in ready_batches(_stream(loaded, events, self._metrics_of(loaded), http_request_id)):
+        async for batch in _served(loaded, lambda: loaded.engine.generate_chat(request_id, messages, params), self._metrics_of(loaded), http_request_id):
             yield batch
 
     async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
