@@ -304,6 +304,9 @@ def test_other_tenants_model_is_404_until_an_admin_makes_it_public(gateway):
     hidden = _error(_complete(urls["a"], globex), 404)
     assert hidden["type"] == missing["type"] and "tiny" not in missing["message"].split("served:")[1]
     assert [m.id for m in _client(urls["b"], globex).models.list().data] == []
+    for route, body in (("/v1/tokenize", {"model": "tiny", "prompt": "def f"}), ("/v1/detokenize", {"model": "tiny", "tokens": [5, 6]})):
+        assert httpx.post(urls["a"] + route, json=body, headers=_bearer(acme)).status_code == 200
+        _error(httpx.post(urls["a"] + route, json=body, headers=_bearer(globex)), 404)  # the tokenizer of a model globex cannot see
     assert [m.id for m in _client(urls["b"], acme).models.list().data] == ["tiny"]
     for path in ("/api/v1/models/tiny", "/api/v1/models/tiny/versions/1", "/api/v1/resolve?ref=tiny", "/api/v1/models/tiny/versions/1/files/config.json"):
         _error(httpx.get(urls["mgmt"] + path, headers=_bearer(globex)), 404)
