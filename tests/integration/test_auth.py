@@ -177,6 +177,61 @@ def test_token_quota_and_usage(database_url):
         assert not conn.execute(sa.select(rate_counters).where(rate_counters.c.subject.in_([f"key:{free_key.id}", "tenant:free"]))).all()
 
 
+def test_usage_of_concurrent_requests_is_group_committed(database_url):
+    """`UsageWriter`: 40 requests finishing at once share a few transactions, every one is counted
+    (tokens, usage rows, response ids), each caller returns only after its record is committed, and a
+    failed write fails the callers of its batch without losing the next batch."""
+    import asyncio
+
+    from lmaas.auth.quotas import UsageRecord, UsageWriter
+    from lmaas.db.schema import responses
+
+    engine = db.connect(database_url)
+    keys, quotas = KeyStore(engine), Quotas(engine)
+    keys.create_tenant("grp", Limits(tpd=10**6))
+    _, secret = keys.create_key("grp", ["inference"], limits=Limits(tpm=10**6))
+    p = keys.verify(secret)
+    commits = []
+    sa.event.listen(engine, "commit", lambda conn: commits.append(1))
+    writer = UsageWriter(quotas)
+
+    async def finish(i: int) -> bool:
+        await writer.record(UsageRecord(p, "m", 3, i, response_id=f"grp-{i}", version="m:1"))
+        with engine.connect() as conn:  # committed by the time the caller goes on
+            return conn.execute(sa.select(responses.c.id).where(responses.c.id == f"grp-{i}")).first() is not None
+
+    async def run() -> list[bool]:
+        return await asyncio.gather(*(finish(i) for i in range(40)))
+
+    assert all(asyncio.run(run()))
+    assert 1 <= len(commits) <= 10, len(commits)  # one transaction per batch, not per request
+    (row,) = quotas.usage(tenant="grp")
+    assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (40, 120, sum(range(40)))
+    with engine.connect() as conn:
+        counted = {r.window: r.count for r in conn.execute(sa.select(rate_counters).where(rate_counters.c.subject.like("%grp%")))}
+        counted |= {r.window: r.count for r in conn.execute(sa.select(rate_counters).where(rate_counters.c.subject == f"key:{p.key_id}"))}
+    assert counted == {"tpd": 120 + sum(range(40)), "tpm": 120 + sum(range(40))}
+
+    class Broken(Quotas):
+        fail = True
+
+        def record_many(self, records):  # noqa: ANN001, ANN202 - one failed write, as a database outage gives
+            if Broken.fail:
+                Broken.fail = False
+                raise sa.exc.OperationalError("INSERT", {}, Exception("database is down"))
+            return super().record_many(records)
+
+    broken = UsageWriter(Broken(engine))
+
+    async def outage() -> list:
+        first = await asyncio.gather(*(broken.record(UsageRecord(p, "m", 1, 1)) for _ in range(3)), return_exceptions=True)
+        return [*first, await broken.record(UsageRecord(p, "m", 1, 1))]
+
+    results = asyncio.run(outage())
+    assert all(isinstance(r, sa.exc.OperationalError) for r in results[:3]) and results[3] is None
+    assert quotas.usage(tenant="grp")[0]["requests"] == 41
+
+
 def test_audit_log_is_append_only(database_url):
     engine = db.connect(database_url)
     KeyStore(engine).create_key("acme", ["inference"], create_tenant=True)

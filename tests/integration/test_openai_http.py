@@ -23,13 +23,15 @@ from lmaas.serve.openai_app import build_openai_app
 
 openai = pytest.importorskip("openai")
 LM, EMB = "tiny-lm", "minilm"
+CONTEXT = 1024
+"""The LM's context: room for a prompt listing tools (~450 tokens of this 512-token vocabulary)."""
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     import uvicorn
 
-    lm = CausalLMEngine(make_causal_lm(tmp_path_factory.mktemp("lm"), max_seq_len=128, initializer_range=0.5), model_id=LM, max_batch_size=16, num_threads=2)
+    lm = CausalLMEngine(make_causal_lm(tmp_path_factory.mktemp("lm"), max_seq_len=CONTEXT, initializer_range=0.5), model_id=LM, max_batch_size=16, num_threads=2)
     emb = EmbeddingEngine(EMBEDDING_DIR, model_id=EMB, num_threads=2)
     app = build_openai_app({LM: lm, EMB: emb}, max_body_bytes=1024 * 1024)
     port = free_port()
@@ -106,9 +108,9 @@ def test_fields_this_engine_does_not_serve_are_400s_naming_them(server):
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"frequency_penalty": 3}, "frequency_penalty"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ):
         status, out = post(server[0] + "/v1/chat/completions", json.dumps({**chat, **extra}).encode())
         assert status == 400 and out["error"]["param"] == param, (extra, out)
@@ -205,8 +207,8 @@ def test_disconnect_mid_stream_frees_the_engine_slot(server, client):
         ({"model": LM, "prompt": "x", "temperature": -1}, "temperature"),
         ({"model": LM, "prompt": "x", "max_tokens": "many"}, "max_tokens"),
         ({"model": LM, "prompt": "x", "n": 17}, "n"),
-        ({"model": LM, "prompt": "x", "max_tokens": 500}, "max_tokens"),
-        ({"model": LM, "prompt": "def f(x): return x\n" * 60}, "prompt"),
+        ({"model": LM, "prompt": "x", "max_tokens": 2 * CONTEXT}, "max_tokens"),
+        ({"model": LM, "prompt": "def f(x): return x\n" * 130}, "prompt"),
         ({"prompt": "x"}, "model"),
     ],
 )
@@ -237,7 +239,7 @@ def test_tokenize_and_detokenize_agree_with_what_generation_counts(server, clien
     status, out = post(base + "/v1/tokenize", json.dumps({"model": LM, "prompt": text, "return_token_strs": True}).encode())
     assert status == 200 and out["tokens"] == lm.tokenizer.encode(text, add_special_tokens=False)
     assert out["count"] == len(out["tokens"]) == client.completions.create(model=LM, prompt=text, max_tokens=1).usage.prompt_tokens
-    assert out["max_model_len"] == 128 and len(out["token_strs"]) == out["count"]
+    assert out["max_model_len"] == CONTEXT and len(out["token_strs"]) == out["count"]
     assert post(base + "/v1/detokenize", json.dumps({"model": LM, "tokens": out["tokens"]}).encode()) == (200, {"prompt": text})
 
     messages = [{"role": "user", "content": "hi"}]
@@ -279,3 +281,38 @@ def test_prompt_lists_answer_each_prompt_as_alone_and_echo_starts_with_the_promp
                         ({"prompt": ["x", 5]}, "prompt")):
         status, err = post(base + "/v1/completions", json.dumps({"model": LM, "max_tokens": 2, **body}).encode())
         assert status == 400 and err["error"]["param"] == param, err
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Today's weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["paris", "rome"]}}, "required": ["city"]},
+}}
+
+
+def test_tools_on_lmaas_engine_are_rendered_with_tool_choice_none_and_forced_calls_are_400s(server, client):
+    base, _ = server
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    kwargs = {"model": LM, "messages": messages, "max_tokens": 4, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    plain = client.chat.completions.create(**kwargs)
+    with_tools = client.chat.completions.create(tools=[WEATHER], tool_choice="none", **kwargs)
+    assert isinstance(with_tools.choices[0].message.content, str) and not with_tools.choices[0].message.tool_calls
+    assert with_tools.choices[0].finish_reason == "length" and with_tools.usage.completion_tokens == 4
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 100  # the system block listing the tool
+    status, counted = post(base + "/v1/tokenize", json.dumps({"model": LM, "messages": messages, "tools": [WEATHER]}).encode())
+    assert status == 200 and counted["count"] == with_tools.usage.prompt_tokens
+
+    history = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                                                               "function": {"name": "get_weather", "arguments": '{"city": "paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    follow_up = client.chat.completions.create(**{**kwargs, "messages": history}, tools=[WEATHER], tool_choice="none")
+    assert follow_up.usage.prompt_tokens > with_tools.usage.prompt_tokens
+
+    chat = {"model": LM, "messages": messages, "max_tokens": 4, "tools": [WEATHER]}
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}, "auto", None):
+        status, out = post(base + "/v1/chat/completions", json.dumps({**chat, "tool_choice": choice}).encode())
+        assert status == 400 and out["error"]["param"] == "tool_choice", (choice, out)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=LM, messages=messages, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert err.value.body["param"] == "tool_choice"

@@ -29,6 +29,8 @@ APP = "lmaas-vllm-test"
 KEY = "lmaas_vllmtest_" + "k" * 40
 QUOTA_KEY = "lmaas_vllmquota_" + "q" * 40
 PROMPT = "def f(x):"
+CONTEXT = 1024
+"""vtiny's context: room for a prompt listing tools (~450 tokens of this 512-token vocabulary)."""
 VLLM_ENGINE = {"engine": "vllm", "enforce_eager": True, "max_batch_size": 16, "num_threads": 1}
 MODEL = {"ref": "vtiny", "min_replicas": 2, "max_replicas": 2, "num_cpus": 0.3, "graceful_shutdown_timeout_s": 5, "health_check_period_s": 1,
          "refresh_interval_s": 0, "engine": VLLM_ENGINE}
@@ -49,7 +51,7 @@ def served(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     settings = load_settings(home=root / "home")
     registry = ModelRegistry.from_settings(settings)
-    model_dir = make_causal_lm(root / "lm", max_seq_len=128, initializer_range=0.5, num_attention_heads=2, num_key_value_heads=1)
+    model_dir = make_causal_lm(root / "lm", max_seq_len=CONTEXT, initializer_range=0.5, num_attention_heads=2, num_key_value_heads=1)
     registry.register_version("vtiny", model_dir, task="causal-lm")
     # ~47M parameters with 64-dimensional heads: vLLM serves it, several times slower per token than vtiny (the canary test's)
     slow = make_causal_lm(root / "slow", size="small", max_seq_len=128, hidden_size=512, num_hidden_layers=16, intermediate_size=1408,
@@ -104,7 +106,7 @@ def test_the_replica_runs_vllm_and_answers_what_lmaas_engine_answers(served, cli
     from lmaas.serve.engine import SamplingParams
 
     info = serve.get_deployment_handle(deployment_name("vtiny"), APP).info.remote().result(timeout_s=30)
-    assert info["engine"] == "vllm" and info["version"] == "vtiny:1" and info["max_context"] == 128
+    assert info["engine"] == "vllm" and info["version"] == "vtiny:1" and info["max_context"] == CONTEXT
     run, engine = reference
     expected = run(PROMPT, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     out = client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
@@ -141,7 +143,7 @@ def test_tokenize_through_the_gateway_counts_what_vllm_bills(served, client):
     headers = {"Authorization": f"Bearer {KEY}"}
     out = httpx.post(served[0] + "/v1/tokenize", json={"model": "vtiny", "prompt": PROMPT}, headers=headers, timeout=30).json()
     assert out["count"] == client.completions.create(model="vtiny", prompt=PROMPT, max_tokens=1).usage.prompt_tokens
-    assert out["max_model_len"] == 128
+    assert out["max_model_len"] == CONTEXT
     back = httpx.post(served[0] + "/v1/detokenize", json={"model": "vtiny", "tokens": out["tokens"]}, headers=headers, timeout=30)
     assert back.json() == {"prompt": PROMPT}
     anonymous = httpx.post(served[0] + "/v1/tokenize", json={"model": "vtiny", "prompt": PROMPT}, timeout=30)
@@ -180,9 +182,9 @@ def test_seeded_sampling_repeats_and_bad_fields_are_400s_naming_them(client):
     assert sample(7) == sample(7)
     assert len({sample(s) for s in (1, 2, 3)}) > 1  # 16 tokens sampled from a near-uniform random model: a collision is ~impossible
     for kwargs, param in (
-        ({"max_tokens": 500}, "max_tokens"),
+        ({"max_tokens": 2 * CONTEXT}, "max_tokens"),
         ({"temperature": -1}, "temperature"),
-        ({"prompt": "x " * 400}, "prompt"),
+        ({"prompt": "x " * 600}, "prompt"),
         ({"logprobs": 50}, "logprobs"),
     ):
         with pytest.raises(openai.BadRequestError) as err:
@@ -230,6 +232,124 @@ def test_structured_output_follows_the_schema(client):
         client.chat.completions.create(model="vtiny", messages=messages, max_tokens=8,
                                        response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}})
     assert err.value.body["param"] == "response_format"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Today's weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["paris", "rome"]}, "metric": {"type": "boolean"}},
+                   "required": ["city", "metric"], "additionalProperties": False},
+}}
+LEVEL = {"type": "function", "function": {
+    "name": "set_level",
+    "parameters": {"type": "object", "properties": {"level": {"type": "integer", "enum": [1, 2, 3]}}, "required": ["level"],
+                   "additionalProperties": False},
+}}
+TOOLS = [WEATHER, LEVEL]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def _valid_call(call, names=tuple(SCHEMAS)) -> dict:
+    """The call's arguments, checked against its tool's parameters schema."""
+    import jsonschema
+
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name in names, call
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, SCHEMAS[call.function.name])
+    return arguments
+
+
+def test_a_named_tool_choice_calls_that_function_with_arguments_of_its_schema(served, client):
+    import httpx
+
+    for seed in (1, 2, 3):  # a random-weight model, yet every call is valid JSON of the function's parameters
+        out = client.chat.completions.create(model="vtiny", messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=64, seed=seed)
+        message = out.choices[0].message
+        assert message.content is None and len(message.tool_calls) == 1, message
+        _valid_call(message.tool_calls[0], ("get_weather",))
+        assert out.choices[0].finish_reason == "stop"  # as vLLM (and OpenAI) for a named tool choice
+    counted = httpx.post(served[0] + "/v1/tokenize", json={"model": "vtiny", "messages": ASK, "tools": TOOLS},
+                         headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    plain = client.chat.completions.create(model="vtiny", messages=ASK, max_tokens=1)
+    assert out.usage.prompt_tokens == counted["count"] > plain.usage.prompt_tokens + 100  # the tools are in the prompt
+    assert 0 < out.usage.completion_tokens <= 64 and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_required_gives_calls_of_the_given_tools_and_finish_reason_tool_calls(client):
+    for seed in (1, 2):
+        out = client.chat.completions.create(model="vtiny", messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                             max_tokens=96, seed=seed)
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        assert len(choice.message.tool_calls) == 1
+        _valid_call(choice.message.tool_calls[0])
+    out = client.chat.completions.create(model="vtiny", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, seed=3)
+    if out.choices[0].finish_reason == "tool_calls":  # parallel calls: a random model may still be adding calls at max_tokens
+        assert len(out.choices[0].message.tool_calls) >= 1
+        for call in out.choices[0].message.tool_calls:
+            _valid_call(call)
+    else:
+        assert out.choices[0].finish_reason == "length" and out.choices[0].message.tool_calls == []
+
+
+def test_a_streamed_tool_call_assembles_to_the_whole_answers_call(client):
+    strict = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]  # the client's helper parses strict tools' arguments
+    # strict tools throughout: `strict` is part of the tool's JSON in the prompt, so it changes what greedy decoding gives
+    kwargs = {"model": "vtiny", "messages": ASK, "tools": strict, "tool_choice": NAMED, "max_tokens": 64, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    pieces = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    first = pieces[0]
+    assert (first.index, first.type, first.function.name, first.function.arguments) == (0, "function", "get_weather", "")
+    assert first.id.startswith("call_") and all(p.id is None and p.function.name is None for p in pieces[1:])
+    arguments = "".join(p.function.arguments for p in pieces)
+    assert arguments == whole.choices[0].message.tool_calls[0].function.arguments  # greedy: the same call
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+    with client.chat.completions.stream(**kwargs) as stream:
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert call.function.parsed_arguments == json.loads(arguments) and final.choices[0].finish_reason == "stop"
+
+    required = list(client.chat.completions.create(**{**kwargs, "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 96},
+                                                   stream=True))
+    calls = [tc for c in required if c.choices and c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls]
+    assert len(calls) == 1 and [c.choices[0].finish_reason for c in required if c.choices][-1] == "tool_calls"
+    _valid_call(calls[0])
+
+
+def test_a_conversation_with_tool_calls_and_tool_answers_continues(client):
+    call = client.chat.completions.create(model="vtiny", messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=64, seed=1)
+    tool_call = call.choices[0].message.tool_calls[0]
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [tool_call.model_dump()]},
+        {"role": "tool", "tool_call_id": tool_call.id, "content": "sunny, 21 C"},
+    ]
+    out = client.chat.completions.create(model="vtiny", messages=history, tools=TOOLS, tool_choice="none", max_tokens=8,
+                                         extra_body={"ignore_eos": True})
+    assert isinstance(out.choices[0].message.content, str) and out.choices[0].message.tool_calls == []
+    assert out.usage.prompt_tokens > call.usage.prompt_tokens and out.usage.completion_tokens == 8
+    again = client.chat.completions.create(model="vtiny", messages=history, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "set_level"}},
+                                           max_tokens=64, seed=2)
+    _valid_call(again.choices[0].message.tool_calls[0], ("set_level",))
+
+
+def test_auto_tool_choice_and_bad_tool_requests_are_400s_naming_the_field(client):
+    for kwargs, param in (
+        ({"tools": TOOLS}, "tool_choice"),  # "auto", the default with tools: lmaas runs no tool-call parser
+        ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": NAMED, "response_format": {"type": "json_object"}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "no-such-type"}}}]}, "tools.0.function.parameters"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="vtiny", messages=ASK, max_tokens=4, **kwargs)
+        assert err.value.body["param"] == param, (kwargs, err.value.body)
 
 
 def test_token_quota_cuts_off_within_one_request(served):

@@ -10,6 +10,7 @@ No HTTP here: `lmaas.serve.auth` maps it onto FastAPI dependencies.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from lmaas.auth.entities import Principal
 from lmaas.auth.keys import KeyStore
-from lmaas.auth.quotas import Quotas
+from lmaas.auth.quotas import Quotas, UsageWriter
 from lmaas.errors import AuthenticationError, InvalidInputError, NotFoundError
 
 ADMIN_KEY_ENV = "LMAAS_ADMIN_KEY"
@@ -56,6 +57,8 @@ class Auth:
         self.engine = engine
         self.keys = KeyStore(engine, cache_ttl_s=self.config.cache_ttl_s, last_used_interval_s=self.config.last_used_interval_s)
         self.quotas = Quotas(engine)
+        self.usage = UsageWriter(self.quotas)
+        """Finished requests' usage, group-committed from the gateway's event loop."""
         self.registry = registry
         self._models: dict[str, tuple[float, Any]] = {}
         self._versions: dict[str, tuple[float, str | None]] = {}
@@ -88,6 +91,11 @@ class Auth:
             return True
         hit, model = self._peek(self._models, name)
         return _visible_to(model, principal) if hit else None
+
+    async def version_of_async(self, ref: str) -> str | None:
+        """`version_of` for an event loop: a cached answer without a thread hop."""
+        hit, version = self.version_of_cached(ref)
+        return version if hit else await asyncio.to_thread(self.version_of, ref)
 
     def version_of_cached(self, ref: str) -> tuple[bool, str | None]:
         """`version_of` from the cache alone: (found, value)."""

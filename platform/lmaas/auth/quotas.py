@@ -16,10 +16,12 @@ a client can burst up to twice a limit across a window boundary, never more.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -107,40 +109,53 @@ class Quotas:
         now: float | None = None,
     ) -> None:
         """Add one finished request to the token counters and usage, and remember which version answered it."""
-        if principal.anonymous:
+        self.record_many([UsageRecord(principal, model, prompt_tokens, completion_tokens, response_id, version, now)])
+
+    def record_many(self, records: list["UsageRecord"]) -> None:
+        """`record` for several finished requests in one transaction: counters and usage rows that the
+        requests share are bumped once by their sum (16 requests of one key and model: one usage upsert)."""
+        records = [r for r in records if not r.principal.anonymous]
+        if not records:
             return
-        now = time.time() if now is None else now
-        tokens = int(prompt_tokens) + int(completion_tokens)
-        # only the token counters a limit reads: an unlimited key's request is one usage upsert
-        counters = [(subject, window) for subject, window, _ in principal.metered() if window != "rpm"] if tokens else []
+        counters: dict[tuple[str, str, int], int] = {}
+        rows: dict[tuple[str, str, str, int], list[int]] = {}
+        answered = []
+        for r in records:
+            now = time.time() if r.now is None else r.now
+            tokens = int(r.prompt_tokens) + int(r.completion_tokens)
+            # only the token counters a limit reads: an unlimited key's request is one usage upsert
+            for subject, window, _ in r.principal.metered() if tokens else ():
+                if window != "rpm":
+                    at = (subject, window, window_start(window, now))
+                    counters[at] = counters.get(at, 0) + tokens
+            row = rows.setdefault((r.principal.tenant, r.principal.key_id, r.model, int(now // 86400)), [0, 0, 0])
+            row[0] += 1
+            row[1] += int(r.prompt_tokens)
+            row[2] += int(r.completion_tokens)
+            if r.response_id:
+                answered.append(dict(
+                    id=r.response_id, tenant=r.principal.tenant, key_id=r.principal.key_id, model=r.model, version=r.version,
+                    created_at=now, prompt_tokens=int(r.prompt_tokens), completion_tokens=int(r.completion_tokens),
+                ))
         with self.engine.begin() as conn:
-            for subject, window in counters:
-                bump(conn, subject, window, window_start(window, now), tokens)
-            stmt = _insert(conn)(usage).values(
-                tenant=principal.tenant, key_id=principal.key_id, model=model, day=int(now // 86400),
-                requests=1, prompt_tokens=int(prompt_tokens), completion_tokens=int(completion_tokens),
-            )
-            conn.execute(
-                stmt.on_conflict_do_update(
+            for (subject, window, start), tokens in counters.items():
+                bump(conn, subject, window, start, tokens)
+            for (tenant, key_id, model, day), (requests, prompt, completion) in rows.items():
+                stmt = _insert(conn)(usage).values(
+                    tenant=tenant, key_id=key_id, model=model, day=day, requests=requests, prompt_tokens=prompt, completion_tokens=completion,
+                )
+                conn.execute(stmt.on_conflict_do_update(
                     index_elements=["tenant", "key_id", "model", "day"],
                     set_={
-                        "requests": usage.c.requests + 1,
+                        "requests": usage.c.requests + stmt.excluded.requests,
                         "prompt_tokens": usage.c.prompt_tokens + stmt.excluded.prompt_tokens,
                         "completion_tokens": usage.c.completion_tokens + stmt.excluded.completion_tokens,
                     },
-                )
-            )
-            if response_id:
-                conn.execute(
-                    _insert(conn)(responses)
-                    .values(
-                        id=response_id, tenant=principal.tenant, key_id=principal.key_id, model=model, version=version,
-                        created_at=now, prompt_tokens=int(prompt_tokens), completion_tokens=int(completion_tokens),
-                    )
-                    .on_conflict_do_nothing(index_elements=["id"])
-                )
+                ))
+            if answered:
+                conn.execute(_insert(conn)(responses).values(answered).on_conflict_do_nothing(index_elements=["id"]))
             if random.random() < 0.01:  # old windows are never read again
-                conn.execute(rate_counters.delete().where(rate_counters.c.start < now - _KEEP_SECONDS))
+                conn.execute(rate_counters.delete().where(rate_counters.c.start < time.time() - _KEEP_SECONDS))
 
     def usage(
         self,
@@ -178,3 +193,69 @@ class Quotas:
 
 def _day(date: dt.date) -> int:
     return (date - dt.date(1970, 1, 1)).days
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One finished request's usage, as `Quotas.record` takes it."""
+
+    principal: Principal
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    response_id: str | None = None
+    version: str | None = None
+    now: float | None = None
+
+
+class UsageWriter:
+    """Group commit for a gateway's event loop: `await writer.record(r)` returns once `r` is in the database,
+    and every record handed in while one transaction runs goes into the next (`Quotas.record_many`).
+
+    Under load, one transaction (in a worker thread) carries many requests' usage instead of each
+    request taking the database's write lock and a thread hop of its own; a lone request still
+    waits for exactly one transaction. A failed write fails every request of its batch alike.
+    """
+
+    def __init__(self, quotas: Quotas) -> None:
+        self.quotas = quotas
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[UsageRecord, asyncio.Future]]] = {}
+
+    async def record(self, record: UsageRecord) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        pending = self._pending.get(loop)
+        if pending is None:  # no writer runs on this loop: start one
+            pending = self._pending[loop] = []
+            _keep(loop.create_task(self._write(loop)))
+        pending.append((record, done))
+        await asyncio.shield(done)  # a caller that leaves does not take the record out of its batch
+
+    async def _write(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            await asyncio.sleep(0)  # let the requests that finish in this turn of the loop join the batch
+            while batch := self._pending[loop][:]:
+                del self._pending[loop][: len(batch)]
+                try:
+                    await asyncio.to_thread(self.quotas.record_many, [r for r, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - handed to every request of the batch
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                else:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_result(None)
+        finally:
+            for _, done in self._pending.pop(loop, []):  # the loop is closing: nobody writes these any more
+                if not done.done():
+                    done.set_exception(RuntimeError("usage writer stopped"))
+
+
+_tasks: set[asyncio.Task] = set()
+
+
+def _keep(task: asyncio.Task) -> None:
+    """Hold a reference to a writer task until it ends (the loop keeps only weak ones)."""
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)

@@ -414,8 +414,11 @@ class CanaryEngine(Engine):
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
         return self._routed(lambda engine: engine.generate(request))
 
-    def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
-        return self._routed(lambda engine: engine.generate_chat(request_id, messages, params))
+    def generate_chat(  # type: ignore[override]
+        self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        with_tools = {"tools": tools} if tools else {}
+        return self._routed(lambda engine: engine.generate_chat(request_id, messages, params, **with_tools))
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         side = await self._side()

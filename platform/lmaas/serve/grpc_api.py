@@ -82,9 +82,10 @@ class GrpcServing:
         ref, auth = self.refs.get(model, model), self.auth
 
         async def on_finish(response_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-            await run_in_threadpool(lambda: auth.quotas.record(
-                principal, model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                response_id=response_id, version=auth.version_of(ref) if response_id else None))
+            from lmaas.auth.quotas import UsageRecord
+
+            version = await auth.version_of_async(ref) if response_id else None
+            await auth.usage.record(UsageRecord(principal, model, prompt_tokens, completion_tokens, response_id, version))
 
         return on_finish
 

@@ -11,8 +11,10 @@ import asyncio
 import base64
 import json
 import struct
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from lmaas.errors import InvalidInputError, LmaasError, NotFoundError, ReplicaLostError
 from lmaas.serve.errors import error_body
@@ -35,11 +37,16 @@ from lmaas.serve.protocol.openai import (
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
+    FunctionCall,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     TokenizeRequest,
     TokenizeResponse,
     TokenLogprobOut,
+    ToolCall,
+    ToolCallDelta,
     TopLogprobOut,
     Usage,
 )
@@ -144,29 +151,37 @@ class OpenAIServing:
     async def create_chat_completion(
         self, request: ChatCompletionRequest, *, on_finish: OnFinish | None = None
     ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """A full response, or (when `stream`) an iterator of SSE lines; errors before the first token raise.
+
+        `tools` are rendered into the prompt by the model's chat template; `tool_choice` decides the reply's
+        shape (see `ToolChoice`).
+        """
         engine = self.engine(request.model)
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        messages = [m.for_template() for m in request.messages]
+        tools = request.tool_dicts()
         top = (request.top_logprobs or 0) if request.logprobs else None
         if request.top_logprobs and not request.logprobs:
             raise InvalidInputError("top_logprobs needs logprobs: true", param="top_logprobs")
-        params = _sampling(request, request.max_completion_tokens or request.max_tokens, top)
+        choice = ToolChoice.of(request)
+        params = choice.sampling(_sampling(request, request.max_completion_tokens or request.max_tokens, top))
         request_id = new_request_id("chatcmpl")
+        with_tools = {"tools": tools} if tools else {}  # engines and replicas older than tools take no `tools`
 
         def start(i: int) -> AsyncIterator[TokenEvent]:
-            return engine.generate_chat(_choice_id(request_id, i), messages, _choice_params(params, i))
+            return engine.generate_chat(_choice_id(request_id, i), messages, _choice_params(params, i), **with_tools)
 
         events = _merge(await _start_choices(start, request.n))
         if request.stream:
-            return self._chat_stream(request, request_id, events, top is not None, on_finish)
+            return self._chat_stream(request, request_id, events, top is not None, on_finish, choice)
         choices = await _collect_choices(events, request.n, start)
         usage = _total_usage(choices, request.n)
         if on_finish is not None:
             await on_finish(request_id, usage.prompt_tokens, usage.completion_tokens)
-        return ChatCompletionResponse(id=request_id, model=request.model, usage=usage, choices=[
-            ChatChoice(index=i, message=ChatMessageOut(content="".join(e.text for e in collected)), finish_reason=collected[-1].finish_reason,
-                       logprobs=_chat_logprobs(collected) if top is not None else None)
-            for i, collected in enumerate(choices)
-        ])
+        out = []
+        for i, collected in enumerate(choices):
+            message, finish = choice.reply("".join(e.text for e in collected), collected[-1].finish_reason)
+            out.append(ChatChoice(index=i, message=message, finish_reason=finish, logprobs=_chat_logprobs(collected) if top is not None else None))
+        return ChatCompletionResponse(id=request_id, model=request.model, usage=usage, choices=out)
 
     async def _chat_stream(
         self,
@@ -175,18 +190,27 @@ class OpenAIServing:
         events: AsyncIterator[TokenEvent],
         logprobs: bool,
         on_finish: OnFinish | None = None,
+        tool_choice: ToolChoice | None = None,
     ) -> AsyncIterator[str]:
+        tool_choice = tool_choice or ToolChoice("none")
         for i in range(request.n):
             role = ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
             yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[role]))
         lasts: dict[int, TokenEvent] = {}
+        calls: dict[int, _StreamedCall] = {}
         async for event in _metered(request_id, events, on_finish, lasts, request.n):
             if not event.text and event.finish_reason is None and not logprobs:
                 continue
+            call = calls.setdefault(event.index, _StreamedCall())
+            deltas, finish = tool_choice.stream(call, event.text, event.finish_reason)
+            if deltas == [ChatDelta()] and finish is None and not logprobs:
+                continue  # text held back ("required" sends its calls once the array is complete)
+            for delta in deltas[:-1]:  # a call's first piece (id, name) goes ahead of its argument text
+                yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[ChatChunkChoice(index=event.index, delta=delta)]))
             choice = ChatChunkChoice(
                 index=event.index,
-                delta=ChatDelta(content=event.text or None) if event.text else ChatDelta(),
-                finish_reason=event.finish_reason,
+                delta=deltas[-1],
+                finish_reason=finish,
                 logprobs=_chat_logprobs([event]) if logprobs else None,
             )
             yield _sse(ChatCompletionChunk(id=request_id, model=request.model, choices=[choice]))
@@ -197,9 +221,10 @@ class OpenAIServing:
 
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         engine = self.engine(request.model)
-        prompt = request.prompt if request.prompt is not None else [{"role": m.role, "content": m.text()} for m in request.messages or []]
+        prompt = request.prompt if request.prompt is not None else [m.for_template() for m in request.messages or []]
+        tools = request.tool_dicts() if request.messages else None
         out = await engine.tokenize(prompt, add_special_tokens=request.add_special_tokens, add_generation_prompt=request.add_generation_prompt,
-                                    token_strs=request.return_token_strs)
+                                    token_strs=request.return_token_strs, tools=tools)
         return TokenizeResponse(count=len(out.ids), max_model_len=out.max_context, tokens=out.ids, token_strs=out.strs)
 
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
@@ -216,6 +241,149 @@ class OpenAIServing:
             await on_finish(None, tokens, 0)
         data = [EmbeddingData(index=i, embedding=_encode_vector(v, request.encoding_format)) for i, v in enumerate(vectors)]
         return EmbeddingResponse(data=data, model=request.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+
+AUTO_TOOL_CHOICE_REFUSED = (
+    '"auto" tool choice needs a tool-call parser, which lmaas does not run (vLLM: --enable-auto-tool-choice and --tool-call-parser); '
+    'send tool_choice "required" or a named function ({"type": "function", "function": {"name": ...}}) for a tool call, or "none" for text'
+)
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """What a chat request's `tool_choice` makes of its reply, as vLLM's OpenAI server does without a tool-call parser.
+
+    - "none" (the default without tools): any tools are rendered into the prompt; the reply is text.
+    - named, `{"type": "function", "function": {"name": N}}`: structured output under N's `parameters`; the reply is
+      one call of N whose `arguments` are the generated JSON text, `content` null, finish_reason the engine's ("stop").
+    - "required": structured output of a JSON array of `{"name": <a tool's>, "parameters": <its arguments>}` (at
+      least one; at most one when `parallel_tool_calls` is false); each element becomes a call; finish_reason
+      "tool_calls" (the engine's when it stopped for another reason, e.g. "length").
+    - "auto" (the default with tools): would need a tool-call parser to find calls in free text; lmaas runs none,
+      so it is a 400 naming `tool_choice` (`AUTO_TOOL_CHOICE_REFUSED`).
+
+    Named and "required" need structured output, which the vLLM engine has; lmaas's own engine refuses them with a
+    400 naming `tool_choice`, as it does with `response_format` combined with either of them.
+    """
+
+    mode: str
+    """"none", "named" or "required"."""
+    name: str | None = None
+    """The function a named choice calls."""
+    schema: dict[str, Any] | None = None
+    """The JSON Schema the generated text follows (named: the function's parameters; "required": the array's)."""
+
+    @classmethod
+    def of(cls, request: ChatCompletionRequest) -> "ToolChoice":
+        """Raises InvalidInputError naming `tool_choice`: "auto", or structured `response_format` with a call forced."""
+        choice = request.tool_choice
+        if choice == "auto":
+            raise InvalidInputError(AUTO_TOOL_CHOICE_REFUSED, param="tool_choice")
+        if choice == "none":
+            return cls("none")
+        fmt = request.response_format
+        if fmt is not None and fmt.type != "text":
+            raise InvalidInputError(f"response_format {fmt.type} cannot be combined with a tool call forced by tool_choice; drop one of them",
+                                    param="tool_choice")
+        tools = request.tools or []
+        if isinstance(choice, NamedToolChoice):
+            tool = next(t for t in tools if t.function.name == choice.function.name)  # the request checked that it is there
+            return cls("named", tool.function.name, tool.function.parameters)
+        return cls("required", schema=required_tools_schema(request.tool_dicts() or [], request.parallel_tool_calls))
+
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        """`params` with the structured output this choice needs (errors about it name `tool_choice`)."""
+        if self.schema is None:
+            return params
+        return replace(params, json_schema=json.dumps(self.schema), json_object=False, structured_by="tool_choice")
+
+    def reply(self, text: str, finish: str | None) -> tuple[ChatMessageOut, str | None]:
+        """A whole choice's message and finish_reason from its generated text and the engine's finish_reason."""
+        if self.mode == "none":
+            return ChatMessageOut(content=text), finish
+        if self.mode == "named":
+            calls = [ToolCall(id=new_tool_call_id(), function=FunctionCall(name=self.name, arguments=text))] if text.strip() else []
+            return ChatMessageOut(content=None, tool_calls=calls), finish
+        return ChatMessageOut(content=None, tool_calls=parse_tool_calls(text)), "tool_calls" if finish == "stop" else finish
+
+    def stream(self, call: "_StreamedCall", text: str, finish: str | None) -> tuple[list[ChatDelta], str | None]:
+        """The deltas of one stream event of a choice (the last one carries the event's logprobs) and its finish_reason.
+
+        Named: the call's first delta (index, id, type, name, arguments "") once text arrives, then the argument text
+        as it comes. "required": nothing until the array is complete, then every call whole, on the last event.
+        """
+        if self.mode == "none":
+            return [ChatDelta(content=text) if text else ChatDelta()], finish
+        if self.mode == "named":
+            deltas = []
+            if text and call.id is None:
+                call.id = new_tool_call_id()
+                deltas.append(ChatDelta(tool_calls=[ToolCallDelta(index=0, id=call.id, type="function",
+                                                                  function=FunctionCallDelta(name=self.name, arguments=""))]))
+            deltas.append(ChatDelta(tool_calls=[ToolCallDelta(index=0, function=FunctionCallDelta(arguments=text))]) if text else ChatDelta())
+            return deltas, finish
+        call.text += text
+        if finish is None:
+            return [ChatDelta()], None
+        calls = parse_tool_calls(call.text)
+        deltas = [ToolCallDelta(index=i, id=c.id, type="function", function=FunctionCallDelta(name=c.function.name, arguments=c.function.arguments))
+                  for i, c in enumerate(calls)]
+        return [ChatDelta(tool_calls=deltas or None)], "tool_calls" if finish == "stop" else finish
+
+
+@dataclass
+class _StreamedCall:
+    """What a stream has sent of one choice's tool call(s)."""
+
+    id: str | None = None
+    text: str = ""
+
+
+def required_tools_schema(tools: list[dict[str, Any]], parallel_tool_calls: bool = True) -> dict[str, Any]:
+    """The JSON Schema of tool_choice "required"'s output, as vLLM's `_get_json_schema_from_tools`: an array of at least
+    one (at most one without parallel calls) `{"name": <one tool's name>, "parameters": <its parameters>}`, anyOf per tool.
+
+    The tools' `$defs` move to the top of the schema (their `$ref`s point there); two tools defining one name differently
+    is a 400 naming `tools`.
+    """
+    defs: dict[str, Any] = {}
+    options = []
+    for tool in tools:
+        function = tool["function"]
+        parameters = dict(function.get("parameters") or {"type": "object", "properties": {}})
+        for name, schema in (parameters.pop("$defs", None) or {}).items():
+            if defs.setdefault(name, schema) != schema:
+                raise InvalidInputError(f"tools define $defs {name!r} twice, differently; give it one schema", param="tools")
+        options.append({
+            "properties": {"name": {"type": "string", "enum": [function["name"]]}, "parameters": parameters},
+            "required": ["name", "parameters"],
+        })
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": options}}
+    if not parallel_tool_calls:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def parse_tool_calls(text: str) -> list[ToolCall]:
+    """The calls in tool_choice "required"'s output (a JSON array of `{"name", "parameters"}`); none when it is not
+    one (generation cut short by max_tokens), as vLLM."""
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return []
+    if not isinstance(items, list):
+        return []
+    return [
+        ToolCall(id=new_tool_call_id(), function=FunctionCall(name=item["name"], arguments=json.dumps(item["parameters"], ensure_ascii=False)))
+        for item in items
+        if isinstance(item, dict) and isinstance(item.get("name"), str) and "parameters" in item
+    ]
+
+
+def new_tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _sampling(request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:  # noqa: ANN001 - either request type

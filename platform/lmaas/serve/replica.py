@@ -232,10 +232,11 @@ class ModelServer:
             yield batch
 
     async def generate_chat(
-        self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None
+        self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None, tools: list[dict] | None = None
     ) -> AsyncIterator[list[TokenEvent]]:
         loaded = self._acquire()
-        async for batch in _served(loaded, lambda: loaded.engine.generate_chat(request_id, messages, params), self._metrics_of(loaded), http_request_id):
+        async for batch in _served(loaded, lambda: loaded.engine.generate_chat(request_id, messages, params, tools=tools), self._metrics_of(loaded),
+                                   http_request_id):
             yield batch
 
     async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
@@ -249,7 +250,7 @@ class ModelServer:
                                               "texts": len(texts), "prompt_tokens": tokens})
         return vectors, tokens
 
-    async def tokenize(self, prompt: str | list[dict], options: dict[str, bool]) -> Tokenized:
+    async def tokenize(self, prompt: str | list[dict], options: dict[str, Any]) -> Tokenized:
         return await self.current.engine.tokenize(prompt, **options)
 
     async def detokenize(self, ids: list[int]) -> str:
@@ -335,10 +336,11 @@ class MultiplexedModelServer:
             yield batch
 
     async def generate_chat(
-        self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None
+        self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None, tools: list[dict] | None = None
     ) -> AsyncIterator[list[TokenEvent]]:
         loaded = await self._acquire()
-        async for batch in _served(loaded, lambda: loaded.engine.generate_chat(request_id, messages, params), self._metrics_of(loaded), http_request_id):
+        async for batch in _served(loaded, lambda: loaded.engine.generate_chat(request_id, messages, params, tools=tools), self._metrics_of(loaded),
+                                   http_request_id):
             yield batch
 
     async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
@@ -350,7 +352,7 @@ class MultiplexedModelServer:
         self._metrics_of(loaded).finished(tokens, 0)
         return vectors, tokens
 
-    async def tokenize(self, prompt: str | list[dict], options: dict[str, bool]) -> Tokenized:
+    async def tokenize(self, prompt: str | list[dict], options: dict[str, Any]) -> Tokenized:
         return await (await self.get_model(serve.get_multiplexed_model_id())).loaded.engine.tokenize(prompt, **options)
 
     async def detokenize(self, ids: list[int]) -> str:
@@ -418,8 +420,11 @@ class DeploymentEngine(Engine):
         async for event in self._retried_stream(lambda handle: handle.generate.remote(request, REQUEST_ID.get())):
             yield event
 
-    async def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
-        async for event in self._retried_stream(lambda handle: handle.generate_chat.remote(request_id, messages, params, REQUEST_ID.get())):
+    async def generate_chat(  # type: ignore[override]
+        self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        with_tools = {"tools": tools} if tools else {}  # replicas of an older lmaas take no `tools`
+        async for event in self._retried_stream(lambda handle: handle.generate_chat.remote(request_id, messages, params, REQUEST_ID.get(), **with_tools)):
             yield event
 
     async def _retried_stream(self, call: Any) -> AsyncIterator[TokenEvent]:  # noqa: ANN401 - (handle) -> DeploymentResponseGenerator
@@ -439,9 +444,12 @@ class DeploymentEngine(Engine):
         return await self._unary("embed", texts, REQUEST_ID.get())
 
     async def tokenize(
-        self, prompt: str | list[dict], *, add_special_tokens: bool = False, add_generation_prompt: bool = True, token_strs: bool = False
+        self, prompt: str | list[dict], *, add_special_tokens: bool = False, add_generation_prompt: bool = True, token_strs: bool = False,
+        tools: list[dict] | None = None,
     ) -> Tokenized:
-        options = {"add_special_tokens": add_special_tokens, "add_generation_prompt": add_generation_prompt, "token_strs": token_strs}
+        options: dict[str, Any] = {"add_special_tokens": add_special_tokens, "add_generation_prompt": add_generation_prompt, "token_strs": token_strs}
+        if tools:
+            options["tools"] = tools
         return await self._unary("tokenize", prompt, options)
 
     async def detokenize(self, ids: list[int]) -> str:

@@ -39,6 +39,8 @@ class SamplingParams:
     """Structured output: the text is JSON valid under this JSON Schema (the schema as JSON text)."""
     json_object: bool = False
     """Structured output: the text is one JSON object."""
+    structured_by: str = "response_format"
+    """The request field that asked for the structured output, named in errors about it ("response_format" or "tool_choice")."""
 
     def structured(self) -> bool:
         return self.json_schema is not None or self.json_object
@@ -64,8 +66,11 @@ class SamplingParams:
     def refuse_unsupported(self, engine: str) -> None:
         """For engines without penalties and structured output: a 400 naming the first such field that is set."""
         if self.structured():
-            raise InvalidInputError(f"response_format {'json_schema' if self.json_schema else 'json_object'} needs the vLLM engine; "
-                                    f"this model runs on {engine}'s", param="response_format")
+            if self.structured_by == "tool_choice":
+                what = 'tool_choice "required" or a named function (structured output)'
+            else:
+                what = f"response_format {'json_schema' if self.json_schema else 'json_object'}"
+            raise InvalidInputError(f"{what} needs the vLLM engine; this model runs on {engine}'s", param=self.structured_by)
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise InvalidInputError(f"{name} needs the vLLM engine; this model runs on {engine}'s", param=name)
@@ -194,30 +199,34 @@ class Engine(abc.ABC):
         """False once the engine can serve no more requests (its decode loop or engine process died)."""
         return True
 
-    def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The prompt token ids of a chat conversation under this model's chat template."""
+    def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        """The prompt token ids of a chat conversation under this model's chat template (`tools`: OpenAI's tool
+        definitions, which the template renders into the prompt)."""
         raise InvalidInputError(f"model {self.model_id!r} has no chat template", param="model")
 
-    def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    def generate_chat(
+        self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None
+    ) -> AsyncIterator[TokenEvent]:
         """Stream the reply to a chat conversation: `tokenize_chat` then `generate`.
 
         One call, so an engine behind a remote handle templates with the same model version that
         generates (a version swap between two calls could otherwise mix tokenizers).
         """
-        return self.generate(GenerationRequest(request_id, self.tokenize_chat(messages), params))
+        return self.generate(GenerationRequest(request_id, self.tokenize_chat(messages, tools=tools), params))
 
     async def tokenize(
-        self, prompt: str | list[dict], *, add_special_tokens: bool = False, add_generation_prompt: bool = True, token_strs: bool = False
+        self, prompt: str | list[dict], *, add_special_tokens: bool = False, add_generation_prompt: bool = True, token_strs: bool = False,
+        tools: list[dict] | None = None,
     ) -> Tokenized:
         """The token ids of a text (as `/v1/completions` reads it: no special tokens unless asked) or of a chat
-        conversation under the chat template (as `/v1/chat/completions` does), with the model's context length."""
+        conversation under the chat template (as `/v1/chat/completions` does, with `tools`), with the model's context length."""
         tokenizer = getattr(self, "tokenizer", None)
         if tokenizer is None:
             raise InvalidInputError(f"model {self.model_id!r} has no tokenizer", param="model")
         if isinstance(prompt, str):
             ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
-            ids = self.tokenize_chat(prompt, add_generation_prompt)
+            ids = self.tokenize_chat(prompt, add_generation_prompt, tools=tools)
         return Tokenized(list(ids), self.max_context, tokenizer.convert_ids_to_tokens(ids) if token_strs else None)
 
     async def detokenize(self, ids: list[int]) -> str:

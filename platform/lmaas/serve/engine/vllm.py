@@ -212,10 +212,10 @@ class VLLMEngine(Engine):
 
     # ---- the Engine contract ----
 
-    def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         from lmaas.serve.engine.causal_lm import chat_token_ids
 
-        return chat_token_ids(self.tokenizer, messages, add_generation_prompt)
+        return chat_token_ids(self.tokenizer, messages, add_generation_prompt, tools)
 
     def prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
         """The prompt's token ids and how many tokens it may generate (same checks as `CausalLMEngine.prepare`)."""
@@ -272,7 +272,7 @@ class VLLMEngine(Engine):
                     return
         except (ValueError, _client_error()) as exc:  # vLLM's own request checks, after ours (a schema its grammar backend cannot compile)
             message = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(exc))  # the grammar compiler's time and C++ source line
-            raise InvalidInputError(message, param="response_format" if p.structured() else None) from exc
+            raise InvalidInputError(message, param=p.structured_by if p.structured() else None) from exc
         finally:
             if not finished:
                 self.abort(request.request_id)

@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from lmaas.auth import Principal
+from lmaas.auth.quotas import UsageRecord
 from lmaas.errors import LmaasError, NotFoundError
 from lmaas.serve.auth import authenticate, get_auth, inference_access
 from lmaas.serve.canary import CALLER, ROUTED, Routed
@@ -82,13 +83,8 @@ async def _admit_model(request: Request, model: str, user: str | None = None) ->
     routed = ROUTED.get()
 
     async def on_finish(response_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-        def record() -> None:
-            auth.quotas.record(
-                principal, model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                response_id=response_id, version=auth.version_of(routed.ref or ref) if response_id else None,
-            )
-
-        await asyncio.to_thread(record)
+        version = await auth.version_of_async(routed.ref or ref) if response_id else None
+        await auth.usage.record(UsageRecord(principal, model, prompt_tokens, completion_tokens, response_id, version))
 
     return on_finish
 
