@@ -140,7 +140,8 @@ def compression(d: dict) -> list[Row]:
 def serve_vllm(d: dict) -> list[Row]:
     rows = []
     loop = d["closed_loop"]
-    for side, target in (("lmaas-vllm", 0.9), ("lmaas-engine", None)):
+    sides = (("lmaas-vllm", 0.9), ("lmaas-vllm-deployment", None), ("lmaas-engine", None))
+    for side, target in ((side, target) for side, target in sides if side in loop):  # results older than colocation lack the middle one
         for level in (16, 64):
             ours, base = _at(loop[side], level), _at(loop["vllm"], level)
             ratio = ours["tokens_per_s"] / base["tokens_per_s"]

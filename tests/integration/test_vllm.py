@@ -500,3 +500,58 @@ def test_embeddings_on_vllm_pooling_equal_lmaas_embedding_engine():
     for got, want in zip(vectors, expected):
         assert len(got) == len(want) == 384
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4  # fp32 both; kernels sum in other orders
+
+
+def test_a_colocated_vllm_model_is_served_by_the_gateway_itself_and_follows_its_alias(served, reference):
+    """`colocated: true`: no model deployment, the gateway's replica runs vLLM; answers equal lmaas's engine's, usage is
+    metered, `list_deployments` shows the gateway's replica, and an alias move under load fails no request.
+
+    Last in the module: it replaces the module's app (one gateway serving the colocated model)."""
+    import httpx
+
+    from lmaas.registry import ModelRegistry
+    from lmaas.serve.deployments import INGRESS_NAME, build_app, list_deployments, run_app
+    from lmaas.serve.engine import SamplingParams
+    from ray import serve
+
+    base, model_dir, settings = served
+    registry = ModelRegistry.from_settings(settings)
+    registry.register_version("vcolo", model_dir, task="causal-lm")
+    other = make_causal_lm(settings.home.parent / "colo2", max_seq_len=CONTEXT, initializer_range=0.5, num_attention_heads=2,
+                           num_key_value_heads=1, seed=7)
+    registry.register_version("vcolo", other, task="causal-lm")
+    registry.set_alias("vcolo", "production", 1)
+    model = {"ref": "vcolo@production", "name": "vcolo", "colocated": True, "num_cpus": 0.3, "refresh_interval_s": 1,
+             "health_check_period_s": 1, "engine": VLLM_ENGINE}
+    run_app(build_app({"models": [model], "ingress": {"num_cpus": 0.1}, "env": settings.env()}), APP)
+    wait_for(lambda: http_status(base + "/healthz") == 200, 120, "the colocated gateway")
+
+    assert set(serve.status().applications[APP].deployments) == {INGRESS_NAME}  # no replica of its own
+    (row,) = list_deployments(APP)
+    assert (row.name, row.status, row.running, row.engine, row.serving) == ("vcolo", "HEALTHY", 1, "vllm", "vcolo:1"), row
+
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    out = client.completions.create(model="vcolo", prompt=PROMPT, max_tokens=12, temperature=0)
+    run, engine = reference
+    expected = run(PROMPT, SamplingParams(max_tokens=12, temperature=0))
+    assert out.choices[0].text == "".join(e.text for e in expected)  # vLLM in the gateway gives what lmaas's engine gives
+    counted = httpx.post(base + "/v1/tokenize", json={"model": "vcolo", "prompt": PROMPT}, headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert out.usage.prompt_tokens == counted["count"] and out.usage.completion_tokens == 12
+    chunks = list(client.chat.completions.create(model="vcolo", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 8 and any(c.choices and c.choices[0].delta.content for c in chunks)
+    assert http_status(base + "/readyz") == 200
+
+    def greedy() -> str:
+        return client.completions.create(model="vcolo", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+
+    before = greedy()
+    with ClientLoop(base, KEY, threads=2, model="vcolo", max_tokens=8) as loop:
+        wait_for(lambda: len(loop.answers) >= 6, 60, "answers before the move")
+        registry.set_alias("vcolo", "production", 2)
+        # the gateway loads version 2 next to version 1 (which keeps answering), then swaps
+        wait_for(lambda: list_deployments(APP)[0].serving == "vcolo:2", 180, "the gateway serving version 2")
+        swapped = len(loop.answers)
+        wait_for(lambda: len(loop.answers) >= swapped + 6, 60, "answers after the swap")
+    assert not loop.failed(), loop.failed()[:3]
+    assert greedy() != before  # other weights answer now

@@ -79,6 +79,9 @@ def test_tenant_caps_come_from_the_apps_args_per_tenant(tmp_path):
     caps.for_tenant("acme").check(ServedModel(ref="m:1", max_replicas=16))
     with pytest.raises(PermissionDeniedError, match="max_replicas 16 is over"):
         caps.for_tenant("other").check(ServedModel(ref="m:1", max_replicas=16))
+    with pytest.raises(PermissionDeniedError, match="only an admin colocates") as err:  # its engine would run in the shared gateway
+        caps.for_tenant("acme").check(ServedModel(ref="m:1", colocated=True))
+    assert err.value.param == "colocated"
     records = DeploymentRecords(db.connect(f"sqlite:///{tmp_path / 'lmaas.db'}"))
     records.record("app", "one", tenant="other", ref="m:1", canary_ref=None)
     records.check_count("app", "one", "other", caps.for_tenant("other"))  # replacing its own: not a new one

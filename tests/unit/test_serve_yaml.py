@@ -73,3 +73,29 @@ def test_placement_options_reach_serve():
     options = ServedModel(ref="m", resources={"gpu_a100": 1}, max_replicas_per_node=1).deployment_options({})
     assert options["ray_actor_options"]["resources"] == {"gpu_a100": 1} and options["max_replicas_per_node"] == 1
     assert "max_replicas_per_node" not in ServedModel(ref="m").deployment_options({})
+
+
+def test_a_colocated_model_runs_in_the_gateway_with_its_resources_and_scaling():
+    from pydantic import ValidationError
+
+    from lmaas.serve.app import build_app
+    from lmaas.serve.options import INGRESS_NAME, ServeAppArgs, ServedModel
+
+    for bad, field in (({"multiplexed": True}, "multiplexed"), ({"canary": {"ref": "m:2"}}, "canary"), ({"min_replicas": 0}, "min_replicas")):
+        with pytest.raises(ValidationError, match=field):
+            ServeAppArgs.model_validate({"models": [{"ref": "m", "colocated": True, **bad}]})
+    with pytest.raises(ValidationError, match="at most one model"):
+        ServeAppArgs.model_validate({"models": [{"ref": "m", "colocated": True}, {"ref": "n", "colocated": True}]})
+
+    app = build_app({"models": [{"ref": "m", "colocated": True, "num_cpus": 2, "num_gpus": 1, "min_replicas": 1, "max_replicas": 3},
+                                {"ref": "e"}], "ingress": {"num_cpus": 0.1}}, applier=lambda env: None)
+    gateway = app._bound_deployment
+    assert gateway.name == INGRESS_NAME
+    assert gateway.ray_actor_options["num_cpus"] == pytest.approx(2.1) and gateway.ray_actor_options["num_gpus"] == 1
+    scaling = gateway._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
+    models = gateway.init_args[0]
+    assert set(models) == {"e"}  # `m` has no deployment of its own; the gateway loads it
+    assert gateway.init_kwargs["colocated"][:2] == ("m", "m")
+    assert ServedModel(ref="m", colocated=True).serving_deployment == INGRESS_NAME
+    assert ServedModel(ref="m").serving_deployment == "model-m"

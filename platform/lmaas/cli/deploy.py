@@ -54,6 +54,9 @@ def deploy(
     num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPUs per replica (fractions allowed)."),
     num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per replica."),
     multiplexed: bool = typer.Option(False, "--multiplexed", help="Host on the shared multiplexed deployment (long-tail models)."),
+    colocated: bool = typer.Option(
+        False, "--colocated", help="Run the engine inside the gateway's replicas (no hop between engine and HTTP; one such model per app)."
+    ),
     port: int = typer.Option(8000, "--port", help="HTTP port of Serve's proxy (when Serve is not running yet)."),
     grpc_port: int = typer.Option(
         9000, "--grpc-port", help="gRPC port of Serve's proxy (lmaas.v1.Inference; 0: no gRPC), when Serve is not running yet."
@@ -97,6 +100,7 @@ def deploy(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             multiplexed=multiplexed,
+            colocated=colocated,
             canary=canary_options,
             engine={"engine": engine, "device": "cuda" if num_gpus > 0 else "cpu"},
         )

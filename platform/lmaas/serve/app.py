@@ -5,7 +5,8 @@
 
 One application holds the gateway (`ingress.OpenAIIngress`), one `replica.ModelServer` deployment per
 served model (and per canary), and the shared `replica.MultiplexedModelServer` when a model is
-multiplexed. `deployments.build_app` (what `serve run deployments/serve.yaml` imports) is this
+multiplexed. A model marked `colocated` has no deployment: its engine runs in the gateway's replicas
+(`replica.LocalEngine`), which then take its resources and scaling. `deployments.build_app` (what `serve run deployments/serve.yaml` imports) is this
 builder with `deployments.applier` behind the gateway's deployment changes.
 """
 
@@ -66,12 +67,16 @@ def build_app(args: dict | ServeAppArgs, *, applier: Callable[[dict[str, str]], 
     Raises:
         pydantic.ValidationError: bad arguments (the message names the field).
     """
-    config = args if isinstance(args, ServeAppArgs) else ServeAppArgs.model_validate(args)
+    # validated here also when given as `ServeAppArgs` (a `model_copy(update=...)` of one runs no validator)
+    config = ServeAppArgs.model_validate(args.model_dump() if isinstance(args, ServeAppArgs) else args)
     models: dict[str, Any] = {}
     canaries: dict[str, Any] = {}
     multiplexed: dict[str, str] = {}
     fresh = {name: time.time_ns() for name in restart}
+    colocated = next((m for m in config.models if m.colocated), None)
     for served in config.models:
+        if served.colocated:
+            continue  # its engine runs in the gateway (see below)
         if served.multiplexed:
             multiplexed[served.name] = served.ref
             continue
@@ -93,8 +98,19 @@ def build_app(args: dict | ServeAppArgs, *, applier: Callable[[dict[str, str]], 
     if config.env:
         actor["runtime_env"] = {"env_vars": dict(config.env)}  # auth reads the database
     refs, app_config = {m.name: m.ref for m in config.models}, config.model_dump(mode="json")
-    return OpenAIIngress.options(
-        num_replicas=ingress.num_replicas, max_ongoing_requests=ingress.max_ongoing_requests, ray_actor_options=actor,
-        graceful_shutdown_wait_loop_s=ingress.graceful_shutdown_wait_loop_s,
-        **_version(app_config, sorted(fresh.items())),
-    ).bind(models, multiplexed, multiplex, refs, app_config, canaries, applier=applier)
+    options: dict[str, Any] = {
+        "num_replicas": ingress.num_replicas, "max_ongoing_requests": ingress.max_ongoing_requests, "ray_actor_options": actor,
+        "graceful_shutdown_wait_loop_s": ingress.graceful_shutdown_wait_loop_s,
+    }
+    local = None
+    if colocated is not None:  # the gateway's replicas run this model: its resources and scaling, plus the gateway's CPU
+        local = (colocated.ref, colocated.name, colocated.engine.model_dump(), colocated.refresh_interval_s)
+        options = colocated.deployment_options(config.env)
+        model_actor = options["ray_actor_options"]
+        model_actor["num_cpus"] = model_actor["num_cpus"] + ingress.num_cpus
+        if ingress.resources:
+            model_actor["resources"] = {**model_actor.get("resources", {}), **ingress.resources}
+        options["max_ongoing_requests"] = max(ingress.max_ongoing_requests, colocated.max_ongoing_requests)
+    return OpenAIIngress.options(**options, **_version(app_config, sorted(fresh.items()))).bind(
+        models, multiplexed, multiplex, refs, app_config, canaries, applier=applier, colocated=local,
+    )

@@ -253,7 +253,7 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
     def running(key: str) -> int:
         return _running_replicas(app.deployments.get(key))
 
-    live = [m.name for m in args.models if not m.multiplexed and running(m.deployments[0])]
+    live = [m.name for m in args.models if not m.multiplexed and running(m.serving_deployment)]
     try:
         serving = serve.get_app_handle(app_name).served_info.remote(live).result(timeout_s=10)
     except Exception:  # noqa: BLE001 - a replica starting or stopping: list it without a version
@@ -263,7 +263,7 @@ def list_deployments(app_name: str = APP_NAME) -> list[DeploymentSummary]:
     splits = CanaryStore.from_settings().list(app_name) if any(m.canary for m in args.models) else {}
     out = []
     for m in args.models:
-        key = MULTIPLEX_NAME if m.multiplexed else m.deployments[0]
+        key = MULTIPLEX_NAME if m.multiplexed else m.serving_deployment
         state = app.deployments.get(key)
         scaling = args.multiplex if m.multiplexed else m
         canary = None

@@ -27,12 +27,11 @@ from ray.serve.handle import DeploymentHandle
 from lmaas.ops.logs import configure_logging
 from lmaas.ops.metrics import GatewayMetrics
 from lmaas.serve.engine import Engine
-from lmaas.serve.options import ServeAppArgs
-from lmaas.serve.replica import MULTIPLEX_NAME, DeploymentEngine
+from lmaas.serve.options import INGRESS_NAME, ServeAppArgs
+from lmaas.serve.replica import MULTIPLEX_NAME, DeploymentEngine, LocalEngine
 
 log = logging.getLogger("lmaas.serve")
 
-INGRESS_NAME = "OpenAIIngress"
 
 
 @serve.deployment(name=INGRESS_NAME)
@@ -49,9 +48,11 @@ class OpenAIIngress:
         canaries: served name -> handle of its canary's `ModelServer` deployment (`serve.canary` splits the traffic).
         applier: env -> the actor that applies deployment changes (`deployments.applier`): where
             `/api/v1/deployments` and canary promotions send them (see `serve.control`).
+        colocated: `ModelServer` arguments (ref, served name, engine options, refresh interval) of the model
+            whose engine runs in this gateway's process (`ServedModel.colocated`, `replica.LocalEngine`).
     """
 
-    def __init__(
+    async def __init__(
         self,
         models: dict[str, DeploymentHandle],
         multiplexed: dict[str, str],
@@ -61,6 +62,7 @@ class OpenAIIngress:
         canaries: dict[str, DeploymentHandle] | None = None,
         *,
         applier: Callable[[dict[str, str]], Any],
+        colocated: tuple | None = None,
     ) -> None:
         from lmaas.serve.grpc_api import GrpcServing
         from lmaas.serve.openai_api import OpenAIServing
@@ -73,6 +75,10 @@ class OpenAIIngress:
             self._engines[name] = self._engines[refs[name]] = DeploymentEngine(name, handle)
         for name, ref in multiplexed.items():
             self._engines[name] = self._engines[ref] = DeploymentEngine(name, multiplex, multiplexed_id=ref)
+        self._local: dict[str, LocalEngine] = {}
+        if colocated is not None:
+            ref, name = colocated[0], colocated[1]
+            self._local[name] = self._engines[name] = self._engines[ref] = await LocalEngine.start(*colocated)
         if canaries:
             self._split_traffic(canaries)
         self._grpc = GrpcServing(OpenAIServing(self._engines), refs=refs)
@@ -133,6 +139,8 @@ class OpenAIIngress:
 
     def check_health(self) -> None:
         """Serve calls this every `health_check_period_s`: a moment to let old requests leave the recent-traffic gauges."""
+        for engine in self._local.values():
+            engine.check_health()  # a dead colocated engine: Serve replaces this replica
         metrics = getattr(self, "_metrics", None)
         if metrics is not None:
             try:
@@ -153,7 +161,10 @@ class OpenAIIngress:
         app = serve.status().applications.get(serve.get_replica_context().app_name)
         out = {}
         for m in args.models:
-            key, scaling = (MULTIPLEX_NAME, args.multiplex) if m.multiplexed else (m.deployments[0], m)
+            if m.name in self._local:
+                out[m.name] = "ok" if self._local[m.name].healthy() else "the colocated engine has stopped"
+                continue
+            key, scaling = (MULTIPLEX_NAME, args.multiplex) if m.multiplexed else (m.serving_deployment, m)
             state = app.deployments.get(key) if app is not None else None
             running = _running_replicas(state)
             if running or scaling.min_replicas == 0 and state is not None and _status(state) != "DEPLOY_FAILED":
@@ -185,7 +196,7 @@ class OpenAIIngress:
         """
         names = [n for n in (self._models if names is None else names) if n in self._models]
         infos = await asyncio.gather(*(self._models[n].info.remote() for n in names))
-        return dict(zip(names, infos))
+        return dict(zip(names, infos)) | {name: engine.info() for name, engine in self._local.items()}
 
     async def served_versions(self, names: list[str] | None = None) -> dict[str, str]:
         """Served name -> `name:version` a replica of it serves now (multiplexed: its reference)."""

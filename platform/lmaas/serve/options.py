@@ -198,6 +198,14 @@ class ServedModel(ScalingOptions):
     engine: EngineOptions = Field(default_factory=EngineOptions)
     canary: CanaryOptions | None = None
     """Split traffic with a canary version (its own deployment, `model-<name>-canary`); see `lmaas.serve.canary`."""
+    colocated: bool = False
+    """Run the engine inside the gateway's own replicas instead of in a deployment of its own. A token then
+    crosses no process between the engine and the HTTP response (no handle call, no pickling): with vLLM,
+    about what `vllm serve` alone gives (bench/serve_vllm.py), against ~0.6x through a model deployment on a
+    CPU machine. The gateway takes this model's resources (`num_cpus`, `num_gpus`, `resources`) and scaling
+    (`min_replicas` >= 1 .. `max_replicas`), and every change to the app restarts it, engine included; versions
+    still roll out by alias without failed requests (`refresh_interval_s`). At most one colocated model per app,
+    not multiplexed and without a canary (a canary needs the stable version in a deployment of its own)."""
     swapped: bool = False
     """Set by a canary promotion: the stable version runs on in the deployment its canary ran in,
     replicas and all (no request goes back to the old version while the old one drains); a next
@@ -218,7 +226,20 @@ class ServedModel(ScalingOptions):
             self.name = parsed.name
         if self.canary is not None and self.multiplexed:
             raise ValueError("canary: a multiplexed model cannot have a canary (give it a deployment of its own)")
+        if self.colocated:
+            if self.multiplexed:
+                raise ValueError("colocated: a multiplexed model runs on the shared deployment, not in the gateway")
+            if self.canary is not None:
+                raise ValueError("colocated: a colocated model cannot have a canary (roll its versions out by alias, or colocate it after the canary)")
+            if self.min_replicas < 1:
+                raise ValueError("colocated: min_replicas must be >= 1 (the gateway itself serves it and never scales to zero)")
         return self
+
+    @property
+    def serving_deployment(self) -> str:
+        """The Serve deployment whose replicas run this model's engine: its own, or the gateway when colocated
+        (multiplexed models: `MULTIPLEX_NAME`, see `replica`)."""
+        return INGRESS_NAME if self.colocated else self.deployments[0]
 
 
 class MultiplexOptions(ScalingOptions):
@@ -266,7 +287,14 @@ class ServeAppArgs(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"served names must be unique; repeated: {dupes} (set `name` to tell them apart)")
+        colocated = [m.name for m in self.models if m.colocated]
+        if len(colocated) > 1:
+            raise ValueError(f"colocated: at most one model per app runs in the gateway; {colocated} ask for it")
         return self
+
+
+INGRESS_NAME = "OpenAIIngress"
+"""The gateway's Serve deployment (`ingress.OpenAIIngress`)."""
 
 
 def deployment_name(served_name: str) -> str:

@@ -54,6 +54,9 @@ class TenantCaps(BaseModel):
                                             "ask an admin", param=where + field)
         if served.resources:
             raise PermissionDeniedError("custom Ray resources pin replicas to nodes: only an admin sets them", param=where + "resources")
+        if getattr(served, "colocated", False):
+            raise PermissionDeniedError("a colocated engine runs inside the shared gateway: only an admin colocates a model",
+                                        param="colocated")
         if not where and getattr(served, "canary", None) is not None:
             self.check(served.canary, "canary.")
 
