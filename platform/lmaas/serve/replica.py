@@ -437,14 +437,8 @@ class LocalEngine(Engine):
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         return await self.server.embed(texts, REQUEST_ID.get())
 
-    async def tokenize(
-        self, prompt: str | list[dict], *, add_special_tokens: bool = False, add_generation_prompt: bool = True, token_strs: bool = False,
-        tools: list[dict] | None = None,
-    ) -> Tokenized:
-        options: dict[str, Any] = {"add_special_tokens": add_special_tokens, "add_generation_prompt": add_generation_prompt, "token_strs": token_strs}
-        if tools:
-            options["tools"] = tools
-        return await self.server.tokenize(prompt, options)
+    async def tokenize(self, prompt: str | list[dict], **options: Any) -> Tokenized:  # noqa: ANN401 - `Engine.tokenize`'s keywords
+        return await self.server.current.engine.tokenize(prompt, **options)
 
     async def detokenize(self, ids: list[int]) -> str:
         return await self.server.detokenize(ids)
