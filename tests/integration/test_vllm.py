@@ -554,4 +554,10 @@ def test_a_colocated_vllm_model_is_served_by_the_gateway_itself_and_follows_its_
         swapped = len(loop.answers)
         wait_for(lambda: len(loop.answers) >= swapped + 6, 60, "answers after the swap")
     assert not loop.failed(), loop.failed()[:3]
-    assert greedy() != before  # other weights answer now
+    after = greedy()
+    assert after != before  # other weights answer now
+    # each answer names the version that generated it, also while the alias had moved and version 1 still answered
+    texts = {"vcolo:1": before, "vcolo:2": after}
+    assert {version for _, _, _, version in loop.answers} == set(texts)
+    wrong = [(version, body) for _, _, body, version in loop.answers if json.loads(body)["choices"][0]["text"] != texts[version]]
+    assert not wrong, wrong[:3]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import struct
 import uuid
@@ -416,14 +417,22 @@ def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
     return params if index == 0 or params.seed is None else replace(params, seed=params.seed + index)
 
 
+ANSWERED: contextvars.ContextVar[str | None] = contextvars.ContextVar("lmaas_answered_version", default=None)
+"""`name:version` that answers the current request (its first choice's first event, `TokenEvent.version`), once
+its choices have started: the routers' version header and metering read it; None when the engine does not say."""
+
+
 async def _start_choices(start: Callable[[int], AsyncIterator[TokenEvent]], n: int) -> list[AsyncIterator[TokenEvent]]:
-    """Start `n` choices and wait for each one's first event, so bad input fails before any stream begins."""
+    """Start `n` choices and wait for each one's first event, so bad input fails before any stream begins
+    (and `ANSWERED` names the version that answers before the response's headers go out)."""
     streams = [start(i) for i in range(n)]
     firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
     failed = next((f for f in firsts if isinstance(f, BaseException)), None)
     if failed is not None:
         await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
         raise failed
+    if firsts and firsts[0].version:
+        ANSWERED.set(firsts[0].version)
     return [_chain(first, s) for first, s in zip(firsts, streams)]
 
 

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,7 @@ async def _stream(
             if last is None:
                 first = now - started
                 metrics.first_token(first)
+                event = replace(event, version=loaded.ref)  # which version answered (see `TokenEvent.version`)
             elif event.token_id is not None:
                 metrics.token(now - last)
             last, final = now, event

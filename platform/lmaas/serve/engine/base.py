@@ -136,6 +136,10 @@ class TokenEvent:
     top_logprobs: tuple[TopLogprob, ...] = ()
     index: int = 0
     """The choice this token belongs to, when a request asks for several (`n`); engines leave it 0."""
+    version: str | None = None
+    """`name:version` of the model version generating this request: set on its first event by the replica
+    that runs the engine (`replica._stream`), so the gateway names the version that answered, also while
+    an alias rolls over; engines leave it None."""
 
 
 @dataclass(frozen=True)

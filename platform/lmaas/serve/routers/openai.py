@@ -23,7 +23,7 @@ from lmaas.auth.quotas import UsageRecord
 from lmaas.errors import LmaasError, NotFoundError
 from lmaas.serve.auth import authenticate, get_auth, inference_access
 from lmaas.serve.canary import CALLER, ROUTED, Routed
-from lmaas.serve.openai_api import DONE, OnFinish, OpenAIServing, error_event
+from lmaas.serve.openai_api import ANSWERED, DONE, OnFinish, OpenAIServing, error_event
 from lmaas.serve.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -70,6 +70,7 @@ async def _admit_model(request: Request, model: str, user: str | None = None) ->
     serving = _serving(request)
     ref = request.app.state.refs.get(model, model)
     ROUTED.set(Routed())
+    ANSWERED.set(None)
     CALLER.set(user or request.headers.get("x-lmaas-user") or principal.key_id)
     if auth is None:
         if model in serving.engines:
@@ -83,7 +84,7 @@ async def _admit_model(request: Request, model: str, user: str | None = None) ->
     routed = ROUTED.get()
 
     async def on_finish(response_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-        version = await auth.version_of_async(routed.ref or ref) if response_id else None
+        version = (ANSWERED.get() or await auth.version_of_async(routed.ref or ref)) if response_id else None
         await auth.usage.record(UsageRecord(principal, model, prompt_tokens, completion_tokens, response_id, version))
 
     return on_finish
@@ -172,7 +173,11 @@ async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeRes
 
 
 async def _answered_version(request: Request, model: str) -> str:
-    """`name:version` that answered (with a canary: its side's); the reference itself when the registry cannot say."""
+    """`name:version` that answered: as its replica said (`ANSWERED`), else what the reference (with a canary: its side's)
+    names in the registry now; the reference itself when the registry cannot say."""
+    answered = ANSWERED.get()
+    if answered:
+        return answered
     routed = ROUTED.get()
     ref = (routed.ref if routed is not None else None) or request.app.state.refs.get(model, model)
     auth = get_auth(request)
