@@ -195,7 +195,12 @@ def test_usage_of_concurrent_requests_is_group_committed(database_url):
     sa.event.listen(engine, "commit", lambda conn: commits.append(1))
     writer = UsageWriter(quotas)
 
+    _, other_secret = keys.create_key("grp-other", ["inference"], create_tenant=True)
+    other = keys.verify(other_secret)  # another tenant's requests in the same batches: its rows stay its own
+
     async def finish(i: int) -> bool:
+        if i % 4 == 3:
+            await writer.record(UsageRecord(other, "m", 100, 1, response_id=f"grp-other-{i}", version="m:1"))
         await writer.record(UsageRecord(p, "m", 3, i, response_id=f"grp-{i}", version="m:1"))
         with engine.connect() as conn:  # committed by the time the caller goes on
             return conn.execute(sa.select(responses.c.id).where(responses.c.id == f"grp-{i}")).first() is not None
@@ -207,6 +212,11 @@ def test_usage_of_concurrent_requests_is_group_committed(database_url):
     assert 1 <= len(commits) <= 10, len(commits)  # one transaction per batch, not per request
     (row,) = quotas.usage(tenant="grp")
     assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (40, 120, sum(range(40)))
+    (theirs,) = quotas.usage(tenant="grp-other")
+    assert (theirs["requests"], theirs["prompt_tokens"], theirs["completion_tokens"]) == (10, 1000, 10)
+    with engine.connect() as conn:
+        tenants = {r.id: r.tenant for r in conn.execute(sa.select(responses.c.id, responses.c.tenant).where(responses.c.id.like("grp-%")))}
+    assert {i for i, t in tenants.items() if t == "grp-other"} == {f"grp-other-{i}" for i in range(3, 40, 4)}
     with engine.connect() as conn:
         counted = {r.window: r.count for r in conn.execute(sa.select(rate_counters).where(rate_counters.c.subject.like("%grp%")))}
         counted |= {r.window: r.count for r in conn.execute(sa.select(rate_counters).where(rate_counters.c.subject == f"key:{p.key_id}"))}

@@ -31,7 +31,7 @@ class DyingEngine(Engine):
             await asyncio.sleep(0)
             yield TokenEvent(request.request_id, i, f"t{i}", 3, i + 1, "length" if i == self.tokens - 1 else None)
 
-    async def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
+    async def generate_chat(self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
         async for event in self.generate(GenerationRequest(request_id, "chat", params)):
             yield event
 

@@ -417,8 +417,7 @@ class CanaryEngine(Engine):
     def generate_chat(  # type: ignore[override]
         self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None
     ) -> AsyncIterator[TokenEvent]:
-        with_tools = {"tools": tools} if tools else {}
-        return self._routed(lambda engine: engine.generate_chat(request_id, messages, params, **with_tools))
+        return self._routed(lambda engine: engine.generate_chat(request_id, messages, params, tools=tools))
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         side = await self._side()

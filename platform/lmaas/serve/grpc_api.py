@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from lmaas.errors import InvalidInputError
 from lmaas.serve.engine import TokenEvent
 from lmaas.serve.errors import grpc_status, validation_message
-from lmaas.serve.openai_api import OpenAIServing
+from lmaas.serve.openai_api import ANSWERED, OpenAIServing
 from lmaas.serve.protocol import lmaas_pb2 as pb
 from lmaas.serve.protocol.openai import CompletionRequest, EmbeddingRequest
 
@@ -69,6 +69,7 @@ class GrpcServing:
 
     async def _admit(self, context: StatusContext | None, model: str) -> Any:
         """Authenticate, check the scope, the model's visibility (404) and the rate limits (429); returns the metering callback."""
+        ANSWERED.set(None)  # filled in once the request's choices start (see `openai_api.ANSWERED`)
         if self.auth is None:
             return None
         from starlette.concurrency import run_in_threadpool
@@ -84,7 +85,7 @@ class GrpcServing:
         async def on_finish(response_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
             from lmaas.auth.quotas import UsageRecord
 
-            version = await auth.version_of_async(ref) if response_id else None
+            version = (ANSWERED.get() or await auth.version_of_async(ref)) if response_id else None  # as the HTTP routes
             await auth.usage.record(UsageRecord(principal, model, prompt_tokens, completion_tokens, response_id, version))
 
         return on_finish

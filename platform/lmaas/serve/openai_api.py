@@ -166,10 +166,9 @@ class OpenAIServing:
         choice = ToolChoice.of(request)
         params = choice.sampling(_sampling(request, request.max_completion_tokens or request.max_tokens, top))
         request_id = new_request_id("chatcmpl")
-        with_tools = {"tools": tools} if tools else {}  # engines and replicas older than tools take no `tools`
 
         def start(i: int) -> AsyncIterator[TokenEvent]:
-            return engine.generate_chat(_choice_id(request_id, i), messages, _choice_params(params, i), **with_tools)
+            return engine.generate_chat(_choice_id(request_id, i), messages, _choice_params(params, i), tools=tools)
 
         events = _merge(await _start_choices(start, request.n))
         if request.stream:

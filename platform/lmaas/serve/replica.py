@@ -421,18 +421,18 @@ class LocalEngine(Engine):
     def max_context(self) -> int | None:  # type: ignore[override]
         return self.server.current.engine.max_context
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
-        loaded = self.server._acquire()
-        async for event in _stream(loaded, _events(lambda: loaded.engine.generate(request)), self.server._metrics_of(loaded), REQUEST_ID.get()):
-            yield event
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
+        return self._generation(lambda engine: engine.generate(request))
 
-    async def generate_chat(  # type: ignore[override]
+    def generate_chat(  # type: ignore[override]
         self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None
     ) -> AsyncIterator[TokenEvent]:
+        return self._generation(lambda engine: engine.generate_chat(request_id, messages, params, tools=tools))
+
+    async def _generation(self, start) -> AsyncIterator[TokenEvent]:  # noqa: ANN001 - (Engine) -> AsyncIterator[TokenEvent]
+        """`start(engine)`'s events on the version serving now, measured and logged as a replica does (`_stream`)."""
         loaded = self.server._acquire()
-        with_tools = {"tools": tools} if tools else {}
-        events = _events(lambda: loaded.engine.generate_chat(request_id, messages, params, **with_tools))
-        async for event in _stream(loaded, events, self.server._metrics_of(loaded), REQUEST_ID.get()):
+        async for event in _stream(loaded, _events(lambda: start(loaded.engine)), self.server._metrics_of(loaded), REQUEST_ID.get()):
             yield event
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
