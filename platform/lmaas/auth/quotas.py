@@ -120,8 +120,10 @@ class Quotas:
         counters: dict[tuple[str, str, int], int] = {}
         rows: dict[tuple[str, str, str, int], list[int]] = {}
         answered = []
+        latest = 0.0
         for r in records:
             now = time.time() if r.now is None else r.now
+            latest = max(latest, now)
             tokens = int(r.prompt_tokens) + int(r.completion_tokens)
             # only the token counters a limit reads: an unlimited key's request is one usage upsert
             for subject, window, _ in r.principal.metered() if tokens else ():
@@ -155,7 +157,7 @@ class Quotas:
             if answered:
                 conn.execute(_insert(conn)(responses).values(answered).on_conflict_do_nothing(index_elements=["id"]))
             if random.random() < 0.01:  # old windows are never read again
-                conn.execute(rate_counters.delete().where(rate_counters.c.start < time.time() - _KEEP_SECONDS))
+                conn.execute(rate_counters.delete().where(rate_counters.c.start < latest - _KEEP_SECONDS))
 
     def usage(
         self,

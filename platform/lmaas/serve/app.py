@@ -6,8 +6,9 @@
 One application holds the gateway (`ingress.OpenAIIngress`), one `replica.ModelServer` deployment per
 served model (and per canary), and the shared `replica.MultiplexedModelServer` when a model is
 multiplexed. A model marked `colocated` has no deployment: its engine runs in the gateway's replicas
-(`replica.LocalEngine`), which then take its resources and scaling. `deployments.build_app` (what `serve run deployments/serve.yaml` imports) is this
-builder with `deployments.applier` behind the gateway's deployment changes.
+(`replica.LocalEngine`), which then take its resources and scaling. `deployments.build_app` (what
+`serve run deployments/serve.yaml` imports) is this builder with `deployments.applier` behind the
+gateway's deployment changes.
 """
 
 from __future__ import annotations
