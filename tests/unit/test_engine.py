@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -251,3 +252,25 @@ def test_vllm_engine_refuses_what_it_cannot_serve_naming_the_reason(tmp_path):
         with pytest.raises(ConfigError, match="engine_kwargs.gpu_memory_utilisation is not") as info:
             VLLMEngine(tmp_path / "ok", engine_kwargs={"gpu_memory_utilisation": 0.5})
         assert info.value.param == "engine_kwargs.gpu_memory_utilisation"
+
+
+def test_vllm_on_cpu_keeps_the_model_in_the_engine_cores_process_unless_threads_are_bound(monkeypatch):
+    """Without thread binding, the model runs in the engine core's process (vLLM's "uni" executor), not a worker of its own."""
+    from lmaas.serve.engine import vllm
+
+    keys = ("VLLM_TARGET_DEVICE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING")
+    for key in keys:  # set, then removed: monkeypatch puts each back as it was after the test
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
+    vllm._prepare_process("cpu", None, None)
+    assert [os.environ.get(k) for k in keys] == ["cpu", "nobind", "0"]
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")  # a user who binds threads gets vLLM's own worker process
+    vllm._prepare_process("cpu", None, None)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # and an explicit choice is kept
+    vllm._prepare_process("cpu", None, None)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
