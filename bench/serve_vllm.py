@@ -94,9 +94,11 @@ async def poisson(url: str, model: str, prompts: list[list[int]], rate: float, r
 
 
 def start_vllm(model_dir: Path, port: int, kv_bytes: int, defaults: bool = False) -> subprocess.Popen:
+    from lmaas.serve.engine.vllm import cpu_process_env
+
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
-    if not defaults:  # what lmaas.serve.engine.vllm sets in its replicas
-        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    if not defaults:  # what lmaas's replicas run vLLM with
+        env.update(cpu_process_env(env))
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "m",
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", str(CONTEXT),
@@ -192,12 +194,11 @@ def main() -> None:
             server.terminate()
             server.wait(60)
         stop_lmaas()
-    print("ratios to the faster standalone vLLM (tokens/s, TTFT p50):")
-    for i, c in enumerate(levels):
-        base = max((rows["vllm"][i], rows["vllm-defaults"][i]), key=lambda r: r["tokens_per_s"])
-        print(f"  c={c:2d}: " + ", ".join(
-            f"{side} {rows[side][i]['tokens_per_s'] / base['tokens_per_s']:.2f}x / {rows[side][i]['ttft_p50_ms'] / base['ttft_p50_ms']:.2f}x"
-            for side in SIDES[2:]))
+    from report import serve_vllm
+
+    print("ratios to the faster standalone vLLM (as bench/report.py tables them):")
+    for row in serve_vllm({"closed_loop": rows}):
+        print(f"  {row.measure}: {row.ratio:.2f}x ({row.lmaas} vs {row.baseline})")
     RESULTS.mkdir(exist_ok=True)
     result = {"model_params": params, "prompt_tokens": 32, "new_tokens": args.new_tokens, "max_num_seqs": MAX_SEQS, "kv_cache_bytes": kv_bytes,
               "cpus": os.cpu_count(), "closed_loop": rows, "poisson": arrivals,

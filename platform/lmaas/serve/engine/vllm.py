@@ -26,7 +26,7 @@ import importlib.util
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,19 +85,25 @@ def unsupported(model_dir: str | Path, device: str = "cpu") -> str | None:
     return None
 
 
+def cpu_process_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables lmaas adds to `environ` for vLLM on CPU (a variable already set is kept as it is)."""
+    env = {"VLLM_TARGET_DEVICE": "cpu"}
+    # Ray does not pin replicas to cores; vLLM's default pins every engine to the same first core
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    if environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind") == "nobind":
+        # vLLM's CPU platform runs the model in a worker process of its own beside the engine core (the "mp"
+        # executor), so that it can bind OpenMP threads; with nothing to bind, this keeps the model in the engine
+        # core's process ("uni"; AsyncLLM still runs the engine core apart from this one). One process and one
+        # polled shared-memory queue fewer: on 2 cores it starts in 18 s instead of 27 s and makes 1.3x the
+        # tokens/s at 16 and 64 streams (1.8x at 1), measured in-process on bench/serve_llm.py's model.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return {key: value for key, value in env.items() if key not in environ}
+
+
 def _prepare_process(device: str, num_threads: int | None, engine_kwargs: dict[str, Any] | None) -> None:
     """vLLM's environment in this process (before vLLM is imported), and `engine_kwargs` checked against its engine arguments."""
     if device == "cpu":
-        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-        # Ray does not pin replicas to cores; vLLM's default pins every engine to the same first core
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        if os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind":
-            # vLLM's CPU platform runs the model in a worker process of its own beside the engine core (the "mp"
-            # executor), so that it can bind OpenMP threads; with nothing to bind, this keeps the model in the engine
-            # core's process ("uni"; AsyncLLM still runs the engine core apart from this one). One process and one
-            # polled shared-memory queue fewer: on 2 cores it starts in 18 s instead of 27 s and makes 1.3x the
-            # tokens/s at 16 and 64 streams (1.8x at 1), measured in-process on bench/serve_llm.py's model.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.update(cpu_process_env(os.environ))
     if num_threads:
         os.environ["OMP_NUM_THREADS"] = str(num_threads)
     from vllm import AsyncEngineArgs
