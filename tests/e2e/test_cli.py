@@ -142,34 +142,51 @@ def assert_demo_registry(registry) -> None:
     registry.verify(minilm.ref)
 
 
-def test_quickstart_joined_to_a_cluster_against_s3_and_postgres_runs_twice(cli, lmaas_env, ray_cluster, s3_server, postgres_url):
-    """On a cluster it joins, quickstart leaves its deployments up: call them as a user would.
+def test_quickstart_starts_its_own_cluster_then_a_second_run_joins_one_and_reuses_everything(cli, lmaas_env, ray_cluster, s3_server, postgres_url):
+    """What `make demo` runs, then the same on a cluster it joins, both against S3 and PostgreSQL.
 
-    The second run reuses what the first made (dataset, models, deployments) and hands out a fresh
-    key, revoking the first one's.
+    The first run starts its own local cluster (no RAY_ADDRESS), as `make demo` does; its endpoints
+    stop with it. The second joins the session's cluster, reuses what the first made (dataset,
+    models) and leaves its deployments up: call them as a user would. It hands out a fresh key,
+    revoking the first one's. Both run with signing keys and `LMAAS_REQUIRE_SIGNATURE=1`: every
+    version quickstart registers (trained, compressed, imported) is signed, and its replicas load
+    them only after checking that. (The embedded defaults, SQLite and local files, run the same
+    steps in the README tour.)
     """
     from openai import AuthenticationError, OpenAI
     from ray import serve
 
+    from lmaas.registry.store import generate_signing_key
+
+    private, public = generate_signing_key()
     env = {
         **lmaas_env,
-        "RAY_ADDRESS": ray_cluster.address_info["gcs_address"],
         "LMAAS_STORAGE": s3_server.uri("quickstart"),
         "AWS_ENDPOINT_URL": s3_server.endpoint,
         "LMAAS_DATABASE_URL": postgres_url,
+        "LMAAS_SIGNING_KEY": private, "LMAAS_VERIFY_KEY": public, "LMAAS_REQUIRE_SIGNATURE": "1",
     }
     port = free_port()
     keys: list[str] = []
     try:
-        for run in ("created", "unchanged"):
-            result = cli("quickstart", "--tasks", "2", "--corpus-files", "10", "--train-steps", "6", "--port", str(port), env=env, timeout=400)
-            assert result.returncode == 0, result.stdout + result.stderr
-            assert "joined" in result.stdout and "Traceback" not in result.stderr
-            assert f"stdlib-demo:1 {run}" in result.stdout  # the second run reuses the dataset version
-            assert_quickstart_steps(result.stdout, trained="trained and registered" if run == "created" else "reused", port=port)
-            assert "The deployments stay up on the cluster" in result.stdout
-            assert ("created tenant default and its admin key" in result.stdout) == (run == "created")  # shown once
-            keys.append(printed_key(result.stdout))
+        first = cli("quickstart", "--tasks", "2", "--corpus-files", "10", "--train-steps", "6", "--port", str(port), env=env, timeout=400)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "started a local cluster" in first.stdout and "Traceback" not in first.stderr
+        assert "stdlib-demo:1 created" in first.stdout
+        assert_quickstart_steps(first.stdout, trained="trained and registered", port=port)
+        assert "the endpoints stop with it" in first.stdout
+        assert "created tenant default and its admin key" in first.stdout
+        keys.append(printed_key(first.stdout))
+
+        joined = {**env, "RAY_ADDRESS": ray_cluster.address_info["gcs_address"]}
+        second = cli("quickstart", "--tasks", "2", "--corpus-files", "10", "--train-steps", "6", "--port", str(port), env=joined, timeout=400)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "joined" in second.stdout and "Traceback" not in second.stderr
+        assert "stdlib-demo:1 unchanged" in second.stdout  # the second run reuses the dataset version
+        assert_quickstart_steps(second.stdout, trained="reused", port=port)
+        assert "The deployments stay up on the cluster" in second.stdout
+        assert "created tenant default and its admin key" not in second.stdout  # shown once
+        keys.append(printed_key(second.stdout))
 
         denied = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="lmaas_nope", max_retries=0, timeout=60)
         with pytest.raises(Exception, match="401|invalid_api_key"):
@@ -180,11 +197,11 @@ def test_quickstart_joined_to_a_cluster_against_s3_and_postgres_runs_twice(cli, 
         assert out.usage.completion_tokens == 5
         assert len(client.embeddings.create(model="minilm", input="hello").data[0].embedding) == 384
         # each run revokes the key the run before handed out (the gateway caches a key for 2 s)
-        first = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=keys[0], max_retries=0, timeout=60)
+        first_client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=keys[0], max_retries=0, timeout=60)
 
         def first_key_refused() -> bool:
             try:
-                first.models.list()
+                first_client.models.list()
             except AuthenticationError:  # 401; any other error fails the test
                 return True
             return False
@@ -205,45 +222,15 @@ def test_quickstart_joined_to_a_cluster_against_s3_and_postgres_runs_twice(cli, 
     assert any(p.endswith("/loss.png") for p in storage.list("runs"))  # checkpoints and run record on S3
     engine = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
     assert_demo_registry(ModelRegistry(storage, engine))
+    verifying = ModelRegistry(storage, engine, verify_key=bytes.fromhex(public), require_signature=True)
+    for ref in ("tiny-lm@production", "tiny-lm@int8", "minilm"):
+        assert verifying.verify(ref).signature, ref
     active = [k for k in KeyStore(db.connect(postgres_url)).list_keys(include_revoked=False) if k.name == "quickstart demo"]
     assert len(active) == 1 and keys[0] != keys[1]
     with engine.connect() as conn:
         actions = [r[0] for r in conn.execute(sa.text("select action from events order by id"))]
     assert actions.count("model.register") == 3 and actions.count("alias.set") == 3  # tiny-lm:1, tiny-lm:2, minilm:1, once
     assert actions.count("selfcheck") == 2
-    engine.dispose()
-
-
-def test_quickstart_starts_its_own_cluster(cli, lmaas_env, tmp_path):
-    """What `make demo` runs, on the embedded defaults (a second run is checked on a joined cluster above).
-
-    It runs with signing keys and `LMAAS_REQUIRE_SIGNATURE=1`: every version it registers (trained,
-    compressed, imported) is signed, and its replicas load them only after checking that.
-    """
-    from lmaas.config import load_settings
-    from lmaas.registry import ModelRegistry
-    from lmaas.registry.store import generate_signing_key
-
-    private, public = generate_signing_key()
-    signed = {**lmaas_env, "LMAAS_SIGNING_KEY": private, "LMAAS_VERIFY_KEY": public, "LMAAS_REQUIRE_SIGNATURE": "1"}
-    port = free_port()
-    result = cli("quickstart", "--tasks", "2", "--corpus-files", "20", "--train-steps", "8", "--port", str(port), env=signed, timeout=400)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "started a local cluster" in result.stdout
-    assert "stdlib-demo:1 created" in result.stdout
-    assert_quickstart_steps(result.stdout, trained="trained and registered", port=port)
-    assert "the endpoints stop with it" in result.stdout
-    assert "Traceback" not in result.stderr
-    assert "created tenant default and its admin key" in result.stdout
-    assert_demo_registry(ModelRegistry.from_settings(load_settings()))
-    verifying = ModelRegistry.from_settings(load_settings(), verify_key=bytes.fromhex(public), require_signature=True)
-    for ref in ("tiny-lm@production", "tiny-lm@int8", "minilm"):
-        assert verifying.verify(ref).signature, ref
-    store = tmp_path / "home" / "store" / "selfcheck"
-    assert len(list(store.glob("*/summary/_manifest.json"))) == 1
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'home' / 'lmaas.db'}")
-    with engine.connect() as conn:
-        assert conn.execute(sa.text("select count(*) from events where action = 'selfcheck'")).scalar_one() == 1
     engine.dispose()
 
 
