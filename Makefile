@@ -1,6 +1,6 @@
 # The two commands of the README, both idempotent on a fresh machine with Python 3.11, pip and make:
 #   make demo   create .venv if missing, install lmaas (with vLLM), run `lmaas quickstart`
-#   make test   create .venv if missing, install lmaas with test extras, run the whole suite
+#   make test   create .venv if missing, install lmaas with test extras (and Debian's chromium if missing), run the whole suite
 # Installs are redone only when pyproject.toml changes. They skip byte-compiling every installed file
 # (--no-compile: 75 s instead of 142 s here); Python compiles what it imports, once, on first import.
 
@@ -10,13 +10,14 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 ARGS ?=
 PYTEST_ARGS ?=
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: demo test bench install clean proto
 
 demo: $(VENV)/.installed
 	$(BIN)/lmaas quickstart $(ARGS)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
@@ -31,6 +32,12 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/report.py
 
 install: $(VENV)/.installed
+
+# the browser tests/integration/test_console.py drives: Debian's package, installed only when missing
+# (as root, as CI runs `make test`); Playwright's own browser download is not used
+$(CHROMIUM):
+	apt-get update
+	apt-get install -y --no-install-recommends chromium
 
 # regenerate the gRPC modules after editing platform/lmaas/serve/protocol/lmaas.proto
 proto: $(VENV)/.installed-test

@@ -1,4 +1,4 @@
-"""The management HTTP app: registry, auth and job REST APIs (`/api/v1/...`), the files API (`/v1/files`), `/healthz`, `/readyz`, `/openapi.json`.
+"""The management HTTP app: registry, auth and job REST APIs (`/api/v1/...`), the files API (`/v1/files`), the web console (`/console`), `/healthz`, `/readyz`, `/openapi.json`.
 
 Its routes ride on the gateway Serve app (one port for `/v1` and `/api/v1`, plus `/api/v1/deployments`
 there) and it runs standalone for tests and small setups:
@@ -19,6 +19,7 @@ from lmaas.auth import Auth
 from lmaas.registry import ModelRegistry
 from lmaas.registry.files import FileStore
 from lmaas.serve.auth import AuditFailures
+from lmaas.serve.console import add_console
 from lmaas.serve.errors import install_error_handlers
 from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, BodySizeLimit, readiness_response
 from lmaas.serve.routers import auth as auth_router
@@ -60,7 +61,8 @@ def build_app(
 
 
 def add_management_routes(app: FastAPI, registry: ModelRegistry | None, *, auth: Auth | None = None, deployments: Any = None) -> None:
-    """Add the `/api/v1/` routers (registry, auth, jobs) to `app` (the standalone app above, or the gateway's inference app).
+    """Add the `/api/v1/` routers (registry, auth, jobs) and the web console over them (`/console`) to `app`
+    (the standalone app above, or the gateway's inference app).
 
     Args:
         registry: the model registry (None: the one of this process's settings).
@@ -82,4 +84,5 @@ def add_management_routes(app: FastAPI, registry: ModelRegistry | None, *, auth:
 
         app.state.deployments = deployments
         app.include_router(deployments_router.router)
+    add_console(app)
     app.add_middleware(AuditFailures, get_engine=lambda: auth.engine if auth is not None else None)
