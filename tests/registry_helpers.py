@@ -7,12 +7,25 @@ from pathlib import Path
 
 
 def make_model_dir(root: Path, seed: int = 0, size: int = 16) -> Path:
-    """A two-file model directory whose weights differ by `seed`."""
+    """A real, tiny Llama directory (config.json, model.safetensors, tokenizer.json) whose weights differ by `seed`.
+
+    It passes the registry's causal-LM check (architecture, tokenizer, weight shapes) and loads with
+    transformers; `size` is its vocabulary and hidden size.
+    """
     import torch
     from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(vocab_size=size, hidden_size=size, intermediate_size=size, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in LlamaForCausalLM(config).named_parameters()}
     gen = torch.Generator().manual_seed(seed)
-    save_file({"w": torch.randn(size, size, generator=gen), "b": torch.zeros(size)}, str(root / "model.safetensors"))
-    (root / "config.json").write_text(json.dumps({"hidden_size": size, "seed": seed}))
+    save_file({name: torch.randn(shape, generator=gen) * 0.02 for name, shape in shapes.items()}, str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({**config.to_dict(), "seed": seed}))
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, size)}}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(root / "tokenizer.json"))
     return root

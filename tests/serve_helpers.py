@@ -51,6 +51,46 @@ def make_causal_lm(
     return save_model(build_model(config, seed=seed), root / "model", tokenizer_dir=tok_dir)
 
 
+HF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+"""The architectures lmaas imports (`lmaas.models.hf.ARCHITECTURES`), by `model_type`."""
+
+
+def make_hf_causal_lm(
+    root: Path, model_type: str, *, seed: int = 0, vocab_size: int = 512, chat_template: str | None = None, initializer_range: float = 0.02
+) -> Path:
+    """A random-weight model of one transformers architecture, built with transformers' own config class, saved
+    with `save_pretrained` beside a BPE tokenizer trained on stdlib source (no hub download): what a user imports.
+
+    Small (64 wide, 2 layers, 32-dimensional heads, which vLLM's CPU kernels take); weights from `seed`
+    (a large `initializer_range` makes greedy output vary from token to token).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmaas.data.tokenizer import train_bpe
+    from lmaas.models.family import copy_tokenizer
+
+    spec = train_bpe(stdlib_lines(), vocab_size)
+    tok_dir = spec.save(root / "tokenizer")
+    if chat_template is not None:
+        config_file = tok_dir / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "chat_template": chat_template}))
+    ids = {"bos_token_id": spec.eos_id, "eos_token_id": spec.eos_id, "pad_token_id": spec.eos_id, "initializer_range": initializer_range}
+    if model_type == "gpt2":
+        config = AutoConfig.for_model("gpt2", vocab_size=spec.vocab_size, n_embd=64, n_layer=2, n_head=2, n_positions=128, **ids)
+    else:
+        extra = {"head_dim": 32} if model_type == "qwen3" else {}
+        config = AutoConfig.for_model(model_type, vocab_size=spec.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
+                                      **extra, **ids)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out = root / "model"
+    model.save_pretrained(out)
+    copy_tokenizer(tok_dir, out)
+    return out
+
+
 def make_mismatched_lm(root: Path, *, model_vocab: int = 256, tokenizer_vocab: int = 1024) -> Path:
     """A causal LM packaged with the wrong tokenizer (more tokens than its embedding has rows).
 

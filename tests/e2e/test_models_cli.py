@@ -103,6 +103,7 @@ def test_models_commands_end_to_end(cli, lmaas_env, tmp_path):
         (("show", "tiny@canary"), ["no alias 'canary'"]),
         (("import", "{dir}", "--name", "Bad Name"), ["invalid model name"]),
         (("import", "{pickle}", "--name", "tiny"), ["pytorch_model.bin", "safetensors"]),
+        (("import", "{remote}", "--name", "tiny"), ["config.json asks to run the model's own code", "trust_remote_code"]),
         (("export", "tiny:9", "{out}"), ["no version 9"]),
     ],
 )
@@ -111,7 +112,9 @@ def test_bad_input_is_one_line_error(cli, lmaas_env, tmp_path, args, words):
     assert cli("models", "import", str(src), "--name", "tiny", env=lmaas_env).returncode == 0
     pickled = make_model_dir(tmp_path / "p")
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04 pickle")
-    filled = [a.format(dir=src, pickle=pickled, out=tmp_path / "out") for a in args]
+    remote = make_model_dir(tmp_path / "r")
+    (remote / "config.json").write_text(json.dumps({**json.loads((remote / "config.json").read_text()), "auto_map": {"AutoModel": "x.Model"}}))
+    filled = [a.format(dir=src, pickle=pickled, remote=remote, out=tmp_path / "out") for a in args]
     assert_one_line_error(cli("models", *filled, env=lmaas_env), *words)
     versions = json.loads(cli("models", "versions", "tiny", "--json", env=lmaas_env).stdout)
     assert [v["version"] for v in versions] == [1]  # nothing else registered

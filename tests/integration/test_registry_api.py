@@ -167,7 +167,7 @@ def test_two_step_upload_commits_a_version_that_downloads_and_verifies(api, tmp_
     (src / "sub").mkdir()
     (src / "sub" / "tokenizer.json").write_text("{}")
     upload_ = begin(client, "tiny", src)
-    assert upload_["object"] == "model.upload" and len(upload_["files"]) == 3
+    assert upload_["object"] == "model.upload" and len(upload_["files"]) == 4
     assert registry.list_models() == []  # nothing visible before commit
     for target in upload_["files"]:
         data = (src / target["path"]).read_bytes()
@@ -188,7 +188,7 @@ def test_two_step_upload_commits_a_version_that_downloads_and_verifies(api, tmp_
     assert_error(client.delete(f"/api/v1/uploads/{upload_['id']}"), 409, "conflict_error")
     assert_error(client.put(upload_["files"][0]["url"], content=b"x"), 409, "conflict_error")
     # the next two-step upload gets the next number, the same way a multipart upload does
-    big = make_model_dir(tmp_path / "big", seed=1, size=700)  # about 2 MB: many body chunks
+    big = make_model_dir(tmp_path / "big", seed=1, size=250)  # about 2 MB: many body chunks
     second = begin(client, "tiny", big)
     for target in second["files"]:
         assert client.put(target["url"], content=(big / target["path"]).read_bytes()).status_code == 200
@@ -216,6 +216,7 @@ def test_two_step_upload_refuses_bad_files(api, tmp_path: Path):
     # a file never declared, and a missing file at commit
     assert_error(client.put(f"/api/v1/uploads/{upload_['id']}/files/extra.json", content=b"{}"), 400, "invalid_request_error", "extra.json")
     assert client.put(urls["config.json"], content=(src / "config.json").read_bytes()).status_code == 200
+    assert client.put(urls["tokenizer.json"], content=(src / "tokenizer.json").read_bytes()).status_code == 200
     assert_error(client.post(upload_["commit_url"], json={"task": "causal-lm"}), 400, "invalid_request_error", "model.safetensors", "never uploaded")
     # a bad task leaves the upload open: fix it and commit
     assert client.put(urls["model.safetensors"], content=weights).status_code == 200

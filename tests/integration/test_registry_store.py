@@ -53,7 +53,7 @@ def test_register_resolve_and_download(registry: ModelRegistry, tmp_path: Path):
     v2 = registry.register_version("tiny", make_model_dir(tmp_path / "src2", seed=2), task="causal-lm")
     assert (v1.version, v2.version) == (1, 2)
     assert v1.dataset == "wiki:3" and v1.run == "run-1" and v1.metrics == {"loss": 1.5}
-    assert {f.path for f in v1.files} == {"model.safetensors", "config.json"}
+    assert {f.path for f in v1.files} == {"model.safetensors", "config.json", "tokenizer.json"}
     assert v1.size == sum((src / f.path).stat().st_size for f in v1.files)
     assert registry.resolve("tiny").version == 2  # no production alias: latest ready
     registry.set_alias("tiny", "production", 1)
@@ -62,7 +62,7 @@ def test_register_resolve_and_download(registry: ModelRegistry, tmp_path: Path):
     assert registry.resolve("tiny:2").version == 2
     out = tmp_path / "out"
     registry.download("tiny", out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert (out / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
     assert [v.version for v in registry.list_versions("tiny")] == [2, 1]
     assert [v.version for v in registry.list_versions("tiny", offset=1, limit=1)] == [1]
@@ -385,7 +385,7 @@ def test_encrypted_files_over_a_segment_stream_through_every_path(registry_backe
     from lmaas.registry.entities import ModelFile
 
     sealed = open_registry(registry_backend, encryption_key=os.urandom(32))
-    src = make_model_dir(tmp_path / "src", size=800)  # a 2.5 MB weights file: three segments
+    src = make_model_dir(tmp_path / "src", size=280)  # a 2.5 MB weights file: three segments
     plain = (src / "model.safetensors").read_bytes()
     sealed.register_version("big", src, task="causal-lm")
     sealed.download("big:1", tmp_path / "out")

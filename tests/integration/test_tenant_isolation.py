@@ -168,15 +168,17 @@ def test_derived_versions_and_uploads_stay_with_their_tenant(world, tmp_path):
     assert bob.get("/api/v1/models/a-public/versions/1/lineage").json()["children"] == ["b-derived:1"]
 
     # bob's open upload is not alice's to fill, commit or abort
-    declared = make_model_dir(tmp_path / "two-step", seed=4) / "model.safetensors"
-    body = {"files": [{"path": "model.safetensors", "size": declared.stat().st_size, "sha256": hashlib.sha256(declared.read_bytes()).hexdigest()}]}
+    two_step = make_model_dir(tmp_path / "two-step", seed=4)
+    declared = two_step / "model.safetensors"
+    body = {"files": [{"path": p.name, "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in sorted(two_step.iterdir())]}
     opened = bob.post("/api/v1/models/b-two-step/uploads", json=body)
     assert opened.status_code == 201, opened.text
     upload_id = opened.json()["id"]
     error(alice.put(f"/api/v1/uploads/{upload_id}/files/model.safetensors", content=declared.read_bytes()), 404, "upload_id")
     error(alice.post(f"/api/v1/uploads/{upload_id}/commit", json={"task": "causal-lm"}), 404, "upload_id")
     error(alice.delete(f"/api/v1/uploads/{upload_id}"), 404, "upload_id")
-    assert bob.put(f"/api/v1/uploads/{upload_id}/files/model.safetensors", content=declared.read_bytes()).status_code == 200
+    for p in sorted(two_step.iterdir()):
+        assert bob.put(f"/api/v1/uploads/{upload_id}/files/{p.name}", content=p.read_bytes()).status_code == 200
     committed = bob.post(f"/api/v1/uploads/{upload_id}/commit", json={"task": "causal-lm"})
     assert committed.status_code == 201 and committed.json()["tenant"] == "bob", committed.text
 

@@ -44,6 +44,7 @@ from sqlalchemy.engine import Connection, Engine
 from lmaas import db
 from lmaas.db.schema import deployments, model_aliases, model_uploads, model_versions, registered_models
 from lmaas.errors import AlreadyExistsError, ConfigError, IntegrityError, InvalidInputError, NotFoundError, PermissionDeniedError
+from lmaas.models.hf import check_causal_lm
 from lmaas.registry.entities import (
     ARCHIVED,
     READY,
@@ -224,6 +225,8 @@ class ModelRegistry:
             IntegrityError: the uploaded files do not match the local ones.
         """
         _check_task(task)
+        if task == "causal-lm":
+            check_causal_lm_dir(local_dir)  # a directory transformers and vLLM load, before anything is uploaded
         # fail before uploading anything; `commit` checks both again under the model's lock
         self.check_writable(name, tenant=tenant, create=True)
         if parent:
@@ -486,12 +489,35 @@ class ModelRegistry:
             raise AlreadyExistsError(f"upload {upload_id} is already being committed", param="upload_id") from None
         staged = StagedUpload(name=upload["name"], prefix=prefix, manifest=Manifest(tuple(plain)), encrypted=self.encryption_key is not None)
         try:
+            if task == "causal-lm":
+                self._check_staged_causal_lm(staged)
             return self.commit(staged, task=task, tenant=tenant, **details)
         except Exception:
             # the files stay staged: drop the manifest so the client can fix the request and commit again
             if not self._is_committed(prefix):
                 self.storage.delete(f"{prefix}/{MANIFEST}")
             raise
+
+    def _check_staged_causal_lm(self, staged: "StagedUpload") -> None:
+        """`models.hf.check_causal_lm` on an upload's stored files (decrypted where sealed)."""
+
+        def read(path: str) -> bytes:
+            data = self.storage.read_bytes(f"{staged.prefix}/{path}")
+            return sealing.open_whole(self.encryption_key, path, data, path) if staged.encrypted else data
+
+        def read_header(path: str) -> dict[str, Any]:
+            target = f"{staged.prefix}/{path}"
+            with self.storage.open(target) as f:
+                if not staged.encrypted:
+                    return _check_safetensors_header(f, self.storage.size(target), path)
+                head = b""
+                for chunk in sealing.unsealed(self.encryption_key, path, f, path):  # the header is at the start
+                    head += chunk
+                    if len(head) >= 8 and len(head) >= 8 + int.from_bytes(head[:8], "little"):
+                        break
+                return _check_safetensors_header(io.BytesIO(head), len(head), path)
+
+        check_causal_lm([e.path for e in staged.manifest.files], read, read_header)
 
     @_scoped
     def abort_upload(self, upload_id: str, *, tenant: str | None = None) -> None:
@@ -1155,24 +1181,33 @@ def _check_weights_format(path: str) -> None:
         raise InvalidInputError(f"{path}: pickle-based weights are refused; save weights as .safetensors", param="files")
 
 
-def _check_safetensors(path: Path, rel: str) -> None:
+def _check_safetensors(path: Path, rel: str) -> dict[str, Any]:
     with open(path, "rb") as f:
-        _check_safetensors_header(f, path.stat().st_size, rel)
+        return _check_safetensors_header(f, path.stat().st_size, rel)
 
 
-def _check_safetensors_header(f: BinaryIO, size: int, rel: str) -> None:
-    """A valid safetensors file starts with an 8-byte little-endian header length and a JSON header."""
+def _check_safetensors_header(f: BinaryIO, size: int, rel: str) -> dict[str, Any]:
+    """A valid safetensors file starts with an 8-byte little-endian header length and a JSON header; returns the header."""
     head = f.read(8)
     length = int.from_bytes(head, "little") if len(head) == 8 else -1
-    ok = 0 < length <= min(size - 8, 100 << 20)
-    if ok:
+    header: Any = None
+    if 0 < length <= min(size - 8, 100 << 20):
         try:
             header = json.loads(f.read(length))
-            ok = isinstance(header, dict)
         except (ValueError, UnicodeDecodeError):
-            ok = False
-    if not ok:
+            header = None
+    if not isinstance(header, dict):
         raise InvalidInputError(f"{rel} is not a safetensors file (bad header)", param="files")
+    return header
+
+
+def check_causal_lm_dir(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """`models.hf.check_causal_lm` on a local directory (before anything is uploaded); returns its config."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise NotFoundError(f"{local_dir} is not a directory", param="dir")
+    paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    return check_causal_lm(paths, lambda path: (root / path).read_bytes(), lambda path: _check_safetensors(root / path, path))
 
 
 def _copy_checked(src: BinaryIO, dest: BinaryIO, path: str, expected: dict[str, Any]) -> None:

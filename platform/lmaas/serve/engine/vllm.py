@@ -31,14 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from lmaas.errors import ConfigError, InvalidInputError
+from lmaas.models import hf
 from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, TokenEvent, TopLogprob, plan_tokens
 
 log = logging.getLogger(__name__)
 
 ATTENTION_HEAD_SIZES_CPU = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head sizes vLLM's CPU attention kernels take (`CPUAttentionBackend.get_supported_head_sizes`)."""
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
-"""Architectures lmaas hands to vLLM (it loads many more; these are the ones lmaas's tests or models use)."""
+ARCHITECTURES = tuple(hf.ARCHITECTURES)
+"""Architectures lmaas hands to vLLM: those it registers (`models.hf`; vLLM loads many more)."""
 
 
 DEFAULT_MAX_NUM_SEQS = 256
@@ -49,10 +50,7 @@ MAX_DEFAULT_KV_CACHE_BYTES = 4 * 2**30
 
 def kv_cache_bytes(config: dict, max_context: int, max_seqs: int) -> int:
     """A KV cache that holds `max_seqs` sequences of `max_context` tokens in fp32, at most 4 GiB, at least 16 MiB."""
-    layers = int(config.get("num_hidden_layers") or 1)
-    heads = int(config.get("num_attention_heads") or 1)
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_size = int(config.get("head_dim") or config.get("hidden_size", 0) // heads)
+    layers, _, kv_heads, head_size = hf.attention_shape(config)
     per_token = 2 * layers * kv_heads * head_size * 4
     return max(16 * 2**20, min(per_token * max_context * max_seqs, MAX_DEFAULT_KV_CACHE_BYTES))
 
@@ -78,8 +76,7 @@ def unsupported(model_dir: str | Path, device: str = "cpu") -> str | None:
     architectures = config.get("architectures") or []
     if not any(a in ARCHITECTURES for a in architectures):
         return f"architecture {', '.join(architectures) or 'unknown'} is not one lmaas serves with vLLM ({', '.join(ARCHITECTURES)})"
-    heads = config.get("num_attention_heads") or 1
-    head_size = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    head_size = hf.attention_shape(config)[3]
     if device == "cpu" and head_size not in ATTENTION_HEAD_SIZES_CPU:
         return f"attention head size {head_size} has no vLLM CPU kernel ({', '.join(map(str, ATTENTION_HEAD_SIZES_CPU))})"
     return None
@@ -192,7 +189,7 @@ class VLLMEngine(Engine):
 
         config = read_config(model_dir)
         self.model_id = model_id or model_dir.name
-        self.max_context = int(max_model_len or config.get("max_position_embeddings") or 2048)
+        self.max_context = int(max_model_len or hf.context_length(config))
         self.vocab_size = int(config["vocab_size"])
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_batch_size = max_batch_size or 0
