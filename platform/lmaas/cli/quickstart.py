@@ -20,6 +20,7 @@ cluster the deployments stay up (`lmaas undeploy NAME` removes them).
 
 from __future__ import annotations
 
+import math
 import time
 
 import typer
@@ -82,10 +83,13 @@ def quickstart(
         model, reused = _train_demo_model(settings, v, train_steps, console)
         m = model.metrics
         trained = "reused (already trained on this dataset)" if reused else "trained and registered"
+        # a corpus too small to hold out validation rows (--corpus-files 10) has no validation loss
+        val_loss = m.get("val_loss", float("nan"))
+        validation = "no validation rows" if math.isnan(val_loss) else f"validation loss {val_loss:.3f}"
         console.print(
             f"  [green]ok[/] train     {model.name}:{model.version} (alias production) {trained}: "
             f"{int(m.get('parameters', 0)):,} parameters, {int(m.get('step', 0))} steps, "
-            f"validation loss {m.get('val_loss', float('nan')):.3f}, {m.get('tokens_per_s', 0):,.0f} tokens/s"
+            f"{validation}, {m.get('tokens_per_s', 0):,.0f} tokens/s"
         )
 
         registry = _registry(settings)
