@@ -16,7 +16,7 @@ from serve_helpers import stdlib_lines  # noqa: E402
 
 from lmaas.errors import InvalidInputError
 from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent
-from lmaas.serve.engine.causal_lm import DEFAULT_CHAT_TEMPLATE, chat_token_ids
+from lmaas.models.chat import DEFAULT_CHAT_TEMPLATE, chat_token_ids
 from lmaas.serve.errors import validation_message
 from lmaas.serve.openai_api import OpenAIServing, ToolChoice, parse_tool_calls, required_tools_schema
 from lmaas.serve.protocol.openai import ChatCompletionChunk, ChatCompletionRequest, ChatMessage, TokenizeRequest

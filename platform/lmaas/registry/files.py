@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from lmaas import db
+from lmaas.data.chat import example_problem
 from lmaas.data.sources import UPLOADS_PREFIX
 from lmaas.db.schema import files
 from lmaas.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
@@ -45,7 +46,6 @@ MAX_LINE_BYTES = 8 * 1024 * 1024
 MAX_BATCH_REQUESTS = 50_000
 """Requests per batch file, as OpenAI's."""
 BATCH_URLS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
-ROLES = ("system", "developer", "user", "assistant", "tool")
 _CHUNK = 1 << 20
 
 
@@ -277,28 +277,7 @@ class _FineTuneLines(_JsonLines):
     what = 'a JSON object with "messages" (chat) or "prompt" and "completion"'
 
     def check(self, obj: dict) -> str | None:
-        if "messages" in obj:
-            messages = obj["messages"]
-            if not isinstance(messages, list) or not messages:
-                return "messages must be a non-empty list"
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict):
-                    return f"messages[{i}] must be an object"
-                if m.get("role") not in ROLES:
-                    return f"messages[{i}].role must be one of {', '.join(ROLES)}"
-                content = m.get("content")
-                if not (isinstance(content, str) or (content is None and m.get("tool_calls"))
-                        or (isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content))):
-                    return f"messages[{i}].content must be a string (or a list of text parts)"
-            if not any(m["role"] == "assistant" for m in messages):
-                return "messages needs at least one assistant message (what the model learns to say)"
-            return None
-        if "prompt" in obj or "completion" in obj:
-            for field in ("prompt", "completion"):
-                if not isinstance(obj.get(field), str):
-                    return f"{field} must be a string"
-            return None
-        return 'each line needs "messages" (chat) or "prompt" and "completion"'
+        return example_problem(obj)
 
 
 class _BatchLines(_JsonLines):

@@ -6,7 +6,8 @@
 """
 
 from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, Tokenized, TopLogprob
-from lmaas.serve.engine.causal_lm import DEFAULT_CHAT_TEMPLATE, CausalLMEngine, new_request_id
+from lmaas.models.chat import DEFAULT_CHAT_TEMPLATE
+from lmaas.serve.engine.causal_lm import CausalLMEngine, new_request_id
 from lmaas.serve.engine.embedding import EmbeddingEngine
 from lmaas.serve.engine.vllm import VLLMEmbeddingEngine, VLLMEngine
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmaas.errors import InvalidInputError
+from lmaas.models.chat import chat_token_ids
 from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, TopLogprob, plan_tokens
 
 if TYPE_CHECKING:
@@ -37,58 +38,6 @@ if TYPE_CHECKING:
 # ChatML, used when the tokenizer config carries no `chat_template`. With tools it renders them as Qwen2.5's
 # (Hermes') template does: a system block listing them in <tools></tools>, assistant calls as <tool_call> JSON,
 # tool answers as <tool_response> blocks of a user turn. Without tools and tool messages: plain ChatML, as before.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% if tools %}"
-    "{{ '<|im_start|>system\n' }}"
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
-    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'"
-    " + 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
-    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
-    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments within '"
-    " + '<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n'"
-    " + '</tool_call><|im_end|>\n' }}"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "{% if tools and loop.first and message['role'] == 'system' %}"
-    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
-    "{{ '<|im_start|>assistant' }}{% if message['content'] %}{{ '\n' + message['content'] }}{% endif %}"
-    "{% for call in message['tool_calls'] %}"
-    "{% set call = call['function'] if call['function'] is defined else call %}"
-    "{{ '\n<tool_call>\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' + (call['arguments'] | tojson) + '}\n</tool_call>' }}"
-    "{% endfor %}"
-    "{{ '<|im_end|>\n' }}"
-    "{% elif message['role'] == 'tool' %}"
-    "{% if loop.first or loop.previtem['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
-    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
-    "{% if loop.last or loop.nextitem['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def chat_token_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
-    """The prompt token ids of a conversation under the tokenizer's chat template (ChatML when it has none).
-
-    `tools` (OpenAI's tool definitions) go to the template as transformers passes them (`tools=`).
-
-    Raises:
-        InvalidInputError: tools for a model whose chat template does not render them (naming `tools`).
-    """
-    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
-    if tools and "tools" not in template:
-        raise InvalidInputError("this model's chat template does not render tools; send the request without tools", param="tools")
-    ids = tokenizer.apply_chat_template(
-        messages, tools=tools or None, chat_template=template, add_generation_prompt=add_generation_prompt,
-        tokenize=True, return_dict=False,
-    )
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 @dataclass(eq=False)
 class _Sequence:
     """The engine thread's state of one request."""

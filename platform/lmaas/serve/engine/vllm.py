@@ -223,7 +223,7 @@ class VLLMEngine(Engine):
     # ---- the Engine contract ----
 
     def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
-        from lmaas.serve.engine.causal_lm import chat_token_ids
+        from lmaas.models.chat import chat_token_ids
 
         return chat_token_ids(self.tokenizer, messages, add_generation_prompt, tools)
 
