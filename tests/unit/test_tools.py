@@ -174,11 +174,10 @@ def test_tool_choice_defaults_and_where_tools_are_taken():
     assert ChatMessage(role="assistant", tool_calls=[{"id": "c", "function": {"name": "f", "arguments": "{}"}}]).content is None
 
 
-def test_auto_and_structured_response_format_with_a_forced_call_are_400s_naming_tool_choice():
+def test_structured_response_format_with_a_forced_call_is_a_400_naming_tool_choice():
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER]}
-    with pytest.raises(InvalidInputError) as err:
-        ToolChoice.of(ChatCompletionRequest(**base))
-    assert err.value.param == "tool_choice" and '"required"' in err.value.message
+    auto = ToolChoice.of(ChatCompletionRequest(**base))  # the default with tools
+    assert (auto.mode, auto.tools) == ("auto", ("get_weather",)) and auto.sampling(SamplingParams()) == SamplingParams()
     fmt = {"type": "json_object"}
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         with pytest.raises(InvalidInputError) as err:
@@ -283,11 +282,59 @@ def test_required_replies_with_the_parsed_calls_and_finish_reason_tool_calls():
     assert len(chunks) == 2  # the role, then the calls: no empty chunk per held-back token
 
 
-def test_tool_choice_none_is_text_and_auto_is_refused():
+def test_tool_choice_none_is_text():
     engine = ScriptedEngine("plain words")
     out = _chat(engine, tool_choice="none")
     assert out.choices[0].message.content == "plain words" and out.choices[0].message.tool_calls == []
     assert engine.calls[0][0] is not None and engine.calls[0][1].json_schema is None  # rendered, not enforced
-    with pytest.raises(InvalidInputError) as err:
-        _chat(engine)
-    assert err.value.param == "tool_choice"
+
+
+CALL_TEXT = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "rome"}}\n</tool_call>\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+
+
+def test_auto_replies_with_the_calls_in_the_text_and_the_text_before_them():
+    out = _chat(ScriptedEngine(CALL_TEXT))  # tool_choice "auto", the default with tools
+    message = out.choices[0].message
+    assert message.content == "Let me look." and out.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [("get_weather", {"city": "rome"}), ("now", {})]
+    assert all(c.id.startswith("call_") for c in message.tool_calls)
+    engine = ScriptedEngine('<tool_call>{"name": "now", "arguments": {}}</tool_call>')
+    assert _chat(engine, tool_choice="auto").choices[0].message.content is None
+    assert engine.calls[0][1].json_schema is None  # free text: nothing is enforced
+
+
+@pytest.mark.parametrize("text", [
+    "no calls here, just <tool a while",
+    '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',  # not JSON
+    '<tool_call>{"name": "launch_rockets", "arguments": {}}</tool_call>',  # not one of the request's tools
+    '<tool_call>{"name": "now", "arguments": "soon"}</tool_call>',  # arguments not an object
+    '<tool_call>{"name": "now", "arguments": {}}',  # cut short before it closed
+])
+def test_auto_text_that_holds_no_valid_call_is_the_content_as_it_is(text):
+    out = _chat(ScriptedEngine(text))
+    assert out.choices[0].message.content == text and out.choices[0].message.tool_calls == []
+    assert out.choices[0].finish_reason == "stop"
+    chunks = _chat(ScriptedEngine(text), stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_auto_streams_text_as_it_comes_then_the_calls_whole():
+    chunks = _chat(ScriptedEngine(CALL_TEXT), stream=True)
+    contents = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    assert "".join(contents) == "Let me look.\n" and len(contents) > 3  # token by token, not at the end
+    with_calls = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(with_calls) == 1 and with_calls[0].choices[0].finish_reason == "tool_calls"
+    calls = with_calls[0].choices[0].delta.tool_calls
+    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [(0, "get_weather", {"city": "rome"}), (1, "now", {})]
+
+    openai = pytest.importorskip("openai")
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    state = ChatCompletionStreamState(input_tools=[{**t, "function": {**t["function"], "strict": True}} for t in (WEATHER, CLOCK)])
+    for chunk in chunks:
+        state.handle_chunk(openai.types.chat.ChatCompletionChunk.model_validate(chunk.model_dump()))
+    final = state.get_final_completion().choices[0]
+    assert final.message.content == "Let me look.\n" and final.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.parsed_arguments) for c in final.message.tool_calls] == [("get_weather", {"city": "rome"}), ("now", {})]

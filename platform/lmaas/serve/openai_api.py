@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextvars
 import json
+import re
 import struct
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -243,15 +244,14 @@ class OpenAIServing:
         return EmbeddingResponse(data=data, model=request.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
 
 
-AUTO_TOOL_CHOICE_REFUSED = (
-    '"auto" tool choice needs a tool-call parser, which lmaas does not run (vLLM: --enable-auto-tool-choice and --tool-call-parser); '
-    'send tool_choice "required" or a named function ({"type": "function", "function": {"name": ...}}) for a tool call, or "none" for text'
-)
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+"""A call in free text, as lmaas's ChatML template (and Qwen2.5's, Qwen3's, Hermes') writes it: `<tool_call>{"name", "arguments"}</tool_call>`."""
+TOOL_CALL_OPEN = "<tool_call>"
 
 
 @dataclass(frozen=True)
 class ToolChoice:
-    """What a chat request's `tool_choice` makes of its reply, as vLLM's OpenAI server does without a tool-call parser.
+    """What a chat request's `tool_choice` makes of its reply, as vLLM's OpenAI server does (with the "hermes" tool-call parser for "auto").
 
     - "none" (the default without tools): any tools are rendered into the prompt; the reply is text.
     - named, `{"type": "function", "function": {"name": N}}`: structured output under N's `parameters`; the reply is
@@ -259,26 +259,31 @@ class ToolChoice:
     - "required": structured output of a JSON array of `{"name": <a tool's>, "parameters": <its arguments>}` (at
       least one; at most one when `parallel_tool_calls` is false); each element becomes a call; finish_reason
       "tool_calls" (the engine's when it stopped for another reason, e.g. "length").
-    - "auto" (the default with tools): would need a tool-call parser to find calls in free text; lmaas runs none,
-      so it is a 400 naming `tool_choice` (`AUTO_TOOL_CHOICE_REFUSED`).
+    - "auto" (the default with tools): the model writes text or calls; the reply's calls are the
+      `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks of its text (vLLM's "hermes" tool-call
+      parser reads the same format: the one lmaas's default template and Qwen's and Hermes' templates teach),
+      each naming one of the request's tools; `content` is the text before them (null when none), finish_reason
+      "tool_calls". Text without such blocks, or with one that is not a valid call, is the reply's content as is.
 
     Named and "required" need structured output, which the vLLM engine has; lmaas's own engine refuses them with a
     400 naming `tool_choice`, as it does with `response_format` combined with either of them.
     """
 
     mode: str
-    """"none", "named" or "required"."""
+    """"none", "auto", "named" or "required"."""
     name: str | None = None
     """The function a named choice calls."""
     schema: dict[str, Any] | None = None
     """The JSON Schema the generated text follows (named: the function's parameters; "required": the array's)."""
+    tools: tuple[str, ...] = ()
+    """The request's function names ("auto" takes calls of these only)."""
 
     @classmethod
     def of(cls, request: ChatCompletionRequest) -> "ToolChoice":
-        """Raises InvalidInputError naming `tool_choice`: "auto", or structured `response_format` with a call forced."""
+        """Raises InvalidInputError naming `tool_choice`: structured `response_format` with a call forced."""
         choice = request.tool_choice
         if choice == "auto":
-            raise InvalidInputError(AUTO_TOOL_CHOICE_REFUSED, param="tool_choice")
+            return cls("auto", tools=tuple(t.function.name for t in request.tools or []))
         if choice == "none":
             return cls("none")
         fmt = request.response_format
@@ -301,6 +306,11 @@ class ToolChoice:
         """A whole choice's message and finish_reason from its generated text and the engine's finish_reason."""
         if self.mode == "none":
             return ChatMessageOut(content=text), finish
+        if self.mode == "auto":
+            content, calls = parse_text_tool_calls(text, self.tools)
+            if not calls:
+                return ChatMessageOut(content=text), finish
+            return ChatMessageOut(content=content, tool_calls=calls), "tool_calls" if finish == "stop" else finish
         if self.mode == "named":
             calls = [ToolCall(id=new_tool_call_id(), function=FunctionCall(name=self.name, arguments=text))] if text.strip() else []
             return ChatMessageOut(content=None, tool_calls=calls), finish
@@ -314,6 +324,8 @@ class ToolChoice:
         """
         if self.mode == "none":
             return [ChatDelta(content=text) if text else ChatDelta()], finish
+        if self.mode == "auto":
+            return self._stream_auto(call, text, finish)
         if self.mode == "named":
             deltas = []
             if text and call.id is None:
@@ -331,12 +343,49 @@ class ToolChoice:
         return [ChatDelta(tool_calls=deltas or None)], "tool_calls" if finish == "stop" else finish
 
 
+    def _stream_auto(self, call: "_StreamedCall", text: str, finish: str | None) -> tuple[list[ChatDelta], str | None]:
+        """"auto": text goes out as it comes until a `<tool_call>` opens (a possible start of one is held back); from
+        there the rest is held, and at the end it goes out as the calls it holds, or as text when it holds none."""
+        call.text += text
+        piece = ""
+        if not call.holding:
+            opened = call.text.find(TOOL_CALL_OPEN, call.sent)
+            if opened >= 0:
+                call.holding, ready = True, opened
+            elif finish is not None:
+                ready = len(call.text)
+            else:
+                ready = len(call.text) - _partial_open(call.text)
+            piece, call.sent = call.text[call.sent : ready], max(call.sent, ready)
+        if finish is None:
+            return [ChatDelta(content=piece) if piece else ChatDelta()], None
+        held = call.text[call.sent :]
+        calls = parse_text_tool_calls(held, self.tools)[1] if held else []
+        if not calls:
+            return [ChatDelta(content=piece + held) if piece + held else ChatDelta()], finish
+        deltas = [ToolCallDelta(index=i, id=c.id, type="function", function=FunctionCallDelta(name=c.function.name, arguments=c.function.arguments))
+                  for i, c in enumerate(calls)]
+        return [*([ChatDelta(content=piece)] if piece else []), ChatDelta(tool_calls=deltas)], "tool_calls" if finish == "stop" else finish
+
+
+def _partial_open(text: str) -> int:
+    """How many trailing characters of `text` could be the start of `<tool_call>` (held back until the next token says)."""
+    for n in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-n:]):
+            return n
+    return 0
+
+
 @dataclass
 class _StreamedCall:
     """What a stream has sent of one choice's tool call(s)."""
 
     id: str | None = None
     text: str = ""
+    sent: int = 0
+    """("auto") characters of `text` sent as content."""
+    holding: bool = False
+    """("auto") a `<tool_call>` opened at `sent`: the rest waits for the end."""
 
 
 def required_tools_schema(tools: list[dict[str, Any]], parallel_tool_calls: bool = True) -> dict[str, Any]:
@@ -380,6 +429,25 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
         for item in items
         if isinstance(item, dict) and isinstance(item.get("name"), str) and "parameters" in item
     ]
+
+
+def parse_text_tool_calls(text: str, tools: tuple[str, ...]) -> tuple[str | None, list[ToolCall]]:
+    """(the content before them, the calls) of the `<tool_call>` blocks in free text (tool_choice "auto"); no calls
+    when there is no block or any block is not a JSON `{"name": <one of tools>, "arguments": {...}}`."""
+    blocks = list(TOOL_CALL.finditer(text))
+    calls = []
+    for block in blocks:
+        try:
+            item = json.loads(block.group(1))
+        except ValueError:
+            return text, []
+        arguments = item.get("arguments", item.get("parameters")) if isinstance(item, dict) else None
+        if not isinstance(item, dict) or item.get("name") not in tools or not isinstance(arguments, dict):
+            return text, []
+        calls.append(ToolCall(id=new_tool_call_id(), function=FunctionCall(name=item["name"], arguments=json.dumps(arguments, ensure_ascii=False))))
+    if not calls:
+        return text, []
+    return text[: blocks[0].start()].strip() or None, calls
 
 
 def new_tool_call_id() -> str:
