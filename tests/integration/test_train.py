@@ -175,6 +175,62 @@ def test_sweep_configs_are_checked_before_any_trial(home):
         SweepConfig(parameters={"lr": {"loguniform": [1e-4, 1e-2]}})
 
 
+def test_fine_tune_on_chat_examples_trains_and_evaluates_on_the_assistant_turns_only(home, trained, tmp_path):
+    """format chat: OpenAI chat lines rendered with the base's chat template, one example a row, labels on the answers."""
+    import json
+
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmaas.data.chat import IGNORE
+    from lmaas.data.feed import shard_paths
+    from lmaas.data.versions import list_versions
+
+    store, engine, _ = home
+    trained("ddp")
+    registry = ModelRegistry(store, engine)
+    base = tmp_path / "base"
+    registry.download("lm-ddp:1", base)
+    answer = "def add(a, b):\n    return a + b"
+    lines = [{"messages": [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": f"add two numbers, take {i}"},
+                           {"role": "assistant", "content": answer}]} for i in range(120)]
+    lines += [{"prompt": f"# sum of {i} and 1\n", "completion": f"{i} + 1"} for i in range(40)]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps(line) for line in lines))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([json.dumps(lines[0]), json.dumps(lines[1]), json.dumps({"messages": [{"role": "user", "content": "hi"}]})]))
+    with pytest.raises(InvalidInputError, match=r"bad.jsonl:3: messages needs at least one assistant message"):
+        ingest(IngestConfig(name="chat-bad", sources=[str(bad)], format="chat", tokenizer=str(base), block_size=64), storage=store, engine=engine)
+    assert list_versions(engine, "chat-bad") == []  # nothing published
+
+    version = ingest(IngestConfig(name="chat", sources=[str(chat)], format="chat", tokenizer=str(base), block_size=128, validation_percent=10),
+                     storage=store, engine=engine).version
+    assert version.train_rows + version.validation_rows == len(lines) and version.validation_rows > 0  # one example a row
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    table = pq.read_table(shard_paths(version, store, "validation")[0], filesystem=store.pyarrow_filesystem()[0])
+    ids, labels = (torch.tensor(table.column(c).to_pylist()) for c in ("input_ids", "labels"))
+    trained_text = {tokenizer.decode(row[mask]) for row, mask in zip(ids, labels != IGNORE)}
+    assert f"{answer}<|im_end|>\n" in trained_text and all(t == f"{answer}<|im_end|>\n" or t.endswith(" + 1<|endoftext|>") for t in trained_text)
+    assert all("add two numbers" not in t for t in trained_text)  # the user's words are context, not targets
+
+    tuned = train(TrainConfig(dataset=version.ref, init_from="lm-ddp:1", output_model="ft-chat", max_steps=10, eval_interval=10,
+                              checkpoint_interval=10, **FAST), storage=store, engine=engine)
+    registry.download("ft-chat:1", tmp_path / "tuned")
+
+    def answer_loss(model_dir: Path) -> float:
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        with torch.no_grad():
+            return sum(model(input_ids=ids[i : i + 8], labels=labels[i : i + 8]).loss.item() * len(ids[i : i + 8])
+                       for i in range(0, len(ids), 8)) / len(ids)
+
+    # the validation loss is the loss over the answers only: what transformers computes with these labels
+    assert tuned.metrics["val_loss"] == pytest.approx(answer_loss(tmp_path / "tuned"), rel=0.05), tuned.metrics
+    before = answer_loss(base)
+    assert tuned.metrics["val_loss"] < before - 1.0, (before, tuned.metrics)  # measured 6.28 -> 4.06 in 10 steps
+
+
 def test_fine_tune_from_a_registered_model_on_your_own_jsonl(home, trained, tmp_path):
     """init_from: a base model's weights and architecture, a JSONL corpus tokenized with its tokenizer."""
     import json
@@ -208,5 +264,5 @@ def test_fine_tune_from_a_registered_model_on_your_own_jsonl(home, trained, tmp_
     assert tuned.history[0]["loss"] < scratch_first - 0.3, (tuned.history[0], base.history[0])
     mv = registry.resolve("ft-tuned")
     assert (mv.parent, mv.dataset) == ("lm-ddp:1", same_tok.ref) and mv.description.startswith("fine-tune of lm-ddp:1")
-    assert registry.lineage("lm-ddp:1").children[0].ref == "ft-tuned:1"
+    assert "ft-tuned:1" in [c.ref for c in registry.lineage("lm-ddp:1").children]
     assert isinstance(generate(registry, "ft-tuned:1", tmp_path / "gen"), str)

@@ -97,3 +97,13 @@ def test_bad_examples_name_the_field(tokenizer, line, words):
     with pytest.raises(InvalidInputError) as caught:
         tokenize_example(tokenizer, line)
     assert words in str(caught.value)
+
+
+def test_a_chat_ingest_needs_the_models_tokenizer():
+    from pydantic import ValidationError
+
+    from lmaas.data.config import IngestConfig
+
+    with pytest.raises(ValidationError, match="format chat needs tokenizer"):
+        IngestConfig(name="c", sources=["x.jsonl"], format="chat")
+    assert IngestConfig(name="c", sources=["x.jsonl"], format="chat", tokenizer="base/").tokenizer == "base/"

@@ -20,7 +20,7 @@ app = typer.Typer(help="Ingest corpora into versioned, tokenized datasets.", no_
 def ingest(
     sources: list[str] = typer.Argument(..., help="Paths, globs, file:// or s3:// URIs, uploaded files' ids (file-...); `stdlib[:N]` is the built-in corpus."),
     name: str = typer.Option(..., "--name", help="Dataset name."),
-    fmt: str = typer.Option("auto", "--format", help="auto, text, lines, jsonl, parquet or csv."),
+    fmt: str = typer.Option("auto", "--format", help="auto, text, lines, jsonl, parquet, csv, or chat (fine-tuning examples; needs --tokenizer)."),
     block_size: int = typer.Option(None, "--block-size", help="Tokens per packed sequence (>= 8)."),
     vocab_size: int = typer.Option(None, "--vocab-size", help="Vocabulary of a newly trained tokenizer."),
     text_field: str = typer.Option(None, "--text-field", help="Field holding the text (JSONL, Parquet, CSV)."),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FORMATS = ("auto", "text", "lines", "jsonl", "parquet", "csv")
+FORMATS = ("auto", "text", "lines", "jsonl", "parquet", "csv", "chat")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
 
@@ -23,9 +23,12 @@ class IngestConfig(BaseModel):
     """Paths, directories, globs, `file://` or `s3://` URIs; `stdlib` / `stdlib:N` is the built-in
     corpus (this interpreter's standard library sources, optionally only the first N files)."""
 
-    format: Literal["auto", "text", "lines", "jsonl", "parquet", "csv"] = "auto"
+    format: Literal["auto", "text", "lines", "jsonl", "parquet", "csv", "chat"] = "auto"
     """`text`: one document per file; `lines`: one per non-empty line; `jsonl`, `parquet`, `csv`:
-    one per record, text in `text_field`. `auto` picks by file extension (else `text`)."""
+    one per record, text in `text_field`. `auto` picks by file extension (else `text`). `chat`:
+    fine-tuning examples, JSONL of OpenAI chat (`{"messages": [...]}`) or `{"prompt", "completion"}`
+    lines (`data.chat`), one example per row, trained on the assistant turns only; needs `tokenizer`
+    (the model's, whose chat template renders them)."""
 
     text_field: str = "text"
     """Field holding the document text (JSONL, Parquet, CSV)."""
@@ -67,6 +70,12 @@ class IngestConfig(BaseModel):
         if not value or any(not s.strip() for s in value):
             raise ValueError("name at least one source, none empty")
         return value
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> "IngestConfig":
+        if self.format == "chat" and not self.tokenizer:
+            raise ValueError("format chat needs tokenizer: the directory of the model to fine-tune (its tokenizer and chat template)")
+        return self
 
     @field_validator("block_size", mode="before")
     @classmethod

@@ -35,7 +35,7 @@ def shard_paths(version: DatasetVersion, storage: Storage, split: str = "train")
 
 
 def training_dataset(version: DatasetVersion, storage: Storage, split: str = "train", *, num_cpus: float = 0.25):
-    """A Ray Dataset of `{"input_ids": int64 [block_size]}` rows for one split of `version`."""
+    """A Ray Dataset of `{"input_ids": int64 [block_size]}` rows (and `labels` in a chat dataset) for one split of `version`."""
     import ray.data
 
     paths = shard_paths(version, storage, split)
@@ -47,5 +47,6 @@ def training_dataset(version: DatasetVersion, storage: Storage, split: str = "tr
 
 
 def _as_tensor(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    ids = batch["input_ids"]
-    return {"input_ids": np.stack(list(ids)).astype(np.int64) if ids.dtype == object else ids.astype(np.int64)}
+    """`input_ids` (and, in a chat dataset, `labels`: -100 where the loss skips a token) as int64 [rows, block_size]."""
+    return {name: np.stack(list(v)).astype(np.int64) if v.dtype == object else v.astype(np.int64)
+            for name, v in batch.items() if name in ("input_ids", "labels")}

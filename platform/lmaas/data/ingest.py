@@ -50,10 +50,12 @@ class IngestResult:
 class _ShardWriter:
     """Rows of one split -> `split/part-NNNNN.parquet` files of `rows_per_shard` rows."""
 
-    def __init__(self, directory: Path, rows_per_shard: int, block_size: int) -> None:
+    def __init__(self, directory: Path, rows_per_shard: int, block_size: int, *, labels: bool = False) -> None:
         self.directory = directory
         self.rows_per_shard = rows_per_shard
         self.block_size = block_size
+        self.labels = labels
+        """Rows come as [n, 2, block_size] (ids, labels): chat datasets train on some tokens only."""
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
         self.rows = 0
@@ -76,9 +78,11 @@ class _ShardWriter:
 
     def _write(self, rows: np.ndarray) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        flat = pa.array(rows.reshape(-1), type=pa.int32())
-        column = pa.FixedSizeListArray.from_arrays(flat, self.block_size)
-        table = pa.table({"input_ids": column})
+
+        def column(values: np.ndarray) -> pa.FixedSizeListArray:
+            return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.int32()), self.block_size)
+
+        table = pa.table({"input_ids": column(rows[:, 0]), "labels": column(rows[:, 1])} if self.labels else {"input_ids": column(rows)})
         pq.write_table(table, self.directory / f"part-{self.shards:05d}.parquet", compression="zstd")
         self.shards += 1
         self.rows += len(rows)
@@ -123,8 +127,11 @@ def ingest(
         with pipeline_context():
             docs = sources_mod.read_documents(resolved, text_field=config.text_field, num_cpus=config.cpus_per_task)
             spec = _tokenizer(config, docs)
-            tokenized = tokenize_documents(docs, spec, config)
-            stats = _pack_and_write(tokenized, spec, config, staging / "content", progress)
+            if config.format == "chat":
+                stats = _write_examples(tokenize_examples(docs, spec, config), config, staging / "content", progress)
+            else:
+                tokenized = tokenize_documents(docs, spec, config)
+                stats = _pack_and_write(tokenized, spec, config, staging / "content", progress)
             if stats["documents"] == 0:
                 raise InvalidInputError(f"the corpus is empty: no text documents in {', '.join(config.sources)}", param="sources")
             if stats["train_rows"] == 0:
@@ -256,6 +263,83 @@ def _tokenize(batch: pa.Table, spec_json: str, eos_id: int, validation_percent: 
             "node": pa.array([node] * len(splits), type=pa.string()),
         }
     )
+
+
+def tokenize_examples(docs, spec: tok.TokenizerSpec, config: IngestConfig):  # noqa: ANN001, ANN201 - ray.data.Dataset
+    """Fine-tuning examples (JSON lines) -> one row each: `split`, and ids and labels padded (or cut) to `block_size`.
+
+    One example per row, never packed with another: no example attends to another's tokens, at the
+    cost of the padding (EOS ids whose labels the loss skips). An example longer than `block_size` is
+    cut to it (its `cut` tokens are reported as dropped); one cut before its first answer token is
+    dropped whole.
+    """
+    return docs.map_batches(
+        _tokenize_examples,
+        fn_kwargs={"spec_json": spec.json, "eos_token": spec.eos_token, "eos_id": spec.eos_id, "chat_template": spec.chat_template,
+                   "block_size": config.block_size, "validation_percent": config.validation_percent},
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        num_cpus=config.cpus_per_task,
+        zero_copy_batch=True,
+    )
+
+
+def _tokenize_examples(batch: pa.Table, spec_json: str, eos_token: str, eos_id: int, chat_template: str | None, block_size: int,
+                       validation_percent: float) -> pa.Table:
+    import json
+
+    import ray
+
+    from lmaas.data.chat import IGNORE, tokenize_example
+    from lmaas.data.packing import split_of
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = tok.hf_tokenizer(spec_json, eos_token, chat_template)
+    lines = batch.column("text").to_pylist()
+    rows = np.full((len(lines), 2, block_size), IGNORE, dtype=np.int32)
+    rows[:, 0, :] = eos_id
+    cut = np.zeros(len(lines), dtype=np.int64)
+    for i, line in enumerate(lines):
+        ids, labels = tokenize_example(tokenizer, json.loads(line), eos_id=eos_id)
+        n = min(len(ids), block_size)
+        rows[i, 0, :n], rows[i, 1, :n], cut[i] = ids[:n], labels[:n], len(ids) - n
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    return pa.table({
+        "split": pa.array([split_of(line, validation_percent) for line in lines], type=pa.string()),
+        "rows": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=pa.int32()), 2 * block_size),
+        "trained": pa.array((rows[:, 1] != IGNORE).sum(axis=1), type=pa.int64()),
+        "cut": pa.array(cut, type=pa.int64()),
+        "node": pa.array([node] * len(lines), type=pa.string()),
+    })
+
+
+def _write_examples(tokenized, config: IngestConfig, out: Path, progress: Progress | None) -> dict:  # noqa: ANN001
+    writers = {s: _ShardWriter(out / s, config.rows_per_shard, config.block_size, labels=True) for s in ("train", "validation")}
+    documents = tokens_seen = dropped = 0
+    nodes: set[str] = set()
+    for batch in tokenized.iter_batches(batch_format="pyarrow", batch_size=None):
+        rows = batch.column("rows").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 2, config.block_size)
+        splits = np.array(batch.column("split").to_pylist())
+        trained = batch.column("trained").to_numpy()
+        kept = trained > 0  # an example cut before its first answer token teaches nothing (and alone would make the loss NaN)
+        for split, writer in writers.items():
+            writer.add(rows[(splits == split) & kept])
+        documents += len(rows)
+        tokens_seen += int(np.sum(trained))
+        dropped += int(np.sum(batch.column("cut").to_numpy())) + int(np.sum((rows[~kept, 0] != -1).sum(axis=1)))
+        nodes.update(batch.column("node").to_pylist())
+        if progress and len(rows):
+            progress("documents", documents)
+    for writer in writers.values():
+        writer.close()
+    return {
+        "documents": documents,
+        "tokens_seen": tokens_seen,
+        "train_rows": writers["train"].rows,
+        "validation_rows": writers["validation"].rows,
+        "dropped": dropped,
+        "nodes": sorted(n for n in nodes if n),
+    }
 
 
 def _pack_and_write(tokenized, spec: tok.TokenizerSpec, config: IngestConfig, out: Path, progress: Progress | None) -> dict:  # noqa: ANN001

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from lmaas.data import corpus
+from lmaas.data.chat import example_problem
 from lmaas.errors import InvalidInputError, PermissionDeniedError
 from lmaas.storage import Storage, resolve_files
 
@@ -106,7 +107,7 @@ def read_documents(resolved: list[ResolvedSource], *, text_field: str, num_cpus:
     datasets = []
     for src in resolved:
         kwargs = {"filesystem": src.filesystem, "include_paths": True, "num_cpus": num_cpus}
-        if src.format in ("text", "lines", "jsonl"):
+        if src.format in ("text", "lines", "jsonl", "chat"):
             ds = ray.data.read_binary_files(src.files, **kwargs)
         elif src.format == "parquet":
             ds = ray.data.read_parquet(src.files, **kwargs)
@@ -128,7 +129,7 @@ def read_documents(resolved: list[ResolvedSource], *, text_field: str, num_cpus:
 def _documents(batch: pa.Table, fmt: str, field: str, scheme: str) -> pa.Table:
     paths = batch.column("path").to_pylist()
     texts: list[str] = []
-    if fmt in ("text", "lines", "jsonl"):
+    if fmt in ("text", "lines", "jsonl", "chat"):
         for path, data in zip(paths, batch.column("bytes").to_pylist()):
             texts += _parse_file(f"{scheme}{path}", data, fmt, field)
     else:
@@ -166,6 +167,12 @@ def _parse_file(path: str, data: bytes, fmt: str, field: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InvalidInputError(f"{path}:{lineno}: not valid JSON ({exc.msg})", param="sources") from None
+        if fmt == "chat":  # the example itself is the document, checked here where its line number is known
+            problem = example_problem(record) if isinstance(record, dict) else "each line must be a JSON object"
+            if problem:
+                raise InvalidInputError(f"{path}:{lineno}: {problem}", param="sources")
+            docs.append(line)
+            continue
         if not isinstance(record, dict) or field not in record:
             raise InvalidInputError(f"{path}:{lineno}: no {field!r} field in the JSON record", param="text_field")
         value = record[field]

@@ -28,6 +28,8 @@ class TokenizerSpec:
     eos_id: int
     eos_token: str
     vocab_size: int
+    chat_template: str | None = None
+    """The Jinja chat template of a pretrained tokenizer's `tokenizer_config.json` (chat datasets render with it)."""
 
     @property
     def sha256(self) -> str:
@@ -47,6 +49,8 @@ class TokenizerSpec:
             "model_max_length": 1_000_000,
             "clean_up_tokenization_spaces": False,
         }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
         return directory
 
@@ -88,20 +92,30 @@ def load_pretrained(directory: str | Path) -> TokenizerSpec:
     tok = Tokenizer.from_str(text)
     candidates = list(_EOS_CANDIDATES)
     config = directory / "tokenizer_config.json"
-    if config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token")
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if eos:
-            candidates.insert(0, eos)
+    settings = json.loads(config.read_text()) if config.is_file() else {}
+    eos = settings.get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if eos:
+        candidates.insert(0, eos)
+    template = settings.get("chat_template")
     for token in candidates:
         token_id = tok.token_to_id(token)
         if token_id is not None:
-            return TokenizerSpec(text, token_id, token, tok.get_vocab_size())
+            return TokenizerSpec(text, token_id, token, tok.get_vocab_size(), template if isinstance(template, str) else None)
     raise InvalidInputError(
         f"tokenizer {directory}: no end-of-sequence token (tried {', '.join(candidates)}); set eos_token in tokenizer_config.json",
         param="tokenizer",
     )
+
+
+def hf_tokenizer(spec_json: str, eos_token: str, chat_template: str | None = None):  # noqa: ANN201 - PreTrainedTokenizerFast
+    """A transformers tokenizer over a spec's JSON (what `apply_chat_template` needs), built where it runs: no files."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(spec_json), eos_token=eos_token, pad_token=eos_token,
+                                   chat_template=chat_template, clean_up_tokenization_spaces=False)
 
 
 @lru_cache(maxsize=4)

@@ -136,10 +136,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
         model.train()
         step_loss = step_lm_loss = 0.0
         for micro in range(cfg.grad_accum):
-            input_ids = next(batches)
+            input_ids, labels = next(batches)
             with _no_sync(model, last=micro == cfg.grad_accum - 1):
                 with autocast:
-                    out = model(input_ids=input_ids, labels=input_ids)
+                    out = model(input_ids=input_ids, labels=labels)
                     loss = out.loss
                     if teacher is not None:
                         with torch.no_grad():
@@ -279,7 +279,7 @@ def _no_sync(model: Any, *, last: bool) -> Any:
 
 
 def _batches(cfg: TrainConfig, state: checkpoint.TrainerState, device: Any):  # noqa: ANN202 - generator
-    """Endless micro-batches of this worker's shard; each pass over it is one epoch."""
+    """Endless micro-batches (input ids, labels) of this worker's shard; each pass over it is one epoch."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
@@ -293,24 +293,27 @@ def _batches(cfg: TrainConfig, state: checkpoint.TrainerState, device: Any):  # 
             local_shuffle_seed=(cfg.seed * 1000 + state.epoch) if cfg.shuffle_buffer else None,
         ):
             seen += 1
-            yield batch["input_ids"]
+            # a chat dataset's labels are -100 where the loss skips a token (prompts, padding); else every token counts
+            yield batch["input_ids"], batch.get("labels", batch["input_ids"])
         if seen == 0:
             raise RuntimeError(f"this worker's training shard has fewer than batch_size={cfg.batch_size} rows")
         state.epoch += 1
 
 
 def _validation_rows(rows_ref: Any, rank: int, world: int, device: Any) -> Any:
-    """This rank's share of the fixed validation set (the same rows at every evaluation)."""
+    """This rank's share of the fixed validation set (the same rows at every evaluation): (input ids, labels)."""
     import ray
     import torch
 
     if rows_ref is None:
         return None
-    rows = torch.as_tensor(ray.get(rows_ref), dtype=torch.int64)
+    data = ray.get(rows_ref)
+    ids = torch.as_tensor(data["input_ids"], dtype=torch.int64)
+    labels = torch.as_tensor(data["labels"], dtype=torch.int64) if "labels" in data else ids
     # Every rank runs the same number of equal forward passes: FSDP's forward is a collective.
-    per_rank = len(rows) // world
-    mine = rows[rank * per_rank : (rank + 1) * per_rank] if per_rank else rows  # too few: all ranks use all rows
-    return mine.to(device)
+    per_rank = len(ids) // world
+    mine = slice(rank * per_rank, (rank + 1) * per_rank) if per_rank else slice(None)  # too few: all ranks use all rows
+    return ids[mine].to(device), labels[mine].to(device)
 
 
 def _evaluate(model: Any, rows: Any, autocast: Any, batch_size: int) -> float:
@@ -319,10 +322,11 @@ def _evaluate(model: Any, rows: Any, autocast: Any, batch_size: int) -> float:
     import torch.distributed as dist
 
     model.eval()
+    ids, labels = rows
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad(), autocast:
-        for chunk in rows.split(batch_size):
-            loss = model(input_ids=chunk, labels=chunk).loss
+        for chunk, chunk_labels in zip(ids.split(batch_size), labels.split(batch_size)):
+            loss = model(input_ids=chunk, labels=chunk_labels).loss
             total += torch.tensor([loss.item() * len(chunk), len(chunk)], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(total)

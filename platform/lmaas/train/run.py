@@ -456,7 +456,7 @@ def _validation_rows(version: DatasetVersion, storage: Storage, rows: int) -> An
     if version.validation_rows == 0:
         return None
     batch = training_dataset(version, storage, "validation").limit(rows).take_batch(rows, batch_format="numpy")
-    return ray.put(batch["input_ids"])
+    return ray.put({k: batch[k] for k in ("input_ids", "labels") if k in batch})
 
 
 def _fault_from_env() -> dict[str, Any] | None:
