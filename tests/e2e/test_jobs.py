@@ -19,7 +19,7 @@ from lmaas.train.sweep import SweepConfig
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {"selfcheck": SelfCheckConfig, "ingest_stdlib": IngestConfig, **dict.fromkeys(
     ("compress_int8", "compress_int4", "compress_prune", "compress_export"), CompressConfig),
-    **dict.fromkeys(("train_tiny_cpu", "train_small_gpu_ddp", "train_1b_fsdp"), TrainConfig),
+    **dict.fromkeys(("train_tiny_cpu", "train_small_gpu_ddp", "train_1b_fsdp", "train_finetune"), TrainConfig),
     "sweep_lr": SweepConfig, "distill_tiny": DistillConfig}
 
 
