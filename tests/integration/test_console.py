@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,14 @@ def gateway(ray_cluster, tmp_path_factory):
 
         with contextlib.suppress(Exception):  # the applier never started
             ray.kill(applier(settings.env()))
+
+
+def call(gateway: dict, who: str, path: str, body: dict | None = None) -> dict:
+    """GET `path` (POST `body` when given) on the gateway with `who`'s key; the decoded JSON answer."""
+    request = urllib.request.Request(gateway["base"] + path, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {KEYS[who][2]}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +220,9 @@ def test_a_bad_or_expired_key_shows_one_clear_message(open_page, gateway, shoot)
     page.locator("#versions table").wait_for()
 
 
-def test_models_page_lists_aliases_tasks_and_sizes_and_searches(open_page, shoot):
+def test_models_page_lists_aliases_tasks_and_sizes_and_searches(open_page, gateway, shoot):
+    listed = {m["name"]: m["aliases"] for m in call(gateway, "alice", "/api/v1/models")["data"]}
+    assert listed == {"tiny": {"production": 1}, "tiny-notes": {}}  # what the page shows, from the listing itself
     page = open_page("alice")
     table = page.locator("#models table")
     table.wait_for()
@@ -409,9 +420,14 @@ def test_deployments_page_shows_the_canary_split_promotes_it_and_scales(open_pag
     assert page.get_by_role("alert").inner_text() == "Not allowed: this API key lacks the 'deploy' scope"
     assert page.get_by_role("button", name="Promote canary of chat").count() == 0
 
+    call(gateway, "alice", "/v1/completions", {"model": "chat", "prompt": "def", "max_tokens": 2})
+    traffic = call(gateway, "alice", "/api/v1/deployments/chat")["traffic"]  # this gateway's own counts of the last 5 minutes
+    assert traffic["requests"] >= 1 and traffic["requests_per_s"] > 0 and traffic["error_rate"] == 0, traffic
+    assert 0 < traffic["ttft_p50_ms"] < 60_000, traffic
     page = open_page("alice", "/console/deployments")
     card = page.locator("article.deployment[data-name='chat']")
     card.wait_for()
+    assert re.search(r"req/s \(\d+ in the last 5 min\), TTFT p50 \d+ ms, 0 % errors", card.locator(".traffic").inner_text())
     until(page, "document.querySelector(\"article[data-name='chat'] .canary-info\").innerText.includes('running')", 60)
     info = card.locator(".canary-info").inner_text()
     assert "tiny:2 takes 50%" in info, info

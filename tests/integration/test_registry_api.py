@@ -97,6 +97,7 @@ def test_aliases_archive_restore_delete(api, tmp_path: Path):
     assert r.status_code == 200 and r.json()["version"] == 1
     assert client.get("/api/v1/resolve", params={"ref": "tiny"}).json()["version"] == 1
     assert client.get("/api/v1/resolve", params={"ref": "tiny@production"}).json()["version"] == 1
+    assert client.get("/api/v1/models").json()["data"][0]["aliases"] == client.get("/api/v1/models/tiny").json()["aliases"] == {"production": 1}
     assert_error(client.delete("/api/v1/models/tiny/versions/1"), 409, "conflict_error", "alias 'production'")
     assert_error(client.post("/api/v1/models/tiny/versions/1/archive"), 409, "conflict_error")
     assert client.post("/api/v1/models/tiny/versions/2/archive").json()["status"] == "archived"

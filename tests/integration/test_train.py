@@ -85,7 +85,7 @@ def test_two_workers_train_register_and_the_model_loads_with_transformers(home, 
     assert (mv.version, mv.task, mv.run, mv.dataset) == (1, "causal-lm", result.run_id, version.ref)
     assert mv.dataset_sha256 == version.content_hash
     assert mv.metrics["val_loss"] == pytest.approx(val[-1]) and mv.metrics["parameters"] == result.parameters
-    assert {f.path for f in mv.files} >= {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"}
+    assert {f.path for f in mv.files} >= {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "loss.png"}
     assert not {"optimizer.safetensors", "trainer_state.json"} & {f.path for f in mv.files}
     assert isinstance(generate(registry, f"lm-{strategy}:1", tmp_path), str)
 
@@ -93,6 +93,7 @@ def test_two_workers_train_register_and_the_model_loads_with_transformers(home, 
     assert record["status"] == "finished" and record["model"] == f"lm-{strategy}:1"
     assert record["config"]["strategy"] == strategy
     assert store.read_bytes(f"runs/{result.run_id}/loss.png").startswith(b"\x89PNG")
+    assert registry.read_file(f"lm-{strategy}:1", "loss.png")[1] == store.read_bytes(f"runs/{result.run_id}/loss.png")  # the version carries the curve
     checkpoints = {p.split("/")[2] for p in store.list(f"runs/{result.run_id}") if p.split("/")[2].startswith("checkpoint_2")}
     assert len(checkpoints) == 2  # keep_checkpoints=2: the ones at steps 20 and 40
 

@@ -132,6 +132,11 @@ def test_recent_requests_count_server_errors_in_a_sliding_window():
     assert recent.counts(now=1300) == {"m": (3, 1)}  # the two requests of second 1000 left the window
     assert recent.add("other", 502, now=1600) == (1, 1)
     assert recent.counts(now=1600) == {"m": (0, 0), "other": (1, 1)}
+    recent.add("m", 200, now=1601, ttft_s=0.02), recent.add("m", 200, now=1602, ttft_s=0.04), recent.add("m", 200, now=1602)
+    recent.add("m@staging", 200, now=1602, ttft_s=0.03)
+    assert recent.traffic(["m", "m@staging", "absent"], now=1602) == {
+        "window_s": 300, "requests": 4, "requests_per_s": 4 / 300, "errors": 0, "error_rate": 0.0, "ttft_p50_ms": 30.0}
+    assert recent.traffic(["other"], now=1901)["ttft_p50_ms"] is None and recent.traffic(["m"], now=1910)["error_rate"] is None
 
 
 def test_json_log_lines_carry_the_request_id():

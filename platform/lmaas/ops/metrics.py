@@ -13,7 +13,8 @@ Who records what:
 - the gateway (`OpenAIIngress`): requests by model/version/route/status, request latency, 429
   quota rejections by tenant (`RequestMetrics`, an ASGI middleware in `serve/openai_app.py`), and
   per model its requests and server errors of the last 5 minutes (`RecentRequests`, gauges that
-  `lmaas status` sums over the cluster's nodes: `recent_traffic`);
+  `lmaas status` sums over the cluster's nodes: `recent_traffic`; the same window, with the
+  gateway's time to first token, is each deployment's `traffic` in `GET /api/v1/deployments`);
 - model replicas (`ModelServer`): time to first token, inter-token latency, prompt and output
   tokens per request, and every `ENGINE_POLL_S` the engine's waiting requests, running batch size
   and KV-cache use (`ServingMetrics`);
@@ -165,20 +166,27 @@ def _observe(name: str, value: float, tags: dict[str, str]) -> None:
 
 
 class RecentRequests:
-    """Requests and server errors (5xx) per model over the last `window_s` seconds, in per-second buckets (O(1) per request)."""
+    """Requests and server errors (5xx) per model over the last `window_s` seconds, in per-second buckets (O(1) per request),
+    and the times to first token of the newest `MAX_TTFT_SAMPLES` of them."""
+
+    MAX_TTFT_SAMPLES = 1000
 
     def __init__(self, window_s: float = RECENT_WINDOW_S) -> None:
         self.window_s = window_s
         self._buckets: dict[str, deque[list[int]]] = {}  # model -> [second, requests, errors], oldest first
         self._totals: dict[str, list[int]] = {}
+        self._ttft: dict[str, deque[tuple[int, float]]] = {}  # model -> (second, seconds to first token), oldest first
         self._lock = threading.Lock()
 
-    def add(self, model: str, status: int, now: float | None = None) -> tuple[int, int]:
-        """Count one answered request; returns the model's (requests, errors) in the window."""
+    def add(self, model: str, status: int, now: float | None = None, ttft_s: float | None = None) -> tuple[int, int]:
+        """Count one answered request (`ttft_s`: its time to first token, when it generated one);
+        returns the model's (requests, errors) in the window."""
         second = int(time.time() if now is None else now)
         with self._lock:
             buckets = self._buckets.setdefault(model, deque())
             totals = self._totals.setdefault(model, [0, 0])
+            if ttft_s is not None:
+                self._ttft.setdefault(model, deque(maxlen=self.MAX_TTFT_SAMPLES)).append((second, ttft_s))
             if not buckets or buckets[-1][0] != second:
                 buckets.append([second, 0, 0])
             error = int(status >= 500)
@@ -194,12 +202,42 @@ class RecentRequests:
         with self._lock:
             return {model: self._expire(model, second) for model in list(self._buckets)}
 
+    def traffic(self, models: Iterable[str], now: float | None = None) -> dict[str, Any]:
+        """The window's traffic of `models` together (the names clients sent for one deployment).
+
+        Returns:
+            {"window_s", "requests", "requests_per_s" (averaged over the window), "errors", "error_rate"
+            (None without requests), "ttft_p50_ms" (None without a generated token)}.
+        """
+        second = int(time.time() if now is None else now)
+        requests = errors = 0
+        ttfts: list[float] = []
+        with self._lock:
+            for model in dict.fromkeys(models):
+                if model not in self._buckets:
+                    continue
+                r, e = self._expire(model, second)
+                requests, errors = requests + r, errors + e
+                ttfts += [t for s, t in self._ttft.get(model, ()) if s > second - self.window_s]
+        ttfts.sort()
+        return {
+            "window_s": self.window_s,
+            "requests": requests,
+            "requests_per_s": requests / self.window_s,
+            "errors": errors,
+            "error_rate": errors / requests if requests else None,
+            "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2] if ttfts else None,
+        }
+
     def _expire(self, model: str, second: int) -> tuple[int, int]:
         buckets, totals = self._buckets[model], self._totals[model]
         while buckets and buckets[0][0] <= second - self.window_s:
             _, requests, errors = buckets.popleft()
             totals[0] -= requests
             totals[1] -= errors
+        ttft = self._ttft.get(model)
+        while ttft and ttft[0][0] <= second - self.window_s:
+            ttft.popleft()
         return totals[0], totals[1]
 
 
@@ -215,11 +253,12 @@ class GatewayMetrics:
         self.recent = RecentRequests()
         self._published: dict[str, float] = {}
 
-    def request(self, *, model: str, version: str, route: str, status: int, seconds: float) -> None:
+    def request(self, *, model: str, version: str, route: str, status: int, seconds: float, ttft_s: float | None = None) -> None:
+        """Record one answered request; `ttft_s`: from its arrival to its first generated token (None: no token)."""
         _inc("lmaas_requests", 1, {"model": model, "version": version, "route": route, "status": str(status)})
         _observe("lmaas_request_latency_seconds", seconds, {"model": model, "route": route})
         if model:
-            counts = self.recent.add(model, status)
+            counts = self.recent.add(model, status, ttft_s=ttft_s)
             now = time.monotonic()
             if status >= 500 or now - self._published.get(model, -self.PUBLISH_INTERVAL_S) >= self.PUBLISH_INTERVAL_S:
                 self._published[model] = now

@@ -13,6 +13,7 @@ import contextvars
 import json
 import re
 import struct
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -487,6 +488,9 @@ def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
 ANSWERED: contextvars.ContextVar[str | None] = contextvars.ContextVar("lmaas_answered_version", default=None)
 """`name:version` that answers the current request (its first choice's first event, `TokenEvent.version`), once
 its choices have started: the routers' version header and metering read it; None when the engine does not say."""
+FIRST_TOKEN: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("lmaas_first_token", default=None)
+"""A list the HTTP middleware hands each request (`RequestTelemetry`); the `time.perf_counter()` at which the
+request's first token reached this process is appended to it (a list, so the stream's task sees the same one)."""
 
 
 async def _start_choices(start: Callable[[int], AsyncIterator[TokenEvent]], n: int) -> list[AsyncIterator[TokenEvent]]:
@@ -500,6 +504,9 @@ async def _start_choices(start: Callable[[int], AsyncIterator[TokenEvent]], n: i
         raise failed
     if firsts and firsts[0].version:
         ANSWERED.set(firsts[0].version)
+    first_token = FIRST_TOKEN.get()
+    if first_token is not None and not first_token:
+        first_token.append(time.perf_counter())
     return [_chain(first, s) for first, s in zip(firsts, streams)]
 
 

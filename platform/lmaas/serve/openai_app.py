@@ -25,7 +25,7 @@ from lmaas.ops.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id_from
 from lmaas.serve.auth import authenticate_async, get_auth
 from lmaas.serve.engine import Engine
 from lmaas.serve.errors import error_body, install_error_handlers
-from lmaas.serve.openai_api import OpenAIServing
+from lmaas.serve.openai_api import FIRST_TOKEN, OpenAIServing
 from lmaas.serve.routers import openai as openai_router
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -76,6 +76,7 @@ def build_openai_app(
     app.state.openai = OpenAIServing(engines)
     app.state.auth = auth
     app.state.refs = dict(refs or {})
+    app.state.metrics = metrics  # the deployments API reads each deployment's recent traffic from it
     install_error_handlers(app)
     app.include_router(openai_router.router)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes)
@@ -238,6 +239,7 @@ class RequestTelemetry:
 
     The route handlers leave `lmaas_model` / `lmaas_version` in the request state once they know
     which served model a request is for; a 429's tenant comes from the authenticated principal.
+    A generation's time to first token runs from here to its first token reaching the gateway (`FIRST_TOKEN`).
     """
 
     def __init__(self, app, metrics: Any = None, echo_request_id: bool = True) -> None:  # noqa: ANN001 - an ASGI app
@@ -250,6 +252,8 @@ class RequestTelemetry:
         sent = next((v.decode("latin-1") for k, v in scope["headers"] if k == REQUEST_ID_HEADER.encode()), None)
         request_id = request_id_from(sent)
         token = REQUEST_ID.set(request_id)
+        first_token: list[float] = []
+        first_token_var = FIRST_TOKEN.set(first_token)
         status = 500
 
         async def watch(message) -> None:  # noqa: ANN001
@@ -264,16 +268,17 @@ class RequestTelemetry:
             await self.app(scope, receive, watch)
         finally:
             REQUEST_ID.reset(token)
-            self._record(scope, status, time.perf_counter() - started, request_id)
+            FIRST_TOKEN.reset(first_token_var)
+            self._record(scope, status, time.perf_counter() - started, request_id, first_token[0] - started if first_token else None)
 
-    def _record(self, scope, status: int, seconds: float, request_id: str) -> None:  # noqa: ANN001
+    def _record(self, scope, status: int, seconds: float, request_id: str, ttft_s: float | None) -> None:  # noqa: ANN001
         state = scope.get("state") or {}
         model, version = state.get("lmaas_model", ""), state.get("lmaas_version", "")
         route = scope["path"] if scope["path"] in ROUTES else "other"
         principal = state.get("principal")
         tenant = getattr(principal, "tenant", None) or ""
         if self.metrics is not None and route not in ("/healthz", "/readyz"):
-            self.metrics.request(model=model, version=version, route=route, status=status, seconds=seconds)
+            self.metrics.request(model=model, version=version, route=route, status=status, seconds=seconds, ttft_s=ttft_s)
             if status == 429:
                 self.metrics.quota_rejection(tenant or "unknown")
         if route not in ("/healthz", "/readyz"):

@@ -5,7 +5,8 @@
 
 A run lives under `runs/<run id>/` in the artifact store: Ray Train's checkpoints
 (`checkpoint_*`, the last `keep_checkpoints` kept), `run.json` (config, dataset, status,
-metrics) and `loss.png`. `train(config, resume=RUN)` continues a run from its latest checkpoint.
+metrics) and `loss.png` (which the registered version carries too). `train(config, resume=RUN)`
+continues a run from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from lmaas.train.plot import loss_curve_png
 
 RUNS_PREFIX = "runs"
 RUN_FILE = "run.json"
+LOSS_CURVE = "loss.png"
 FAULT_ENV = "LMAAS_FAULT_KILL_RANK_AT"
 """Chaos testing: `RANK:STEP:MARKER` kills worker RANK with SIGKILL at STEP, once (MARKER records it)."""
 
@@ -268,7 +270,7 @@ def train(
     # only the small state file: the weights are read once, by register_run
     state = checkpoint.parse_state(storage.read_text(f"{checkpoint_prefix}/{checkpoint.STATE_FILE}"))
     final = dict(state.history[-1]) if state.history else {}
-    storage.write_bytes(f"{run_prefix}/loss.png", loss_curve_png(state.history, title=run_id))
+    storage.write_bytes(f"{run_prefix}/{LOSS_CURVE}", loss_curve_png(state.history, title=run_id))
     record.update(
         status="finished",
         finished_at=time.time(),
@@ -355,7 +357,7 @@ def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, al
     """Register the final checkpoint of a finished run as the next version of `name`.
 
     The version records its lineage: dataset `name:N` and content hash, the run id, the run's
-    final metrics, and `lmaas_training.json` (the run's config) among its files. It is signed
+    final metrics, and `lmaas_training.json` (the run's config) and `loss.png` among its files. It is signed
     and encrypted as the environment configures (`ModelRegistry.configured`).
 
     Args:
@@ -394,7 +396,8 @@ def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, al
 
 def fetch_model(storage: Storage, run_id: str, directory: str | Path) -> dict[str, Any]:
     """Copy the final checkpoint's model files of a finished run into `directory` (no optimizer
-    state), plus `lmaas_training.json` (run, dataset, config); returns the run record.
+    state), plus `lmaas_training.json` (run, dataset, config) and the run's `loss.png`; returns
+    the run record.
 
     Raises:
         NotFoundError: no such run, or it has not finished.
@@ -408,6 +411,9 @@ def fetch_model(storage: Storage, run_id: str, directory: str | Path) -> dict[st
         path = f"{record['checkpoint_prefix']}/{rel}"
         if storage.exists(path):
             storage.get_file(path, directory / rel)
+    # the curve travels with the version, so whoever reads the version (the console) sees it
+    if storage.exists(f"{RUNS_PREFIX}/{run_id}/{LOSS_CURVE}"):
+        storage.get_file(f"{RUNS_PREFIX}/{run_id}/{LOSS_CURVE}", directory / LOSS_CURVE)
     lineage = {"run": run_id, "dataset": record["dataset"], "dataset_content_hash": record["dataset_content_hash"],
                "config": record["config"]}
     lineage.update({k: record[k] for k in ("model_overrides", "teacher") if k in record})

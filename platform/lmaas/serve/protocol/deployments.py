@@ -41,6 +41,18 @@ class ChangeOut(BaseModel):
     error: str | None = None
 
 
+class TrafficOut(BaseModel):
+    """A deployment's recent requests, counted by the gateway replica that answers (with several gateway replicas, its share)."""
+
+    window_s: float = Field(description="The window, in seconds, ending now.")
+    requests: int = Field(description="Requests answered for the deployment (by its name or its reference).")
+    requests_per_s: float = Field(description="`requests` / `window_s`.")
+    errors: int = Field(description="Of those, answered with a 5xx status.")
+    error_rate: float | None = Field(description="`errors` / `requests` (null without requests).")
+    ttft_p50_ms: float | None = Field(
+        description="Median time from a generation request reaching the gateway to its first token reaching it (null without one).")
+
+
 class DeploymentOut(BaseModel):
     object: str = "deployment"
     name: str
@@ -55,6 +67,8 @@ class DeploymentOut(BaseModel):
     canary: dict[str, Any] | None = Field(None, description="`{ref, weight, state, reason, status}` while a canary is configured.")
     engine: str = Field("-", description="The engine a replica runs: vllm or lmaas (\"-\" when none runs, or multiplexed).")
     change: ChangeOut | None = Field(None, description="The latest change requested for this deployment.")
+    traffic: TrafficOut | None = Field(
+        None, description="Its requests over the last 5 minutes as the answering gateway replica saw them (null: this app keeps no metrics).")
 
 
 class DeploymentList(BaseModel):

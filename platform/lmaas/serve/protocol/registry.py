@@ -24,6 +24,7 @@ class RegisteredModelOut(BaseModel):
     created_at: float
     latest_version: int
     public: bool = False
+    aliases: dict[str, int] = Field(default_factory=dict, description="Every alias of the model and the version it points at.")
 
 
 class ModelVersionOut(BaseModel):

@@ -25,7 +25,7 @@ from lmaas.errors import ConfigError, InvalidInputError, LmaasError, NotFoundErr
 from lmaas.serve.auth import authenticate, get_auth, require
 from lmaas.serve.control import DeploymentControl
 from lmaas.serve.options import ServedModel
-from lmaas.serve.protocol.deployments import AcceptedOut, ChangeOut, DeploymentList, DeploymentOut, DeploymentPatch
+from lmaas.serve.protocol.deployments import AcceptedOut, ChangeOut, DeploymentList, DeploymentOut, DeploymentPatch, TrafficOut
 
 router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"], dependencies=[require(DEPLOY)])
 
@@ -77,9 +77,17 @@ async def list_deployments(request: Request, principal: Principal = Depends(auth
     own = [d for d in deployments if principal.tenant_filter in (None, owners[d["name"]])]
     names = {d["name"] for d in own}
     return DeploymentList(
-        data=[DeploymentOut(**d, tenant=owners[d["name"]], change=latest.get(d["name"])) for d in own],
+        data=[DeploymentOut(**d, tenant=owners[d["name"]], change=latest.get(d["name"]), traffic=_traffic(request, d)) for d in own],
         changes=[ChangeOut(**c) for c in changes if c.get("name") in names or principal.is_admin],
     )
+
+
+def _traffic(request: Request, deployment: dict) -> TrafficOut | None:
+    """The deployment's requests of the last 5 minutes, from this gateway replica's own counts (`ops.metrics.RecentRequests`)."""
+    recent = getattr(getattr(request.app.state, "metrics", None), "recent", None)
+    if recent is None:
+        return None
+    return TrafficOut(**recent.traffic([deployment["name"], deployment["ref"]]))  # clients may send either as `model`
 
 
 @router.get("/{name}", response_model=DeploymentOut)

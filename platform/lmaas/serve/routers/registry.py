@@ -37,7 +37,7 @@ from lmaas import db
 from lmaas.auth import Principal
 from lmaas.errors import InvalidInputError
 from lmaas.registry import ModelRegistry
-from lmaas.registry.entities import ModelFile
+from lmaas.registry.entities import ModelFile, RegisteredModel
 from lmaas.registry.refs import validate_file_path, validate_model_name
 from lmaas.serve.auth import admin_only, authenticate, registry_access
 from lmaas.serve.protocol.registry import (
@@ -83,19 +83,28 @@ def list_models(
     request: Request, search: str | None = None, offset: Annotated[int, Query(ge=0, le=db.MAX_INT)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> ModelList:
     """List (or search by name substring) registered models."""
-    models = _registry(request).list_models(search=search, tenant=_tenant(request), offset=offset, limit=limit)
-    return ModelList(data=[RegisteredModelOut(**m.to_dict()) for m in models])
+    registry, tenant = _registry(request), _tenant(request)
+    models = registry.list_models(search=search, tenant=tenant, offset=offset, limit=limit)
+    return ModelList(data=[_model_out(registry, m, tenant) for m in models])
 
 
 @router.get("/models/{name}", response_model=RegisteredModelOut)
 def get_model(request: Request, name: str) -> RegisteredModelOut:
-    return RegisteredModelOut(**_registry(request).get_model(name, tenant=_tenant(request)).to_dict())
+    registry, tenant = _registry(request), _tenant(request)
+    return _model_out(registry, registry.get_model(name, tenant=tenant), tenant)
+
+
+def _model_out(registry: ModelRegistry, model: RegisteredModel, tenant: str | None) -> RegisteredModelOut:
+    """A model with its aliases ({alias: version})."""
+    aliases = {a.alias: a.version for a in registry.aliases(model.name, tenant=tenant)}
+    return RegisteredModelOut(**model.to_dict(), aliases=aliases)
 
 
 @router.patch("/models/{name}", response_model=RegisteredModelOut)
 def update_model(request: Request, name: str, body: UpdateModelRequest, _admin: Principal = Depends(admin_only)) -> RegisteredModelOut:
     """Share a model with every tenant (`public: true`; read and inference only), or make it private again. Admins only."""
-    return RegisteredModelOut(**_registry(request).set_public(name, body.public).to_dict())
+    registry = _registry(request)
+    return _model_out(registry, registry.set_public(name, body.public), None)
 
 
 @router.get("/models/{name}/versions", response_model=VersionPage)

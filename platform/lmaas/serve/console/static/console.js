@@ -214,17 +214,6 @@
     window.addEventListener("pagehide", () => clearTimeout(timer));
   }
 
-  // a model's aliases: the lineage of each of its newest `depth` versions names them (no route lists a model's aliases)
-  async function aliasesOf(name, versions, depth) {
-    const lineages = await Promise.all(versions.slice(0, depth).map((v) =>
-      api(`${modelPath(name)}/versions/${v.version}/lineage`).catch(() => null)));
-    const out = {};
-    lineages.forEach((lineage, i) => {
-      if (lineage) for (const alias of lineage.aliases) out[alias] = versions[i].version;
-    });
-    return out;
-  }
-
   // ---- pages ------------------------------------------------------------------------------
 
   const pages = {};
@@ -270,26 +259,25 @@
       const mine = ++shown;
       const query = search ? `?limit=200&search=${encodeURIComponent(search)}` : "?limit=200";
       const models = (await api("/api/v1/models" + query)).data;
-      // for the first 50 models: the newest version (task, size) and the aliases on its 5 newest versions
+      // for the first 50 models: the newest version (task, size); aliases come with the listing
       const details = await Promise.all(models.slice(0, 50).map(async (m) => {
         try {
-          const versions = (await api(`${modelPath(m.name)}/versions?limit=5`)).data;
-          return { latest: versions[0], aliases: await aliasesOf(m.name, versions, 5) };
+          return (await api(`${modelPath(m.name)}/versions?limit=1`)).data[0] || null;
         } catch (err) {
-          return { latest: null, aliases: {} };
+          return null;
         }
       }));
       if (mine !== shown) return; // a newer search answered first
       const rows = models.map((m, i) => {
-        const d = details[i] || { latest: null, aliases: {} };
+        const latest = details[i] || null;
         return [
           link(modelHref(m.name), m.name),
           m.tenant,
           m.public ? badge("public", "ok") : badge("private"),
-          d.latest ? link(versionHref(m.name, d.latest.version), String(m.latest_version)) : String(m.latest_version),
-          d.latest ? d.latest.task : "-",
-          d.latest ? bytes(d.latest.size) : "-",
-          Object.entries(d.aliases).map(([alias, v]) => badge(`@${alias} \u2192 ${v}`)),
+          latest ? link(versionHref(m.name, latest.version), String(m.latest_version)) : String(m.latest_version),
+          latest ? latest.task : "-",
+          latest ? bytes(latest.size) : "-",
+          Object.entries(m.aliases || {}).map(([alias, v]) => badge(`@${alias} \u2192 ${v}`)),
           when(m.created_at),
         ];
       });
@@ -313,9 +301,8 @@
       ["Latest version", String(model.latest_version)], ["Created", when(model.created_at)], ["Description", model.description],
       ["Tags", Object.entries(model.tags || {}).map(([k, v]) => badge(`${k}=${v}`))],
     ]);
-    const aliases = await aliasesOf(name, page.data, 50);
     const byVersion = {};
-    for (const [alias, v] of Object.entries(aliases)) (byVersion[v] = byVersion[v] || []).push(alias);
+    for (const [alias, v] of Object.entries(model.aliases || {})) (byVersion[v] = byVersion[v] || []).push(alias);
     fill("versions", table(page.has_more ? "the newest 100 versions" : null,
       [["Version", "num"], ["Status"], ["Task"], ["Size", "num"], ["Aliases"], ["Signed"], ["Parent"], ["Metrics"], ["Created"]],
       page.data.map((v) => [
@@ -462,6 +449,16 @@
     fill(figure, picture, h("figcaption", {}, "Dataset and parent \u2192 training run \u2192 this version \u2192 versions derived from it \u2192 deployments serving it."));
   }
 
+  // a deployment's recent requests as the gateway counted them (`traffic` of GET /api/v1/deployments)
+  function trafficText(t) {
+    if (!t) return "not measured by this gateway";
+    const minutes = Math.round(t.window_s / 60);
+    if (!t.requests) return `no requests in the last ${minutes} min`;
+    return `${number(t.requests_per_s)} req/s (${t.requests} in the last ${minutes} min), ` +
+      `TTFT p50 ${t.ttft_p50_ms === null ? "-" : Math.round(t.ttft_p50_ms) + " ms"}, ` +
+      `${number(100 * t.error_rate)} % errors`;
+  }
+
   pages.deployments = function () {
     let last = "";
     const act = async (name, patch, what) => {
@@ -501,6 +498,7 @@
           h("dt", {}, "Replicas"), h("dd", {}, `${d.running} running, autoscaling ${d.min_replicas} to ${d.max_replicas}`),
           h("dt", {}, "Engine"), h("dd", {}, d.engine + (d.multiplexed ? " (multiplexed)" : "")),
           d.tenant ? [h("dt", {}, "Tenant"), h("dd", {}, d.tenant)] : null,
+          h("dt", {}, "Traffic"), h("dd", { class: "traffic" }, trafficText(d.traffic)),
           h("dt", {}, "Canary"), h("dd", { class: "canary-info" }, c
             ? [h("span", {}, `${c.ref} takes ${c.weight}% `), stateBadge(c.state || "configured"),
               c.reason ? h("span", { class: "reason" }, ` \u2014 ${c.state === "rolled_back" ? "rolled back because " : ""}${c.reason}`) : null, split]
