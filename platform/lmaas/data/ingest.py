@@ -326,7 +326,8 @@ def _write_examples(tokenized, config: IngestConfig, out: Path, progress: Progre
             writer.add(rows[(splits == split) & kept])
         documents += len(rows)
         tokens_seen += int(np.sum(trained))
-        dropped += int(np.sum(batch.column("cut").to_numpy())) + int(np.sum((rows[~kept, 0] != -1).sum(axis=1)))
+        # an example with no answer token left was cut to a full row: its whole row is dropped too
+        dropped += int(np.sum(batch.column("cut").to_numpy())) + int(np.sum(~kept)) * config.block_size
         nodes.update(batch.column("node").to_pylist())
         if progress and len(rows):
             progress("documents", documents)
