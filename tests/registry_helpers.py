@@ -29,3 +29,16 @@ def make_model_dir(root: Path, seed: int = 0, size: int = 16) -> Path:
     vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, size)}}
     Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(root / "tokenizer.json"))
     return root
+
+
+def publish_unreadable_dataset(storage, engine, root: Path, name: str, tenant: str, *, sources: list[str], content: bytes = b"rows") -> None:
+    """Version 1 of dataset `name`, owned by `tenant`: recorded like a real one, but its shards are not Parquet
+    (any job that tried to train on it would fail loudly). For tests of who may see and use a dataset."""
+    from lmaas.data.versions import publish_version
+
+    for split in ("train", "validation"):
+        (root / split).mkdir(parents=True)
+        (root / split / "part-00000.parquet").write_bytes(content)
+    publish_version(storage, engine, root, {
+        "name": name, "tenant": tenant, "sources": sources, "content_hash": "1" * 64, "tokenizer_hash": "2" * 64,
+        "block_size": 32, "vocab_size": 512, "documents": 1, "train_rows": 1, "validation_rows": 1, "tokens": 64})

@@ -28,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import REPO, free_port, http_status, wait_for  # noqa: E402
-from registry_helpers import make_model_dir  # noqa: E402
+from registry_helpers import make_model_dir, publish_unreadable_dataset  # noqa: E402
 from serve_helpers import make_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
@@ -56,7 +56,6 @@ def gateway(ray_cluster, tmp_path_factory):
     from lmaas import db
     from lmaas.auth import KeyStore
     from lmaas.config import load_settings
-    from lmaas.data.versions import publish_version
     from lmaas.ops.queue import ClusterQueue
     from lmaas.registry import ModelRegistry
     from lmaas.serve.deployments import applier, build_app, run_app
@@ -71,13 +70,7 @@ def gateway(ray_cluster, tmp_path_factory):
     ids = {name: keys.create_key(tenant, scopes, create_tenant=True, secret=secret)[0].id for name, (tenant, scopes, secret) in KEYS.items()}
     _, expired = keys.create_key("alice", ["models:read"], expires_in=0.5)
 
-    data = root / "data"
-    for split in ("train", "validation"):
-        (data / split).mkdir(parents=True)
-        (data / split / "part-00000.parquet").write_bytes(b"rows")
-    publish_version(registry.storage, engine, data, {
-        "name": "stdlib-corpus", "tenant": "alice", "sources": ["stdlib"], "content_hash": "1" * 64, "tokenizer_hash": "2" * 64,
-        "block_size": 32, "vocab_size": 512, "documents": 1, "train_rows": 1, "validation_rows": 1, "tokens": 64})
+    publish_unreadable_dataset(registry.storage, engine, root / "data", "stdlib-corpus", "alice", sources=["stdlib"])
     alice = registry.acting_for("alice")
     first = make_causal_lm(root / "lm1", seed=0)
     history = [{"step": s, "loss": 6.2 * 0.93**s} | ({"val_loss": 6.4 * 0.94**s} if s % 5 == 0 else {}) for s in range(41)]

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import uvicorn_app  # noqa: E402
-from registry_helpers import make_model_dir  # noqa: E402
+from registry_helpers import make_model_dir, publish_unreadable_dataset  # noqa: E402
 from serve_helpers import make_causal_lm  # noqa: E402
 
 KEYS = {  # name -> (tenant, scopes, secret)
@@ -36,7 +36,6 @@ def world(tmp_path_factory):
     """alice's private `a-secret` (production alias) and public `a-public`, her dataset, and the API over them."""
     from lmaas.auth import Auth
     from lmaas.config import load_settings
-    from lmaas.data.versions import publish_version
     from lmaas.ops.queue import ClusterQueue
     from lmaas.registry import ModelRegistry
     from lmaas.serve.management import build_app
@@ -53,13 +52,8 @@ def world(tmp_path_factory):
         for name, (tenant, scopes, secret) in KEYS.items():
             auth.keys.create_key(tenant, scopes, create_tenant=True, secret=secret)
         # alice's dataset: not parquet at all, so any job that read it would fail loudly
-        data = root / "alice-data"
-        for split in ("train", "validation"):
-            (data / split).mkdir(parents=True)
-            (data / split / "part-00000.parquet").write_bytes(b"alice's private rows")
-        publish_version(registry.storage, engine, data, {
-            "name": "a-data", "tenant": "alice", "sources": ["/home/alice/corpus"], "content_hash": "1" * 64, "tokenizer_hash": "2" * 64,
-            "block_size": 32, "vocab_size": 512, "documents": 1, "train_rows": 1, "validation_rows": 1, "tokens": 64})
+        publish_unreadable_dataset(registry.storage, engine, root / "alice-data", "a-data", "alice", sources=["/home/alice/corpus"],
+                                   content=b"alice's private rows")
         alice = registry.acting_for("alice")
         lm = make_causal_lm(root / "lm", max_seq_len=64)
         alice.register_version("a-secret", lm, task="causal-lm", dataset="a-data:1")
