@@ -59,8 +59,7 @@ def check_causal_lm(
     """
     files = set(paths)
     config = _json_object(read, "config.json", files, required=True)
-    for name in ("config.json", "tokenizer_config.json"):
-        found = config if name == "config.json" else _json_object(read, name, files, required=False)
+    for name, found in (("config.json", config), ("tokenizer_config.json", _json_object(read, "tokenizer_config.json", files, required=False))):
         if found and found.get("auto_map"):
             raise InvalidInputError(
                 f"{name} asks to run the model's own code (auto_map: {', '.join(sorted(found['auto_map']))}); lmaas never runs "
