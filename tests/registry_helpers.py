@@ -31,6 +31,24 @@ def make_model_dir(root: Path, seed: int = 0, size: int = 16) -> Path:
     return root
 
 
+def make_adapter_dir(root: Path, base_dir: Path, *, seed: int = 0, rank: int = 4, target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A real PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) for the model in
+    `base_dir`, with random non-zero factors (PEFT starts B at zero, which would make it a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(root)
+    return root
+
+
 def publish_unreadable_dataset(storage, engine, root: Path, name: str, tenant: str, *, sources: list[str], content: bytes = b"rows") -> None:
     """Version 1 of dataset `name`, owned by `tenant`: recorded like a real one, but its shards are not Parquet
     (any job that tried to train on it would fail loudly). For tests of who may see and use a dataset."""

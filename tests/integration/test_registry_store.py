@@ -6,6 +6,7 @@ Every test runs on both backends through the `registry_backend` fixture.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from lmaas.registry.store import generate_signing_key
 from lmaas.storage import Storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from registry_helpers import make_model_dir  # noqa: E402
+from registry_helpers import make_adapter_dir, make_model_dir  # noqa: E402
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -168,6 +169,7 @@ def test_lineage(registry: ModelRegistry, tmp_path: Path):
         "dataset_sha256": None,
         "run": "train-7",
         "parent": None,
+        "parents": [],
         "children": ["base-int8:1"],
         "aliases": ["production"],
         "deployments": [],
@@ -183,6 +185,48 @@ def test_lineage(registry: ModelRegistry, tmp_path: Path):
     staged = registry.stage("x", make_model_dir(tmp_path / "e"))
     registry.abandon(staged)
     assert registry.storage.list("models/x") == [] and registry.gc(grace_seconds=0, dry_run=True) == []
+
+
+def test_adapters_and_merges_record_every_parent(registry: ModelRegistry, tmp_path: Path):
+    base_dir = make_model_dir(tmp_path / "base")
+    registry.register_version("base", base_dir, task="causal-lm")
+    adapter = registry.register_version("bot", make_adapter_dir(tmp_path / "adapter", base_dir), task="adapter", parent="base:1")
+    assert adapter.task == "adapter" and adapter.parents == ("base:1",)
+    assert {f.path for f in adapter.files} >= {"adapter_config.json", "adapter_model.safetensors"}
+
+    # refused before anything is stored: no base, a base it does not fit, pickle weights, not LoRA
+    with pytest.raises(InvalidInputError, match="needs its base model") as no_base:
+        registry.register_version("bot", tmp_path / "adapter", task="adapter")
+    assert no_base.value.param == "parent"
+    wider = make_model_dir(tmp_path / "wider", size=32)
+    registry.register_version("wider", wider, task="causal-lm")
+    with pytest.raises(InvalidInputError, match="does not fit") as misfit:
+        registry.register_version("bot", make_adapter_dir(tmp_path / "wide-adapter", wider), task="adapter", parent="base:1")
+    assert misfit.value.param == "files"
+    pickled = make_adapter_dir(tmp_path / "pickled", base_dir)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(InvalidInputError):
+        registry.register_version("bot", pickled, task="adapter", parent="base:1")
+    other = make_adapter_dir(tmp_path / "other", base_dir)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(InvalidInputError, match="LORA"):
+        registry.register_version("bot", other, task="adapter", parent="base:1")
+    assert [v.version for v in registry.list_versions("bot")] == [1]
+
+    # a merge of two versions lists both; neither parent can be deleted while it exists
+    registry.register_version("base", make_model_dir(tmp_path / "base2", seed=1), task="causal-lm")
+    merged = registry.register_version("soup", make_model_dir(tmp_path / "soup", seed=2), task="causal-lm",
+                                       parents=["base:1", "base:2"])
+    assert merged.parent == "base:1" and merged.parents == ("base:1", "base:2")
+    lineage = registry.lineage("soup:1")
+    assert [p.ref for p in lineage.parents] == ["base:1", "base:2"] and lineage.to_dict()["parents"] == ["base:1", "base:2"]
+    assert [c.ref for c in registry.lineage("base:2").children] == ["soup:1"]
+    with pytest.raises(AlreadyExistsError, match="derive from it"):
+        registry.delete_version("base:2")
+    registry.delete_version("soup:1")
+    registry.delete_version("base:2")  # free once the merge is gone
+    assert registry.lineage("base:1").children == (adapter,)
 
 
 def test_signatures(registry_backend, tmp_path: Path):

@@ -110,6 +110,16 @@ model_versions = sa.Table(
 )
 """Immutable model versions; a row exists only once every file is uploaded and verified."""
 
+model_version_parents = sa.Table(
+    "model_version_parents",
+    metadata,
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("model_versions.id"), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("model_versions.id"), nullable=False),
+    sa.Index(None, "parent_id"),
+)
+"""The second and later parents of a version with several (a merge); the first is `model_versions.parent_id`."""
+
 model_aliases = sa.Table(
     "model_aliases",
     metadata,

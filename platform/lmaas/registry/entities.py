@@ -13,8 +13,9 @@ from typing import Any
 READY = "ready"
 ARCHIVED = "archived"
 STATUSES = (READY, ARCHIVED)
-TASKS = ("causal-lm", "embedding", "seq2seq-lm", "classification", "other")
-"""Formats/tasks a version can declare; serving picks its engine from this."""
+TASKS = ("causal-lm", "embedding", "seq2seq-lm", "classification", "adapter", "other")
+"""Formats/tasks a version can declare; serving picks its engine from this. An `adapter` is a LoRA
+adapter (`lmaas.models.adapter`) whose `parent` is its base causal LM."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ class ModelVersion:
     """The dataset version it was trained on, as a reference string (`name:version`)."""
     dataset_sha256: str | None = None
     parent: str | None = None
-    """The version it was derived from (compressed/distilled variants), as `name:version`."""
+    """The version it was derived from (compressed/distilled variants, an adapter's base), as `name:version`."""
+    parents: tuple[str, ...] = ()
+    """Every version it was made from, in order (`parent` first): several for a weight merge."""
     metrics: dict[str, float] = field(default_factory=dict)
     description: str = ""
     signature: str | None = None
@@ -115,6 +118,7 @@ class ModelVersion:
             "dataset": self.dataset,
             "dataset_sha256": self.dataset_sha256,
             "parent": self.parent,
+            "parents": list(self.parents),
             "metrics": dict(self.metrics),
             "description": self.description,
             "signed": self.signature is not None,
@@ -145,6 +149,8 @@ class Lineage:
     children: tuple[ModelVersion, ...]
     aliases: tuple[str, ...]
     deployments: tuple[str, ...]
+    parents: tuple[ModelVersion, ...] = ()
+    """Every parent the caller may see, `parent` first (a merge has several)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +159,7 @@ class Lineage:
             "dataset_sha256": self.version.dataset_sha256,
             "run": self.version.run,
             "parent": self.parent.ref if self.parent else None,
+            "parents": [p.ref for p in self.parents],
             "children": [c.ref for c in self.children],
             "aliases": list(self.aliases),
             "deployments": list(self.deployments),

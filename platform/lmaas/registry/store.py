@@ -42,8 +42,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from lmaas import db
-from lmaas.db.schema import deployments, model_aliases, model_uploads, model_versions, registered_models
+from lmaas.db.schema import deployments, model_aliases, model_uploads, model_version_parents, model_versions, registered_models
 from lmaas.errors import AlreadyExistsError, ConfigError, IntegrityError, InvalidInputError, NotFoundError, PermissionDeniedError
+from lmaas.models.adapter import check_adapter
 from lmaas.models.hf import check_causal_lm
 from lmaas.registry.entities import (
     ARCHIVED,
@@ -187,6 +188,7 @@ class ModelRegistry:
         *,
         task: str,
         parent: str | None = None,
+        parents: list[str] | None = None,
         dataset: str | None = None,
         dataset_sha256: str | None = None,
         run: str | None = None,
@@ -203,7 +205,10 @@ class ModelRegistry:
             name: model name (created on first registration).
             local_dir: directory of the version's files (weights as `.safetensors`).
             task: `causal-lm`, `embedding`, ... (see `entities.TASKS`).
-            parent: reference of the version this one derives from (compression, distillation).
+            parent: reference of the version this one derives from (compression, distillation; an
+                adapter's base causal LM, which an `adapter` must name).
+            parents: every version it derives from, in order, when several (a weight merge); `parent`
+                is then left out or equal to the first.
             dataset: the dataset version it was trained on, e.g. `wiki:3`.
             dataset_sha256: the dataset's content hash, if known.
             run: the training/compression run that produced it.
@@ -225,19 +230,27 @@ class ModelRegistry:
             IntegrityError: the uploaded files do not match the local ones.
         """
         _check_task(task)
+        parents = _parents(parent, parents)
         if task == "causal-lm":
             check_causal_lm_dir(local_dir)  # a directory transformers and vLLM load, before anything is uploaded
         # fail before uploading anything; `commit` checks both again under the model's lock
         self.check_writable(name, tenant=tenant, create=True)
-        if parent:
-            self._check_parent(parent, tenant)
+        for ref in parents:
+            self._check_parent(ref, tenant)
+        if task == "adapter":
+            root = Path(local_dir)
+            if not root.is_dir():
+                raise NotFoundError(f"{local_dir} is not a directory", param="dir")
+            paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+            check_adapter(paths, lambda path: (root / path).read_bytes(), lambda path: _check_safetensors(root / path, path),
+                          self._base_header(parents, tenant))
         self._check_room(name, local_dir, owner or tenant or "default")
         staged = self.stage(name, local_dir, expected_sha256=expected_sha256, progress=progress)
         try:
             return self.commit(
                 staged,
                 task=task,
-                parent=parent,
+                parents=parents,
                 dataset=dataset,
                 dataset_sha256=dataset_sha256,
                 run=run,
@@ -309,6 +322,7 @@ class ModelRegistry:
         *,
         task: str,
         parent: str | None = None,
+        parents: list[str] | None = None,
         dataset: str | None = None,
         dataset_sha256: str | None = None,
         run: str | None = None,
@@ -322,12 +336,18 @@ class ModelRegistry:
         `tenant` and `owner` as for `register_version`; ownership is checked under the model's lock.
         """
         _check_task(task)
+        parents = _parents(parent, parents)
         metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         files = [ModelFile(f.path, f.sha256, f.size).to_dict() for f in staged.manifest.files]
         with self.engine.begin() as conn:
-            if parent:
-                self._visible(conn, parse_ref(parent).name, tenant, param="parent")
-            parent_id = self._version_row(conn, parent)["id"] if parent else None
+            parent_rows = []
+            for ref in parents:
+                self._visible(conn, parse_ref(ref).name, tenant, param="parent")
+                parent_rows.append(self._version_row(conn, ref))
+            if task == "adapter" and parent_rows[0]["task"] != "causal-lm":
+                raise InvalidInputError(f"an adapter's parent is its base causal LM; {parents[0]} is a {parent_rows[0]['task']} model",
+                                        param="parent")
+            parent_id = parent_rows[0]["id"] if parent_rows else None
             model = self._lock_model(conn, staged.name, owner=owner or tenant or "default", tenant=tenant)
             check_storage_quota(conn, model["tenant"], staged.manifest.size, param="files")
             number = model["last_version"] + 1
@@ -359,6 +379,11 @@ class ModelRegistry:
                     encrypted=staged.encrypted,
                 )
             )
+            if len(parent_rows) > 1:
+                version_id = conn.execute(sa.select(model_versions.c.id).where(model_versions.c.prefix == staged.prefix)).scalar_one()
+                conn.execute(model_version_parents.insert(), [
+                    {"version_id": version_id, "position": i, "parent_id": row["id"]} for i, row in enumerate(parent_rows[1:], start=1)
+                ])
             conn.execute(model_uploads.delete().where(model_uploads.c.prefix == staged.prefix))
             self._event(conn, "model.register", f"{staged.name}:{number}", tenant=model["tenant"], detail={"prefix": staged.prefix})
         return self.get_version(staged.name, number)
@@ -461,8 +486,9 @@ class ModelRegistry:
         """
         _check_task(task)
         upload = self._open_upload(upload_id, tenant=tenant)
-        if details.get("parent"):
-            self._check_parent(details["parent"], tenant)
+        details["parents"] = _parents(details.pop("parent", None), details.get("parents"))
+        for ref in details["parents"]:
+            self._check_parent(ref, tenant)
         prefix = upload["prefix"]
         plain, stored = [], []
         for path, expected in sorted(upload["files"].items()):
@@ -491,6 +517,10 @@ class ModelRegistry:
         try:
             if task == "causal-lm":
                 self._check_staged_causal_lm(staged)
+            if task == "adapter":
+                check_adapter([e.path for e in staged.manifest.files], lambda path: self._read_staged(staged, path),
+                              lambda path: self._stored_header(f"{staged.prefix}/{path}", path, staged.encrypted),
+                              self._base_header(details["parents"], tenant))
             return self.commit(staged, task=task, tenant=tenant, **details)
         except Exception:
             # the files stay staged: drop the manifest so the client can fix the request and commit again
@@ -500,24 +530,41 @@ class ModelRegistry:
 
     def _check_staged_causal_lm(self, staged: "StagedUpload") -> None:
         """`models.hf.check_causal_lm` on an upload's stored files (decrypted where sealed)."""
+        check_causal_lm([e.path for e in staged.manifest.files], lambda path: self._read_staged(staged, path),
+                        lambda path: self._stored_header(f"{staged.prefix}/{path}", path, staged.encrypted))
 
-        def read(path: str) -> bytes:
-            data = self.storage.read_bytes(f"{staged.prefix}/{path}")
-            return sealing.open_whole(self.encryption_key, path, data, path) if staged.encrypted else data
+    def _read_staged(self, staged: "StagedUpload", path: str) -> bytes:
+        data = self.storage.read_bytes(f"{staged.prefix}/{path}")
+        return sealing.open_whole(self.encryption_key, path, data, path) if staged.encrypted else data
 
-        def read_header(path: str) -> dict[str, Any]:
-            target = f"{staged.prefix}/{path}"
-            with self.storage.open(target) as f:
-                if not staged.encrypted:
-                    return _check_safetensors_header(f, self.storage.size(target), path)
-                head = b""
-                for chunk in sealing.unsealed(self.encryption_key, path, f, path):  # the header is at the start
-                    head += chunk
-                    if len(head) >= 8 and len(head) >= 8 + int.from_bytes(head[:8], "little"):
-                        break
-                return _check_safetensors_header(io.BytesIO(head), len(head), path)
+    def _stored_header(self, target: str, path: str, encrypted: bool) -> dict[str, Any]:
+        """The JSON header of a stored safetensors file (decrypting only its first chunks where sealed)."""
+        with self.storage.open(target) as f:
+            if not encrypted:
+                return _check_safetensors_header(f, self.storage.size(target), path)
+            head = b""
+            for chunk in sealing.unsealed(self.encryption_key, path, f, path):  # the header is at the start
+                head += chunk
+                if len(head) >= 8 and len(head) >= 8 + int.from_bytes(head[:8], "little"):
+                    break
+            return _check_safetensors_header(io.BytesIO(head), len(head), path)
 
-        check_causal_lm([e.path for e in staged.manifest.files], read, read_header)
+    def _base_header(self, parents: list[str], tenant: str | None) -> dict[str, Any]:
+        """The tensor shapes of an adapter's base model (its first parent), from its stored safetensors headers.
+
+        Raises:
+            InvalidInputError: no parent, or one that is not a causal LM.
+        """
+        if not parents:
+            raise InvalidInputError("an adapter needs its base model as parent (--parent NAME:VERSION)", param="parent")
+        base = self.resolve(parents[0], tenant=tenant)
+        if base.task != "causal-lm":
+            raise InvalidInputError(f"an adapter's parent is its base causal LM; {base.ref} is a {base.task} model", param="parent")
+        header: dict[str, Any] = {}
+        for entry in base.files:
+            if entry.path.endswith(".safetensors"):
+                header.update(self._stored_header(f"{base.prefix}/{entry.path}", entry.path, base.encrypted))
+        return header
 
     @_scoped
     def abort_upload(self, upload_id: str, *, tenant: str | None = None) -> None:
@@ -770,6 +817,14 @@ class ModelRegistry:
                 .where(model_versions.c.id == row["parent_id"])
             ).first()
             parent = f"{p.name}:{p.version}"
+        extra = conn.execute(
+            sa.select(registered_models.c.name, model_versions.c.version)
+            .select_from(model_version_parents)
+            .join(model_versions, model_versions.c.id == model_version_parents.c.parent_id)
+            .join(registered_models, registered_models.c.id == model_versions.c.model_id)
+            .where(model_version_parents.c.version_id == row["id"])
+            .order_by(model_version_parents.c.position)
+        ).all() if parent else []
         return ModelVersion(
             name=row["name"],
             version=row["version"],
@@ -783,6 +838,7 @@ class ModelRegistry:
             dataset=row["dataset"],
             dataset_sha256=row["dataset_sha256"],
             parent=parent,
+            parents=(parent, *(f"{p.name}:{p.version}" for p in extra)) if parent else (),
             metrics=dict(row["metrics"] or {}),
             description=row["description"],
             signature=row["signature"],
@@ -1024,7 +1080,7 @@ class ModelRegistry:
             child_rows = conn.execute(
                 sa.select(model_versions.c.id, registered_models.c.tenant, registered_models.c.public)
                 .join(registered_models, registered_models.c.id == model_versions.c.model_id)
-                .where(model_versions.c.parent_id == row["id"])
+                .where(_derived_from(row["id"]))
             ).all()
             unseen = [c.id for c in child_rows if c.tenant != row["tenant"] and not c.public]
             children = len(child_rows) - len(unseen)
@@ -1035,7 +1091,10 @@ class ModelRegistry:
                 )
             version = self._version(conn, row)
             if unseen:
-                conn.execute(model_versions.update().where(model_versions.c.id.in_(unseen)).values(parent_id=None))
+                conn.execute(model_versions.update().where(model_versions.c.id.in_(unseen), model_versions.c.parent_id == row["id"])
+                             .values(parent_id=None))
+                conn.execute(model_version_parents.delete().where(model_version_parents.c.parent_id == row["id"]))
+            conn.execute(model_version_parents.delete().where(model_version_parents.c.version_id == row["id"]))
             conn.execute(model_versions.delete().where(model_versions.c.id == row["id"]))
             self._event(conn, "version.delete", version.ref, tenant=row["tenant"])
         # the row is gone first: a crash here leaves only unreferenced files, which gc removes
@@ -1064,18 +1123,17 @@ class ModelRegistry:
             self._visible(conn, parse_ref(ref).name, tenant)
             row = self._version_row(conn, ref)
             version = _seen(self._version(conn, row), tenant)
-            parent_row = self._version_row(conn, version.parent) if version.parent else None
-            parent = _seen(self._version(conn, parent_row), tenant) if parent_row and _sees(tenant, parent_row) else None
+            parent_rows = [self._version_row(conn, ref) for ref in version.parents]
+            parents = tuple(_seen(self._version(conn, r), tenant) for r in parent_rows if _sees(tenant, r))
+            parent = parents[0] if parent_rows and _sees(tenant, parent_rows[0]) else None
             children = tuple(
                 _seen(self._version(conn, r), tenant)
-                for r in conn.execute(
-                    self._versions_query().where(model_versions.c.parent_id == row["id"]).order_by(model_versions.c.id)
-                ).mappings()
+                for r in conn.execute(self._versions_query().where(_derived_from(row["id"])).order_by(model_versions.c.id)).mappings()
                 if _sees(tenant, r)
             )
             aliases = tuple(conn.execute(sa.select(model_aliases.c.alias).where(model_aliases.c.version_id == row["id"])).scalars())
             deployed = self._deployed(conn, version.name, version.version)
-        return Lineage(version, parent, children, tuple(sorted(aliases)), tuple(deployed))
+        return Lineage(version, parent, children, tuple(sorted(aliases)), tuple(deployed), parents)
 
     def _deployed(self, conn: Connection, name: str, version: int) -> list[str]:
         """Deployments that serve `name:version` by number: the database's records (`app/name`, see
@@ -1234,6 +1292,25 @@ def _check_owner(name: str, owner: str, public: bool, tenant: str | None, *, cre
     if create:
         raise AlreadyExistsError(f"the model name {name!r} is taken; choose another name", param=param)
     raise NotFoundError(f"no model named {name!r}", param=param)
+
+
+def _parents(parent: str | None, parents: list[str] | tuple[str, ...] | None) -> list[str]:
+    """Every parent in order from `register_version`'s two ways of naming them, each once (a model
+    merged with itself has one parent).
+
+    Raises:
+        InvalidInputError: both given and `parent` is not the first of `parents`.
+    """
+    listed = list(parents or ())
+    if parent and listed and listed[0] != parent:
+        raise InvalidInputError(f"parent {parent!r} must be the first of parents {listed}", param="parent")
+    return list(dict.fromkeys(listed or ([parent] if parent else [])))
+
+
+def _derived_from(version_id: int) -> Any:
+    """The WHERE clause of versions whose parents include `version_id`."""
+    further = sa.select(model_version_parents.c.version_id).where(model_version_parents.c.parent_id == version_id)
+    return sa.or_(model_versions.c.parent_id == version_id, model_versions.c.id.in_(further))
 
 
 def _check_task(task: str) -> None:
