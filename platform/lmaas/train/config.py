@@ -10,6 +10,28 @@ from lmaas.data.config import NAME_RE
 from lmaas.models import SIZES
 
 
+class LoraSettings(BaseModel):
+    """The adapter a `method: lora` run trains (PEFT's `LoraConfig`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: int = Field(default=8, ge=1, le=1024)
+    """Rank r of each low-rank update `B @ A`."""
+
+    alpha: float = Field(default=16.0, gt=0)
+    """Scale: the update is multiplied by alpha / rank."""
+
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the adapter's input during training."""
+
+    target_modules: list[str] | None = None
+    """Names of the linear layers to adapt (e.g. `[q_proj, k_proj, v_proj, o_proj]`, or `[all-linear]`);
+    None: PEFT's default for the architecture (the attention query and value projections)."""
+
+    quantize_base: Literal["none", "nf4"] = "none"
+    """QLoRA: hold the frozen base in 4-bit NF4 (bitsandbytes; GPUs only). `none`: the base's own dtype."""
+
+
 class TrainConfig(BaseModel):
     """One training run (YAML: `jobs/configs/train_*.yaml`, `--set key=value` overrides)."""
 
@@ -25,6 +47,13 @@ class TrainConfig(BaseModel):
     """Fine-tune: a registered causal LM (`name`, `name:N`, `name@alias`) whose architecture and
     weights replace `model`. The dataset must be tokenized with its tokenizer (`lmaas data ingest
     --tokenizer DIR` with the model's exported directory). The result records it as its parent."""
+
+    method: Literal["full", "lora"] = "full"
+    """`full`: train every weight. `lora`: freeze the `init_from` base and train a LoRA adapter
+    (`lora`), registered as a version of its own (`task: adapter`, the base as its parent)."""
+
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    """The adapter of a `method: lora` run."""
 
     output_model: str | None = "tiny-lm"
     """Registry name the final model is registered under; None keeps it as a run artifact only."""
@@ -134,6 +163,10 @@ class TrainConfig(BaseModel):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if self.alias and not self.output_model:
             raise ValueError("alias needs output_model (the registered model it points into)")
+        if self.method == "lora" and not self.init_from:
+            raise ValueError("method lora adapts a pretrained model: set init_from (a registered causal LM)")
+        if self.lora.quantize_base != "none" and not self.use_gpu:
+            raise ValueError("lora.quantize_base nf4 (QLoRA) needs use_gpu: bitsandbytes' 4-bit kernels run on GPUs only")
         return self
 
     @property
