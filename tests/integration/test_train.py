@@ -176,60 +176,126 @@ def test_sweep_configs_are_checked_before_any_trial(home):
         SweepConfig(parameters={"lr": {"loguniform": [1e-4, 1e-2]}})
 
 
-def test_fine_tune_on_chat_examples_trains_and_evaluates_on_the_assistant_turns_only(home, trained, tmp_path):
-    """format chat: OpenAI chat lines rendered with the base's chat template, one example a row, labels on the answers."""
+@pytest.fixture(scope="module")
+def chat(home, trained, tmp_path_factory):
+    """A chat dataset tokenized with lm-ddp:1's tokenizer (`lm-ddp:1` exported to `base`), and its validation
+    rows as (input ids, labels) tensors; made once for the full and the LoRA fine-tunes."""
     import json
 
     import pyarrow.parquet as pq
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmaas.data.chat import IGNORE
     from lmaas.data.feed import shard_paths
-    from lmaas.data.versions import list_versions
 
     store, engine, _ = home
     trained("ddp")
-    registry = ModelRegistry(store, engine)
+    tmp_path = tmp_path_factory.mktemp("chat")
     base = tmp_path / "base"
-    registry.download("lm-ddp:1", base)
-    answer = "def add(a, b):\n    return a + b"
+    ModelRegistry(store, engine).download("lm-ddp:1", base)
     lines = [{"messages": [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": f"add two numbers, take {i}"},
-                           {"role": "assistant", "content": answer}]} for i in range(120)]
+                           {"role": "assistant", "content": CHAT_ANSWER}]} for i in range(120)]
     lines += [{"prompt": f"# sum of {i} and 1\n", "completion": f"{i} + 1"} for i in range(40)]
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text("\n".join(json.dumps(line) for line in lines))
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    version = ingest(IngestConfig(name="chat", sources=[str(path)], format="chat", tokenizer=str(base), block_size=128, validation_percent=10),
+                     storage=store, engine=engine).version
+    table = pq.read_table(shard_paths(version, store, "validation")[0], filesystem=store.pyarrow_filesystem()[0])
+    ids, labels = (torch.tensor(table.column(c).to_pylist()) for c in ("input_ids", "labels"))
+    return {"version": version, "base": base, "lines": lines, "ids": ids, "labels": labels}
 
+
+CHAT_ANSWER = "def add(a, b):\n    return a + b"
+
+
+def answer_loss(model, chat) -> float:
+    """Mean loss of `model` over the chat validation rows' answer tokens (what transformers computes with their labels)."""
+    import torch
+
+    ids, labels = chat["ids"], chat["labels"]
+    model.eval()
+    with torch.no_grad():
+        return sum(model(input_ids=ids[i : i + 8], labels=labels[i : i + 8]).loss.item() * len(ids[i : i + 8])
+                   for i in range(0, len(ids), 8)) / len(ids)
+
+
+def test_fine_tune_on_chat_examples_trains_and_evaluates_on_the_assistant_turns_only(home, chat, tmp_path):
+    """format chat: OpenAI chat lines rendered with the base's chat template, one example a row, labels on the answers."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmaas.data.chat import IGNORE
+    from lmaas.data.versions import list_versions
+
+    store, engine, _ = home
+    registry = ModelRegistry(store, engine)
+    base, lines, version = chat["base"], chat["lines"], chat["version"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join([json.dumps(lines[0]), json.dumps(lines[1]), json.dumps({"messages": [{"role": "user", "content": "hi"}]})]))
     with pytest.raises(InvalidInputError, match=r"bad.jsonl:3: messages needs at least one assistant message"):
         ingest(IngestConfig(name="chat-bad", sources=[str(bad)], format="chat", tokenizer=str(base), block_size=64), storage=store, engine=engine)
     assert list_versions(engine, "chat-bad") == []  # nothing published
 
-    version = ingest(IngestConfig(name="chat", sources=[str(chat)], format="chat", tokenizer=str(base), block_size=128, validation_percent=10),
-                     storage=store, engine=engine).version
     assert version.train_rows + version.validation_rows == len(lines) and version.validation_rows > 0  # one example a row
     tokenizer = AutoTokenizer.from_pretrained(base)
-    table = pq.read_table(shard_paths(version, store, "validation")[0], filesystem=store.pyarrow_filesystem()[0])
-    ids, labels = (torch.tensor(table.column(c).to_pylist()) for c in ("input_ids", "labels"))
-    trained_text = {tokenizer.decode(row[mask]) for row, mask in zip(ids, labels != IGNORE)}
-    assert f"{answer}<|im_end|>\n" in trained_text and all(t == f"{answer}<|im_end|>\n" or t.endswith(" + 1<|endoftext|>") for t in trained_text)
+    trained_text = {tokenizer.decode(row[mask]) for row, mask in zip(chat["ids"], chat["labels"] != IGNORE)}
+    assert f"{CHAT_ANSWER}<|im_end|>\n" in trained_text
+    assert all(t == f"{CHAT_ANSWER}<|im_end|>\n" or t.endswith(" + 1<|endoftext|>") for t in trained_text)
     assert all("add two numbers" not in t for t in trained_text)  # the user's words are context, not targets
 
     tuned = train(TrainConfig(dataset=version.ref, init_from="lm-ddp:1", output_model="ft-chat", max_steps=10, eval_interval=10,
                               checkpoint_interval=10, **FAST), storage=store, engine=engine)
     registry.download("ft-chat:1", tmp_path / "tuned")
-
-    def answer_loss(model_dir: Path) -> float:
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        with torch.no_grad():
-            return sum(model(input_ids=ids[i : i + 8], labels=labels[i : i + 8]).loss.item() * len(ids[i : i + 8])
-                       for i in range(0, len(ids), 8)) / len(ids)
-
     # the validation loss is the loss over the answers only: what transformers computes with these labels
-    assert tuned.metrics["val_loss"] == pytest.approx(answer_loss(tmp_path / "tuned"), rel=0.05), tuned.metrics
-    before = answer_loss(base)
+    tuned_loss = answer_loss(AutoModelForCausalLM.from_pretrained(tmp_path / "tuned"), chat)
+    assert tuned.metrics["val_loss"] == pytest.approx(tuned_loss, rel=0.05), tuned.metrics
+    before = answer_loss(AutoModelForCausalLM.from_pretrained(base), chat)
     assert tuned.metrics["val_loss"] < before - 1.0, (before, tuned.metrics)  # measured 6.28 -> 4.06 in 10 steps
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_trains_an_adapter_that_registers_with_its_base_and_survives_a_killed_worker(home, chat, strategy, tmp_path, monkeypatch):
+    """method lora: the base frozen, only the factors trained, checkpointed and restored; the result is an adapter version."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    store, engine, _ = home
+    registry = ModelRegistry(store, engine)
+    base_version = registry.resolve("lm-ddp:1")
+    if strategy == "ddp":  # rank 1 dies at step 20, once: the group restarts from an adapter checkpoint (step 8 or 16)
+        marker = tmp_path / "killed"
+        monkeypatch.setenv(FAULT_ENV, f"1:20:{marker}")
+    result = train(TrainConfig(dataset=chat["version"].ref, init_from="lm-ddp:1", method="lora", lora={"rank": 8, "alpha": 16},
+                               output_model=f"bot-{strategy}", strategy=strategy, max_steps=24, eval_interval=8, checkpoint_interval=8,
+                               **{**FAST, "lr": 2e-2, "log_interval": 8}),
+                   storage=store, engine=engine)
+    if strategy == "ddp":
+        assert marker.exists() and result.metrics["restarts"] == 1, result.history
+        assert [h["step"] for h in result.history][-1] == 24
+
+    adapter = registry.resolve(f"bot-{strategy}")
+    assert (adapter.task, adapter.parents, adapter.dataset) == ("adapter", ("lm-ddp:1",), chat["version"].ref)
+    assert {f.path for f in adapter.files} >= {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "loss.png"}
+    assert not {"model.safetensors", "optimizer.safetensors"} & {f.path for f in adapter.files}
+    base_bytes = next(f.size for f in base_version.files if f.path == "model.safetensors")
+    adapter_bytes = next(f.size for f in adapter.files if f.path == "adapter_model.safetensors")
+    # rank 8 on q_proj and v_proj of 2 layers: 3,584 of the base's ~0.2M parameters
+    assert result.parameters > 40 * adapter.metrics["trainable_parameters"] and adapter_bytes < 0.05 * base_bytes
+    assert registry.resolve("lm-ddp:1").manifest_sha256 == base_version.manifest_sha256  # the base is untouched
+
+    registry.download(adapter.ref, tmp_path / "adapter")
+    base_model = AutoModelForCausalLM.from_pretrained(chat["base"])
+    before = answer_loss(base_model, chat)
+    tuned = PeftModel.from_pretrained(base_model, str(tmp_path / "adapter"))  # PEFT's own loader takes the version as is
+    after = answer_loss(tuned, chat)
+    assert result.metrics["val_loss"] == pytest.approx(after, rel=0.05), (result.metrics, after)
+    # the answers got likelier with the base frozen: measured 6.281 -> 5.735 (DDP, with its restart) and 5.736 (FSDP);
+    # seeded weights and data order leave ~0.001 between runs, far inside the 0.4 margin
+    assert after < before - 0.4, (before, after)
+    with torch.no_grad():
+        frozen = AutoModelForCausalLM.from_pretrained(chat["base"])
+        assert torch.equal(tuned.get_base_model().model.embed_tokens.weight, frozen.model.embed_tokens.weight)
 
 
 def test_fine_tune_from_a_registered_model_on_your_own_jsonl(home, trained, tmp_path):

@@ -12,7 +12,7 @@ from lmaas.errors import InvalidInputError, NotFoundError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 WEIGHTS_FILE = "model.safetensors"
@@ -96,14 +96,31 @@ def model_config(
     return LlamaConfig(**fields)
 
 
-def build_model(config: "LlamaConfig", *, seed: int | None = 0) -> "LlamaForCausalLM":
-    """A freshly initialized model; the same seed gives the same weights in every process."""
+def build_model(config: "PretrainedConfig", *, seed: int | None = 0) -> "PreTrainedModel":
+    """A freshly initialized causal LM of `config`'s architecture (the lmaas family's Llama, or an
+    imported one: `lmaas.models.hf.ARCHITECTURES`); the same seed gives the same weights in every process."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if seed is not None:
         torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def config_from_dict(fields: dict[str, Any]) -> "PretrainedConfig":
+    """The transformers config class of `fields["model_type"]` (a `config.json` as a dict)."""
+    from transformers import AutoConfig
+
+    fields = dict(fields)
+    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
+
+
+def decoder_layers(model: "torch.nn.Module") -> list["torch.nn.Module"]:
+    """The transformer blocks of a causal LM (also inside a PEFT wrapper): the modules of the classes
+    transformers keeps whole when it splits a model (`_no_split_modules`), FSDP's unit of sharding."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(hf_model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def parameter_count(model: "torch.nn.Module") -> int:
@@ -116,9 +133,12 @@ def flops_per_token(config: "LlamaConfig", seq_len: int) -> float:
 
     6 N for the matmuls over N non-embedding parameters plus 12 L H T for attention scores.
     """
-    h, layers, kv = config.hidden_size, config.num_hidden_layers, config.num_key_value_heads
+    h, layers = config.hidden_size, config.num_hidden_layers
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = h // config.num_attention_heads
-    per_layer = h * h * 2 + 2 * h * kv * head_dim + 3 * h * config.intermediate_size
+    # a gated MLP (Llama, Mistral, Qwen) has three matrices; GPT-2's has two of 4h (n_inner None)
+    mlp = 3 * h * config.intermediate_size if getattr(config, "intermediate_size", None) else 2 * h * (getattr(config, "n_inner", None) or 4 * h)
+    per_layer = h * h * 2 + 2 * h * kv * head_dim + mlp
     lm_head = h * config.vocab_size
     return 6.0 * (layers * per_layer + lm_head) + 12.0 * layers * h * seq_len
 

@@ -167,6 +167,8 @@ class TrainConfig(BaseModel):
             raise ValueError("method lora adapts a pretrained model: set init_from (a registered causal LM)")
         if self.lora.quantize_base != "none" and not self.use_gpu:
             raise ValueError("lora.quantize_base nf4 (QLoRA) needs use_gpu: bitsandbytes' 4-bit kernels run on GPUs only")
+        if self.lora.quantize_base != "none" and (self.method != "lora" or self.strategy != "ddp"):
+            raise ValueError("lora.quantize_base nf4 (QLoRA) is for method lora with strategy ddp (FSDP does not shard 4-bit weights)")
         return self
 
     @property

@@ -7,6 +7,9 @@ With a `teacher` in the loop config the same loop distills: every worker loads t
 from its registry artifact directory (frozen, eval mode, no grad, same dtype and autocast as
 the student) and the loss becomes `distillation_loss` (KL to the teacher at a temperature plus
 the LM loss). Checkpoints, resume and restarts are the training ones: only the student trains.
+
+With `method: lora` the base loads from its registry artifact on every (re)start, PEFT wraps it
+(`lmaas.train.lora`), and only the adapter's factors are optimized, checkpointed and restored.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from lmaas.models import build_model, flops_per_token
+from lmaas.models import build_model, config_from_dict, decoder_layers, flops_per_token
 from lmaas.train import checkpoint
 from lmaas.train.config import TrainConfig
 
@@ -75,7 +78,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
     from ray.train import Checkpoint, CheckpointUploadMode
-    from transformers import LlamaConfig
 
     cfg = TrainConfig(**loop_config["config"])
     ctx = ray.train.get_context()
@@ -83,7 +85,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()  # Ray Train: this worker's GPU, or CPU
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads_per_worker)
-    model_config = LlamaConfig.from_dict(loop_config["model_config"])
+    model_config = config_from_dict(loop_config["model_config"])
     tokenizer_dir = tempfile.mkdtemp(prefix="lmaas-tokenizer-")  # copied into every checkpoint
     for name, text in loop_config["tokenizer_files"].items():
         (Path(tokenizer_dir) / name).write_text(text)
@@ -100,11 +102,19 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     base = build_model(model_config, seed=cfg.seed)
     init = loop_config.get("init")
-    if init is not None and ray.train.get_checkpoint() is None:  # fine-tune: start from the base model's weights
+    # fine-tune: start from the base model's weights (a full checkpoint holds them all; an adapter's does not)
+    if cfg.lora.quantize_base == "nf4":  # QLoRA: the frozen base in 4-bit on this worker's GPU
+        base = _load_registered(init, device, nf4=True)
+    elif init is not None and (cfg.method == "lora" or ray.train.get_checkpoint() is None):
         base.load_state_dict(_load_registered(init, "cpu").state_dict())
+    if cfg.method == "lora":
+        from lmaas.train import lora
+
+        base = lora.wrap(base, cfg.lora, base_ref=init["ref"])
     model = _wrap(base, cfg, device)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
@@ -151,7 +161,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             step_loss += loss.item()
             step_lm_loss += out.loss.item() / cfg.grad_accum
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -186,6 +196,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             "tokens_per_s": totals[1].item(),
             "tokens_per_s_per_worker": totals[1].item() / world,
             "restarts": state.restarts,
+            "peak_memory_mb": _peak_memory_mb(device),
         }
         if teacher is not None:
             metrics["lm_loss"] = totals[2].item() / world  # the student's own next-token loss, inside `loss`
@@ -224,12 +235,24 @@ def train_func(loop_config: dict[str, Any]) -> None:
     shutil.rmtree(tokenizer_dir, ignore_errors=True)  # each checkpoint holds its copy
 
 
-def _load_registered(spec: dict[str, Any], device: Any) -> Any:
+def _peak_memory_mb(device: Any) -> float:
+    """This worker's peak memory so far: allocated GPU memory, or the process's peak RSS on CPU."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _load_registered(spec: dict[str, Any], device: Any, *, nf4: bool = False) -> Any:
     """A registered model from its artifact directory, every file's sha256 checked: a distillation's
     teacher or a fine-tune's starting point.
 
     Every worker holds a whole replica of a teacher (also under FSDP: only the student is sharded).
     It keeps the dtype it was stored in (fp32 for the lmaas family) and runs under the student's autocast.
+    `nf4`: a QLoRA base, quantized to 4-bit NF4 by bitsandbytes as it loads (bf16 compute), on `device` (a GPU).
     """
     from lmaas.errors import IntegrityError
     from lmaas.models import load_model
@@ -239,7 +262,17 @@ def _load_registered(spec: dict[str, Any], device: Any) -> Any:
     manifest = Storage(spec["storage_uri"], endpoint_url=spec["endpoint_url"]).download_dir(spec["prefix"], directory)
     if manifest.sha256 != spec["manifest_sha256"]:
         raise IntegrityError(f"{spec['ref']}: the stored manifest under {spec['prefix']} was altered")
-    model = load_model(directory, device=str(device))
+    if nf4:
+        import torch
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization, device_map={"": device},
+                                                     use_safetensors=True)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = load_model(directory, device=str(device))
     shutil.rmtree(directory, ignore_errors=True)
     return model
 
@@ -253,7 +286,7 @@ def _wrap(model: Any, cfg: TrainConfig, device: Any) -> Any:
     from torch.distributed.fsdp import fully_shard
 
     model.to(device)
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
     return model

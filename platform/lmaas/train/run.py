@@ -29,7 +29,8 @@ from lmaas.data import tokenizer as tok
 from lmaas.data.feed import training_dataset
 from lmaas.data.versions import DatasetVersion, get_version
 from lmaas.errors import InvalidInputError, JobFailedError, NotFoundError
-from lmaas.models import build_model, model_config, parameter_count
+from lmaas.models import build_model, config_from_dict, model_config, parameter_count
+from lmaas.models.hf import ARCHITECTURES
 from lmaas.registry import ModelRegistry, ModelVersion
 from lmaas.storage import Storage
 from lmaas.train import checkpoint
@@ -194,16 +195,21 @@ def train(
     tokenizer_files, spec = _tokenizer(storage, version)
     init = _init_from(config, storage, engine, version, tenant) if config.init_from else None
     if init is not None:
-        from transformers import LlamaConfig
-
-        llama = LlamaConfig.from_dict(init.pop("config"))
+        llama = config_from_dict(init.pop("config"))
     else:
         llama = model_config(config.model, vocab_size=spec.vocab_size, max_seq_len=version.block_size, eos_id=spec.eos_id,
                              **(model_overrides or {}))
     import torch
 
     with torch.device("meta"):
-        parameters = parameter_count(build_model(llama, seed=None))
+        meta_model = build_model(llama, seed=None)
+        parameters = parameter_count(meta_model)
+        if config.method == "lora":
+            from lmaas.train import lora
+
+            trainable = lora.trainable_parameters(lora.wrap(meta_model, config.lora, base_ref=init["ref"]))
+        else:
+            trainable = parameters
     record: dict[str, Any] = {
         "run_id": run_id,
         "status": "running",
@@ -212,6 +218,7 @@ def train(
         "dataset": version.ref,
         "dataset_content_hash": version.content_hash,
         "parameters": parameters,
+        "trainable_parameters": trainable,
         "resumed": resume is not None,
         **({"model_overrides": model_overrides} if model_overrides else {}),
         **({"teacher": {k: teacher[k] for k in ("ref", "temperature", "alpha")}} if teacher else {}),
@@ -301,8 +308,9 @@ def _init_from(config: TrainConfig, storage: Storage, engine: Engine, dataset: A
 
     Raises:
         NotFoundError: no such model version.
-        InvalidInputError: not a Llama-architecture fp32 causal LM, encrypted, a context shorter than
-            the dataset's rows, or a dataset tokenized with another tokenizer.
+        InvalidInputError: not an unquantized causal LM of `hf.ARCHITECTURES`, encrypted, a context
+            shorter than the dataset's rows, a dataset tokenized with another tokenizer, or a QLoRA
+            base where bitsandbytes is missing.
     """
     registry = ModelRegistry.configured(storage, engine)
     base = registry.resolve(config.init_from, tenant=tenant)
@@ -313,13 +321,22 @@ def _init_from(config: TrainConfig, storage: Storage, engine: Engine, dataset: A
         raise InvalidInputError(f"init_from {base.ref} is encrypted at rest; workers read its files directly", param="init_from")
     _, raw = registry.read_file(base.ref, "config.json")
     base_config = json.loads(raw)
-    if base_config.get("quantization_config") or base_config.get("model_type") != "llama":
+    if base_config.get("quantization_config") or base_config.get("model_type") not in ARCHITECTURES.values():
         raise InvalidInputError(f"init_from {base.ref} is a {base_config.get('model_type')} model"
                                 f"{' (quantized)' if base_config.get('quantization_config') else ''}; fine-tuning supports "
-                                "fp32 Llama-architecture models (the lmaas family, TinyLlama, Llama)", param="init_from")
-    if base_config.get("max_position_embeddings", 0) < dataset.block_size:
+                                f"unquantized {', '.join(ARCHITECTURES.values())} models (fine-tune the fp32 parent of a "
+                                "quantized variant)", param="init_from")
+    context = base_config.get("max_position_embeddings") or base_config.get("n_positions") or 0
+    if context < dataset.block_size:
         raise InvalidInputError(f"dataset {dataset.ref} has {dataset.block_size}-token rows, longer than {base.ref}'s context "
-                                f"({base_config.get('max_position_embeddings')})", param="dataset")
+                                f"({context})", param="dataset")
+    if config.lora.quantize_base == "nf4":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise InvalidInputError("lora.quantize_base nf4 (QLoRA) needs bitsandbytes (`pip install bitsandbytes` on the GPU "
+                                    "nodes); set quantize_base: none to train the adapter on the base's own dtype",
+                                    param="lora.quantize_base")
     check_dataset_tokenizer(registry, base, base_config, dataset, role="init_from",
                             remedy=f"ingest with `--tokenizer` set to {base.ref}'s exported directory")
     return {"ref": base.ref, "storage_uri": storage.uri, "endpoint_url": storage.endpoint_url, "prefix": base.prefix,
@@ -373,17 +390,20 @@ def register_run(storage: Storage, engine: Engine, run_id: str, name: str, *, al
         final = record.get("metrics") or {}
         metrics = {k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and k not in ("epoch", "restarts")}
         metrics["parameters"] = float(record["parameters"])
+        metrics["trainable_parameters"] = float(record.get("trainable_parameters", record["parameters"]))
+        adapter = config.method == "lora"
         registry = ModelRegistry.configured(storage, engine)
         registered = registry.register_version(
             name,
             model_dir,
-            task="causal-lm",
+            task="adapter" if adapter else "causal-lm",
             dataset=record["dataset"],
             dataset_sha256=record["dataset_content_hash"],
             parent=record.get("init_from"),
             run=run_id,
             metrics=metrics,
-            description=(f"fine-tune of {record['init_from']}" if record.get("init_from") else f"{config.model} model")
+            description=(f"LoRA adapter (r={config.lora.rank}) of {record['init_from']}" if adapter
+                         else f"fine-tune of {record['init_from']}" if record.get("init_from") else f"{config.model} model")
             + f", {config.strategy} x{config.num_workers}, {final.get('step', 0)} steps on {record['dataset']}",
             tenant=tenant,
         )
