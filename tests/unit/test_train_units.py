@@ -26,6 +26,10 @@ from lmaas.train.loop import lr_factor
         ("strategy=zero3", "strategy"),
         ("num_workers=0", "num_workers"),
         ("warmup_steps=100", "warmup_steps (100) must be below max_steps (60)"),
+        ("method=lora", "method lora adapts a pretrained model: set init_from"),
+        ("lora.rank=0", "lora.rank"),
+        ("lora.quantize_base=nf4", "needs use_gpu"),
+        ("method=dora", "method"),
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_field(override, message):
@@ -38,7 +42,7 @@ def test_shipped_configs_validate():
     from pathlib import Path
 
     configs = sorted(Path(__file__).resolve().parents[2].glob("jobs/configs/train_*.yaml"))
-    assert {p.name for p in configs} >= {"train_tiny_cpu.yaml", "train_small_gpu_ddp.yaml", "train_1b_fsdp.yaml"}
+    assert {p.name for p in configs} >= {"train_tiny_cpu.yaml", "train_small_gpu_ddp.yaml", "train_1b_fsdp.yaml", "train_lora.yaml"}
     for path in configs:
         load_config(TrainConfig, path)
 
