@@ -281,3 +281,93 @@ def serve_api(
     registry = _registry()
     auth = build_auth(AuthConfig(enabled=not no_auth), load_settings())
     uvicorn.run(build_app(registry, auth=auth), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def merge(
+    refs: list[str] = typer.Argument(None, help="Models to merge, in order (name, name:VERSION or name@ALIAS); the first gives "
+                                                "the merge its config and tokenizer."),
+    method: str = typer.Option(None, "--method", help="linear (default), slerp, task_arithmetic, ties, dare_linear or dare_ties."),
+    weights: str = typer.Option(None, "--weights", help="Comma-separated, one per model (linear: normalized to sum 1)."),
+    base: str = typer.Option(None, "--base", help="task_arithmetic, ties, dare_*: the model the others were fine-tuned from."),
+    density: float = typer.Option(None, "--density", help="ties, dare_*: share of each task vector kept."),
+    t: float = typer.Option(None, "--t", help="slerp: 0 gives the first model, 1 the second."),
+    seed: int = typer.Option(None, "--seed", help="dare_*: seed of the random drop."),
+    output: str = typer.Option(None, "--output", help="Registry name of the merge (default <first name>-<method>)."),
+    alias_name: str = typer.Option(None, "--alias", help="Alias to point at the merged version."),
+    config: str = typer.Option(None, "--config", help="MergeConfig YAML (jobs/configs/merge_*.yaml); arguments and --set override it."),
+    overrides: list[str] = typer.Option([], "--set", help="key=value override of any MergeConfig field."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Merge the weights of registered causal LMs into a new version, measured against every parent.
+
+        lmaas models merge code-a code-b --weights 0.5,0.5 --output code-soup
+        lmaas models merge code-a code-b --method ties --base tiny-lm:1 --density 0.5 --output code-ties
+    """
+    from lmaas.compress.merge import MergeConfig, check_merge
+    from lmaas.compress.merge import merge as run_merge
+    from lmaas.config import load_config
+
+    given = {"models": refs or None, "method": method, "base": base, "density": density, "t": t, "seed": seed,
+             "output_model": output, "alias": alias_name}
+    # each value as JSON, which load_config reads as YAML: a reference such as 1:30 stays a string
+    items = [f"{key}={json.dumps(value)}" for key, value in given.items() if value is not None]
+    if weights:
+        items.append(f"weights=[{weights}]")
+    cfg = load_config(MergeConfig, config, [*items, *overrides])
+    registry = _registry()
+    check_merge(cfg, registry)
+    result = _with_progress(f"{cfg.method} merge", lambda say: run_merge(cfg, registry, progress=say))
+    _print_merge(result, as_json)
+
+
+@app.command("merge-adapter")
+def merge_adapter(
+    ref: str = typer.Argument(..., help="The LoRA adapter version (task adapter); its parent is the base it merges into."),
+    output: str = typer.Option(None, "--output", help="Registry name of the merged model (default <adapter name>-merged)."),
+    alias_name: str = typer.Option(None, "--alias", help="Alias to point at the merged version."),
+    tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest |logit difference| from base + adapter accepted."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Merge a LoRA adapter into its base model (PEFT merge_and_unload): a standalone causal LM version.
+
+        lmaas models merge-adapter my-lora:2 --output my-model
+    """
+    from lmaas.compress.merge import check_adapter_merge
+    from lmaas.compress.merge import merge_adapter as run_merge_adapter
+
+    registry = _registry()
+    check_adapter_merge(ref, output, registry)
+    result = _with_progress(f"merging {ref}", lambda say: run_merge_adapter(ref, output, registry, alias=alias_name,
+                                                                            tolerance=tolerance, progress=say))
+    _print_merge(result, as_json)
+
+
+def _with_progress(title: str, work):
+    """`work(say)`'s result, run under one spinner line on stderr that each `say(line)` updates."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress line of our own, not one bar per weights file
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True, highlight=False),
+                  transient=True) as bar:
+        task = bar.add_task(title, total=None)
+        return work(lambda line: bar.update(task, description=line))
+
+
+def _print_merge(result, as_json: bool) -> None:
+    """Print a `MergeResult`: the merged version and its held-out loss against every parent, a row per evaluation set."""
+    report = result.report
+    if as_json:
+        return _print_json({"ref": result.version.ref, **report})
+    console.print(f"registered {result.version.ref} from {', '.join(report['parents'])} ({report['method']})")
+    parents = list(report["eval"][0]["parents"])
+    table = Table(title="held-out loss", title_justify="left")
+    for column in ("data", "merged", *parents, "merged - best parent"):
+        table.add_column(column, justify="right")
+    for row in report["eval"]:
+        table.add_row(row["data"], f"{row['merged']['loss']:.4f}", *(f"{row['parents'][p]['loss']:.4f}" for p in parents),
+                      f"{row['merged']['loss_vs_best_parent']:+.4f}")
+    console.print(table)
+    if "max_abs_logit_diff" in report:
+        console.print(f"max |logit diff| vs base + adapter: {report['max_abs_logit_diff']:.2e}")
