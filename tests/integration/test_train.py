@@ -296,6 +296,16 @@ def test_lora_trains_an_adapter_that_registers_with_its_base_and_survives_a_kill
     with torch.no_grad():
         frozen = AutoModelForCausalLM.from_pretrained(chat["base"])
         assert torch.equal(tuned.get_base_model().model.embed_tokens.weight, frozen.model.embed_tokens.weight)
+    if strategy == "ddp":  # the trained adapter folded into a standalone model answers as base + adapter does
+        from lmaas.compress.merge import merge_adapter
+
+        merged = merge_adapter(adapter.ref, "bot-merged", registry).version
+        assert (merged.task, merged.parents) == ("causal-lm", ("lm-ddp:1", adapter.ref))
+        registry.download(merged.ref, tmp_path / "merged")
+        with torch.no_grad():
+            ids = chat["ids"][:4]
+            difference = (AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits - tuned(input_ids=ids).logits).abs().max()
+        assert difference < 1e-4, difference
 
 
 def test_fine_tune_from_a_registered_model_on_your_own_jsonl(home, trained, tmp_path):

@@ -88,7 +88,7 @@ def show(ref: str = typer.Argument(..., help="name, name:VERSION or name@ALIAS")
         ("size", _size(version.size)),
         ("created", _when(version.created_at)),
         ("aliases", ", ".join(aliases) or "-"),
-        ("parent", version.parent or "-"),
+        ("parents" if len(version.parents) > 1 else "parent", ", ".join(version.parents) or "-"),
         ("dataset", version.dataset or "-"),
         ("run", version.run or "-"),
         ("metrics", json.dumps(version.metrics) if version.metrics else "-"),
@@ -116,7 +116,7 @@ def _show_remote(ref: str, as_json: bool) -> None:
         ("size", _size(version["size"])),
         ("created", _when(version["created_at"])),
         ("tenant", version["tenant"]),
-        ("parent", version["parent"] or "-"),
+        ("parents", ", ".join(version.get("parents") or ([version["parent"]] if version["parent"] else [])) or "-"),
         ("dataset", version["dataset"] or "-"),
         ("run", version["run"] or "-"),
         ("metrics", json.dumps(version["metrics"]) if version["metrics"] else "-"),
@@ -243,7 +243,7 @@ def lineage(
     table = Table(title=f"lineage of {info['ref']}", title_justify="left", show_header=False)
     table.add_column("field")
     table.add_column("value")
-    for key in ("dataset", "run", "parent", "children", "aliases", "deployments"):
+    for key in ("dataset", "run", "parents", "children", "aliases", "deployments"):
         value = info[key]
         table.add_row(key, ", ".join(value) if isinstance(value, list) else (value or "-"))
     console.print(table)
