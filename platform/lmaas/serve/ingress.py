@@ -9,6 +9,10 @@ methods `ListModels`, `Complete` (server streaming) and `Embed` are named like t
 `grpc_api.GrpcServing` over the same engines. Serve serves gRPC only when started with
 `grpc_options(port)` (`grpc_options:` at the top of serve.yaml; `lmaas deploy --grpc-port`).
 
+A served model with `engine.max_adapters` > 0 also answers its LoRA adapters by name (`serve.adapters`): a `model`
+that names no served model is resolved in the registry as the caller's tenant, and an adapter of the version a
+deployment serves goes to that deployment (its stable side, when it has a canary) with the adapter attached.
+
 The management REST API (`management`) rides on the same app. Its `/api/v1/deployments` and the
 canaries' promotions hand changes to the applier it is given (`deployments.applier`, passed in by
 `deployments.build_app`): the gateway never imports the code that redeploys it.
@@ -27,6 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from lmaas.ops.logs import configure_logging
 from lmaas.ops.metrics import GatewayMetrics
 from lmaas.serve.engine import Engine
+from lmaas.serve.adapters import AdapterBase, AdapterRoutes
 from lmaas.serve.options import INGRESS_NAME, ServeAppArgs
 from lmaas.serve.replica import MULTIPLEX_NAME, DeploymentEngine, LocalEngine
 
@@ -79,6 +84,10 @@ class OpenAIIngress:
         if colocated is not None:
             ref, name = colocated[0], colocated[1]
             self._local[name] = self._engines[name] = self._engines[ref] = await LocalEngine.start(*colocated)
+        config = ServeAppArgs(**args)
+        # before the canaries wrap them: adapters go to the stable side, whose version they were checked against
+        self._adapter_bases = [AdapterBase(m.name, m.ref, self._engines[m.name]) for m in config.models
+                               if m.engine.max_adapters and not m.multiplexed and m.name in self._engines]
         if canaries:
             self._split_traffic(canaries)
         self._grpc = GrpcServing(OpenAIServing(self._engines), refs=refs)
@@ -127,10 +136,14 @@ class OpenAIIngress:
         args = ServeAppArgs(**self._args)
         self._grpc.auth = build_auth(args.auth)  # gRPC calls need the same keys as HTTP
         self._metrics = GatewayMetrics()
+        auth = self._grpc.auth
+        adapters = AdapterRoutes(lambda: auth.registry if auth is not None and auth.registry is not None else _settings_registry(),
+                                 self._adapter_bases, ttl_s=args.auth.cache_ttl_s)
         app = build_openai_app(
             self._engines, max_body_bytes=args.ingress.max_body_bytes, max_upload_bytes=args.ingress.max_upload_bytes,
             auth=self._grpc.auth, refs=self._refs,
             metrics=self._metrics, echo_request_id=False, readiness=self._readiness,  # Serve's proxy returns X-Request-Id
+            adapters=adapters,
         )
         # one port for /v1 and /api/v1: the registry, auth and deployment REST APIs ride on the same app
         control = DeploymentControl(serve.get_replica_context().app_name, args, applier=self._applier)
@@ -201,6 +214,14 @@ class OpenAIIngress:
     async def served_versions(self, names: list[str] | None = None) -> dict[str, str]:
         """Served name -> `name:version` a replica of it serves now (multiplexed: its reference)."""
         return {name: info["version"] for name, info in (await self.served_info(names)).items()} | dict(self._multiplexed)
+
+
+def _settings_registry() -> Any:  # noqa: ANN401 - a ModelRegistry
+    """The registry of this process's settings (the gateway's, when auth is off and so holds none)."""
+    from lmaas.config import load_settings
+    from lmaas.registry import ModelRegistry
+
+    return ModelRegistry.from_settings(load_settings())
 
 
 def _running_replicas(state: Any) -> int:

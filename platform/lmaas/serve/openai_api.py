@@ -69,6 +69,10 @@ class OpenAIServing:
     def __init__(self, engines: dict[str, Engine]) -> None:
         self.engines = dict(engines)
 
+    def with_engine(self, model: str, engine: Engine) -> "OpenAIServing":
+        """This serving with one more engine, under `model`: for one request whose model is resolved per caller (an adapter)."""
+        return OpenAIServing({**self.engines, model: engine})
+
     def engine(self, model: str) -> Engine:
         """Raises NotFoundError (404) naming the reference when no engine serves it."""
         if model not in self.engines:

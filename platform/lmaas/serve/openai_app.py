@@ -51,6 +51,7 @@ def build_openai_app(
     metrics: Any = None,
     echo_request_id: bool = True,
     readiness: Any = None,
+    adapters: Any = None,
 ) -> FastAPI:
     """A FastAPI app serving `engines` (keyed by the `model` name clients send) with OpenAI's API.
 
@@ -65,6 +66,8 @@ def build_openai_app(
         metrics: records each request (`lmaas.ops.metrics.GatewayMetrics` or any object with its methods); None: none.
         echo_request_id: return `X-Request-Id` (False behind Serve's proxy, which returns it itself).
         readiness: `async () -> (ready, {component: problem or "ok"})` behind `GET /readyz`; None: ready when up.
+        adapters: `serve.adapters.AdapterRoutes`: a `model` no engine serves by name may be a LoRA adapter of one
+            (resolved as the caller's tenant); None: only `engines`' names are served.
     """
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -76,6 +79,7 @@ def build_openai_app(
     app.state.openai = OpenAIServing(engines)
     app.state.auth = auth
     app.state.refs = dict(refs or {})
+    app.state.adapters = adapters
     app.state.metrics = metrics  # the deployments API reads each deployment's recent traffic from it
     install_error_handlers(app)
     app.include_router(openai_router.router)

@@ -56,6 +56,15 @@ class EngineOptions(BaseModel):
     on 2 cores, for 7 % more tokens/s; on GPUs CUDA graphs are worth their start)."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """vLLM: any other `AsyncEngineArgs` field (e.g. `gpu_memory_utilization`, `enable_prefix_caching`)."""
+    max_adapters: int = Field(0, ge=0)
+    """Causal LMs: LoRA adapters each replica holds at once (0: none). Above 0 the deployment also answers every
+    registry version of task `adapter` whose parent is the version it serves, by the adapter's name (`model:
+    "support-bot"`): an adapter is downloaded and loaded on its first request, and the least recently used one that
+    no request is using leaves when a new one needs room. vLLM applies them with its LoRA support (`max_loras`),
+    lmaas's engine with PEFT; either mixes requests of several adapters and of the base in one batch."""
+    max_adapter_rank: int = Field(16, ge=1)
+    """The largest adapter rank (`r` in adapter_config.json) the deployment takes; vLLM reserves memory for it (`max_lora_rank`,
+    rounded up to one of 1, 8, 16, 32, 64, ...). A request for an adapter of a higher rank gets a 400 naming `model`."""
 
     def causal_lm_engine(self, directory: Path) -> str:
         """Which engine serves the causal LM in `directory`: "vllm" or "lmaas"."""
@@ -65,7 +74,7 @@ class EngineOptions(BaseModel):
             return self.engine
         if not vllm.available():
             return "lmaas"
-        problem = vllm.unsupported(directory, self.device)
+        problem = vllm.unsupported(directory, self.device, adapters=self.max_adapters > 0)
         if problem:
             log.info("serving %s with lmaas's engine: %s", directory.name, problem)
             return "lmaas"
@@ -226,6 +235,8 @@ class ServedModel(ScalingOptions):
             self.name = parsed.name
         if self.canary is not None and self.multiplexed:
             raise ValueError("canary: a multiplexed model cannot have a canary (give it a deployment of its own)")
+        if self.multiplexed and self.engine.max_adapters:
+            raise ValueError("engine.max_adapters: a multiplexed model serves no adapters (give it a deployment of its own)")
         if self.colocated:
             if self.multiplexed:
                 raise ValueError("colocated: a multiplexed model runs on the shared deployment, not in the gateway")
@@ -248,6 +259,12 @@ class MultiplexOptions(ScalingOptions):
     max_num_models_per_replica: int = Field(4, ge=1)
     """Engines kept per replica; loading one more unloads the least recently used."""
     engine: EngineOptions = Field(default_factory=EngineOptions)
+
+    @model_validator(mode="after")
+    def _no_adapters(self) -> "MultiplexOptions":
+        if self.engine.max_adapters:
+            raise ValueError("engine.max_adapters: multiplexed models serve no adapters; give the base model a deployment of its own")
+        return self
 
 
 class IngressOptions(BaseModel):

@@ -10,6 +10,10 @@
 A replica is the only place that knows which engine runs: it asks `EngineOptions` which one to
 start (`_load_version`); the gateway, canaries and routers see only the `Engine` interface.
 
+LoRA adapters (`EngineOptions.max_adapters` > 0): a `ModelServer`'s engine also answers requests that carry an
+`AdapterRequest`; each loaded version keeps its own `adapters.AdapterCache` (an adapter fits one base version),
+which loads an adapter on its first request and unloads the least recently used one when it needs room.
+
 Alias rollout without failed requests: a `ModelServer` serving a moving reference (`name` or
 `name@alias`) re-resolves it every `refresh_interval_s`. When it names a new version, the replica
 downloads and loads the new engine in a thread *while the old one keeps serving*, then swaps the
@@ -35,7 +39,8 @@ from ray.serve.handle import DeploymentHandle
 from lmaas.errors import InvalidInputError, LmaasError, ReplicaLostError
 from lmaas.ops.logs import REQUEST_ID, configure_logging
 from lmaas.ops.metrics import ENGINE_POLL_S, ServingMetrics
-from lmaas.serve.engine import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, Tokenized
+from lmaas.serve.adapters import AdapterCache
+from lmaas.serve.engine import AdapterRequest, Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, Tokenized
 from lmaas.serve.options import EngineOptions
 from lmaas.serve.streams import ready_batches
 
@@ -57,6 +62,8 @@ class LoadedVersion:
     task: str
     engine: Engine
     directory: Path
+    adapters: AdapterCache | None = None
+    """The LoRA adapters loaded on this engine (None: the deployment takes none)."""
     in_flight: int = 0
     retired: bool = False
     _closed: bool = field(default=False, repr=False)
@@ -72,6 +79,8 @@ class LoadedVersion:
             return
         self._closed = True
         await self.engine.close()
+        if self.adapters is not None:
+            self.adapters.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     async def release(self) -> None:
@@ -92,14 +101,18 @@ def _load_version(registry: Any, ref: str, cache_root: Path, options: EngineOpti
     try:
         registry.download(version.ref, directory)
         batch = {"max_batch_size": options.max_batch_size} if options.max_batch_size is not None else {}  # else the engine's default
+        if version.task != "causal-lm" and options.max_adapters:
+            raise InvalidInputError(f"{version.ref} has task {version.task!r}; adapters (engine.max_adapters) need a causal-lm base",
+                                    param="max_adapters")
         if version.task == "causal-lm" and options.causal_lm_engine(directory) == "vllm":
             engine: Engine = VLLMEngine(
                 directory, model_id=model_id, num_threads=options.num_threads, device=options.device, max_batch_size=options.max_batch_size,
                 max_model_len=options.max_model_len, kv_cache_gib=options.kv_cache_gib, enforce_eager=options.enforce_eager,
-                engine_kwargs=options.engine_kwargs,
+                engine_kwargs=options.engine_kwargs, max_adapters=options.max_adapters, max_adapter_rank=options.max_adapter_rank,
             )
         elif version.task == "causal-lm":
-            engine = CausalLMEngine(directory, model_id=model_id, num_threads=options.num_threads, device=options.device, **batch)
+            engine = CausalLMEngine(directory, model_id=model_id, num_threads=options.num_threads, device=options.device,
+                                    max_adapters=options.max_adapters, **batch)
         elif options.embedding_engine() == "vllm":
             engine = VLLMEmbeddingEngine(directory, model_id=model_id, num_threads=options.num_threads, device=options.device,
                                          max_batch_size=options.max_batch_size, enforce_eager=options.enforce_eager,
@@ -109,7 +122,10 @@ def _load_version(registry: Any, ref: str, cache_root: Path, options: EngineOpti
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    return LoadedVersion(version.ref, version.task, engine, directory)
+    adapters = None
+    if options.max_adapters:
+        adapters = AdapterCache(engine, registry, cache_root / "adapters", version.ref, options.max_adapter_rank)
+    return LoadedVersion(version.ref, version.task, engine, directory, adapters)
 
 
 def _registry() -> tuple[Any, Path]:
@@ -121,9 +137,11 @@ def _registry() -> tuple[Any, Path]:
 
 
 async def _stream(
-    loaded: LoadedVersion, events: AsyncIterator[TokenEvent], metrics: ServingMetrics, request_id: str | None
+    loaded: LoadedVersion, events: AsyncIterator[TokenEvent], metrics: ServingMetrics, request_id: str | None, adapter: str | None = None
 ) -> AsyncIterator[TokenEvent]:
-    """`events`, recording time to first token, inter-token gaps and token counts, and logging the request when it ends."""
+    """`events`, recording time to first token, inter-token gaps and token counts, and logging the request when it ends.
+
+    `adapter`: the adapter version generating them (`name:version`), which then names the version that answered."""
     started = time.perf_counter()
     first = last = None
     final: TokenEvent | None = None
@@ -134,7 +152,7 @@ async def _stream(
             if last is None:
                 first = now - started
                 metrics.first_token(first)
-                event = replace(event, version=loaded.ref)  # which version answered (see `TokenEvent.version`)
+                event = replace(event, version=adapter or loaded.ref)  # which version answered (see `TokenEvent.version`)
             elif event.token_id is not None:
                 metrics.token(now - last)
             last, final = now, event
@@ -151,6 +169,7 @@ async def _stream(
             "generation %s", "finished" if final is not None and final.finish_reason else "failed" if failed else "cancelled",
             extra={
                 "request_id": request_id or (final.request_id if final else None), "model": metrics.tags["model"], "version": loaded.ref,
+                "adapter": adapter,
                 "prompt_tokens": final.prompt_tokens if final else 0, "completion_tokens": final.completion_tokens if final else 0,
                 "finish_reason": final.finish_reason if final else None, "ttft_s": None if first is None else round(first, 4),
                 "duration_s": round(time.perf_counter() - started, 4), "error": None if failed is None else type(failed).__name__,
@@ -189,10 +208,13 @@ class ModelServer:
             self._refresher = asyncio.get_running_loop().create_task(self._follow_ref(refresh_interval_s))
         self._poller = asyncio.get_running_loop().create_task(self._poll_engine())
 
-    def _metrics_of(self, loaded: LoadedVersion) -> ServingMetrics:
-        found = self._metrics.get(loaded.ref)
+    def _metrics_of(self, loaded: LoadedVersion, adapter: AdapterRequest | None = None) -> ServingMetrics:
+        """The metrics of requests on `loaded` (with `adapter`: tagged with the adapter's name and version, as usage is)."""
+        key = adapter.ref if adapter is not None else loaded.ref
+        found = self._metrics.get(key)
         if found is None:
-            found = self._metrics[loaded.ref] = ServingMetrics(self.model_id, loaded.ref)
+            model = adapter.ref.rsplit(":", 1)[0] if adapter is not None else self.model_id
+            found = self._metrics[key] = ServingMetrics(model, key)
         return found
 
     async def _poll_engine(self) -> None:
@@ -227,17 +249,21 @@ class ModelServer:
         return loaded
 
     async def generate(self, request: GenerationRequest, http_request_id: str | None = None) -> AsyncIterator[list[TokenEvent]]:
-        """Stream token events in lists (call through `handle.options(stream=True)`), one list per engine output (see `ready_batches`); `http_request_id` tags the log line."""
+        """Stream token events in lists (call through `handle.options(stream=True)`), one list per engine output (see `ready_batches`); `http_request_id` tags the log line.
+
+        A request with an `adapter` runs with that adapter's weights (loaded on first use, see `adapters.AdapterCache`)."""
         loaded = self._acquire()
-        async for batch in _served(loaded, lambda: loaded.engine.generate(request), self._metrics_of(loaded), http_request_id):
+        async for batch in _served(loaded, lambda: loaded.engine.generate(request), self._metrics_of(loaded, request.adapter), http_request_id,
+                                   request.adapter):
             yield batch
 
     async def generate_chat(
-        self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None, tools: list[dict] | None = None
+        self, request_id: str, messages: list[dict], params: SamplingParams, http_request_id: str | None = None, tools: list[dict] | None = None,
+        adapter: AdapterRequest | None = None,
     ) -> AsyncIterator[list[TokenEvent]]:
         loaded = self._acquire()
-        async for batch in _served(loaded, lambda: loaded.engine.generate_chat(request_id, messages, params, tools=tools), self._metrics_of(loaded),
-                                   http_request_id):
+        async for batch in _served(loaded, lambda: loaded.engine.generate_chat(request_id, messages, params, tools=tools, adapter=adapter),
+                                   self._metrics_of(loaded, adapter), http_request_id, adapter):
             yield batch
 
     async def embed(self, texts: list[str], http_request_id: str | None = None) -> tuple[list[list[float]], int]:
@@ -258,9 +284,11 @@ class ModelServer:
         return await self.current.engine.detokenize(ids)
 
     def info(self) -> dict[str, Any]:
-        """What this replica serves: `{"ref", "version", "task", "max_context", "engine"}`."""
-        engine = self.current.engine
-        return {"ref": self.ref, "version": self.current.ref, "task": self.current.task, "max_context": engine.max_context, "engine": engine.kind}
+        """What this replica serves: `{"ref", "version", "task", "max_context", "engine", "adapters"}` (`adapters`: the adapter
+        versions loaded now, least recently used first)."""
+        engine, adapters = self.current.engine, self.current.adapters
+        return {"ref": self.ref, "version": self.current.ref, "task": self.current.task, "max_context": engine.max_context, "engine": engine.kind,
+                "adapters": adapters.loaded() if adapters is not None else []}
 
     def stats(self) -> dict[str, int]:
         """The engine's counters (running, waiting, generated_tokens, ...) and requests in flight here."""
@@ -281,20 +309,32 @@ class ModelServer:
             await self.current.retire()
 
 
-def _served(loaded: LoadedVersion, start, metrics: ServingMetrics, request_id: str | None) -> AsyncIterator[list[TokenEvent]]:  # noqa: ANN001
-    """What a replica streams for one generation: `start()`'s events, measured and logged (`_stream`), in lists of
-    what is ready at once (`ready_batches`)."""
-    return ready_batches(_stream(loaded, _events(start), metrics, request_id))
+def _served(
+    loaded: LoadedVersion, start, metrics: ServingMetrics, request_id: str | None, adapter: AdapterRequest | None = None,  # noqa: ANN001
+) -> AsyncIterator[list[TokenEvent]]:
+    """What a replica streams for one generation: `start()`'s events (with `adapter` loaded), measured and logged (`_stream`),
+    in lists of what is ready at once (`ready_batches`)."""
+    return ready_batches(_stream(loaded, _events(start, loaded, adapter), metrics, request_id, adapter.ref if adapter is not None else None))
 
 
-async def _events(start) -> AsyncIterator[TokenEvent]:  # noqa: ANN001 - () -> AsyncIterator[TokenEvent]
-    """Run `start()` inside the iteration, so a synchronous refusal (an embedding model asked to generate) streams as an error."""
-    events = start()  # a synchronous refusal raises here, inside the stream
+async def _events(start, loaded: LoadedVersion | None = None, adapter: AdapterRequest | None = None) -> AsyncIterator[TokenEvent]:  # noqa: ANN001
+    """Run `start()` (() -> AsyncIterator[TokenEvent]) inside the iteration, so a synchronous refusal (an embedding model asked to
+    generate) streams as an error; with `adapter`, that adapter is held loaded in `loaded`'s engine until the stream ends."""
+    if adapter is not None:
+        if loaded is None or loaded.adapters is None:
+            raise InvalidInputError(f"{loaded.ref if loaded else 'this model'} is not served with adapters (engine.max_adapters is 0)",
+                                    param="model")
+        await loaded.adapters.acquire(adapter)  # the first request of an adapter downloads and loads it
     try:
-        async for event in events:
-            yield event
+        events = start()  # a synchronous refusal raises here, inside the stream
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
     finally:
-        await events.aclose()
+        if adapter is not None:
+            await loaded.adapters.release(adapter.ref)
 
 
 @serve.deployment(name=MULTIPLEX_NAME)
@@ -422,17 +462,19 @@ class LocalEngine(Engine):
         return self.server.current.engine.max_context
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
-        return self._generation(lambda engine: engine.generate(request))
+        return self._generation(lambda engine: engine.generate(request), request.adapter)
 
     def generate_chat(  # type: ignore[override]
-        self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None
+        self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
+        adapter: AdapterRequest | None = None,
     ) -> AsyncIterator[TokenEvent]:
-        return self._generation(lambda engine: engine.generate_chat(request_id, messages, params, tools=tools))
+        return self._generation(lambda engine: engine.generate_chat(request_id, messages, params, tools=tools, adapter=adapter), adapter)
 
-    async def _generation(self, start) -> AsyncIterator[TokenEvent]:  # noqa: ANN001 - (Engine) -> AsyncIterator[TokenEvent]
-        """`start(engine)`'s events on the version serving now, measured and logged as a replica does (`_stream`)."""
+    async def _generation(self, start, adapter: AdapterRequest | None = None) -> AsyncIterator[TokenEvent]:  # noqa: ANN001 - (Engine) -> AsyncIterator[TokenEvent]
+        """`start(engine)`'s events on the version serving now (with `adapter` loaded), measured and logged as a replica does (`_stream`)."""
         loaded = self.server._acquire()
-        async for event in _stream(loaded, _events(lambda: start(loaded.engine)), self.server._metrics_of(loaded), REQUEST_ID.get()):
+        events = _events(lambda: start(loaded.engine), loaded, adapter)
+        async for event in _stream(loaded, events, self.server._metrics_of(loaded, adapter), REQUEST_ID.get(), adapter.ref if adapter else None):
             yield event
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -494,10 +536,13 @@ class DeploymentEngine(Engine):
             yield event
 
     async def generate_chat(  # type: ignore[override]
-        self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None
+        self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
+        adapter: AdapterRequest | None = None,
     ) -> AsyncIterator[TokenEvent]:
-        with_tools = {"tools": tools} if tools else {}  # replicas of an older lmaas take no `tools`
-        async for event in self._retried_stream(lambda handle: handle.generate_chat.remote(request_id, messages, params, REQUEST_ID.get(), **with_tools)):
+        extra: dict[str, Any] = {"tools": tools} if tools else {}  # replicas of an older lmaas take no `tools` (nor `adapter`)
+        if adapter is not None:
+            extra["adapter"] = adapter
+        async for event in self._retried_stream(lambda handle: handle.generate_chat.remote(request_id, messages, params, REQUEST_ID.get(), **extra)):
             yield event
 
     async def _retried_stream(self, call: Any) -> AsyncIterator[TokenEvent]:  # noqa: ANN401 - (handle) -> DeploymentResponseGenerator

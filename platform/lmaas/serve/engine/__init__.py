@@ -5,7 +5,7 @@
         print(event.text, end="")
 """
 
-from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, Tokenized, TopLogprob
+from lmaas.serve.engine.base import AdapterRequest, Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, Tokenized, TopLogprob
 from lmaas.models.chat import DEFAULT_CHAT_TEMPLATE
 from lmaas.serve.engine.causal_lm import CausalLMEngine, new_request_id
 from lmaas.serve.engine.embedding import EmbeddingEngine
@@ -13,6 +13,7 @@ from lmaas.serve.engine.vllm import VLLMEmbeddingEngine, VLLMEngine
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
+    "AdapterRequest",
     "CausalLMEngine",
     "EmbeddingEngine",
     "Engine",

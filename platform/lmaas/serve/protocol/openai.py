@@ -335,6 +335,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "lmaas"
+    parent: str | None = None
+    """A LoRA adapter's: the served base model it runs on (as vLLM lists its LoRA modules); None for a served model."""
 
 
 class ModelList(BaseModel):

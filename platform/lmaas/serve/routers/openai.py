@@ -4,6 +4,10 @@ Every route needs a key with the `inference` scope (`serve.auth.inference_access
 another tenant answers 404 exactly as a model that is not served, and each finished response is
 metered (tokens, usage, response id -> model version) through `on_finish`.
 
+A `model` that no deployment serves by name may be a LoRA adapter (`serve.adapters.AdapterRoutes`, resolved as the
+caller's tenant): the request then runs on its base model's deployment with the adapter's weights, and is metered
+and labelled as the adapter (its name and version).
+
 Each response names the model version that produced it in `X-Lmaas-Model-Version` (with a canary,
 the side that answered: `serve.canary` fills in `ROUTED`); a sticky canary split keeps a caller on one
 side by the request's `user`, else the `X-Lmaas-User` header, else the API key (`CALLER`).
@@ -33,6 +37,7 @@ from lmaas.serve.protocol.openai import (
     DetokenizeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
+    ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
@@ -44,7 +49,22 @@ VERSION_HEADER = "X-Lmaas-Model-Version"
 
 
 def _serving(request: Request) -> OpenAIServing:
-    return request.app.state.openai
+    """The app's serving, or this request's (`_admit_model` adds the engine of an adapter the caller may use)."""
+    return getattr(request.state, "openai", None) or request.app.state.openai
+
+
+async def _adapter_serving(request: Request, principal: Principal, model: str) -> None:
+    """When `model` is not served by name but names an adapter `principal`'s tenant may call, this request's serving gets its engine.
+
+    Raises:
+        NotFoundError: an adapter whose base no deployment here serves with adapters enabled.
+    """
+    routes = getattr(request.app.state, "adapters", None)
+    if routes is None or model in request.app.state.openai.engines:
+        return
+    engine = await routes.resolve_async(model, principal.tenant_filter)
+    if engine is not None:
+        request.state.openai = request.app.state.openai.with_engine(model, engine)
 
 
 def _registry_name(request: Request, model: str) -> str | None:
@@ -67,6 +87,7 @@ def _visible(request: Request, principal: Principal, model: str) -> bool:
 async def _admit_model(request: Request, model: str, user: str | None = None) -> OnFinish | None:
     """404 unless `model` is served and visible to the caller; returns the metering callback."""
     auth, principal = get_auth(request), authenticate(request)
+    await _adapter_serving(request, principal, model)
     serving = _serving(request)
     ref = request.app.state.refs.get(model, model)
     ROUTED.set(Routed())
@@ -131,9 +152,15 @@ def _version(auth, ref: str) -> str:  # noqa: ANN001 - an Auth
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
+    """The served models the caller may see, then the adapters it may call on them (`parent`: the served base)."""
     models = _serving(request).list_models()
     principal = authenticate(request)
     visible = await run_in_threadpool(lambda: [m for m in models.data if _visible(request, principal, m.id)])
+    routes = getattr(request.app.state, "adapters", None)
+    if routes is not None and routes.bases:
+        served = {m.id for m in models.data}
+        adapters = await run_in_threadpool(routes.listed, principal.tenant_filter)
+        visible += [ModelCard(id=name, parent=base) for name, base in adapters if name not in served]
     return ModelList(data=visible)
 
 
