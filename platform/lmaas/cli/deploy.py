@@ -70,6 +70,9 @@ def deploy(
     engine: str = typer.Option(
         "auto", "--engine", help="Causal LMs: vllm, lmaas (lmaas's torch engine) or auto (vllm where installed and able to load the model)."
     ),
+    max_adapters: int = typer.Option(
+        0, "--max-adapters", help="Also serve this model's LoRA adapters by name, this many loaded per replica at once (LRU)."
+    ),
 ) -> None:
     """Serve a registered model behind the OpenAI API (autoscaled; aliases roll over in place), optionally with a canary."""
     from pydantic import ValidationError
@@ -102,7 +105,7 @@ def deploy(
             multiplexed=multiplexed,
             colocated=colocated,
             canary=canary_options,
-            engine={"engine": engine, "device": "cuda" if num_gpus > 0 else "cpu"},
+            engine={"engine": engine, "device": "cuda" if num_gpus > 0 else "cpu", "max_adapters": max_adapters},
         )
     except ValidationError as exc:
         first = exc.errors()[0]
