@@ -10,17 +10,19 @@ from pathlib import Path
 import pytest
 
 from lmaas.compress import CompressConfig, DistillConfig
+from lmaas.compress.merge import MergeConfig
 from lmaas.config import load_config
 from lmaas.data.config import IngestConfig
 from lmaas.ops.health import SelfCheckConfig
 from lmaas.train.config import TrainConfig
+from lmaas.train.finetune import FineTuneConfig
 from lmaas.train.sweep import SweepConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {"selfcheck": SelfCheckConfig, "ingest_stdlib": IngestConfig, **dict.fromkeys(
     ("compress_int8", "compress_int4", "compress_prune", "compress_export"), CompressConfig),
-    **dict.fromkeys(("train_tiny_cpu", "train_small_gpu_ddp", "train_1b_fsdp", "train_finetune"), TrainConfig),
-    "sweep_lr": SweepConfig, "distill_tiny": DistillConfig}
+    **dict.fromkeys(("train_tiny_cpu", "train_small_gpu_ddp", "train_1b_fsdp", "train_finetune", "train_lora"), TrainConfig),
+    "sweep_lr": SweepConfig, "distill_tiny": DistillConfig, "finetune_lora": FineTuneConfig, "merge_linear": MergeConfig}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)

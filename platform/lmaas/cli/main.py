@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 import lmaas
-from lmaas.cli import compress, data, deploy, jobs, keys, models, quickstart, status, train
+from lmaas.cli import compress, data, deploy, finetune, jobs, keys, models, quickstart, status, train
 from lmaas.errors import LmaasError
 
 app = typer.Typer(
@@ -34,6 +34,7 @@ def version() -> None:
 app.command(name="status")(status.status)
 app.command(name="quickstart")(quickstart.quickstart)
 app.command(name="train")(train.train)
+app.command(name="finetune")(finetune.finetune)
 app.command(name="runs")(train.runs)
 app.command(name="compress")(compress.compress)
 app.add_typer(data.app, name="data")

@@ -22,8 +22,11 @@ The database is the source of truth: a restarted admitter carries on where the l
 admitted to (capacity checked on submit, the admitter nudged, running jobs stopped and their logs
 read through Ray's Jobs API).
 
-Each lmaas job (train, ingest, compress) runs as `python -m lmaas.ops.queue ID`, which reads
-its validated config back from the database, so nothing has to be uploaded and any node can run it.
+Each lmaas job (train, ingest, compress, finetune) runs as `python -m lmaas.ops.queue ID`, which
+reads its validated config back from the database, so nothing has to be uploaded and any node can
+run it. What a job reports besides its state (its result, and a fine-tune's progress events) is kept
+in the artifact store as `jobs/<id>/report.json` (`JobReport`, `read_report`): what
+`/v1/fine_tuning/jobs` answers from.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ log = logging.getLogger("lmaas.queue")
 _metrics = JobMetrics()
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
-KINDS = ("train", "ingest", "compress", "command")
+KINDS = ("train", "ingest", "compress", "finetune", "command")
 ACTIVE = ("submitted", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 STATES = ("queued", *ACTIVE, *FINISHED)
@@ -99,11 +102,16 @@ def job_config(kind: str, config: dict[str, Any]) -> Any:
         from lmaas.compress import CompressConfig
 
         return CompressConfig.model_validate(config)
+    if kind == "finetune":
+        from lmaas.train.finetune import FineTuneConfig
+
+        return FineTuneConfig.model_validate(config)
     raise InvalidInputError(f"unknown job kind {kind!r}; one of {', '.join(KINDS)}", param="kind")
 
 
 def infer_kind(config: dict[str, Any]) -> str:
-    """The one kind whose config schema has every field `config` sets (values are checked later).
+    """The one kind whose config schema has every field `config` sets, and `config` every field it requires
+    (values are checked later).
 
     Raises:
         InvalidInputError: none or several have them (pass the kind explicitly).
@@ -111,9 +119,11 @@ def infer_kind(config: dict[str, Any]) -> str:
     from lmaas.compress import CompressConfig
     from lmaas.data.config import IngestConfig
     from lmaas.train.config import TrainConfig
+    from lmaas.train.finetune import FineTuneConfig
 
-    schemas = {"train": TrainConfig, "ingest": IngestConfig, "compress": CompressConfig}
-    fits = [kind for kind, schema in schemas.items() if set(config) <= set(schema.model_fields)]
+    schemas = {"train": TrainConfig, "ingest": IngestConfig, "compress": CompressConfig, "finetune": FineTuneConfig}
+    fits = [kind for kind, schema in schemas.items() if set(config) <= set(schema.model_fields)
+            and {name for name, f in schema.model_fields.items() if f.is_required()} <= set(config)]
     if len(fits) != 1:
         what = "no job kind" if not fits else f"several job kinds ({', '.join(fits)})"
         raise InvalidInputError(f"the config's fields fit {what}; pass --kind {'|'.join(KINDS[:-1])}", param="kind")
@@ -122,9 +132,11 @@ def infer_kind(config: dict[str, Any]) -> str:
 
 def resources_for(kind: str, config: Any) -> dict[str, float]:
     """Logical Ray resources a job needs while it runs (what admission checks)."""
-    if kind == "train":
+    if kind in ("train", "finetune"):
         from lmaas.train.run import DATA_CPUS
 
+        if kind == "finetune":
+            config = config.train_config(examples=1)  # the workers it asks for do not depend on the file
         gpus = config.num_workers if config.use_gpu else 0
         return {"CPU": config.num_workers * config.cpus_per_worker + DATA_CPUS, **({"GPU": float(gpus)} if gpus else {})}
     return {"CPU": 1.0}
@@ -150,7 +162,7 @@ def submit(
     """Validate and queue one job; nothing runs until the admitter hands it to Ray.
 
     Args:
-        kind: `train`, `ingest`, `compress`, or `command` (any shell `entrypoint`).
+        kind: `train`, `ingest`, `compress`, `finetune`, or `command` (any shell `entrypoint`).
         config: the job's config (validated now, stored as validated).
         entrypoint: `command` jobs only.
         resources: `command` jobs: `{"CPU": 1, "GPU": 0}` reserved for the entrypoint.
@@ -160,12 +172,15 @@ def submit(
             `tenant` (see `execute`) and may not reach outside the platform's stores: ingest
             sources must be the tenant's own uploads (`lmaas.data.sources.check_tenant_source`,
             against `storage`), and paths on the job's node (`torchscript_dir`) are refused.
-        storage: the artifact store jobs run against (`lmaas.storage.Storage`; needed unless privileged).
+            A finetune job is checked as its tenant whoever submits it (`train.finetune.check_fine_tune`: the base
+            model, the files and the output name), and a tenant's may name files by upload id or under its own area only.
+        storage: the artifact store jobs run against (`lmaas.storage.Storage`; needed unless privileged, and for finetune jobs).
 
     Raises:
         InvalidInputError: unknown kind or priority, a bad config (the message names the field),
             a job bigger than the cluster.
         PermissionDeniedError: an unprivileged job names a source or path it may not.
+        NotFoundError: a finetune job's base model or file that its tenant cannot see (`param` `config.model`, ...).
     """
     from pydantic import ValidationError
 
@@ -197,6 +212,8 @@ def submit(
         resources = resources_for(kind, validated)
         if not privileged:
             _check_unprivileged(kind, validated, storage, tenant)
+        if kind == "finetune":
+            _check_fine_tune(validated, engine, storage, tenant)
     if capacity is not None:
         for name, amount in resources.items():
             if amount > capacity.get(name, 0.0) + 1e-9:
@@ -232,6 +249,22 @@ def _file_sources(sources: list, engine: Engine, storage: Any, tenant: str | Non
         raise NotFoundError(exc.message, param="config.sources") from None
 
 
+def _check_fine_tune(config: Any, engine: Engine, storage: Any, tenant: str) -> None:
+    """A finetune job's base, files and output name as its tenant sees them (errors name `config.<field>`)."""
+    from lmaas.errors import LmaasError
+    from lmaas.train.finetune import check_fine_tune
+
+    if storage is None:
+        from lmaas.config import load_settings
+        from lmaas.storage import Storage
+
+        storage = Storage.from_settings(load_settings())
+    try:
+        check_fine_tune(config, storage=storage, engine=engine, tenant=tenant)
+    except LmaasError as exc:
+        raise type(exc)(exc.message, param=f"config.{exc.param}" if exc.param else "config") from None
+
+
 def _check_unprivileged(kind: str, config: Any, storage: Any, tenant: str) -> None:
     """Refuse what only an admin's job may do: read arbitrary sources, write to the node's disk."""
     if kind == "ingest":
@@ -241,6 +274,19 @@ def _check_unprivileged(kind: str, config: Any, storage: Any, tenant: str) -> No
             raise PermissionDeniedError("a tenant's ingest job needs the artifact store to check its sources against", param="sources")
         for source in config.sources:
             check_tenant_source(source, storage, tenant)
+    if kind == "finetune":
+        from lmaas.data.sources import check_tenant_source
+        from lmaas.registry.files import is_file_id
+
+        if storage is None:
+            raise PermissionDeniedError("a tenant's finetune job needs the artifact store to check its files against", param="config")
+        for name in ("training_file", "validation_file"):
+            value = getattr(config, name)
+            if value and not is_file_id(value):
+                try:
+                    check_tenant_source(value, storage, tenant)
+                except PermissionDeniedError as exc:
+                    raise PermissionDeniedError(exc.message, param=f"config.{name}") from None
     if kind == "compress" and getattr(config, "torchscript_dir", None):
         raise PermissionDeniedError("torchscript_dir writes to the job's node: only an admin's job may set it", param="config.torchscript_dir")
 
@@ -254,8 +300,13 @@ def get(engine: Engine, job_id: int) -> QueuedJob:
     return _job(row)
 
 
-def list_jobs(engine: Engine, *, states: Iterable[str] | None = None, tenant: str | None = None, limit: int = 200) -> list[QueuedJob]:
+def list_jobs(engine: Engine, *, states: Iterable[str] | None = None, tenant: str | None = None, limit: int = 200,
+              kind: str | None = None, before: int | None = None) -> list[QueuedJob]:
     """Jobs, newest first.
+
+    Args:
+        kind: only jobs of this kind.
+        before: only jobs with a smaller id (the page after job `before`).
 
     Raises:
         InvalidInputError: an unknown state.
@@ -270,6 +321,10 @@ def list_jobs(engine: Engine, *, states: Iterable[str] | None = None, tenant: st
         query = query.where(queued_jobs.c.state.in_(list(states)))
     if tenant is not None:
         query = query.where(queued_jobs.c.tenant == tenant)
+    if kind is not None:
+        query = query.where(queued_jobs.c.kind == kind)
+    if before is not None:
+        query = query.where(queued_jobs.c.id < before)
     with engine.connect() as conn:
         return [_job(r) for r in conn.execute(query).mappings()]
 
@@ -609,6 +664,50 @@ def cluster_if_any(settings: Any) -> Any:
 
 # ---- running one job (the Ray job's entrypoint) ----
 
+REPORTS_PREFIX = "jobs"
+REPORT_FILE = "report.json"
+
+
+class JobReport:
+    """What a running job reports besides its state, rewritten whole (atomically) at each change:
+    `{"events": [...], "result": {...} | None}` in `jobs/<id>/report.json` of the artifact store.
+
+    Jobs write it, `read_report` reads it; a tenant reads it only through the job's own row (the
+    routes check the row's tenant), and tenants' ingest jobs cannot name it (it is outside `uploads/`).
+    """
+
+    def __init__(self, storage: Any, job_id: int) -> None:
+        self.storage, self.path = storage, f"{REPORTS_PREFIX}/{job_id}/{REPORT_FILE}"
+        self.events: list[dict[str, Any]] = []
+        self.result: dict[str, Any] | None = None
+        self._lock = threading.Lock()  # events arrive from a training run's progress thread too
+
+    def event(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self.events.append(event)
+            self._write()
+
+    def finish(self, result: dict[str, Any]) -> None:
+        with self._lock:
+            self.result = result
+            self._write()
+
+    def _write(self) -> None:
+        import json
+
+        self.storage.write_text(self.path, json.dumps({"events": self.events, "result": self.result}))
+
+
+def read_report(storage: Any, job_id: int) -> dict[str, Any]:
+    """A job's report (see `JobReport`): no events and no result before it started."""
+    import json
+
+    path = f"{REPORTS_PREFIX}/{job_id}/{REPORT_FILE}"
+    if not storage.exists(path):
+        return {"events": [], "result": None}
+    return json.loads(storage.read_text(path))
+
+
 
 def execute(job_id: int) -> int:
     """Run queued job `job_id` in this process (its Ray job's driver); returns an exit status.
@@ -633,6 +732,7 @@ def execute(job_id: int) -> int:
     storage = Storage.from_settings(settings)
     registry = ModelRegistry.configured(storage, engine).acting_for(job.tenant).as_actor(f"job:{job.id}")
     print(f"lmaas job {job.id}: {job.kind} for tenant {job.tenant}", flush=True)
+    report = JobReport(storage, job.id)
     try:
         cluster.connect(settings)
         if job.kind == "train":
@@ -646,6 +746,15 @@ def execute(job_id: int) -> int:
 
             v = ingest(config, storage=storage, engine=engine, endpoint_url=settings.s3_endpoint_url, tenant=job.tenant).version
             out = {"dataset": v.ref, "tokens": v.tokens}
+        elif job.kind == "finetune":
+            from lmaas.train.finetune import fine_tune
+
+            def progress(event: dict[str, Any]) -> None:
+                report.event(event)
+                print(event["message"], flush=True)
+
+            out = fine_tune(config, storage=storage, engine=engine, tenant=job.tenant, progress=progress,
+                            endpoint_url=settings.s3_endpoint_url).to_dict()
         else:
             from lmaas.compress import compress
 
@@ -654,7 +763,9 @@ def execute(job_id: int) -> int:
     except LmaasError as exc:
         print(f"error: {exc.message}", file=sys.stderr, flush=True)
         print(f"error: {exc.message}", flush=True)  # the job log's last line: what `lmaas jobs list` shows
+        report.event({"type": "message", "level": "error", "message": exc.message, "data": {"param": exc.param}, "created_at": time.time()})
         return 1
+    report.finish(out)
     print(json.dumps(out), flush=True)
     return 0
 

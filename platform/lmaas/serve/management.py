@@ -24,6 +24,7 @@ from lmaas.serve.errors import install_error_handlers
 from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, BodySizeLimit, readiness_response
 from lmaas.serve.routers import auth as auth_router
 from lmaas.serve.routers import files as files_router
+from lmaas.serve.routers import fine_tuning as fine_tuning_router
 from lmaas.serve.routers import jobs as jobs_router
 from lmaas.serve.routers import registry as registry_router
 
@@ -77,6 +78,7 @@ def add_management_routes(app: FastAPI, registry: ModelRegistry | None, *, auth:
     app.state.files = FileStore(registry.storage, registry.engine)
     app.include_router(registry_router.router)
     app.include_router(files_router.router)
+    app.include_router(fine_tuning_router.router)
     app.include_router(auth_router.router)
     app.include_router(jobs_router.router)
     if deployments is not None:
