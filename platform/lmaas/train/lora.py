@@ -33,12 +33,11 @@ def wrap(base: Any, settings: LoraSettings, *, base_ref: str) -> Any:  # noqa: A
         lora_dropout=settings.dropout,
         target_modules=(settings.target_modules[0] if settings.target_modules == ["all-linear"] else settings.target_modules),
         task_type="CAUSAL_LM",
-        base_model_name_or_path=base_ref,
         # GPT-2 keeps its projections in Conv1D ([in, out]), which PEFT adapts transposed
         fan_in_fan_out=getattr(base.config, "model_type", "") == "gpt2",
     )
     model = get_peft_model(base, config)
-    model.peft_config["default"].base_model_name_or_path = base_ref  # get_peft_model takes the base's own (a temp dir)
+    model.peft_config["default"].base_model_name_or_path = base_ref  # get_peft_model sets the base's own (a temp dir or None)
     return model
 
 
