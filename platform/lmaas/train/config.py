@@ -10,6 +10,13 @@ from lmaas.data.config import NAME_RE
 from lmaas.models import SIZES
 
 
+def check_model_name(value: str | None) -> str | None:
+    """A config's registry name field: None, or a valid model name (pydantic's ValueError otherwise)."""
+    if value is not None and not NAME_RE.match(value):
+        raise ValueError("use lowercase letters, digits, '.', '_' or '-' (at most 100), starting with a letter or digit")
+    return value
+
+
 class LoraSettings(BaseModel):
     """The adapter a `method: lora` run trains (PEFT's `LoraConfig`)."""
 
@@ -153,9 +160,7 @@ class TrainConfig(BaseModel):
     @field_validator("output_model")
     @classmethod
     def _check_output(cls, value: str | None) -> str | None:
-        if value is not None and not NAME_RE.match(value):
-            raise ValueError("use lowercase letters, digits, '.', '_' or '-' (at most 100), starting with a letter or digit")
-        return value
+        return check_model_name(value)
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "TrainConfig":

@@ -36,13 +36,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy.engine import Engine
 
-from lmaas.data.config import NAME_RE, IngestConfig
+from lmaas.data.config import IngestConfig
 from lmaas.errors import InvalidInputError, NotFoundError
 from lmaas.models.family import TOKENIZER_FILES
 from lmaas.registry import ModelRegistry, ModelVersion
 from lmaas.registry.files import FileStore, is_file_id
 from lmaas.storage import Storage
-from lmaas.train.config import LoraSettings, TrainConfig
+from lmaas.train.config import LoraSettings, TrainConfig, check_model_name
 
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 """The learning rate a `learning_rate_multiplier` of 1 (and `auto`) means, per method: common starting points for
@@ -147,19 +147,10 @@ class FineTuneConfig(BaseModel):
     """Other `TrainConfig` fields (`num_workers`, `cpus_per_worker`, `use_gpu`, `strategy`, `grad_accum`, ...);
     the ones a fine-tune sets itself (`dataset`, `max_steps`, `lr`, ...) are refused, naming the field to use."""
 
-    @field_validator("suffix")
+    @field_validator("suffix", "output_model")
     @classmethod
-    def _check_suffix(cls, value: str | None) -> str | None:
-        if value is not None and not NAME_RE.match(value):
-            raise ValueError("use lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
-        return value
-
-    @field_validator("output_model")
-    @classmethod
-    def _check_output(cls, value: str | None) -> str | None:
-        if value is not None and not NAME_RE.match(value):
-            raise ValueError("use lowercase letters, digits, '.', '_' or '-' (at most 100), starting with a letter or digit")
-        return value
+    def _check_names(cls, value: str | None) -> str | None:
+        return check_model_name(value)
 
     @field_validator("metadata")
     @classmethod
