@@ -26,6 +26,7 @@ LAYERS = {
     "compress": 3,
     "serve": 3,
     "ops": 3,
+    "batch": 3,
     "cli": 4,
 }
 # framework imports allowed only in these rooms (first component of the module path)
@@ -33,7 +34,7 @@ ROOMS = {
     "ray.serve": {"serve"},
     "ray.train": {"train", "compress"},
     "ray.tune": {"train"},
-    "ray.data": {"data", "train"},
+    "ray.data": {"data", "train", "batch"},
     "fsspec": {"storage"},
     "s3fs": {"storage"},
     "fastapi": {"serve"},

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 import lmaas
-from lmaas.cli import compress, data, deploy, finetune, jobs, keys, models, quickstart, status, train
+from lmaas.cli import batch, compress, data, deploy, finetune, jobs, keys, models, quickstart, status, train
 from lmaas.errors import LmaasError
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ app.command(name="train")(train.train)
 app.command(name="finetune")(finetune.finetune)
 app.command(name="runs")(train.runs)
 app.command(name="compress")(compress.compress)
+app.command(name="batch")(batch.batch)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(jobs.app, name="jobs")
