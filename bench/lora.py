@@ -7,7 +7,7 @@ starting point), then fine-tuned twice on the same chat examples (OpenAI chat JS
 standard library's docstrings: "what does json.dumps do?" -> its first docstring line), tokenized
 with the base's tokenizer, with 2 DDP workers:
   full   `method: full`, every weight trained (lr 1e-3)
-  lora   `method: lora`, rank `--rank` on the query and value projections (lr 1e-2)
+  lora   `method: lora`, rank `--rank` on the query and value projections (lr 3e-2)
 Reported per side: trainable parameters, steady-state tokens/s (the mean of the metric reports
 after the first), peak memory per worker (process peak RSS on CPU, allocated GPU memory on GPU),
 the held-out answer loss before and after, and the size of what gets registered (the whole model vs
@@ -96,7 +96,7 @@ def main() -> None:
 
     sides = {
         "full": {"method": "full", "lr": 1e-3},
-        "lora": {"method": "lora", "lr": 1e-2, "lora": {"rank": args.rank, "alpha": 2 * args.rank}},
+        "lora": {"method": "lora", "lr": 3e-2, "lora": {"rank": args.rank, "alpha": 2 * args.rank}},
     }
     results: dict[str, dict] = {}
     for side, settings_ in sides.items():

@@ -137,7 +137,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     flops = flops_per_token(model_config, seq_len)
     peak = peak_flops(device)
     validation = _validation_rows(loop_config.get("validation"), rank, world, device)
-    batches = _batches(cfg, state, device)  # Ray Train: this worker's shard of the training split
+    batches = _batches(cfg, state, device, keep=bool(loop_config.get("keep_shard")))  # Ray Train: this worker's shard
 
     interval_loss, interval_lm_loss, interval_count, interval_tokens, interval_time = 0.0, 0.0, 0, 0, 0.0
     stall: float | None = None
@@ -311,12 +311,25 @@ def _no_sync(model: Any, *, last: bool) -> Any:
     return nullcontext()
 
 
-def _batches(cfg: TrainConfig, state: checkpoint.TrainerState, device: Any):  # noqa: ANN202 - generator
-    """Endless micro-batches (input ids, labels) of this worker's shard; each pass over it is one epoch."""
+def _batches(cfg: TrainConfig, state: checkpoint.TrainerState, device: Any, *, keep: bool):  # noqa: ANN202 - generator
+    """Endless micro-batches (input ids, labels) of this worker's shard; each pass over it is one epoch.
+
+    The first pass streams the shard from Ray Data. With `keep` (a small shard, e.g. a fine-tuning
+    set: `run.KEEP_SHARD_BYTES`; decided on the driver, so every rank stops streaming alike and Ray
+    Data's split never waits for a rank that left) it is kept on the CPU meanwhile, and later epochs
+    shuffle it in full (seeded by epoch) and batch it here: streaming it again starts a Ray Data
+    execution per epoch, which for a small shard costs more than the steps it feeds. Otherwise the
+    shard streams every epoch, through the local shuffle buffer.
+    """
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
+    kept: list[tuple[Any, Any]] | None = [] if keep else None
     while True:
+        if kept:
+            yield from _replay(kept, cfg, state, device)
+            state.epoch += 1
+            continue
         seen = 0
         for batch in shard.iter_torch_batches(
             batch_size=cfg.batch_size,
@@ -327,10 +340,27 @@ def _batches(cfg: TrainConfig, state: checkpoint.TrainerState, device: Any):  # 
         ):
             seen += 1
             # a chat dataset's labels are -100 where the loss skips a token (prompts, padding); else every token counts
-            yield batch["input_ids"], batch.get("labels", batch["input_ids"])
+            ids, labels = batch["input_ids"], batch.get("labels")
+            if kept is not None:
+                kept.append((ids.cpu(), None if labels is None else labels.cpu()))
+            yield ids, ids if labels is None else labels
         if seen == 0:
             raise RuntimeError(f"this worker's training shard has fewer than batch_size={cfg.batch_size} rows")
         state.epoch += 1
+
+
+def _replay(kept: list[tuple[Any, Any]], cfg: TrainConfig, state: checkpoint.TrainerState, device: Any):  # noqa: ANN202
+    """One epoch over a kept shard: every row once, in a full shuffle seeded by the epoch (unless shuffle_buffer is 0)."""
+    import torch
+
+    ids = torch.cat([k[0] for k in kept])
+    labels = torch.cat([k[1] for k in kept]) if kept[0][1] is not None else None
+    order = (torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed * 1000 + state.epoch))
+             if cfg.shuffle_buffer else torch.arange(len(ids)))
+    for start in range(0, len(ids) - cfg.batch_size + 1, cfg.batch_size):
+        rows = order[start : start + cfg.batch_size]
+        batch = ids[rows].to(device)
+        yield batch, (labels[rows].to(device) if labels is not None else batch)
 
 
 def _validation_rows(rows_ref: Any, rank: int, world: int, device: Any) -> Any:
