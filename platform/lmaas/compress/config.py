@@ -232,7 +232,8 @@ class DistillConfig(TrainConfig):
     def train_config(self, dataset: str) -> TrainConfig:
         """The student's training run (registration is distillation's, after its evaluation)."""
         fields = {k: getattr(self, k) for k in TrainConfig.model_fields}
-        return TrainConfig(**{**fields, "dataset": dataset, "alias": None})
+        # `method` is distillation's own here; the student trains every weight
+        return TrainConfig(**{**fields, "dataset": dataset, "alias": None, "method": "full"})
 
     def parameters(self) -> dict[str, object]:
         """The method's parameters, as recorded with the student."""
