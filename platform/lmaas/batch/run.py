@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from lmaas.batch.config import BatchConfig
 from lmaas.batch.reader import InputPlan, plan_input, range_items
-from lmaas.batch.worker import ENGINE_TASKS, FAULT_ENV, BatchWorker, ModelSource
+from lmaas.batch.worker import FAULT_ENV, BatchWorker, ModelSource
+from lmaas.serve.options import ENGINE_TASKS
 from lmaas.errors import (
     AlreadyExistsError,
     InvalidInputError,

@@ -23,7 +23,6 @@ import pyarrow as pa
 
 from lmaas.batch.lines import Answer, RequestLimiter, answer_line
 from lmaas.batch.reader import LineRange, read_range
-from lmaas.serve.engine import Engine
 from lmaas.serve.options import EngineOptions
 
 if TYPE_CHECKING:
@@ -38,7 +37,6 @@ FAULT_ENV = "LMAAS_FAULT_KILL_BATCH_ACTOR_AT"
 its own process (SIGKILL), once per MARKER; read by the driver (`run_batch`) and handed to the actors."""
 OUTPUT_SCHEMA = pa.schema([("json", pa.string()), ("ok", pa.bool_()), ("custom_id", pa.string()), ("prompt_tokens", pa.int64()),
                            ("completion_tokens", pa.int64())])
-ENGINE_TASKS = ("causal-lm", "embedding")
 
 
 @dataclass(frozen=True)
@@ -71,37 +69,6 @@ class ModelSource:
         return registry.download(self.ref, directory, tenant=self.tenant).task
 
 
-def engine_for(task: str, directory: Path, options: EngineOptions, model_id: str, num_threads: int | None) -> Engine:
-    """The engine that runs a downloaded version, chosen as a model replica chooses (`serve.replica._load_version`).
-
-    Raises:
-        InvalidInputError: a task no engine runs.
-        ConfigError: `engine: vllm` without vLLM, or for a version vLLM cannot load.
-    """
-    from lmaas.errors import InvalidInputError
-    from lmaas.serve.engine import (
-        CausalLMEngine,
-        EmbeddingEngine,
-        VLLMEmbeddingEngine,
-        VLLMEngine,
-    )
-
-    threads = options.num_threads or num_threads
-    batch = {"max_batch_size": options.max_batch_size} if options.max_batch_size is not None else {}  # else the engine's default
-    if task == "causal-lm" and options.causal_lm_engine(directory) == "vllm":
-        return VLLMEngine(directory, model_id=model_id, num_threads=threads, device=options.device, max_batch_size=options.max_batch_size,
-                          max_model_len=options.max_model_len, kv_cache_gib=options.kv_cache_gib, enforce_eager=options.enforce_eager,
-                          engine_kwargs=options.engine_kwargs)
-    if task == "causal-lm":
-        return CausalLMEngine(directory, model_id=model_id, num_threads=threads, device=options.device, **batch)
-    if task == "embedding" and options.embedding_engine() == "vllm":
-        return VLLMEmbeddingEngine(directory, model_id=model_id, num_threads=threads, device=options.device,
-                                   max_batch_size=options.max_batch_size, enforce_eager=options.enforce_eager, engine_kwargs=options.engine_kwargs)
-    if task == "embedding":
-        return EmbeddingEngine(directory, model_id=model_id, num_threads=threads, **batch)
-    raise InvalidInputError(f"a {task} model answers no requests; a batch runs {', '.join(ENGINE_TASKS)} models", param="model")
-
-
 class BatchWorker:
     """One model actor (Ray Data instantiates it once per actor, and again when Ray restarts the actor).
 
@@ -121,7 +88,7 @@ class BatchWorker:
         self.directory = Path(tempfile.mkdtemp(prefix="lmaas-batch-"))
         atexit.register(shutil.rmtree, self.directory, True)
         task = source.download(self.directory)
-        self.engine = engine_for(task, self.directory, EngineOptions(**engine), models[0], num_threads)
+        self.engine = EngineOptions(**engine).build(task, self.directory, models[0], num_threads=num_threads)
         self.serving = OpenAIServing(dict.fromkeys(models, self.engine))
         self.models = models
         self.filesystem = filesystem

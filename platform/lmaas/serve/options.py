@@ -29,6 +29,10 @@ log = logging.getLogger("lmaas.serve")
 # ---- configuration (the Serve YAML's `args`) ----
 
 
+ENGINE_TASKS = ("causal-lm", "embedding")
+"""Registry tasks an engine runs (`EngineOptions.build`)."""
+
+
 class EngineOptions(BaseModel):
     """How each replica runs its engine."""
 
@@ -83,6 +87,35 @@ class EngineOptions(BaseModel):
     def embedding_engine(self) -> str:
         """Which engine serves an embedding model: "vllm" only when asked for (`engine: vllm`), else "lmaas"."""
         return "vllm" if self.engine == "vllm" else "lmaas"
+
+    def build(self, task: str, directory: Path, model_id: str, *, num_threads: int | None = None) -> Any:  # noqa: ANN401 - an Engine
+        """The engine that runs the version downloaded to `directory` (a model replica's, a batch actor's).
+
+        Args:
+            task: the version's registry task (one of `ENGINE_TASKS`).
+            num_threads: torch threads when `num_threads` is not set here.
+
+        Raises:
+            InvalidInputError: a task no engine runs.
+            ConfigError: `engine: vllm` without vLLM, or for a version vLLM cannot load.
+        """
+        from lmaas.errors import InvalidInputError
+        from lmaas.serve.engine import CausalLMEngine, EmbeddingEngine, VLLMEmbeddingEngine, VLLMEngine
+
+        if task not in ENGINE_TASKS:
+            raise InvalidInputError(f"a {task} model answers no requests; lmaas runs {', '.join(ENGINE_TASKS)} models", param="model")
+        threads = self.num_threads or num_threads
+        batch = {"max_batch_size": self.max_batch_size} if self.max_batch_size is not None else {}  # else the engine's default
+        if task == "causal-lm" and self.causal_lm_engine(directory) == "vllm":
+            return VLLMEngine(directory, model_id=model_id, num_threads=threads, device=self.device, max_batch_size=self.max_batch_size,
+                              max_model_len=self.max_model_len, kv_cache_gib=self.kv_cache_gib, enforce_eager=self.enforce_eager,
+                              engine_kwargs=self.engine_kwargs, max_adapters=self.max_adapters, max_adapter_rank=self.max_adapter_rank)
+        if task == "causal-lm":
+            return CausalLMEngine(directory, model_id=model_id, num_threads=threads, device=self.device, max_adapters=self.max_adapters, **batch)
+        if self.embedding_engine() == "vllm":
+            return VLLMEmbeddingEngine(directory, model_id=model_id, num_threads=threads, device=self.device,
+                                       max_batch_size=self.max_batch_size, enforce_eager=self.enforce_eager, engine_kwargs=self.engine_kwargs)
+        return EmbeddingEngine(directory, model_id=model_id, num_threads=threads, **batch)
 
 
 class ScalingOptions(BaseModel):

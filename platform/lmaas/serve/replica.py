@@ -41,13 +41,12 @@ from lmaas.ops.logs import REQUEST_ID, configure_logging
 from lmaas.ops.metrics import ENGINE_POLL_S, ServingMetrics
 from lmaas.serve.adapters import AdapterCache
 from lmaas.serve.engine import AdapterRequest, Engine, EngineStats, GenerationRequest, SamplingParams, TokenEvent, Tokenized
-from lmaas.serve.options import EngineOptions
+from lmaas.serve.options import ENGINE_TASKS, EngineOptions
 from lmaas.serve.streams import ready_batches
 
 log = logging.getLogger("lmaas.serve")
 
 MULTIPLEX_NAME = "MultiplexedModelServer"
-ENGINE_TASKS = ("causal-lm", "embedding")
 
 
 # ---- replicas ----
@@ -91,34 +90,17 @@ class LoadedVersion:
 
 def _load_version(registry: Any, ref: str, cache_root: Path, options: EngineOptions, model_id: str) -> LoadedVersion:
     """Download `ref` (integrity-checked) into a fresh directory under `cache_root` and start its engine."""
-    from lmaas.serve.engine import CausalLMEngine, EmbeddingEngine, VLLMEmbeddingEngine, VLLMEngine
-
     version = registry.resolve(ref)
     if version.task not in ENGINE_TASKS:
         raise InvalidInputError(f"{version.ref} has task {version.task!r}; lmaas serves {', '.join(ENGINE_TASKS)}", param="model")
+    if version.task != "causal-lm" and options.max_adapters:
+        raise InvalidInputError(f"{version.ref} has task {version.task!r}; adapters (engine.max_adapters) need a causal-lm base",
+                                param="max_adapters")
     cache_root.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix=f"{version.name}-{version.version}-", dir=cache_root))
     try:
         registry.download(version.ref, directory)
-        batch = {"max_batch_size": options.max_batch_size} if options.max_batch_size is not None else {}  # else the engine's default
-        if version.task != "causal-lm" and options.max_adapters:
-            raise InvalidInputError(f"{version.ref} has task {version.task!r}; adapters (engine.max_adapters) need a causal-lm base",
-                                    param="max_adapters")
-        if version.task == "causal-lm" and options.causal_lm_engine(directory) == "vllm":
-            engine: Engine = VLLMEngine(
-                directory, model_id=model_id, num_threads=options.num_threads, device=options.device, max_batch_size=options.max_batch_size,
-                max_model_len=options.max_model_len, kv_cache_gib=options.kv_cache_gib, enforce_eager=options.enforce_eager,
-                engine_kwargs=options.engine_kwargs, max_adapters=options.max_adapters, max_adapter_rank=options.max_adapter_rank,
-            )
-        elif version.task == "causal-lm":
-            engine = CausalLMEngine(directory, model_id=model_id, num_threads=options.num_threads, device=options.device,
-                                    max_adapters=options.max_adapters, **batch)
-        elif options.embedding_engine() == "vllm":
-            engine = VLLMEmbeddingEngine(directory, model_id=model_id, num_threads=options.num_threads, device=options.device,
-                                         max_batch_size=options.max_batch_size, enforce_eager=options.enforce_eager,
-                                         engine_kwargs=options.engine_kwargs)
-        else:
-            engine = EmbeddingEngine(directory, model_id=model_id, num_threads=options.num_threads, **batch)
+        engine: Engine = options.build(version.task, directory, model_id)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
