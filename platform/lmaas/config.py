@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     )
     """S3-compatible endpoint (MinIO, Ceph, moto). Unset: AWS. Credentials come from the usual AWS variables."""
 
+    batch_token_discount: float = Field(default=0.5, ge=0, le=1)
+    """Batches (`/v1/batches`): the fraction of their tokens that counts against per-day token quotas and in
+    `billable_tokens` (`LMAAS_BATCH_TOKEN_DISCOUNT`; 0.5, as OpenAI's batch discount)."""
+
     max_running_jobs_per_tenant: int = Field(default=4, ge=1)
     """Job queue: jobs of one tenant admitted to the cluster at once (`LMAAS_MAX_RUNNING_JOBS_PER_TENANT`)."""
 
@@ -92,6 +96,8 @@ class Settings(BaseSettings):
             env["LMAAS_DATABASE_URL"] = self.database_url
         if self.s3_endpoint_url:
             env["AWS_ENDPOINT_URL_S3"] = self.s3_endpoint_url
+        if self.batch_token_discount != Settings.model_fields["batch_token_discount"].default:
+            env["LMAAS_BATCH_TOKEN_DISCOUNT"] = str(self.batch_token_discount)
         credentials = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
         for name in (*credentials, "AWS_DEFAULT_REGION", "AWS_REGION"):
             if os.environ.get(name) and (secrets or name not in credentials):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -95,29 +96,37 @@ def test_models_commands_end_to_end(cli, lmaas_env, tmp_path):
     assert result.returncode == 0 and "0 leftover(s) removed" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "args, words",
-    [
-        (("show", "nope"), ["no model named 'nope'"]),
-        (("show", "tiny:7"), ["no version 7"]),
-        (("show", "tiny@canary"), ["no alias 'canary'"]),
-        (("import", "{dir}", "--name", "Bad Name"), ["invalid model name"]),
-        (("import", "{pickle}", "--name", "tiny"), ["pytorch_model.bin", "safetensors"]),
-        (("import", "{remote}", "--name", "tiny"), ["config.json asks to run the model's own code", "trust_remote_code"]),
-        (("export", "tiny:9", "{out}"), ["no version 9"]),
-    ],
-)
-def test_bad_input_is_one_line_error(cli, lmaas_env, tmp_path, args, words):
+BAD_INPUT = [
+    (("show", "nope"), ["no model named 'nope'"]),
+    (("show", "tiny:7"), ["no version 7"]),
+    (("show", "tiny@canary"), ["no alias 'canary'"]),
+    (("import", "{dir}", "--name", "Bad Name"), ["invalid model name"]),
+    (("import", "{pickle}", "--name", "tiny"), ["pytorch_model.bin", "safetensors"]),
+    (("import", "{remote}", "--name", "tiny"), ["config.json asks to run the model's own code", "trust_remote_code"]),
+    (("export", "tiny:9", "{out}"), ["no version 9"]),
+]
+
+
+def test_bad_input_is_one_line_error(cli, lmaas_env, tmp_path):
+    """Each bad command against one registry (one model made and imported for all: each takes seconds)."""
     src = make_model_dir(tmp_path / "m")
     assert cli("models", "import", str(src), "--name", "tiny", env=lmaas_env).returncode == 0
-    pickled = make_model_dir(tmp_path / "p")
+    pickled = tmp_path / "p"
+    shutil.copytree(src, pickled)
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04 pickle")
-    remote = make_model_dir(tmp_path / "r")
+    remote = tmp_path / "r"
+    shutil.copytree(src, remote)
     (remote / "config.json").write_text(json.dumps({**json.loads((remote / "config.json").read_text()), "auto_map": {"AutoModel": "x.Model"}}))
-    filled = [a.format(dir=src, pickle=pickled, remote=remote, out=tmp_path / "out") for a in args]
-    assert_one_line_error(cli("models", *filled, env=lmaas_env), *words)
-    versions = json.loads(cli("models", "versions", "tiny", "--json", env=lmaas_env).stdout)
-    assert [v["version"] for v in versions] == [1]  # nothing else registered
+    for args, words in BAD_INPUT:
+        filled = [a.format(dir=src, pickle=pickled, remote=remote, out=tmp_path / "out") for a in args]
+        result = cli("models", *filled, env=lmaas_env)
+        try:
+            assert_one_line_error(result, *words)
+        except AssertionError as exc:
+            raise AssertionError(f"lmaas models {' '.join(args)}: {exc}") from None
+        versions = json.loads(cli("models", "versions", "tiny", "--json", env=lmaas_env).stdout)
+        assert [v["version"] for v in versions] == [1], args  # nothing else registered
+    assert not (tmp_path / "out").exists()
 
 
 def test_serve_api_command_runs_the_rest_api_and_the_cli_reads_it_remotely(cli, lmaas_env, tmp_path):

@@ -1,7 +1,9 @@
 """Run by test_data_multinode.py in its own process: a 2-node Ray cluster simulated on this machine.
 
 Ingests part of the built-in corpus, then trains with 2 Ray Train workers that each stream their
-shard of the version; prints one JSON line with where tokenization ran and what each worker saw.
+shard of the version, then runs an offline batch (`lmaas.batch.run_batch`) with one model actor per
+node; prints one JSON line with where tokenization ran, what each worker saw, and where the batch's
+blocks were answered.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
@@ -25,6 +28,27 @@ def train_func(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
         json.dump({"node": ray.get_runtime_context().get_node_id(), "rows": rows}, f)
+
+
+def run_batch_on_both_nodes(work: str, storage, engine) -> dict:  # noqa: ANN001
+    """40 completion lines in blocks of 4, two actors of 0.75 CPU: one fits on each 1-CPU node."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from serve_helpers import make_causal_lm
+
+    from lmaas.batch import BatchConfig, run_batch
+    from lmaas.registry import ModelRegistry
+
+    registry = ModelRegistry(storage, engine)
+    registry.register_version("tiny", make_causal_lm(Path(work) / "lm"), task="causal-lm")
+    source = Path(work) / "requests.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                          "body": {"prompt": f"def f{i}(x):", "max_tokens": 4, "temperature": 0}}) + "\n"
+                              for i in range(40)))
+    output = Path(work) / "answers.jsonl"
+    result = run_batch(BatchConfig(input=str(source), model="tiny", output=str(output), concurrency=2, num_cpus=0.75,
+                                   lines_per_block=4, engine={"engine": "lmaas", "num_threads": 1}), registry=registry)
+    return {"batch_blocks_per_node": result.blocks_per_node, "batch_completed": result.completed,
+            "batch_ids": [json.loads(line)["custom_id"] for line in output.read_text().splitlines()]}
 
 
 def main() -> None:
@@ -60,6 +84,7 @@ def main() -> None:
         )
         trainer.fit()
         workers = [json.load(open(os.path.join(work, f"rank{r}.json"))) for r in range(2)]
+        batch = run_batch_on_both_nodes(work, storage, engine)
         expected = []
         for path in shard_paths(version, storage):
             expected += [tuple(r) for r in pq.read_table(path).column("input_ids").to_pylist()]
@@ -70,6 +95,8 @@ def main() -> None:
             "worker_rows": [w["rows"] for w in workers],
             "worker_nodes": [w["node"] for w in workers],
             "expected_rows": expected,
+            "node_ids": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
+            **batch,
         }))
     finally:
         ray.shutdown()

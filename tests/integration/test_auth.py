@@ -177,6 +177,26 @@ def test_token_quota_and_usage(database_url):
         assert not conn.execute(sa.select(rate_counters).where(rate_counters.c.subject.in_([f"key:{free_key.id}", "tenant:free"]))).all()
 
 
+def test_batch_tokens_count_apart_at_a_discount_against_the_daily_quota(database_url):
+    engine = db.connect(database_url)
+    keys, quotas = KeyStore(engine), Quotas(engine)
+    keys.create_tenant("nightly", Limits(tpd=100))
+    key, secret = keys.create_key("nightly", ["inference"])
+    p = keys.verify(secret)
+    now = (int(time.time()) // 86400) * 86400 + 10.0
+    quotas.record(p, model="m", prompt_tokens=10, completion_tokens=10, now=now)
+    quotas.record_batch(tenant="nightly", key_id=key.id, model="m", requests=30, prompt_tokens=90, completion_tokens=69, discount=0.5, now=now)
+    (row,) = quotas.usage(tenant="nightly", batch_discount=0.5)
+    assert (row["requests"], row["total_tokens"]) == (1, 20)  # online usage untouched
+    assert (row["batch_requests"], row["batch_prompt_tokens"], row["batch_completion_tokens"], row["batch_total_tokens"]) == (30, 90, 69, 159)
+    assert row["billable_tokens"] == 20 + 80  # 159 x 0.5, rounded up
+    with pytest.raises(RateLimitError) as info:  # 20 online + 159 x 0.5 in a batch = the tenant's 100 tokens today
+        quotas.admit(p, now=now)
+    assert info.value.param == "tpd"
+    quotas.admit(p, now=now + 86400)  # a new day
+    assert quotas.usage(tenant="nightly", batch_discount=1.0)[0]["billable_tokens"] == 20 + 159
+
+
 def test_usage_of_concurrent_requests_is_group_committed(database_url):
     """`UsageWriter`: 40 requests finishing at once share a few transactions, every one is counted
     (tokens, usage rows, response ids), each caller returns only after its record is committed, and a

@@ -166,6 +166,32 @@ def test_a_killed_actor_loses_and_repeats_no_line(world, mixed_run, monkeypatch)
         assert without_ids(answers[request["custom_id"]]["response"]["body"]) == without_ids(before[request["custom_id"]]["response"]["body"])
 
 
+def test_a_cancelled_batch_publishes_the_lines_answered_so_far_and_errors_apart(world, mixed_run):
+    import threading
+
+    lines = mixed_run[0] + ["not json", line("bad", "/v1/completions", {"prompt": "x", "max_tokens": -1})]
+    source = write_jsonl(world["area"] / "cancel.jsonl", lines * 3)  # 306 lines, 20 blocks
+    output, errors = world["area"] / "cancel-out.jsonl", world["area"] / "cancel-errors.jsonl"
+    cancel, seen = threading.Event(), []
+
+    def progress(p) -> None:  # noqa: ANN001 - a BatchProgress
+        seen.append(p.done)
+        if p.stage == "running" and p.done >= 48:
+            cancel.set()  # as Ctrl-C (the CLI) or SIGTERM (a queued batch) does
+
+    result = run_batch(BatchConfig(input=str(source), model="tiny", output=str(output), error_output=str(errors), **SMALL),
+                       registry=world["registry"], tenant=TENANT, progress=progress, cancel=cancel)
+    assert result.cancelled and 48 <= result.done < 306 and result.done == max(seen), (result, seen)
+    out, bad = read_jsonl(output), read_jsonl(errors)
+    assert (len(out), len(bad)) == (result.completed, result.failed)  # what was counted is what was published, whole
+    assert all(o["response"]["status_code"] == 200 for o in out) and all(o["response"] is None or o["response"]["status_code"] != 200 for o in bad)
+    assert sum(result.blocks_per_node.values()) * 16 >= result.done and result.error_output == str(errors)
+    with pytest.raises(InvalidInputError) as info:  # the two outputs must differ
+        run_batch(BatchConfig(input=str(source), model="tiny", output=str(output), error_output=str(output), overwrite=True),
+                  registry=world["registry"], tenant=TENANT)
+    assert info.value.param == "error_output"
+
+
 def test_bad_lines_become_error_lines_and_the_rest_go_on_from_s3_to_s3(world, s3_server):
     from lmaas.storage import Storage
 

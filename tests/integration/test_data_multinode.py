@@ -1,4 +1,4 @@
-"""Ingest and training feed on a 2-node Ray cluster simulated on this machine (own process)."""
+"""Ingest, training feed and an offline batch on a 2-node Ray cluster simulated on this machine (own process)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).with_name("multinode_data.py")
 
 
-def test_tokenize_spreads_over_nodes_and_workers_get_disjoint_shards():
+def test_tokenize_and_batches_spread_over_nodes_and_workers_get_disjoint_shards():
     ray_tmp = tempfile.mkdtemp(prefix="lmr-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -32,3 +32,8 @@ def test_tokenize_spreads_over_nodes_and_workers_get_disjoint_shards():
     expected = Counter(tuple(r) for r in report["expected_rows"])
     assert sum(expected.values()) == report["train_rows"]
     assert first + second == expected  # together: the whole training split, each row once
+    # the batch ran on both nodes: each answered blocks, and together every line once
+    blocks = report["batch_blocks_per_node"]
+    assert sorted(blocks) == sorted(report["node_ids"]) and all(n > 0 for n in blocks.values()), blocks
+    assert sum(blocks.values()) == 10 and report["batch_completed"] == 40
+    assert sorted(report["batch_ids"]) == sorted(f"r{i}" for i in range(40))

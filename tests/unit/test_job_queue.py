@@ -76,5 +76,8 @@ def test_infer_kind_from_the_config_fields():
     assert queue.infer_kind({"dataset": "d", "max_steps": 5}) == "train"
     assert queue.infer_kind({"name": "x", "sources": ["stdlib:3"]}) == "ingest"
     assert queue.infer_kind({"ref": "m", "method": "prune"}) == "compress"
+    assert queue.infer_kind({"input": "in.jsonl", "model": "m", "output": "out.jsonl", "concurrency": 2}) == "batch"
+    batch = queue.job_config("batch", {"input": "in.jsonl", "model": "m", "output": "out.jsonl", "concurrency": 2, "num_cpus": 0.5})
+    assert queue.resources_for("batch", batch) == {"CPU": 1.0}  # what its actors reserve
     with pytest.raises(InvalidInputError, match="fit no job kind"):
         queue.infer_kind({"bogus": 1})

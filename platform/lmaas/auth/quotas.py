@@ -33,6 +33,7 @@ from lmaas.errors import RateLimitError
 
 _WHAT = {"rpm": "requests per minute", "tpm": "tokens per minute", "tpd": "tokens per day"}
 _KEEP_SECONDS = 2 * 86400
+BATCH_FIELDS = ("batch_requests", "batch_prompt_tokens", "batch_completion_tokens")
 
 
 def _insert(conn: Connection):  # noqa: ANN202 - the dialect's insert construct
@@ -159,6 +160,31 @@ class Quotas:
             if random.random() < 0.01:  # old windows are never read again
                 conn.execute(rate_counters.delete().where(rate_counters.c.start < latest - _KEEP_SECONDS))
 
+    def record_batch(
+        self, *, tenant: str, key_id: str, model: str, requests: int, prompt_tokens: int, completion_tokens: int, discount: float,
+        now: float | None = None,
+    ) -> None:
+        """Add a batch's answered lines (or a part of them) to usage, apart from online requests (`batch_*`), and their
+        tokens times `discount` to the key's and tenant's per-day token counters (batches wait for capacity, so they
+        count at a discount, as OpenAI bills them, and never against the per-minute limits).
+
+        A limit reached later by a batch's tokens refuses the tenant's next requests and batches, not the batch itself.
+        """
+        now = time.time() if now is None else now
+        tokens = math.ceil((int(prompt_tokens) + int(completion_tokens)) * discount)
+        with self.engine.begin() as conn:
+            if tokens:
+                for subject in (f"key:{key_id}", f"tenant:{tenant}"):
+                    bump(conn, subject, "tpd", window_start("tpd", now), tokens)
+            stmt = _insert(conn)(usage).values(
+                tenant=tenant, key_id=key_id, model=model, day=int(now // 86400), requests=0, prompt_tokens=0, completion_tokens=0,
+                batch_requests=requests, batch_prompt_tokens=prompt_tokens, batch_completion_tokens=completion_tokens,
+            )
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["tenant", "key_id", "model", "day"],
+                set_={name: usage.c[name] + stmt.excluded[name] for name in BATCH_FIELDS},
+            ))
+
     def usage(
         self,
         *,
@@ -167,8 +193,10 @@ class Quotas:
         model: str | None = None,
         since: dt.date | None = None,
         until: dt.date | None = None,
+        batch_discount: float = 1.0,
     ) -> list[dict[str, Any]]:
-        """Requests and tokens per (tenant, key, model) over the UTC days `since`..`until` (inclusive)."""
+        """Requests and tokens per (tenant, key, model) over the UTC days `since`..`until` (inclusive): online
+        (`requests`, `*_tokens`) and in batches (`batch_*`); `billable_tokens` counts batch tokens times `batch_discount`."""
         query = sa.select(
             usage.c.tenant,
             usage.c.key_id,
@@ -176,6 +204,7 @@ class Quotas:
             sa.func.sum(usage.c.requests).label("requests"),
             sa.func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
             sa.func.sum(usage.c.completion_tokens).label("completion_tokens"),
+            *(sa.func.sum(usage.c[name]).label(name) for name in BATCH_FIELDS),
         ).group_by(usage.c.tenant, usage.c.key_id, usage.c.model).order_by(usage.c.tenant, usage.c.key_id, usage.c.model)
         for column, value in ((usage.c.tenant, tenant), (usage.c.key_id, key_id), (usage.c.model, model)):
             if value is not None:
@@ -187,9 +216,11 @@ class Quotas:
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(query).mappings()]
         for row in rows:
-            for field in ("requests", "prompt_tokens", "completion_tokens"):
-                row[field] = int(row[field])
+            for field in ("requests", "prompt_tokens", "completion_tokens", *BATCH_FIELDS):
+                row[field] = int(row[field] or 0)
             row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
+            row["batch_total_tokens"] = row["batch_prompt_tokens"] + row["batch_completion_tokens"]
+            row["billable_tokens"] = row["total_tokens"] + math.ceil(row["batch_total_tokens"] * batch_discount)
         return rows
 
 

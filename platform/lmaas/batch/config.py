@@ -24,6 +24,10 @@ class BatchConfig(BaseModel):
     output: str = Field(min_length=1)
     """Where the result JSONL goes: a path or an `s3://` URI. It appears whole when the batch ends, never half-written."""
 
+    error_output: str | None = Field(None, min_length=1)
+    """Where the lines answered with an error go instead (a path or `s3://` URI, as `output`; OpenAI's batches split
+    their results so, into `output_file_id` and `error_file_id`). None: every line goes to `output`."""
+
     overwrite: bool = False
     """Replace an existing output (else the batch refuses to start)."""
 

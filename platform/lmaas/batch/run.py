@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import queue
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lmaas.batch.config import BatchConfig
@@ -32,6 +34,7 @@ from lmaas.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from lmaas.ops.metrics import BatchMetrics
 from lmaas.registry.files import FileStore, is_file_id
 from lmaas.storage import Storage, resolve_files
 
@@ -91,10 +94,21 @@ class BatchResult:
     prompt_tokens: int
     output_tokens: int
     actors: int
+    error_output: str | None = None
+    """Where the failed lines are, when `BatchConfig.error_output` split them out."""
+    cancelled: bool = False
+    """The batch was stopped (`run_batch`'s `cancel`): the outputs hold the `completed` + `failed` lines answered
+    before, each once and whole; the others were never answered."""
+    blocks_per_node: dict[str, int] = field(default_factory=dict)
+    """Answered blocks by the Ray node whose actor answered them."""
+
+    @property
+    def done(self) -> int:
+        return self.completed + self.failed
 
     @property
     def lines_per_s(self) -> float:
-        return self.total / self.seconds if self.seconds > 0 else 0.0
+        return self.done / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -103,7 +117,8 @@ class BatchResult:
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "completed": self.completed, "failed": self.failed, "output": self.output, "model": self.model,
                 "seconds": round(self.seconds, 3), "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
-                "actors": self.actors, "lines_per_s": round(self.lines_per_s, 2), "output_tokens_per_s": round(self.output_tokens_per_s, 2)}
+                "actors": self.actors, "lines_per_s": round(self.lines_per_s, 2), "output_tokens_per_s": round(self.output_tokens_per_s, 2),
+                "error_output": self.error_output, "cancelled": self.cancelled, "blocks_per_node": dict(self.blocks_per_node)}
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,9 @@ class CheckedBatch:
     output_store: Storage
     output_path: str
     tenant: str | None
+    error_store: Storage | None = None
+    error_path: str | None = None
+    """Where failed lines go (`BatchConfig.error_output`; None: to the output)."""
 
 
 def check_batch(
@@ -145,17 +163,24 @@ def check_batch(
     endpoint_url = endpoint_url if endpoint_url is not None else registry.storage.endpoint_url
     source = _input_source(config.input, registry, tenant)
     filesystem, paths = _resolve_input(source, endpoint_url)
-    store, key = _output_location(config.output, endpoint_url)
-    if tenant is not None:
-        _check_own_area(config.output, registry.storage, tenant, "output")
-    if not config.overwrite and store.exists(key):
-        raise AlreadyExistsError(f"output {config.output} exists; name another, or set overwrite", param="output")
-    return CheckedBatch(version, source, filesystem, paths, store, key, tenant)
+    outputs = []
+    for param in ("output", "error_output") if config.error_output else ("output",):
+        location = getattr(config, param)
+        store, key = _output_location(location, endpoint_url, param)
+        if tenant is not None:
+            _check_own_area(location, registry.storage, tenant, param)
+        if not config.overwrite and store.exists(key):
+            raise AlreadyExistsError(f"{param} {location} exists; name another, or set overwrite", param=param)
+        outputs.append((store, key))
+    if len(outputs) == 2 and outputs[0][0].url(outputs[0][1]) == outputs[1][0].url(outputs[1][1]):
+        raise InvalidInputError("error_output must be another place than output (or left out: every line to output)", param="error_output")
+    errors = outputs[1] if len(outputs) == 2 else (None, None)
+    return CheckedBatch(version, source, filesystem, paths, *outputs[0], tenant, *errors)
 
 
 def run_batch(
     config: BatchConfig, *, registry: ModelRegistry, tenant: str | None = None, endpoint_url: str | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, cancel: threading.Event | None = None,
 ) -> BatchResult:
     """Answer every request line of `config.input` with `config.model`; write one output line per line to `config.output`.
 
@@ -168,9 +193,13 @@ def run_batch(
             (in its area) must be its own.
         endpoint_url: S3-compatible endpoint of `s3://` inputs and outputs (None: the registry store's).
         progress: called as the input is read and as each block of lines is written.
+        cancel: set (from any thread, a signal handler's too) to stop the batch: it stops waiting at once, publishes
+            the lines answered so far (each whole, once) and returns with `cancelled`; blocks still in the actors
+            are dropped. Set before the first block, it publishes empty outputs.
 
     Returns:
-        The counts; a line the API would refuse, or that is no request, counts as failed (its output line says why).
+        The counts; a line the API would refuse, or that is no request, counts as failed (its output line says why,
+        in `error_output` when given).
 
     Raises:
         NotFoundError, InvalidInputError, AlreadyExistsError, PermissionDeniedError: from `check_batch`, before anything
@@ -191,24 +220,80 @@ def run_batch(
     actors, cpus = _placement(config, ray.cluster_resources())
     actors = min(actors, len(plan.ranges))  # an actor without a block would only load the model
     say(BatchProgress("starting", plan.rows, seconds=time.monotonic() - started))
-    metrics = _Metrics(version.ref)
+    metrics = BatchMetrics(version.ref)
     completed = failed = prompt_tokens = output_tokens = 0
+    nodes: dict[str, int] = {}
+    cancel = cancel or threading.Event()
     answers = _answers(plan, config, version.ref, ModelSource.of(registry, version.ref, checked.tenant), actors, cpus)
-    with store.writer(key, overwrite=config.overwrite) as out, contextlib.closing(answers):
-        for block in answers:
+    with contextlib.ExitStack() as stack:  # the writers exit (publish) first, then the pipeline closes
+        out = stack.enter_context(store.writer(key, overwrite=config.overwrite))
+        errors = (stack.enter_context(checked.error_store.writer(checked.error_path, overwrite=config.overwrite))
+                  if checked.error_store is not None and checked.error_path is not None else out)
+        for block in _until(answers, cancel):
             oks = block.column("ok").to_pylist()
-            out.write("".join(line + "\n" for line in block.column("json").to_pylist()).encode())
+            lines = [line + "\n" for line in block.column("json").to_pylist()]
+            out.write("".join(line for line, ok in zip(lines, oks, strict=True) if ok or errors is out).encode())
+            if errors is not out:
+                errors.write("".join(line for line, ok in zip(lines, oks, strict=True) if not ok).encode())
             ok = sum(oks)
             completed, failed = completed + ok, failed + len(oks) - ok
             block_prompt, block_output = _total(block, "prompt_tokens"), _total(block, "completion_tokens")
             prompt_tokens, output_tokens = prompt_tokens + block_prompt, output_tokens + block_output
+            node = block.column("node")[0].as_py() if block.num_rows else ""
+            nodes[node] = nodes.get(node, 0) + 1
             now = time.monotonic() - started
             metrics.block(ok, len(oks) - ok, block_output, completed + failed, output_tokens, now)
             say(BatchProgress("running", plan.rows, completed, failed, output_tokens, now))
-        if completed + failed != plan.rows:  # every line answered exactly once, or nothing is published
+        if completed + failed != plan.rows and not cancel.is_set():  # every line answered exactly once, or nothing is published
             raise LmaasError(f"the batch answered {completed + failed:,} of {plan.rows:,} lines; nothing was written")
     return BatchResult(plan.rows, completed, failed, config.output, version.ref, time.monotonic() - started, prompt_tokens, output_tokens,
-                       actors)
+                       actors, config.error_output, cancel.is_set() and completed + failed < plan.rows, nodes)
+
+
+def _until(blocks: Iterator[pa.Table], cancel: threading.Event) -> Iterator[pa.Table]:
+    """`blocks` until `cancel` is set: they are pulled in a thread, so a cancel is seen at once, not when the next
+    block is done. That thread closes the pipeline (stopping Ray Data's execution) at the end, on a cancel, or when
+    the caller leaves; an error in it is raised here."""
+    handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    left = threading.Event()
+
+    def stopped() -> bool:
+        return cancel.is_set() or left.is_set()
+
+    def offer(item: tuple[str, Any]) -> bool:
+        while not stopped():
+            try:
+                handoff.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            with contextlib.closing(blocks):
+                for block in blocks:
+                    if not offer(("block", block)):
+                        return
+            offer(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            offer(("error", exc))
+
+    thread = threading.Thread(target=pull, name="lmaas-batch-blocks", daemon=True)
+    thread.start()
+    try:
+        while not cancel.is_set():
+            try:
+                kind, item = handoff.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        left.set()
 
 
 def _answers(plan: InputPlan, config: BatchConfig, ref: str, source: ModelSource, actors: int, cpus: float) -> Iterator[pa.Table]:
@@ -306,19 +391,19 @@ def _resolve_input(source: str, endpoint_url: str | None) -> tuple[pafs.FileSyst
         raise NotFoundError(exc.message.replace("source", "input", 1), param="input") from None
 
 
-def _output_location(output: str, endpoint_url: str | None) -> tuple[Storage, str]:
+def _output_location(output: str, endpoint_url: str | None, param: str = "output") -> tuple[Storage, str]:
     """The store holding `output` (its folder or bucket) and its path there."""
     scheme, sep, rest = output.partition("://")
     if sep and scheme == "s3":
         bucket, _, key = rest.partition("/")
         if not bucket or not key or key.endswith("/"):
-            raise InvalidInputError(f"output {output} must name an object: s3://BUCKET/KEY", param="output")
+            raise InvalidInputError(f"{param} {output} must name an object: s3://BUCKET/KEY", param=param)
         return Storage(f"s3://{bucket}", endpoint_url=endpoint_url), key
     if sep and scheme != "file":
-        raise InvalidInputError(f"output {output}: unsupported scheme {scheme!r}; use a path, file:// or s3://", param="output")
+        raise InvalidInputError(f"{param} {output}: unsupported scheme {scheme!r}; use a path, file:// or s3://", param=param)
     path = os.path.abspath(os.path.expanduser(rest if sep else output))
     if output.endswith("/") or os.path.isdir(path):
-        raise InvalidInputError(f"output {output} is a directory; name the output file", param="output")
+        raise InvalidInputError(f"{param} {output} is a directory; name the output file", param=param)
     folder, name = posixpath.split(path)
     return Storage(f"file://{folder}"), name
 
@@ -327,35 +412,3 @@ def _total(block: pa.Table, column: str) -> int:
     import pyarrow.compute as pc
 
     return int(pc.sum(block.column(column)).as_py() or 0)
-
-
-class _Metrics:
-    """A batch's Prometheus metrics (through Ray's metrics, exported by the driver's node as `ops.metrics` describes):
-    lines answered by status and output tokens (counters), lines/s and output tokens/s so far (gauges), by model."""
-
-    def __init__(self, model: str) -> None:
-        self.tags = {"model": model}
-        try:
-            from ray.util import metrics
-
-            self._lines = metrics.Counter("lmaas_batch_lines", "Batch lines answered, by model and status (completed, failed).",
-                                          tag_keys=("model", "status"))
-            self._tokens = metrics.Counter("lmaas_batch_output_tokens", "Tokens generated for batch lines, by model.", tag_keys=("model",))
-            self._lines_per_s = metrics.Gauge("lmaas_batch_lines_per_second", "Lines/s of the running batch since it started.",
-                                              tag_keys=("model",))
-            self._tokens_per_s = metrics.Gauge("lmaas_batch_output_tokens_per_second", "Output tokens/s of the running batch since it started.",
-                                               tag_keys=("model",))
-        except Exception:  # noqa: BLE001 - metrics must never stop a batch
-            self._lines = None
-
-    def block(self, completed: int, failed: int, tokens: int, lines_so_far: int, tokens_so_far: int, seconds: float) -> None:
-        if self._lines is None:
-            return
-        for status, count in (("completed", completed), ("failed", failed)):
-            if count:
-                self._lines.inc(count, {**self.tags, "status": status})
-        if tokens:
-            self._tokens.inc(tokens, self.tags)
-        if seconds > 0:
-            self._lines_per_s.set(lines_so_far / seconds, self.tags)
-            self._tokens_per_s.set(tokens_so_far / seconds, self.tags)

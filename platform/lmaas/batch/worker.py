@@ -36,7 +36,8 @@ FAULT_ENV = "LMAAS_FAULT_KILL_BATCH_ACTOR_AT"
 """Fault injection for tests: `N:MARKER`. The first actor to have answered N lines creates file MARKER and kills
 its own process (SIGKILL), once per MARKER; read by the driver (`run_batch`) and handed to the actors."""
 OUTPUT_SCHEMA = pa.schema([("json", pa.string()), ("ok", pa.bool_()), ("custom_id", pa.string()), ("prompt_tokens", pa.int64()),
-                           ("completion_tokens", pa.int64())])
+                           ("completion_tokens", pa.int64()), ("node", pa.string())])
+"""One row per input line; `node` is the Ray node whose actor answered it (the same for a whole block)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class BatchWorker:
         self.serving = OpenAIServing(dict.fromkeys(models, self.engine))
         self.models = models
         self.filesystem = filesystem
+        self.node = _node_id()
         self.limiter: RequestLimiter | None = None
         self.answered = 0
         self.fault = None
@@ -109,7 +111,8 @@ class BatchWorker:
             rows += (await asyncio.to_thread(read_range, self.filesystem, item["path"], block)).to_pylist()
         answers = await asyncio.gather(*(self._answer(row) for row in rows))
         return pa.table([[a.json for a in answers], [a.ok for a in answers], [a.custom_id for a in answers],
-                         [a.prompt_tokens for a in answers], [a.completion_tokens for a in answers]], schema=OUTPUT_SCHEMA)
+                         [a.prompt_tokens for a in answers], [a.completion_tokens for a in answers], [self.node] * len(answers)],
+                        schema=OUTPUT_SCHEMA)
 
     async def _answer(self, row: dict[str, Any]) -> Answer:
         assert self.limiter is not None
@@ -118,6 +121,12 @@ class BatchWorker:
         if self.fault is not None and self.answered >= self.fault[0]:
             _die_once(self.fault[1])
         return answer
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _die_once(marker: str) -> None:

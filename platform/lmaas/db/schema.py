@@ -200,8 +200,12 @@ usage = sa.Table(
     sa.Column("requests", sa.BigInteger, nullable=False),
     sa.Column("prompt_tokens", sa.BigInteger, nullable=False),
     sa.Column("completion_tokens", sa.BigInteger, nullable=False),
+    sa.Column("batch_requests", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("batch_prompt_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("batch_completion_tokens", sa.BigInteger, nullable=False, server_default="0"),
 )
-"""Inference usage per tenant, key, model and UTC day (days since the epoch)."""
+"""Inference usage per tenant, key, model and UTC day (days since the epoch); `batch_*`: lines of offline batches
+(`/v1/batches`), counted apart (billed at a discount, `Settings.batch_token_discount`)."""
 
 responses = sa.Table(
     "responses",

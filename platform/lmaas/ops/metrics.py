@@ -19,6 +19,8 @@ Who records what:
   tokens per request, and every `ENGINE_POLL_S` the engine's waiting requests, running batch size
   and KV-cache use (`ServingMetrics`);
 - training (rank 0): tokens/s, loss, validation loss, step, checkpoint stall (`TrainMetrics`);
+- offline batches (`lmaas batch`, `/v1/batches`), their driver: lines answered by status, output tokens,
+  lines/s and output tokens/s so far, by model (`BatchMetrics`);
 - the job queue's admitter: queued/running jobs and finished jobs by state (`JobMetrics`).
 
 Metric objects are created once per process, on first use; outside a Ray worker or driver
@@ -101,6 +103,11 @@ METRICS = (
     MetricSpec("lmaas_train_checkpoint_stall_seconds", "histogram",
                "Seconds training waited for one checkpoint: gather, write and hand-off to Ray's asynchronous upload.",
                TRAIN_TAGS, CHECKPOINT_BUCKETS),
+    # offline batches (the batch's driver)
+    MetricSpec("lmaas_batch_lines", "counter", "Batch lines answered, by model and status (completed, failed).", ("model", "status")),
+    MetricSpec("lmaas_batch_output_tokens", "counter", "Tokens generated for batch lines, by model.", ("model",)),
+    MetricSpec("lmaas_batch_lines_per_second", "gauge", "Lines/s of the running batch since it started.", ("model",)),
+    MetricSpec("lmaas_batch_output_tokens_per_second", "gauge", "Output tokens/s of the running batch since it started.", ("model",)),
     # job queue
     MetricSpec("lmaas_jobs", "gauge", "Jobs in the queue by state (queued, submitted, running).", ("state",)),
     MetricSpec("lmaas_jobs_finished", "counter", "Queued jobs that finished, by kind and final state (succeeded, failed, cancelled).",
@@ -346,6 +353,21 @@ class TrainMetrics:
                 _set(name, float(metrics[key]), self.tags)
         if metrics.get("checkpoint_stall_s") is not None:
             _observe("lmaas_train_checkpoint_stall_seconds", float(metrics["checkpoint_stall_s"]), self.tags)
+
+
+class BatchMetrics:
+    """What a batch's driver records as each answered block is written."""
+
+    def __init__(self, model: str) -> None:
+        self.tags = {"model": model}
+
+    def block(self, completed: int, failed: int, tokens: int, lines_so_far: int, tokens_so_far: int, seconds: float) -> None:
+        for status, count in (("completed", completed), ("failed", failed)):
+            _inc("lmaas_batch_lines", count, {**self.tags, "status": status})
+        _inc("lmaas_batch_output_tokens", tokens, self.tags)
+        if seconds > 0:
+            _set("lmaas_batch_lines_per_second", lines_so_far / seconds, self.tags)
+            _set("lmaas_batch_output_tokens_per_second", tokens_so_far / seconds, self.tags)
 
 
 class JobMetrics:

@@ -22,11 +22,11 @@ The database is the source of truth: a restarted admitter carries on where the l
 admitted to (capacity checked on submit, the admitter nudged, running jobs stopped and their logs
 read through Ray's Jobs API).
 
-Each lmaas job (train, ingest, compress, finetune) runs as `python -m lmaas.ops.queue ID`, which
+Each lmaas job (train, ingest, compress, finetune, batch) runs as `python -m lmaas.ops.queue ID`, which
 reads its validated config back from the database, so nothing has to be uploaded and any node can
 run it. What a job reports besides its state (its result, and a fine-tune's progress events) is kept
 in the artifact store as `jobs/<id>/report.json` (`JobReport`, `read_report`): what
-`/v1/fine_tuning/jobs` answers from.
+`/v1/fine_tuning/jobs` and `/v1/batches` answer from.
 """
 
 from __future__ import annotations
@@ -51,11 +51,14 @@ log = logging.getLogger("lmaas.queue")
 _metrics = JobMetrics()
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
-KINDS = ("train", "ingest", "compress", "finetune", "command")
+KINDS = ("train", "ingest", "compress", "finetune", "batch", "command")
 ACTIVE = ("submitted", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 STATES = ("queued", *ACTIVE, *FINISHED)
 ACTOR_NAMESPACE = "lmaas"
+STOPPED = "stopped by request"
+STOP_REQUESTED = "stop requested"
+"""The message of a job cancelled while running by a process without Ray's Jobs API: the admitter stops it."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,10 @@ def job_config(kind: str, config: dict[str, Any]) -> Any:
         from lmaas.train.finetune import FineTuneConfig
 
         return FineTuneConfig.model_validate(config)
+    if kind == "batch":
+        from lmaas.batch.job import BatchJobConfig
+
+        return BatchJobConfig.model_validate(config)
     raise InvalidInputError(f"unknown job kind {kind!r}; one of {', '.join(KINDS)}", param="kind")
 
 
@@ -116,12 +123,14 @@ def infer_kind(config: dict[str, Any]) -> str:
     Raises:
         InvalidInputError: none or several have them (pass the kind explicitly).
     """
+    from lmaas.batch.job import BatchJobConfig
     from lmaas.compress import CompressConfig
     from lmaas.data.config import IngestConfig
     from lmaas.train.config import TrainConfig
     from lmaas.train.finetune import FineTuneConfig
 
-    schemas = {"train": TrainConfig, "ingest": IngestConfig, "compress": CompressConfig, "finetune": FineTuneConfig}
+    schemas = {"train": TrainConfig, "ingest": IngestConfig, "compress": CompressConfig, "finetune": FineTuneConfig,
+               "batch": BatchJobConfig}
     fits = [kind for kind, schema in schemas.items() if set(config) <= set(schema.model_fields)
             and {name for name, f in schema.model_fields.items() if f.is_required()} <= set(config)]
     if len(fits) != 1:
@@ -139,6 +148,9 @@ def resources_for(kind: str, config: Any) -> dict[str, float]:
             config = config.train_config(examples=1)  # the workers it asks for do not depend on the file
         gpus = config.num_workers if config.use_gpu else 0
         return {"CPU": config.num_workers * config.cpus_per_worker + DATA_CPUS, **({"GPU": float(gpus)} if gpus else {})}
+    if kind == "batch":  # its model actors (one at least, when it takes as many as the cluster holds)
+        actors = config.concurrency or 1
+        return {"CPU": actors * config.num_cpus, **({"GPU": actors * config.num_gpus} if config.num_gpus else {})}
     return {"CPU": 1.0}
 
 
@@ -162,7 +174,7 @@ def submit(
     """Validate and queue one job; nothing runs until the admitter hands it to Ray.
 
     Args:
-        kind: `train`, `ingest`, `compress`, `finetune`, or `command` (any shell `entrypoint`).
+        kind: `train`, `ingest`, `compress`, `finetune`, `batch`, or `command` (any shell `entrypoint`).
         config: the job's config (validated now, stored as validated).
         entrypoint: `command` jobs only.
         resources: `command` jobs: `{"CPU": 1, "GPU": 0}` reserved for the entrypoint.
@@ -174,6 +186,7 @@ def submit(
             against `storage`), and paths on the job's node (`torchscript_dir`) are refused.
             A finetune job is checked as its tenant whoever submits it (`train.finetune.check_fine_tune`: the base
             model, the files and the output name), and a tenant's may name files by upload id or under its own area only.
+            A batch job likewise (`batch.check_batch`: the model, the input and the outputs, as its tenant).
         storage: the artifact store jobs run against (`lmaas.storage.Storage`; needed unless privileged, and for finetune jobs).
 
     Raises:
@@ -214,6 +227,8 @@ def submit(
             _check_unprivileged(kind, validated, storage, tenant)
         if kind == "finetune":
             _check_fine_tune(validated, engine, storage, tenant)
+        if kind == "batch":
+            _check_batch(validated, engine, storage, tenant)
     if capacity is not None:
         for name, amount in resources.items():
             if amount > capacity.get(name, 0.0) + 1e-9:
@@ -261,6 +276,24 @@ def _check_fine_tune(config: Any, engine: Engine, storage: Any, tenant: str) -> 
         storage = Storage.from_settings(load_settings())
     try:
         check_fine_tune(config, storage=storage, engine=engine, tenant=tenant)
+    except LmaasError as exc:
+        raise type(exc)(exc.message, param=f"config.{exc.param}" if exc.param else "config") from None
+
+
+def _check_batch(config: Any, engine: Engine, storage: Any, tenant: str) -> None:
+    """A batch job's model, input and outputs as its tenant sees them (errors name `config.<field>`)."""
+    from lmaas.batch import check_batch
+    from lmaas.batch.job import base_config
+    from lmaas.errors import LmaasError
+    from lmaas.registry import ModelRegistry
+
+    if storage is None:
+        from lmaas.config import load_settings
+        from lmaas.storage import Storage
+
+        storage = Storage.from_settings(load_settings())
+    try:
+        check_batch(base_config(config), registry=ModelRegistry(storage, engine), tenant=tenant)
     except LmaasError as exc:
         raise type(exc)(exc.message, param=f"config.{exc.param}" if exc.param else "config") from None
 
@@ -330,14 +363,17 @@ def list_jobs(engine: Engine, *, states: Iterable[str] | None = None, tenant: st
 
 
 def cancel(engine: Engine, job_id: int, jobs_api: "JobsApi | None" = None, *, actor: str = "queue") -> QueuedJob:
-    """Cancel a job: a queued one never starts; a running one is stopped through `jobs_api`.
+    """Cancel a job: a queued one never starts; a running one is stopped through `jobs_api`, or, without one (this
+    process cannot reach Ray's Jobs API), marked `STOP_REQUESTED` for the admitter to stop at its next round.
+
+    Either way the job is `cancelled` from now on; its driver gets SIGTERM (a batch publishes what it answered).
 
     Args:
         actor: who cancels it, as the audit log names them.
 
     Raises:
         NotFoundError: no such job.
-        InvalidInputError: it already finished, or it runs and no `jobs_api` was given.
+        InvalidInputError: it already finished.
     """
     job = get(engine, job_id)
     if job.state in FINISHED:
@@ -354,12 +390,11 @@ def cancel(engine: Engine, job_id: int, jobs_api: "JobsApi | None" = None, *, ac
         if done:
             return get(engine, job_id)
         job = get(engine, job_id)  # admitted meanwhile: stop it below
-    if jobs_api is None:
-        raise InvalidInputError(f"job {job_id} is {job.state}; stopping it needs the Ray cluster", param="id")
-    jobs_api.stop(job.submission_id)
+    if jobs_api is not None:
+        jobs_api.stop(job.submission_id)
     with engine.begin() as conn:
         conn.execute(queued_jobs.update().where(queued_jobs.c.id == job_id, queued_jobs.c.state.in_(ACTIVE))
-                     .values(state="cancelled", finished_at=time.time(), message="stopped by request"))
+                     .values(state="cancelled", finished_at=time.time(), message=STOPPED if jobs_api is not None else STOP_REQUESTED))
         record_event(conn, actor=actor, action="job.cancel", target=f"job:{job_id}", tenant=job.tenant,
                      detail={"state": job.state, "submission_id": job.submission_id})
     return get(engine, job_id)
@@ -404,6 +439,11 @@ class JobsApi(Protocol):
     def logs(self, submission_id: str) -> str: ...
 
 
+STOP_GRACE = {"batch": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}
+"""Seconds Ray's Jobs API waits after a stop's SIGTERM before SIGKILL (default 3): a cancelled batch uses them to
+finish the block in hand and publish the lines answered so far."""
+
+
 class RayJobsApi:
     """`JobsApi` over `ray.job_submission.JobSubmissionClient` (the dashboard's HTTP API).
 
@@ -427,7 +467,8 @@ class RayJobsApi:
         else:
             entrypoint = f"{sys.executable} -m lmaas.ops.queue {job.id}"
             reserve = {}  # the job's Ray Train / Data workers claim its resources, not its driver
-        self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env={"env_vars": self.env},
+        env = {**self.env, **STOP_GRACE.get(job.kind, {})}
+        self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env={"env_vars": env},
                                metadata={"lmaas_job": str(job.id), "tenant": job.tenant, "kind": job.kind}, **reserve)
 
     def status(self, submission_id: str) -> tuple[str, str]:
@@ -479,6 +520,19 @@ class Admitter:
         _metrics.counts({state: int(n) for state, n in rows})
 
     def _sync(self) -> None:
+        with self.engine.connect() as conn:
+            to_stop = [_job(r) for r in conn.execute(queued_jobs.select().where(
+                queued_jobs.c.state == "cancelled", queued_jobs.c.message == STOP_REQUESTED)).mappings()]
+        for job in to_stop:
+            if job.submission_id:
+                try:
+                    self.jobs_api.stop(job.submission_id)
+                except Exception as exc:  # noqa: BLE001 - the dashboard restarting: try again next tick
+                    log.warning("job %s: could not stop it (%s)", job.id, exc)
+                    continue
+                with self.engine.begin() as conn:
+                    conn.execute(queued_jobs.update().where(queued_jobs.c.id == job.id, queued_jobs.c.message == STOP_REQUESTED)
+                                 .values(message=STOPPED))
         for job in list_jobs(self.engine, states=ACTIVE):
             try:
                 state, message = self.jobs_api.status(job.submission_id)
@@ -647,8 +701,14 @@ class ClusterQueue:
         return api.logs(job.submission_id)
 
     def jobs_api(self) -> "RayJobsApi | None":
+        """Ray's Jobs API of the cluster, or None where this process has no cluster or cannot reach its dashboard."""
         info = self.cluster()
-        return None if info is None else RayJobsApi(info.dashboard_url, self.settings.env(secrets=False))
+        if info is None or not info.dashboard_url:
+            return None
+        try:
+            return RayJobsApi(info.dashboard_url, self.settings.env(secrets=False))
+        except ConnectionError:  # a cluster started without its dashboard (`include_dashboard=False`), or a dashboard down
+            return None
 
 
 def cluster_if_any(settings: Any) -> Any:
@@ -680,11 +740,18 @@ class JobReport:
         self.storage, self.path = storage, f"{REPORTS_PREFIX}/{job_id}/{REPORT_FILE}"
         self.events: list[dict[str, Any]] = []
         self.result: dict[str, Any] | None = None
+        self.state: dict[str, Any] | None = None
+        """Where a running job stands, replaced at each report (a batch's line counts)."""
         self._lock = threading.Lock()  # events arrive from a training run's progress thread too
 
     def event(self, event: dict[str, Any]) -> None:
         with self._lock:
             self.events.append(event)
+            self._write()
+
+    def progress(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            self.state = state
             self._write()
 
     def finish(self, result: dict[str, Any]) -> None:
@@ -695,17 +762,17 @@ class JobReport:
     def _write(self) -> None:
         import json
 
-        self.storage.write_text(self.path, json.dumps({"events": self.events, "result": self.result}))
+        self.storage.write_text(self.path, json.dumps({"events": self.events, "result": self.result, "progress": self.state}))
 
 
 def read_report(storage: Any, job_id: int) -> dict[str, Any]:
-    """A job's report (see `JobReport`): no events and no result before it started."""
+    """A job's report (see `JobReport`): no events, no result and no progress before it started."""
     import json
 
     path = f"{REPORTS_PREFIX}/{job_id}/{REPORT_FILE}"
     if not storage.exists(path):
-        return {"events": [], "result": None}
-    return json.loads(storage.read_text(path))
+        return {"events": [], "result": None, "progress": None}
+    return {"progress": None, **json.loads(storage.read_text(path))}
 
 
 
@@ -755,6 +822,11 @@ def execute(job_id: int) -> int:
 
             out = fine_tune(config, storage=storage, engine=engine, tenant=job.tenant, progress=progress,
                             endpoint_url=settings.s3_endpoint_url).to_dict()
+        elif job.kind == "batch":
+            from lmaas.batch.job import run_batch_job
+
+            out = run_batch_job(config, registry=registry, tenant=job.tenant, report=report, endpoint_url=settings.s3_endpoint_url,
+                                batch_discount=settings.batch_token_discount)
         else:
             from lmaas.compress import compress
 

@@ -39,6 +39,9 @@ from lmaas.registry.usage import check_storage_quota
 from lmaas.storage import Storage
 
 PURPOSES = ("fine-tune", "batch", "user_data")
+"""What a client may upload a file for."""
+OUTPUT_PURPOSES = ("batch_output",)
+"""What lmaas itself files: a batch's results (`FileStore.adopt`), read and deleted like uploads."""
 MAX_FILE_BYTES = 512 * 1024 * 1024
 """OpenAI's limit per file."""
 MAX_LINE_BYTES = 8 * 1024 * 1024
@@ -96,8 +99,8 @@ class FileStore:
         filename = _clean_filename(filename)
         with self.engine.connect() as conn:
             check_storage_quota(conn, tenant, 1, param="file")  # full already: refuse before reading the body
-        file_id = "file-" + uuid.uuid4().hex[:24]
-        path = f"{UPLOADS_PREFIX}/{tenant}/files/{file_id}/{_stored_name(filename)}"
+        file_id = new_file_id()
+        path = file_path(tenant, file_id, filename)
         checker = _CHECKERS.get(purpose, _Unchecked)()
         digest, size = hashlib.sha256(), 0
         try:
@@ -121,6 +124,33 @@ class FileStore:
         except BaseException:
             self.storage.delete(path)  # nothing half-written stays (writer keeps a failed write out already)
             raise
+        return record
+
+    def adopt(self, file_id: str, *, filename: str, purpose: str, tenant: str) -> StoredFile:
+        """Record what a job wrote at `file_path(tenant, file_id, filename)` (a batch's output) as file `file_id` of `tenant`.
+
+        Its size and sha256 are read from the stored bytes; it counts against the tenant's storage quota like an
+        upload but is never refused for it (a finished batch's results are not thrown away).
+
+        Raises:
+            InvalidInputError: `purpose` is not one of `OUTPUT_PURPOSES`, or `file_id` is no file id.
+            NotFoundError: nothing is stored there.
+        """
+        if purpose not in OUTPUT_PURPOSES:
+            raise InvalidInputError(f"purpose must be one of {', '.join(OUTPUT_PURPOSES)}, not {purpose!r}", param="purpose")
+        if not is_file_id(file_id):
+            raise InvalidInputError(f"{file_id!r} is no file id (file-...)", param="file_id")
+        path = file_path(tenant, file_id, filename)
+        if not self.storage.exists(path):
+            raise NotFoundError(f"nothing is stored at {self.storage.url(path)}", param="file_id")
+        record = StoredFile(file_id, tenant, purpose, _clean_filename(filename), self.storage.size(path), self.storage.sha256(path), path,
+                            time.time())
+        with self.engine.begin() as conn:
+            conn.execute(files.insert().values(
+                id=record.id, tenant=tenant, purpose=purpose, filename=record.filename, bytes=record.bytes, sha256=record.sha256,
+                path=path, created_at=record.created_at))
+            db.record_event(conn, actor=self.actor, action="file.create", target=record.id, tenant=tenant,
+                            detail={"purpose": purpose, "bytes": record.bytes, "filename": record.filename})
         return record
 
     def get(self, file_id: str, *, tenant: str | None) -> StoredFile:
@@ -183,6 +213,15 @@ class FileStore:
 
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
+
+
+def new_file_id() -> str:
+    return "file-" + uuid.uuid4().hex[:24]
+
+
+def file_path(tenant: str, file_id: str, filename: str) -> str:
+    """Where file `file_id`'s bytes are kept, relative to the artifact store's root (one folder per file)."""
+    return f"{UPLOADS_PREFIX}/{tenant}/files/{file_id}/{_stored_name(filename)}"
 
 
 def is_file_id(text: str) -> bool:

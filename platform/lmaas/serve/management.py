@@ -1,4 +1,4 @@
-"""The management HTTP app: registry, auth and job REST APIs (`/api/v1/...`), the files API (`/v1/files`), the web console (`/console`), `/healthz`, `/readyz`, `/openapi.json`.
+"""The management HTTP app: registry, auth and job REST APIs (`/api/v1/...`), the files API (`/v1/files`), fine-tuning and batches (`/v1/fine_tuning/jobs`, `/v1/batches`), the web console (`/console`), `/healthz`, `/readyz`, `/openapi.json`.
 
 Its routes ride on the gateway Serve app (one port for `/v1` and `/api/v1`, plus `/api/v1/deployments`
 there) and it runs standalone for tests and small setups:
@@ -23,6 +23,7 @@ from lmaas.serve.console import add_console
 from lmaas.serve.errors import install_error_handlers
 from lmaas.serve.openai_app import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, BodySizeLimit, readiness_response
 from lmaas.serve.routers import auth as auth_router
+from lmaas.serve.routers import batches as batches_router
 from lmaas.serve.routers import files as files_router
 from lmaas.serve.routers import fine_tuning as fine_tuning_router
 from lmaas.serve.routers import jobs as jobs_router
@@ -79,6 +80,7 @@ def add_management_routes(app: FastAPI, registry: ModelRegistry | None, *, auth:
     app.include_router(registry_router.router)
     app.include_router(files_router.router)
     app.include_router(fine_tuning_router.router)
+    app.include_router(batches_router.router)
     app.include_router(auth_router.router)
     app.include_router(jobs_router.router)
     if deployments is not None:

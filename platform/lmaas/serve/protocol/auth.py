@@ -84,6 +84,11 @@ class UsageRow(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    batch_requests: int = Field(0, description="Lines of batches (`/v1/batches`, `lmaas batch` jobs) answered.")
+    batch_prompt_tokens: int = 0
+    batch_completion_tokens: int = 0
+    batch_total_tokens: int = 0
+    billable_tokens: int = Field(0, description="total_tokens + batch_total_tokens x the batch discount (LMAAS_BATCH_TOKEN_DISCOUNT).")
 
 
 class UsageOut(BaseModel):

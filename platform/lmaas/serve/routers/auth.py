@@ -125,8 +125,12 @@ def get_usage(
         tenant = principal.tenant
     if since and until and since > until:
         raise InvalidInputError("since must not be after until", param="since")
-    rows = _auth(request).quotas.usage(tenant=tenant, key_id=key_id, model=model, since=since, until=until)
-    fields = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
+    from lmaas.config import load_settings
+
+    rows = _auth(request).quotas.usage(tenant=tenant, key_id=key_id, model=model, since=since, until=until,
+                                       batch_discount=load_settings().batch_token_discount)
+    fields = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "batch_requests", "batch_prompt_tokens",
+              "batch_completion_tokens", "batch_total_tokens", "billable_tokens")
     return UsageOut(data=[UsageRow(**r) for r in rows], total={f: sum(r[f] for r in rows) for f in fields})
 
 

@@ -1,13 +1,14 @@
 """The OpenAI files API under `/v1/files`: a thin map onto `registry.files.FileStore`.
 
     POST   /v1/files                    multipart: `file` and `purpose` (fine-tune, batch, user_data) -> the file object
+                                        (`batch_output` files are a batch's results, filed by lmaas: /v1/batches)
     GET    /v1/files                    the caller's files, newest first (`?purpose=&limit=&after=&order=`)
     GET    /v1/files/{id}               one file object
     GET    /v1/files/{id}/content       its bytes, checked against their sha256 as they stream
     DELETE /v1/files/{id}
 
 The real `openai` client's `client.files.create/list/retrieve/content/delete` work unchanged.
-Scopes follow what a purpose is for: `batch` files need `inference` (reading and writing);
+Scopes follow what a purpose is for: `batch` and `batch_output` files need `inference` (reading and writing);
 `fine-tune` and `user_data` files (training data, ingest sources) need `models:read` to read and
 `models:write` to upload or delete. A key sees only its tenant's files: another tenant's is 404,
 as one that does not exist; admins see every tenant's. An upload's content is checked for its
@@ -26,14 +27,14 @@ from starlette.datastructures import UploadFile
 
 from lmaas.auth import INFERENCE, MODELS_READ, MODELS_WRITE, Principal
 from lmaas.errors import InvalidInputError, PermissionDeniedError
-from lmaas.registry.files import PURPOSES, FileStore, StoredFile
+from lmaas.registry.files import OUTPUT_PURPOSES, PURPOSES, FileStore, StoredFile
 from lmaas.serve.auth import authenticate
 from lmaas.serve.protocol.files import FileDeleted, FileList, FileOut
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
-READ_SCOPE = {"batch": INFERENCE, "fine-tune": MODELS_READ, "user_data": MODELS_READ}
-WRITE_SCOPE = {"batch": INFERENCE, "fine-tune": MODELS_WRITE, "user_data": MODELS_WRITE}
+READ_SCOPE = {"batch": INFERENCE, "batch_output": INFERENCE, "fine-tune": MODELS_READ, "user_data": MODELS_READ}
+WRITE_SCOPE = {"batch": INFERENCE, "batch_output": INFERENCE, "fine-tune": MODELS_WRITE, "user_data": MODELS_WRITE}
 
 
 def files_access(principal: Principal = Depends(authenticate)) -> Principal:
@@ -91,10 +92,10 @@ def list_files(
 ) -> FileList:
     """The caller's files (an admin's: every tenant's), newest first; only purposes its key may read."""
     if purpose is not None:
-        if purpose not in PURPOSES:
-            raise InvalidInputError(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
+        if purpose not in (*PURPOSES, *OUTPUT_PURPOSES):
+            raise InvalidInputError(f"purpose must be one of {', '.join((*PURPOSES, *OUTPUT_PURPOSES))}", param="purpose")
         _check_scope(principal, purpose, READ_SCOPE)
-    readable = {p for p in PURPOSES if principal.has(READ_SCOPE[p])}
+    readable = {p for p in (*PURPOSES, *OUTPUT_PURPOSES) if principal.has(READ_SCOPE[p])}
     found = _store(request, principal).list(tenant=principal.tenant_filter, purpose=purpose, limit=limit + 1, after=after, order=order)
     more = len(found) > limit
     data = [_out(f) for f in found[:limit] if f.purpose in readable]

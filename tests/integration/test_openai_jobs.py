@@ -1,14 +1,17 @@
-"""The OpenAI fine-tuning API end to end, with the real `openai` client against a real Serve gateway.
+"""The OpenAI fine-tuning and Batch APIs end to end, with the real `openai` client against a real Serve gateway.
 
 Tenant `acme` imports a tiny random-weight Llama (`base`, served with adapters enabled), uploads chat JSONL
 (`client.files.create`), creates a fine-tuning job (`client.fine_tuning.jobs.create`) and polls it until it
-succeeded; the result is called by its `fine_tuned_model` name through `/v1/chat/completions`. Tenant `globex`
-is the attacker: it can neither see, cancel nor call acme's jobs, files, base or result.
+succeeded; the result is called by its `fine_tuned_model` name through `/v1/chat/completions`. It then runs
+batches of completion and chat lines on `base` (`client.batches.create`), whose answers must equal what the
+gateway's online API answers the same requests. Tenant `globex` is the attacker: it can neither see, cancel nor
+call acme's jobs, batches, files, base or result.
 
-The gateway queues the job (`ops.queue`); the session cluster has no dashboard, so no Ray Jobs API to admit it
+The gateway queues the jobs (`ops.queue`); the session cluster has no dashboard, so no Ray Jobs API to admit them
 to: the queue's own `Admitter` is ticked here with `SubprocessJobs`, which runs a job's entrypoint
 (`python -m lmaas.ops.queue ID`, what Ray's Jobs API runs on the head) as a subprocess attached to the session
-cluster. One fine-tune (one Ray Train fit, ~30 s here) serves the whole module.
+cluster, and stops it with SIGTERM (as Ray's Jobs API does). One gateway and one fine-tune (one Ray Train fit,
+~30 s here) serve the whole module.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ KEYS = {  # name -> (tenant, scopes, secret)
     "acme": ("acme", ["inference", "models:read", "models:write"], "lmaas_ftacme_" + "a" * 40),
     "globex": ("globex", ["inference", "models:read", "models:write"], "lmaas_ftglobex_" + "g" * 40),
     "reader": ("acme", ["inference", "models:read"], "lmaas_ftreader_" + "r" * 40),
+    "trainer": ("acme", ["models:read", "models:write"], "lmaas_fttrainer_" + "t" * 40),
 }
 ANSWER = "Open Settings, choose Security, then press Reset password."
 SYSTEM = {"role": "system", "content": "You are the support desk."}
@@ -255,3 +259,183 @@ def test_shipped_config_validates_and_cli_errors_are_one_line(cli, lmaas_env):
         result = cli(*args, env=lmaas_env)
         assert result.returncode == 1 and words in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ---- the Batch API ----
+
+
+def batch_line(i: int, **body) -> dict:  # noqa: ANN003
+    """Completions on odd lines, chat on even ones, greedy, on acme's `base`."""
+    if i % 2:
+        request = {"model": "base", "prompt": f"def f{i}(x):", "max_tokens": 4 + i % 5, "temperature": 0, **body}
+        return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions", "body": request}
+    messages = [{"role": "user", "content": f"print {i} numbers"}]
+    request = {"model": "base", "messages": messages, "max_tokens": 4 + i % 5, "temperature": 0, **body}
+    return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": request}
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def post_json(url: str, secret: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def run_until(gateway, client, batch_id: str, done, timeout: float = 300):  # noqa: ANN001, ANN201
+    """Tick the admitter and poll the batch until `done(batch)`; returns the batch."""
+    _, _, admitter, jobs, _ = gateway
+    deadline = time.monotonic() + timeout
+    batch = client.batches.retrieve(batch_id)
+    while not done(batch) and time.monotonic() < deadline:
+        admitter.tick()
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch_id)
+    assert done(batch), (batch, "\n".join(jobs.logs_of(s) for s in jobs.procs)[-3000:])
+    return batch
+
+
+def lines_of(client, file_id: str) -> list[dict]:  # noqa: ANN001
+    return [json.loads(text) for text in client.files.content(file_id).text.splitlines()]
+
+
+ANSWER_FIELDS = ("object", "model", "choices", "usage")
+BATCH_OPTIONS = {"concurrency": 1, "num_cpus": 0.5, "lines_per_block": 16, "engine": {"engine": "lmaas", "num_threads": 1}}
+"""One actor beside the served base; lmaas's engine, as the gateway serves `base` with (greedy answers must match)."""
+
+
+def test_bad_batches_are_4xx_naming_the_field_and_queue_nothing(gateway):
+    from lmaas import db
+    from lmaas.ops import queue
+
+    acme, globex, trainer = (client_of(gateway, n) for n in ("acme", "globex", "trainer"))
+    engine = db.connect(gateway[1].database_url)
+    before = queue.list_jobs(engine, kind="batch")
+    good = upload(acme, jsonl([batch_line(i) for i in range(4)]), "requests.jsonl", purpose="batch")
+    chat = upload(acme, chat_lines(range(4)))
+    two_models = upload(acme, jsonl([batch_line(1), batch_line(2, model="other")]), "two.jsonl", purpose="batch")
+    no_model = upload(acme, jsonl([batch_line(1, model=None)]).replace(b'"model": null, ', b""), "none.jsonl", purpose="batch")
+    theirs = upload(globex, jsonl([batch_line(1)]), "theirs.jsonl", purpose="batch")  # globex asks for acme's private base
+    create = acme.batches.create
+
+    refused(openai.BadRequestError, lambda: create(input_file_id=chat, endpoint="/v1/completions", completion_window="24h"),
+            "input_file_id", "purpose 'fine-tune'")
+    refused(openai.BadRequestError, lambda: create(input_file_id="requests.jsonl", endpoint="/v1/completions", completion_window="24h"),
+            "input_file_id")
+    refused(openai.NotFoundError, lambda: create(input_file_id=theirs, endpoint="/v1/completions", completion_window="24h"),
+            "input_file_id")  # another tenant's file: as if it did not exist
+    refused(openai.BadRequestError, lambda: create(input_file_id=good, endpoint="/v1/images", completion_window="24h"), "endpoint")
+    refused(openai.BadRequestError, lambda: create(input_file_id=good, endpoint="/v1/completions", completion_window="1h"),
+            "completion_window")
+    refused(openai.BadRequestError, lambda: create(input_file_id=two_models, endpoint="/v1/completions", completion_window="24h"),
+            "input_file_id", "'other'", "line 2")
+    refused(openai.BadRequestError, lambda: create(input_file_id=no_model, endpoint="/v1/completions", completion_window="24h"),
+            "input_file_id", "lmaas.model")
+    refused(openai.NotFoundError, lambda: create(input_file_id=good, endpoint="/v1/completions", completion_window="24h",
+                                                 extra_body={"lmaas": {"model": "no-such-model"}}), "model", "no-such-model")
+    refused(openai.BadRequestError, lambda: create(input_file_id=good, endpoint="/v1/completions", completion_window="24h",
+                                                   extra_body={"lmaas": {"concurrency": 0}}), "lmaas.concurrency")
+    refused(openai.BadRequestError, lambda: create(input_file_id=good, endpoint="/v1/completions", completion_window="24h",
+                                                   extra_body={"lmaas": {"num_cpus": 64}}), "lmaas.concurrency", "could never start")
+    refused(openai.NotFoundError, lambda: globex.batches.create(input_file_id=theirs, endpoint="/v1/completions", completion_window="24h"),
+            "model")  # acme's private base, named in globex's own file
+    refused(openai.PermissionDeniedError, lambda: trainer.batches.create(input_file_id=good, endpoint="/v1/completions",
+                                                                         completion_window="24h"), "authorization")
+    assert queue.list_jobs(engine, kind="batch") == before  # nothing queued
+    refused(openai.NotFoundError, lambda: acme.batches.retrieve("batch_999999"), "batch_id")
+    refused(openai.NotFoundError, lambda: acme.batches.retrieve("ftjob-1"), "batch_id")
+
+
+def test_a_batch_of_completions_and_chat_equals_the_online_api_and_counts_as_batch_usage(gateway):
+    url = gateway[0]
+    acme, globex = client_of(gateway, "acme"), client_of(gateway, "globex")
+    lines = [batch_line(i) for i in range(100)]
+    bad = [batch_line(100, max_tokens=-5), batch_line(101, temperature="hot"),
+           {"custom_id": "req-102", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "base"}}]  # no messages
+    file_id = upload(acme, jsonl(lines[:50] + bad + lines[50:]), "mixed.jsonl", purpose="batch")
+    batch = acme.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+                                metadata={"run": "nightly"}, extra_body={"lmaas": BATCH_OPTIONS})
+    assert (batch.status, batch.input_file_id, batch.metadata, batch.endpoint) == ("validating", file_id, {"run": "nightly"},
+                                                                                   "/v1/chat/completions")
+    assert batch.id.startswith("batch_") and batch.expires_at == batch.created_at + 24 * 3600 and batch.output_file_id is None
+    assert [b.id for b in acme.batches.list().data][0] == batch.id
+    assert globex.batches.list().data == []
+    refused(openai.NotFoundError, lambda: globex.batches.retrieve(batch.id), "batch_id")
+    refused(openai.NotFoundError, lambda: globex.batches.cancel(batch.id), "batch_id")
+
+    started = time.monotonic()
+    batch = run_until(gateway, acme, batch.id, lambda b: b.status in ("completed", "failed", "cancelled"))
+    print(f"BATCH {batch.status} in {time.monotonic() - started:.0f} s")
+    assert batch.status == "completed", batch.errors
+    assert batch.request_counts.model_dump() == {"total": 103, "completed": 100, "failed": 3}
+    assert batch.model == "base:1" and batch.completed_at >= batch.in_progress_at >= batch.created_at
+
+    out = lines_of(acme, batch.output_file_id)
+    assert len(out) == 100 and sorted(o["custom_id"] for o in out) == sorted(line["custom_id"] for line in lines)  # each once
+    assert all(o["response"]["status_code"] == 200 and o["error"] is None for o in out)
+    errors = {o["custom_id"]: o for o in lines_of(acme, batch.error_file_id)}
+    assert sorted(errors) == ["req-100", "req-101", "req-102"]
+    assert {k: (e["response"]["status_code"], e["response"]["body"]["error"]["param"]) for k, e in errors.items()} == {
+        "req-100": (400, "max_tokens"), "req-101": (400, "temperature"), "req-102": (400, "messages")}
+    files = {f.id: f for f in acme.files.list(purpose="batch_output").data}
+    assert files[batch.output_file_id].filename == "output.jsonl" and files[batch.error_file_id].filename == "errors.jsonl"
+
+    # every answer equals the online API's answer to the same request (greedy), ids and timestamps aside
+    from concurrent.futures import ThreadPoolExecutor
+
+    def online(line: dict) -> dict:
+        status, body = post_json(url + line["url"], KEYS["acme"][2], line["body"])
+        assert status == 200, body
+        return body
+
+    with ThreadPoolExecutor(4) as pool:
+        expected = dict(zip((line["custom_id"] for line in lines), pool.map(online, lines), strict=True))
+    for o in out:
+        got, want = o["response"]["body"], expected[o["custom_id"]]
+        assert {k: got[k] for k in ANSWER_FIELDS} == {k: want[k] for k in ANSWER_FIELDS}, o["custom_id"]
+
+    prompt = sum(o["response"]["body"]["usage"]["prompt_tokens"] for o in out)
+    completion = sum(o["response"]["body"]["usage"]["completion_tokens"] for o in out)
+    assert (batch.usage.input_tokens, batch.usage.output_tokens) == (prompt, completion)
+    # usage: the batch's tokens apart from the online requests', billed at half (LMAAS_BATCH_TOKEN_DISCOUNT's default)
+    request = urllib.request.Request(url + "/api/v1/usage?model=base", headers={"Authorization": f"Bearer {KEYS['acme'][2]}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        usage = json.loads(response.read())["total"]
+    assert (usage["batch_requests"], usage["batch_prompt_tokens"], usage["batch_completion_tokens"]) == (103, prompt, completion)
+    assert usage["requests"] >= 100  # the online comparison above
+    assert usage["billable_tokens"] == usage["total_tokens"] + -(-(prompt + completion) // 2)
+
+    # acme's results are acme's: globex can neither read nor delete them
+    refused(openai.NotFoundError, lambda: globex.files.content(batch.output_file_id), "file_id")
+    refused(openai.NotFoundError, lambda: globex.files.delete(batch.output_file_id), "file_id")
+    assert len(lines_of(acme, batch.output_file_id)) == 100
+    refused(openai.BadRequestError, lambda: acme.batches.cancel(batch.id), "batch_id", "already succeeded")
+
+
+def test_a_cancelled_batch_keeps_the_lines_it_answered(gateway):
+    acme, globex = client_of(gateway, "acme"), client_of(gateway, "globex")
+    lines = [batch_line(i, max_tokens=32) for i in range(3000)]  # ~15 s of work: the cancel comes long before the end
+    file_id = upload(acme, jsonl(lines), "long.jsonl", purpose="batch")
+    batch = acme.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h",
+                                extra_body={"lmaas": BATCH_OPTIONS})
+    batch = run_until(gateway, acme, batch.id, lambda b: b.request_counts.completed >= 48)  # some blocks written, most to go
+    assert batch.status == "in_progress" and batch.request_counts.total == 3000
+    refused(openai.NotFoundError, lambda: globex.batches.cancel(batch.id), "batch_id")  # the attacker stops nothing
+    assert acme.batches.retrieve(batch.id).status == "in_progress"
+
+    cancelling = acme.batches.cancel(batch.id)  # SIGTERM to the job's driver, which publishes what it has
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at is not None
+    batch = run_until(gateway, acme, batch.id, lambda b: b.status == "cancelled", timeout=60)
+    done = batch.request_counts.completed
+    assert 48 <= done < 3000 and batch.request_counts.failed == 0 and batch.cancelled_at is not None
+    out = lines_of(acme, batch.output_file_id)
+    ids = [o["custom_id"] for o in out]
+    assert len(ids) == len(set(ids)) == done  # every answered line once, whole
+    assert set(ids) <= {line["custom_id"] for line in lines} and all(o["response"]["status_code"] == 200 for o in out)
+    assert batch.error_file_id is None and batch.usage.output_tokens == sum(o["response"]["body"]["usage"]["completion_tokens"] for o in out)
