@@ -33,6 +33,9 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/engine_batching.py
+	$(BIN)/python bench/batch.py
+	$(BIN)/python bench/lora.py
+	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/report.py
 
 install: $(VENV)/.installed

@@ -1,6 +1,6 @@
 """Offline batch throughput: `lmaas batch` (Ray Data, model actors) vs the online API at 16 streams vs the engine alone.
 
-    PYTHONPATH=platform python bench/batch.py [--lines 300 --new-tokens 48 --size tiny] [--actors 2]
+    PYTHONPATH=platform python bench/batch.py [--lines 2000 --new-tokens 64 --size small] [--actors 2]
 
 The same completion lines (greedy, `ignore_eos`, so every line generates exactly --new-tokens tokens) and the same
 model (tests/serve_helpers.make_causal_lm's random-weight Llama of --size, served by lmaas's engine) three ways, one
@@ -15,7 +15,8 @@ after the other on one node, each with all its CPUs:
       `OpenAIServing` (what one batch actor does, without Ray), process start to exit.
 Each reports output tokens/s end to end and steady (start-up aside: the batch's blocks after its first, the engine's
 answering after its load; the warm server's are both the same). Targets: batch >= 1.2x online and >= 0.8x the engine
-alone. Writes bench/results/batch.json and batch.png.
+alone. Then --embedding-lines embedding lines (MiniLM) through `lmaas batch` vs sentence-transformers' `encode` with its
+own batching in one fresh process, texts/s (target >= 0.8x). Writes bench/results/batch.json and batch.png.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ STREAMS = 16
 
 def requests(n: int, new_tokens: int) -> list[dict]:
     """Batch lines: completions of distinct stdlib lines, greedy, exactly `new_tokens` tokens each."""
-    prompts = [line.strip()[:60] for line in stdlib_lines(limit=n)]
+    source = [line.strip()[:56] for line in stdlib_lines(limit=100_000)]
+    prompts = [source[i % len(source)] + (f" #{i // len(source)}" if i >= len(source) else "") for i in range(n)]  # n distinct prompts
     body = {"model": "tiny", "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
     return [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": {**body, "prompt": p or "x"}} for i, p in enumerate(prompts)]
 
@@ -164,6 +166,63 @@ class OnlineServer:
         return {"seconds": seconds, "output_tokens": sum(tokens), "tokens_per_s": sum(tokens) / seconds, "steady_tokens_per_s": sum(tokens) / seconds}
 
 
+def embedding_lines(n: int) -> list[dict]:
+    """Embedding lines: one stdlib source line (distinct, up to ~60 characters) each."""
+    source = [line.strip()[:60] for line in stdlib_lines(limit=100_000)]
+    texts = [source[i % len(source)] + (f" #{i // len(source)}" if i >= len(source) else "") for i in range(n)]
+    return [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": "minilm", "input": t}}
+            for i, t in enumerate(texts)]
+
+
+def run_embedding_batch(root: Path, registry: ModelRegistry, lines: list[dict], actors: int | None, cpus: int) -> dict:
+    """`run_batch` of embedding lines with the embedding engine, timed from the call to the published output."""
+    from lmaas.batch import BatchConfig, run_batch
+
+    source = root / f"embed-{len(lines)}.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    placement = {"concurrency": actors, "num_cpus": cpus / actors} if actors else {}
+    config = BatchConfig(input=str(source), model="minilm", output=str(root / f"vectors-{len(lines)}.jsonl"), overwrite=True,
+                         lines_per_block=128, **placement)
+    marks: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    result = run_batch(config, registry=registry, progress=lambda p: marks.append((time.perf_counter() - start, p.done))
+                       if p.stage == "running" else None)
+    seconds = time.perf_counter() - start
+    assert result.completed == len(lines), result
+    (first_s, first_done), (last_s, last_done) = marks[0], marks[-1]
+    return {"seconds": seconds, "texts": len(lines), "texts_per_s": len(lines) / seconds,
+            "steady_texts_per_s": (last_done - first_done) / (last_s - first_s), "first_block_s": first_s, "actors": result.actors}
+
+
+ST_ALONE = """
+import json, sys, time
+from sentence_transformers import SentenceTransformer
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+model = SentenceTransformer(sys.argv[1], device="cpu")
+texts = [json.loads(line)["body"]["input"] for line in open(sys.argv[2])]
+loaded = time.perf_counter()
+vectors = model.encode(texts, batch_size=32, normalize_embeddings=True)
+assert len(vectors) == len(texts)
+print(json.dumps({"encode_s": time.perf_counter() - loaded}))
+"""
+
+
+def run_sentence_transformers(root: Path, lines: list[dict], threads: int) -> dict:
+    """A fresh process: import sentence-transformers, load MiniLM, `encode` every text with its own batching (32)."""
+    from serve_helpers import EMBEDDING_DIR
+
+    source = root / f"st-{len(lines)}.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", ST_ALONE, str(EMBEDDING_DIR), str(source), str(threads)], capture_output=True, text=True,
+                          check=True)
+    seconds = time.perf_counter() - start
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"seconds": seconds, "texts": len(lines), "texts_per_s": len(lines) / seconds, "steady_texts_per_s": len(lines) / out["encode_s"],
+            "fixed_s": seconds - out["encode_s"]}
+
+
 def plot(result: dict) -> None:
     import matplotlib
 
@@ -186,11 +245,12 @@ def plot(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lines", type=int, default=300)
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--lines", type=int, default=2000)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--actors", type=int, default=None, help="default: lmaas batch's own (one 1-CPU actor per CPU)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--size", default="tiny", help="model size (lmaas.models SIZES): tiny (~0.2M params) or small (~5M)")
+    parser.add_argument("--embedding-lines", type=int, default=4000, help="embedding lines vs sentence-transformers (0: none)")
+    parser.add_argument("--size", default="small", help="model size (lmaas.models SIZES): tiny (~0.2M params) or small (~5M)")
     args = parser.parse_args()
     from lmaas import db
     from lmaas.registry import ModelRegistry
@@ -223,6 +283,27 @@ def main() -> None:
     r = result["ratios"]
     print(f"batch / online: {r['batch_vs_online']:.2f}x end to end, {r['steady_batch_vs_online']:.2f}x steady (target >= 1.2); "
           f"batch / engine: {r['batch_vs_engine']:.2f}x end to end, {r['steady_batch_vs_engine']:.2f}x steady (target >= 0.8)")
+    if args.embedding_lines:
+        import shutil
+
+        from serve_helpers import EMBEDDING_DIR
+
+        emb = root / "minilm"
+        shutil.copytree(EMBEDDING_DIR, emb, ignore=shutil.ignore_patterns("*.md"))
+        registry.register_version("minilm", emb, task="embedding")
+        texts = embedding_lines(args.embedding_lines)
+        st = run_sentence_transformers(root, texts, args.cpus)
+        eb = run_embedding_batch(root, registry, texts, args.actors, args.cpus)
+        result["embeddings"] = {"lines": len(texts), "sentence_transformers": st, "batch": eb,
+                                "ratios": {"batch_vs_st": eb["texts_per_s"] / st["texts_per_s"],
+                                           "steady_batch_vs_st": eb["steady_texts_per_s"] / st["steady_texts_per_s"]}}
+        er = result["embeddings"]["ratios"]
+        print(f"sentence-transformers encode : {st['texts_per_s']:6.0f} texts/s end to end ({st['seconds']:.1f} s), "
+              f"{st['steady_texts_per_s']:6.0f} once loaded ({st['fixed_s']:.1f} s to import and load)")
+        print(f"lmaas batch of embeddings    : {eb['texts_per_s']:6.0f} texts/s end to end ({eb['seconds']:.1f} s), "
+              f"{eb['steady_texts_per_s']:6.0f} steady (first block out at {eb['first_block_s']:.1f} s)")
+        print(f"embeddings batch / sentence-transformers: {er['batch_vs_st']:.2f}x end to end, {er['steady_batch_vs_st']:.2f}x steady "
+              "(target >= 0.8)")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "batch.json").write_text(json.dumps(result, indent=1))
     plot(result)

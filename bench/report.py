@@ -162,6 +162,31 @@ def serve_vllm(d: dict) -> list[Row]:
     return rows
 
 
+def batch(d: dict) -> list[Row]:
+    o, e, b, r = d["online"], d["engine"], d["batch"], d["ratios"]
+    what = f"{d['lines']:,} completion lines x {d['new_tokens']} tokens ({d['size']} model), start to finish: output tokens/s"
+    rows = [Row("batch", what, f"{b['tokens_per_s']:,.0f}", f"{o['tokens_per_s']:,.0f} (online API, 16 streams)", r["batch_vs_online"],
+                ">= 1.2", r["batch_vs_online"] >= 1.2),
+            Row("batch", what, f"{b['tokens_per_s']:,.0f}", f"{e['tokens_per_s']:,.0f} (the engine alone, one process)", r["batch_vs_engine"],
+                ">= 0.8", r["batch_vs_engine"] >= 0.8)]
+    if d.get("embeddings"):
+        emb = d["embeddings"]
+        ratio = emb["ratios"]["batch_vs_st"]
+        rows.append(Row("batch", f"{emb['lines']:,} embedding lines (MiniLM), start to finish: texts/s", f"{emb['batch']['texts_per_s']:,.0f}",
+                        f"{emb['sentence_transformers']['texts_per_s']:,.0f} (sentence-transformers encode, one process)", ratio, ">= 0.8",
+                        ratio >= 0.8))
+    return rows
+
+
+def lora(d: dict) -> list[Row]:
+    full, low = d["results"]["full"], d["results"]["lora"]
+    ratio = d["ratios"]["tokens_per_s"]
+    return [Row("lora", f"fine-tune {d['base_parameters'] / 1e6:.1f}M params on chat examples, 2 DDP workers: tokens/s",
+                f"{low['tokens_per_s']:,.0f}", f"{full['tokens_per_s']:,.0f} (full fine-tuning)", ratio, ">= 1.3", ratio >= 1.3),
+            Row("lora", "registered bytes: adapter / base", f"{low['registered_bytes'] / 1e6:,.2f} MB", f"{full['registered_bytes'] / 1e6:,.1f} MB",
+                d["ratios"]["adapter_vs_base_bytes"], "report", None)]
+
+
 BENCHES: dict[str, Callable[[dict], list[Row]]] = {
     "storage": storage,
     "data_ingest": data_ingest,
@@ -171,6 +196,8 @@ BENCHES: dict[str, Callable[[dict], list[Row]]] = {
     "serve_embeddings": serve_embeddings,
     "engine_batching": engine_batching,
     "compression": compression,
+    "batch": batch,
+    "lora": lora,
 }
 
 

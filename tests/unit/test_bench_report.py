@@ -38,6 +38,9 @@ def test_report_tables_ratios_marks_targets_and_refreshes_the_readme(tmp_path):
         "vllm": levels(100.0, 50.0), "lmaas-vllm": levels(95.0, 55.0), "lmaas-engine": levels(50.0, 100.0),
         # the other standalone setting is faster at 64 streams and quicker to the first token at 16: each ratio takes the better
         "vllm-defaults": [{"concurrency": 16, "tokens_per_s": 1400.0, "ttft_p50_ms": 44.0}, {"concurrency": 64, "tokens_per_s": 8000.0, "ttft_p50_ms": 60.0}]}}))
+    (results / "batch.json").write_text(json.dumps({"lines": 2000, "new_tokens": 64, "size": "small", "online": {"tokens_per_s": 100.0},
+                                                    "engine": {"tokens_per_s": 200.0}, "batch": {"tokens_per_s": 150.0},
+                                                    "ratios": {"batch_vs_online": 1.5, "batch_vs_engine": 0.75}}))
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\noutro\n")
 
@@ -53,6 +56,8 @@ def test_report_tables_ratios_marks_targets_and_refreshes_the_readme(tmp_path):
     assert "| serve_vllm | 16 streams, lmaas-vllm: TTFT p50 | 55 ms | 44 ms (vllm serve alone, vllm-defaults) | 1.25x | <= 1.2 | **no** |" in text
     assert "| serve_vllm | 64 streams, lmaas-vllm: TTFT p50 | 55 ms | 50 ms (vllm serve alone, vllm) | 1.10x | <= 1.2 | yes |" in text
     assert "| serve_vllm | 16 streams, lmaas-engine: output tokens/s | 800 | 1,600 (vllm serve alone, vllm) | 0.50x | report |" in text
+    assert "| batch | 2,000 completion lines x 64 tokens (small model), start to finish: output tokens/s | 150 | 100 (online API, 16 streams) | 1.50x | >= 1.2 | yes |" in text
+    assert "| 150 | 200 (the engine alone, one process) | 0.75x | >= 0.8 | **no** |" in text
     assert "| train_throughput | not run |" in text and "![ratios](ratios.png)" in text
     assert (results / "ratios.png").stat().st_size > 1000
     refreshed = readme.read_text()
