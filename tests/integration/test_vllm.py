@@ -470,6 +470,37 @@ def test_a_killed_vllm_replica_costs_at_most_one_percent_and_leaves_no_engine_pr
              "the killed replica's vLLM processes to exit")
 
 
+def test_a_batch_on_vllm_answers_every_line_as_the_vllm_replicas_do(served, client, tmp_path):
+    """`lmaas batch` with `engine: vllm`: a Ray Data actor runs its own vLLM engine; greedy completion and chat
+    lines get exactly the bodies the served vLLM replicas answer the same requests with."""
+    from lmaas.batch import BatchConfig, run_batch
+    from lmaas.registry import ModelRegistry
+
+    lines = []
+    for i in range(12):
+        body = {"max_tokens": 6 + i % 3, "temperature": 0}
+        if i % 2:
+            lines.append({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": {"prompt": f"def f{i}(x):", **body}})
+        else:
+            lines.append({"custom_id": f"m{i}", "method": "POST", "url": "/v1/chat/completions",
+                          "body": {"messages": [{"role": "user", "content": f"print {i}"}], **body}})
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run_batch(BatchConfig(input=str(source), model="vtiny", output=str(output), concurrency=1, num_cpus=0.3, lines_per_block=6,
+                                   engine=VLLM_ENGINE), registry=ModelRegistry.from_settings(served[2]))
+    assert (result.completed, result.failed) == (12, 0)
+    answers = {o["custom_id"]: o["response"]["body"] for o in map(json.loads, output.read_text().splitlines())}
+    for line in lines:
+        body = {"model": "vtiny", **line["body"]}
+        if line["url"] == "/v1/completions":
+            online = client.completions.create(**body).model_dump()
+            assert answers[line["custom_id"]]["choices"][0]["text"] == online["choices"][0]["text"], line
+        else:
+            online = client.chat.completions.create(**body).model_dump()
+            assert answers[line["custom_id"]]["choices"][0]["message"]["content"] == online["choices"][0]["message"]["content"], line
+        assert answers[line["custom_id"]]["usage"] == {k: online["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
 def test_embeddings_on_vllm_pooling_equal_lmaas_embedding_engine():
     """vLLM's pooling runner loads the pretrained MiniLM directory and gives lmaas's embedding engine's vectors and token counts."""
     import asyncio
