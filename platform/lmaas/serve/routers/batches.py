@@ -41,11 +41,12 @@ from lmaas.serve.protocol.batches import (
     BatchUsage,
     CreateBatchRequest,
 )
-from lmaas.serve.routers.jobs import _queue
+from lmaas.serve.routers.jobs import PublicJobIds, _queue, job_report
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[require(INFERENCE)])
 
 KIND = "batch"
+IDS = PublicJobIds(KIND, "batch_", "batch", "/v1/batches", "batch_id")
 WINDOW_S = 24 * 3600
 CANCEL_GRACE_S = 150
 """After this long a cancelled batch whose driver never reported (killed before it could) shows `cancelled`."""
@@ -68,7 +69,7 @@ async def create_batch(request: Request, body: CreateBatchRequest, principal: Pr
     if auth is not None:
         await run_in_threadpool(auth.quotas.admit, principal)  # 429 while the tenant's token quota is spent
     job = await run_in_threadpool(_submit, request, body, principal, options)
-    return _batch_out(job, _report(request, job))
+    return _batch_out(job, job_report(request, job))
 
 
 def _submit(request: Request, body: CreateBatchRequest, principal: Principal, options: dict[str, Any]) -> queue.QueuedJob:
@@ -118,56 +119,30 @@ def list_batches(
     principal: Principal = Depends(authenticate),
 ) -> BatchList:
     """The caller's batches (an admin's: every tenant's), newest first; `after`: the last id of the previous page."""
-    before = _number(after, "after") if after is not None else None
+    before = IDS.number(after, "after") if after is not None else None
     jobs = queue.list_jobs(_queue(request).engine, kind=KIND, tenant=principal.tenant_filter, before=before, limit=limit + 1)
-    data = [_batch_out(j, _report(request, j)) for j in jobs[:limit]]
+    data = [_batch_out(j, job_report(request, j)) for j in jobs[:limit]]
     return BatchList(data=data, has_more=len(jobs) > limit, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 
 
 @router.get("/{batch_id}", response_model=Batch)
 def retrieve_batch(request: Request, batch_id: str, principal: Principal = Depends(authenticate)) -> Batch:
-    job = _visible_job(request, principal, batch_id)
-    return _batch_out(job, _report(request, job))
+    job = IDS.visible(request, principal, batch_id)
+    return _batch_out(job, job_report(request, job))
 
 
 @router.post("/{batch_id}/cancel", response_model=Batch)
 def cancel_batch(request: Request, batch_id: str, principal: Principal = Depends(authenticate)) -> Batch:
     """Cancel a batch: a queued one never starts; a running one stops and keeps the lines answered so far (400 when it ended)."""
-    job = _visible_job(request, principal, batch_id)
+    job = IDS.visible(request, principal, batch_id)
     try:
         job = _queue(request).cancel(job.id, actor=principal.actor)
     except LmaasError as exc:
         raise type(exc)(exc.message.replace(f"job {job.id}", batch_id), param="batch_id") from None
-    return _batch_out(job, _report(request, job))
+    return _batch_out(job, job_report(request, job))
 
 
 # ---- queue rows and reports -> batch objects ----
-
-
-def _number(batch_id: str, param: str) -> int:
-    """The queue id in `batch_<id>`."""
-    prefix, _, number = batch_id.partition("_")
-    if prefix != "batch" or not number.isdigit():
-        if param == "after":
-            raise InvalidInputError(f"after must be a batch id (batch_...), not {batch_id!r}", param="after")
-        raise NotFoundError(f"no batch {batch_id!r}; see GET /v1/batches", param=param)
-    return int(number)
-
-
-def _visible_job(request: Request, principal: Principal, batch_id: str) -> queue.QueuedJob:
-    """The job, or 404 when it is not a batch of the caller's tenant (the same answer as for no such batch)."""
-    missing = NotFoundError(f"no batch {batch_id!r}; see GET /v1/batches", param="batch_id")
-    try:
-        job = queue.get(_queue(request).engine, _number(batch_id, "batch_id"))
-    except NotFoundError:
-        raise missing from None
-    if job.kind != KIND or principal.tenant_filter not in (None, job.tenant):
-        raise missing
-    return job
-
-
-def _report(request: Request, job: queue.QueuedJob) -> dict[str, Any]:
-    return queue.read_report(request.app.state.registry.storage, job.id)
 
 
 def _status(job: queue.QueuedJob, result: dict[str, Any] | None) -> str:
@@ -200,7 +175,7 @@ def _batch_out(job: queue.QueuedJob, report: dict[str, Any]) -> Batch:
                                               param=reported["data"].get("param") if reported else None)])
     ended = int(job.finished_at) if job.finished_at else None
     return Batch(
-        id=f"batch_{job.id}", endpoint=config.get("endpoint") or "", model=(result or {}).get("model") or config["model"], errors=errors,
+        id=IDS.of(job), endpoint=config.get("endpoint") or "", model=(result or {}).get("model") or config["model"], errors=errors,
         input_file_id=config["input"], completion_window=config.get("completion_window", "24h"), status=status,
         output_file_id=(result or {}).get("output_file_id"), error_file_id=(result or {}).get("error_file_id"),
         created_at=int(job.created_at), in_progress_at=int(job.admitted_at) if job.admitted_at else None,

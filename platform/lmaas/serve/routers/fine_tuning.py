@@ -31,7 +31,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from lmaas.auth import MODELS_READ, MODELS_WRITE, Principal
-from lmaas.errors import InvalidInputError, LmaasError, NotFoundError
+from lmaas.errors import InvalidInputError, LmaasError
 from lmaas.ops import queue
 from lmaas.serve.auth import authenticate, require
 from lmaas.serve.protocol.fine_tuning import (
@@ -45,11 +45,12 @@ from lmaas.serve.protocol.fine_tuning import (
     FineTuningJobList,
     JobError,
 )
-from lmaas.serve.routers.jobs import _queue
+from lmaas.serve.routers.jobs import PublicJobIds, _queue, job_report
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], dependencies=[require(MODELS_READ)])
 
 KIND = "finetune"
+IDS = PublicJobIds(KIND, "ftjob-", "fine-tuning job", "/v1/fine_tuning/jobs", "fine_tuning_job_id")
 STATUS = {"queued": "queued", "submitted": "running", "running": "running", "succeeded": "succeeded", "failed": "failed",
           "cancelled": "cancelled"}
 """Queue state -> OpenAI status (the files are validated before a job is queued, so none is `validating_files`)."""
@@ -79,7 +80,7 @@ def create_job(request: Request, body: CreateFineTuningJobRequest, principal: Pr
                                      privileged=principal.is_admin)
     except LmaasError as exc:
         raise type(exc)(exc.message, param=_request_param(exc.param, body)) from None
-    return _job_out(job, _report(request, job))
+    return _job_out(job, job_report(request, job))
 
 
 def _request_param(param: str | None, body: CreateFineTuningJobRequest) -> str | None:
@@ -105,26 +106,26 @@ def list_jobs(
     principal: Principal = Depends(authenticate),
 ) -> FineTuningJobList:
     """The caller's fine-tuning jobs (an admin's: every tenant's), newest first; `after`: the last id of the previous page."""
-    before = _number(after, "after") if after is not None else None
+    before = IDS.number(after, "after") if after is not None else None
     jobs = queue.list_jobs(_queue(request).engine, kind=KIND, tenant=principal.tenant_filter, before=before, limit=limit + 1)
-    return FineTuningJobList(data=[_job_out(j, _report(request, j)) for j in jobs[:limit]], has_more=len(jobs) > limit)
+    return FineTuningJobList(data=[_job_out(j, job_report(request, j)) for j in jobs[:limit]], has_more=len(jobs) > limit)
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob)
 def retrieve_job(request: Request, fine_tuning_job_id: str, principal: Principal = Depends(authenticate)) -> FineTuningJob:
-    job = _visible_job(request, principal, fine_tuning_job_id)
-    return _job_out(job, _report(request, job))
+    job = IDS.visible(request, principal, fine_tuning_job_id)
+    return _job_out(job, job_report(request, job))
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, dependencies=[require(MODELS_WRITE)])
 def cancel_job(request: Request, fine_tuning_job_id: str, principal: Principal = Depends(authenticate)) -> FineTuningJob:
     """Cancel a job: a queued one never starts, a running one is stopped (400 when it already finished)."""
-    job = _visible_job(request, principal, fine_tuning_job_id)
+    job = IDS.visible(request, principal, fine_tuning_job_id)
     try:
         job = _queue(request).cancel(job.id, actor=principal.actor)
     except LmaasError as exc:
         raise type(exc)(exc.message.replace(f"job {job.id}", fine_tuning_job_id), param="fine_tuning_job_id") from None
-    return _job_out(job, _report(request, job))
+    return _job_out(job, job_report(request, job))
 
 
 @router.get("/{fine_tuning_job_id}/events", response_model=FineTuningJobEventList)
@@ -136,8 +137,8 @@ def list_events(
     principal: Principal = Depends(authenticate),
 ) -> FineTuningJobEventList:
     """The job's events, newest first: created, each message and step's metrics as the job reports them, how it ended."""
-    job = _visible_job(request, principal, fine_tuning_job_id)
-    events = _events(job, _report(request, job))[::-1]
+    job = IDS.visible(request, principal, fine_tuning_job_id)
+    events = _events(job, job_report(request, job))[::-1]
     page, more = _page(events, after, limit)
     return FineTuningJobEventList(data=page, has_more=more)
 
@@ -151,40 +152,14 @@ def list_checkpoints(
     principal: Principal = Depends(authenticate),
 ) -> FineTuningJobCheckpointList:
     """The run's kept checkpoints, newest first, once the job succeeded (the last is `fine_tuned_model`)."""
-    job = _visible_job(request, principal, fine_tuning_job_id)
-    points = _checkpoints(job, _report(request, job))[::-1]
+    job = IDS.visible(request, principal, fine_tuning_job_id)
+    points = _checkpoints(job, job_report(request, job))[::-1]
     page, more = _page(points, after, limit)
     return FineTuningJobCheckpointList(data=page, has_more=more, first_id=page[0].id if page else None,
                                        last_id=page[-1].id if page else None)
 
 
 # ---- queue rows and reports -> OpenAI objects ----
-
-
-def _number(job_id: str, param: str) -> int:
-    """The queue id in `ftjob-<id>`."""
-    prefix, _, number = job_id.partition("-")
-    if prefix != "ftjob" or not number.isdigit():
-        if param == "after":
-            raise InvalidInputError(f"after must be a fine-tuning job id (ftjob-...), not {job_id!r}", param="after")
-        raise NotFoundError(f"no fine-tuning job {job_id!r}; see GET /v1/fine_tuning/jobs", param=param)
-    return int(number)
-
-
-def _visible_job(request: Request, principal: Principal, job_id: str) -> queue.QueuedJob:
-    """The job, or 404 when it is not a fine-tuning job of the caller's tenant (the same answer as for no such job)."""
-    missing = NotFoundError(f"no fine-tuning job {job_id!r}; see GET /v1/fine_tuning/jobs", param="fine_tuning_job_id")
-    try:
-        job = queue.get(_queue(request).engine, _number(job_id, "fine_tuning_job_id"))
-    except NotFoundError:
-        raise missing from None
-    if job.kind != KIND or principal.tenant_filter not in (None, job.tenant):
-        raise missing
-    return job
-
-
-def _report(request: Request, job: queue.QueuedJob) -> dict[str, Any]:
-    return queue.read_report(request.app.state.registry.storage, job.id)
 
 
 def _job_out(job: queue.QueuedJob, report: dict[str, Any]) -> FineTuningJob:

@@ -20,7 +20,8 @@ admitter on the cluster and cannot stop running jobs or read their logs (503).
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
@@ -51,6 +52,50 @@ def _visible_job(request: Request, principal: Principal, job_id: int) -> queue.Q
     if principal.tenant_filter not in (None, job.tenant):
         raise NotFoundError(f"no job {job_id}; see GET /api/v1/jobs", param="id")
     return job
+
+
+@dataclass(frozen=True)
+class PublicJobIds:
+    """How an OpenAI-shaped API names the queue's jobs of one kind (`ftjob-7`, `batch_7` for queue job 7) and finds
+    them for a caller: another tenant's job, or one of another kind, is 404 exactly as one that does not exist."""
+
+    kind: str
+    prefix: str
+    """`ftjob-`, `batch_`: the id is the prefix and the queue job's number."""
+    what: str
+    """What the API calls one, in messages: "fine-tuning job", "batch"."""
+    route: str
+    """Where the caller lists them: "/v1/fine_tuning/jobs"."""
+    param: str
+    """The path parameter's name: "fine_tuning_job_id"."""
+
+    def of(self, job: queue.QueuedJob) -> str:
+        return f"{self.prefix}{job.id}"
+
+    def number(self, public_id: str, param: str) -> int:
+        """The queue id in `public_id` (400 naming `after` when that is the param, else 404)."""
+        number = public_id.removeprefix(self.prefix)
+        if not public_id.startswith(self.prefix) or not number.isdigit():
+            if param == "after":
+                raise InvalidInputError(f"after must be a {self.what} id ({self.prefix}...), not {public_id!r}", param="after")
+            raise NotFoundError(f"no {self.what} {public_id!r}; see GET {self.route}", param=param)
+        return int(number)
+
+    def visible(self, request: Request, principal: Principal, public_id: str) -> queue.QueuedJob:
+        """The job, or 404 when it is not one of this kind of the caller's tenant."""
+        missing = NotFoundError(f"no {self.what} {public_id!r}; see GET {self.route}", param=self.param)
+        try:
+            job = queue.get(_queue(request).engine, self.number(public_id, self.param))
+        except NotFoundError:
+            raise missing from None
+        if job.kind != self.kind or principal.tenant_filter not in (None, job.tenant):
+            raise missing
+        return job
+
+
+def job_report(request: Request, job: queue.QueuedJob) -> dict[str, Any]:
+    """What the job reported (`ops.queue.read_report`): events, progress, result."""
+    return queue.read_report(request.app.state.registry.storage, job.id)
 
 
 def _out(job: queue.QueuedJob) -> JobOut:
