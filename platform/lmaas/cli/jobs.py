@@ -46,7 +46,7 @@ def _queue():  # noqa: ANN202 - a queue.ClusterQueue
 @app.command()
 def submit(
     config: str = typer.Argument(None, help="A job config YAML (jobs/configs/*.yaml): train, ingest or compress."),
-    kind: str = typer.Option(None, "--kind", help="train, ingest or compress (default: the one the config fits)."),
+    kind: str = typer.Option(None, "--kind", help="train, ingest, compress, finetune or batch (default: the one the config fits)."),
     overrides: list[str] = typer.Option([], "--set", help="key=value override of any config field."),
     command: str = typer.Option(None, "--command", help="Queue a shell command instead of a config (a `command` job)."),
     cpus: float = typer.Option(1.0, "--cpus", help="Command jobs: CPUs reserved while it runs."),

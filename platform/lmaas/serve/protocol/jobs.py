@@ -12,7 +12,7 @@ class SubmitJobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str | None = Field(None, description="train, ingest, compress or command (default: the kind `config` fits, or command with `command`).")
+    kind: str | None = Field(None, description="train, ingest, compress, finetune, batch or command (default: the kind `config` fits, or command with `command`).")
     config: dict[str, Any] | None = Field(None, description="The job's config, as in jobs/configs/*.yaml (validated against its kind's schema).")
     command: str | None = Field(None, min_length=1, max_length=10_000, description="A shell command to run instead of a config.")
     cpus: float = Field(1.0, ge=0, le=4096, description="Command jobs: CPUs reserved while it runs.")

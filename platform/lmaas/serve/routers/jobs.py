@@ -15,7 +15,9 @@ admins see every tenant's and may submit for any. Submit and cancel are in the a
 
 The gateway is part of the Ray cluster: a job is checked against the cluster's size and the
 admitter is nudged at once. A standalone management app without `RAY_ADDRESS` queues it for the
-admitter on the cluster and cannot stop running jobs or read their logs (503).
+admitter on the cluster and cannot read running jobs' logs (503); a running job it cancels (as one
+cancelled where the dashboard is unreachable) is marked `stop requested` and stopped by the admitter
+at its next round.
 """
 
 from __future__ import annotations
