@@ -343,6 +343,9 @@ def test_bad_batches_are_4xx_naming_the_field_and_queue_nothing(gateway):
                                                    extra_body={"lmaas": {"concurrency": 0}}), "lmaas.concurrency")
     refused(openai.BadRequestError, lambda: create(input_file_id=good, endpoint="/v1/completions", completion_window="24h",
                                                    extra_body={"lmaas": {"num_cpus": 64}}), "lmaas.concurrency", "could never start")
+    refused(openai.PermissionDeniedError, lambda: create(input_file_id=good, endpoint="/v1/completions", completion_window="24h",
+                                                         extra_body={"lmaas": {"engine": {"engine_kwargs": {"tokenizer": "/etc"}}}}),
+            "lmaas.engine.engine_kwargs", "only an admin")
     refused(openai.NotFoundError, lambda: globex.batches.create(input_file_id=theirs, endpoint="/v1/completions", completion_window="24h"),
             "model")  # acme's private base, named in globex's own file
     refused(openai.PermissionDeniedError, lambda: trainer.batches.create(input_file_id=good, endpoint="/v1/completions",

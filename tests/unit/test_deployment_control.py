@@ -82,6 +82,10 @@ def test_tenant_caps_come_from_the_apps_args_per_tenant(tmp_path):
     with pytest.raises(PermissionDeniedError, match="only an admin colocates") as err:  # its engine would run in the shared gateway
         caps.for_tenant("acme").check(ServedModel(ref="m:1", colocated=True))
     assert err.value.param == "colocated"
+    with pytest.raises(PermissionDeniedError, match="straight to vLLM") as err:  # a tokenizer path, a worker class to import
+        caps.for_tenant("acme").check(ServedModel(ref="m:1", engine={"engine": "vllm", "engine_kwargs": {"worker_extension_cls": "os.system"}}))
+    assert err.value.param == "engine.engine_kwargs"
+    caps.for_tenant("acme").check(ServedModel(ref="m:1", engine={"engine": "vllm", "enforce_eager": True}))  # lmaas's own options are fine
     records = DeploymentRecords(db.connect(f"sqlite:///{tmp_path / 'lmaas.db'}"))
     records.record("app", "one", tenant="other", ref="m:1", canary_ref=None)
     records.check_count("app", "one", "other", caps.for_tenant("other"))  # replacing its own: not a new one

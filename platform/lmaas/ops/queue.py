@@ -320,6 +320,10 @@ def _check_unprivileged(kind: str, config: Any, storage: Any, tenant: str) -> No
                     check_tenant_source(value, storage, tenant)
                 except PermissionDeniedError as exc:
                     raise PermissionDeniedError(exc.message, param=f"config.{name}") from None
+    if kind == "batch":
+        from lmaas.serve.records import check_engine_kwargs
+
+        check_engine_kwargs(config.engine, "config.engine.engine_kwargs")
     if kind == "compress" and getattr(config, "torchscript_dir", None):
         raise PermissionDeniedError("torchscript_dir writes to the job's node: only an admin's job may set it", param="config.torchscript_dir")
 

@@ -9,7 +9,7 @@ change a tenant asks for is checked here (`check_change`), below the HTTP router
   or an undeploy (as if it did not exist);
 - a non-admin deployment stays within its tenant's `TenantCaps` (replicas, CPUs and GPUs per replica,
   deployments per app; `tenant_caps` in the app's args sets them, per tenant if need be) and sets
-  no custom Ray `resources` (they pin replicas to nodes: an operator's decision).
+  no custom Ray `resources` (they pin replicas to nodes: an operator's decision) and no vLLM `engine_kwargs`.
 
 The registry reads the same table: a version a deployment names by number cannot be archived or
 deleted, and `lineage()` lists the deployments of a version.
@@ -57,8 +57,17 @@ class TenantCaps(BaseModel):
         if getattr(served, "colocated", False):
             raise PermissionDeniedError("a colocated engine runs inside the shared gateway: only an admin colocates a model",
                                         param="colocated")
+        check_engine_kwargs(getattr(served, "engine", None), where + "engine.engine_kwargs")
         if not where and getattr(served, "canary", None) is not None:
             self.check(served.canary, "canary.")
+
+
+def check_engine_kwargs(engine: Any, param: str) -> None:
+    """Refuse a tenant's `EngineOptions.engine_kwargs`: they go to vLLM unchecked (a tokenizer path, remote code, a worker
+    class to import), so only an admin sets them."""
+    if engine is not None and engine.engine_kwargs:
+        raise PermissionDeniedError(f"{param} passes arguments straight to vLLM (paths, code to import): only an admin sets them",
+                                    param=param)
 
 
 class CapsConfig(BaseModel):
