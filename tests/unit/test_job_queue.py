@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmaas import db
-from lmaas.errors import InvalidInputError, NotFoundError
+from lmaas.errors import InvalidInputError, NotFoundError, PermissionDeniedError
 from lmaas.ops import queue
 from lmaas.ops.queue import QueuedJob, plan
 
@@ -55,6 +55,13 @@ def test_submit_validates_before_queueing(engine):
         queue.submit(engine, kind="train", config={"dataset": "d", "num_workers": 4}, capacity={"CPU": 2.0})
     with pytest.raises(InvalidInputError, match="unknown job kind"):
         queue.submit(engine, kind="evaluate", config={})
+    with pytest.raises(PermissionDeniedError, match="only an admin's job") as info:  # a tenant may not pin workers to nodes
+        queue.submit(engine, kind="train", config={"dataset": "d", "resources_per_worker": {"head": 0.1}}, tenant="acme", storage=object())
+    assert info.value.param == "config.resources_per_worker"
+    with pytest.raises(PermissionDeniedError, match="straight to vLLM") as info:
+        queue.submit(engine, kind="batch", config={"input": "in.jsonl", "model": "m", "output": "out.jsonl",
+                                                   "engine": {"engine_kwargs": {"tokenizer": "/etc"}}}, tenant="acme", storage=object())
+    assert info.value.param == "config.engine.engine_kwargs"
     assert queue.list_jobs(engine) == []  # nothing half-queued
 
 

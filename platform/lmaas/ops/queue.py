@@ -320,6 +320,11 @@ def _check_unprivileged(kind: str, config: Any, storage: Any, tenant: str) -> No
                     check_tenant_source(value, storage, tenant)
                 except PermissionDeniedError as exc:
                     raise PermissionDeniedError(exc.message, param=f"config.{name}") from None
+    if kind in ("train", "finetune"):
+        train = config.train_config(examples=1) if kind == "finetune" else config
+        if train.resources_per_worker:
+            param = "config.train.resources_per_worker" if kind == "finetune" else "config.resources_per_worker"
+            raise PermissionDeniedError("custom Ray resources pin workers to nodes: only an admin's job sets them", param=param)
     if kind == "batch":
         from lmaas.serve.records import check_engine_kwargs
 
