@@ -45,6 +45,10 @@ def run_batch_on_both_nodes(work: str, storage, engine) -> dict:  # noqa: ANN001
                                           "body": {"prompt": f"def f{i}(x):", "max_tokens": 4, "temperature": 0}}) + "\n"
                               for i in range(40)))
     output = Path(work) / "answers.jsonl"
+    from ray.data import DataContext
+
+    # both actors up before the first block goes out: else, under load, the first one ready answers all 10 blocks
+    DataContext.get_current().wait_for_min_actors_s = 180
     result = run_batch(BatchConfig(input=str(source), model="tiny", output=str(output), concurrency=2, num_cpus=0.75,
                                    lines_per_block=4, engine={"engine": "lmaas", "num_threads": 1}), registry=registry)
     return {"batch_blocks_per_node": result.blocks_per_node, "batch_completed": result.completed,
