@@ -41,7 +41,7 @@ from lmaas.serve.protocol.batches import (
     BatchUsage,
     CreateBatchRequest,
 )
-from lmaas.serve.routers.jobs import PublicJobIds, _queue, job_report
+from lmaas.serve.routers.jobs import PublicJobIds, _queue, job_report, reported_error
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[require(INFERENCE)])
 
@@ -119,10 +119,9 @@ def list_batches(
     principal: Principal = Depends(authenticate),
 ) -> BatchList:
     """The caller's batches (an admin's: every tenant's), newest first; `after`: the last id of the previous page."""
-    before = IDS.number(after, "after") if after is not None else None
-    jobs = queue.list_jobs(_queue(request).engine, kind=KIND, tenant=principal.tenant_filter, before=before, limit=limit + 1)
-    data = [_batch_out(j, job_report(request, j)) for j in jobs[:limit]]
-    return BatchList(data=data, has_more=len(jobs) > limit, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+    jobs, more = IDS.page(request, principal, after, limit)
+    data = [_batch_out(j, job_report(request, j)) for j in jobs]
+    return BatchList(data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 
 
 @router.get("/{batch_id}", response_model=Batch)
@@ -134,11 +133,7 @@ def retrieve_batch(request: Request, batch_id: str, principal: Principal = Depen
 @router.post("/{batch_id}/cancel", response_model=Batch)
 def cancel_batch(request: Request, batch_id: str, principal: Principal = Depends(authenticate)) -> Batch:
     """Cancel a batch: a queued one never starts; a running one stops and keeps the lines answered so far (400 when it ended)."""
-    job = IDS.visible(request, principal, batch_id)
-    try:
-        job = _queue(request).cancel(job.id, actor=principal.actor)
-    except LmaasError as exc:
-        raise type(exc)(exc.message.replace(f"job {job.id}", batch_id), param="batch_id") from None
+    job = IDS.cancel(request, principal, batch_id)
     return _batch_out(job, job_report(request, job))
 
 
@@ -170,7 +165,7 @@ def _batch_out(job: queue.QueuedJob, report: dict[str, Any]) -> Batch:
                            total_tokens=result["prompt_tokens"] + result["output_tokens"])
     errors = None
     if job.state == "failed":
-        reported = next((e for e in reversed(report["events"]) if e["level"] == "error"), None)
+        reported = reported_error(report)
         errors = BatchErrors(data=[BatchError(code="batch_failed", message=reported["message"] if reported else job.message or "the batch failed",
                                               param=reported["data"].get("param") if reported else None)])
     ended = int(job.finished_at) if job.finished_at else None

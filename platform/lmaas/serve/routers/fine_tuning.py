@@ -45,7 +45,7 @@ from lmaas.serve.protocol.fine_tuning import (
     FineTuningJobList,
     JobError,
 )
-from lmaas.serve.routers.jobs import PublicJobIds, _queue, job_report
+from lmaas.serve.routers.jobs import PublicJobIds, _queue, job_report, reported_error
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], dependencies=[require(MODELS_READ)])
 
@@ -106,9 +106,8 @@ def list_jobs(
     principal: Principal = Depends(authenticate),
 ) -> FineTuningJobList:
     """The caller's fine-tuning jobs (an admin's: every tenant's), newest first; `after`: the last id of the previous page."""
-    before = IDS.number(after, "after") if after is not None else None
-    jobs = queue.list_jobs(_queue(request).engine, kind=KIND, tenant=principal.tenant_filter, before=before, limit=limit + 1)
-    return FineTuningJobList(data=[_job_out(j, job_report(request, j)) for j in jobs[:limit]], has_more=len(jobs) > limit)
+    jobs, more = IDS.page(request, principal, after, limit)
+    return FineTuningJobList(data=[_job_out(j, job_report(request, j)) for j in jobs], has_more=more)
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob)
@@ -120,11 +119,7 @@ def retrieve_job(request: Request, fine_tuning_job_id: str, principal: Principal
 @router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, dependencies=[require(MODELS_WRITE)])
 def cancel_job(request: Request, fine_tuning_job_id: str, principal: Principal = Depends(authenticate)) -> FineTuningJob:
     """Cancel a job: a queued one never starts, a running one is stopped (400 when it already finished)."""
-    job = IDS.visible(request, principal, fine_tuning_job_id)
-    try:
-        job = _queue(request).cancel(job.id, actor=principal.actor)
-    except LmaasError as exc:
-        raise type(exc)(exc.message.replace(f"job {job.id}", fine_tuning_job_id), param="fine_tuning_job_id") from None
+    job = IDS.cancel(request, principal, fine_tuning_job_id)
     return _job_out(job, job_report(request, job))
 
 
@@ -167,7 +162,7 @@ def _job_out(job: queue.QueuedJob, report: dict[str, Any]) -> FineTuningJob:
     hyperparameters = result.get("hyperparameters") or config["hyperparameters"]
     error = None
     if job.state == "failed":
-        reported = next((e for e in reversed(report["events"]) if e["level"] == "error"), None)
+        reported = reported_error(report)
         error = JobError(code="job_failed", message=reported["message"] if reported else job.message or "the job failed",
                          param=(reported["data"].get("param") if reported else None))
     return FineTuningJob(

@@ -29,7 +29,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
 
 from lmaas.auth import ADMIN, MODELS_READ, MODELS_WRITE, Principal
-from lmaas.errors import InvalidInputError, NotFoundError, PermissionDeniedError
+from lmaas.errors import InvalidInputError, LmaasError, NotFoundError, PermissionDeniedError
 from lmaas.ops import queue
 from lmaas.serve.auth import authenticate, require
 from lmaas.serve.protocol.jobs import JobList, JobOut, SubmitJobRequest
@@ -93,6 +93,27 @@ class PublicJobIds:
         if job.kind != self.kind or principal.tenant_filter not in (None, job.tenant):
             raise missing
         return job
+
+
+    def page(self, request: Request, principal: Principal, after: str | None, limit: int) -> tuple[list[queue.QueuedJob], bool]:
+        """The caller's jobs of this kind (an admin's: every tenant's), newest first, after the one `after` names;
+        and whether more follow."""
+        before = self.number(after, "after") if after is not None else None
+        jobs = queue.list_jobs(_queue(request).engine, kind=self.kind, tenant=principal.tenant_filter, before=before, limit=limit + 1)
+        return jobs[:limit], len(jobs) > limit
+
+    def cancel(self, request: Request, principal: Principal, public_id: str) -> queue.QueuedJob:
+        """Cancel the caller's job `public_id` (`ops.queue.ClusterQueue.cancel`); errors name it by its public id."""
+        job = self.visible(request, principal, public_id)
+        try:
+            return _queue(request).cancel(job.id, actor=principal.actor)
+        except LmaasError as exc:
+            raise type(exc)(exc.message.replace(f"job {job.id}", public_id), param=self.param) from None
+
+
+def reported_error(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The last error event a job reported (`ops.queue.JobReport`), if any."""
+    return next((e for e in reversed(report["events"]) if e["level"] == "error"), None)
 
 
 def job_report(request: Request, job: queue.QueuedJob) -> dict[str, Any]:
