@@ -225,10 +225,8 @@ def submit(
         resources = resources_for(kind, validated)
         if not privileged:
             _check_unprivileged(kind, validated, storage, tenant)
-        if kind == "finetune":
-            _check_fine_tune(validated, engine, storage, tenant)
-        if kind == "batch":
-            _check_batch(validated, engine, storage, tenant)
+        if kind in ("finetune", "batch"):
+            _check_as_tenant(kind, validated, engine, storage, tenant)
     if capacity is not None:
         for name, amount in resources.items():
             if amount > capacity.get(name, 0.0) + 1e-9:
@@ -253,49 +251,40 @@ def _file_sources(sources: list, engine: Engine, storage: Any, tenant: str | Non
 
     if not any(isinstance(s, str) and is_file_id(s) for s in sources):
         return sources
-    if storage is None:
-        from lmaas.config import load_settings
-        from lmaas.storage import Storage
-
-        storage = Storage.from_settings(load_settings())
+    storage = storage if storage is not None else _default_storage()
     try:
         return resolve_sources(sources, FileStore(storage, engine), tenant=tenant)
     except NotFoundError as exc:
         raise NotFoundError(exc.message, param="config.sources") from None
 
 
-def _check_fine_tune(config: Any, engine: Engine, storage: Any, tenant: str) -> None:
-    """A finetune job's base, files and output name as its tenant sees them (errors name `config.<field>`)."""
+def _check_as_tenant(kind: str, config: Any, engine: Engine, storage: Any, tenant: str) -> None:
+    """A finetune job's base, files and output name, or a batch job's model, input and outputs, as its tenant sees
+    them (`train.finetune.check_fine_tune`, `batch.check_batch`; errors name `config.<field>`)."""
     from lmaas.errors import LmaasError
-    from lmaas.train.finetune import check_fine_tune
 
-    if storage is None:
-        from lmaas.config import load_settings
-        from lmaas.storage import Storage
-
-        storage = Storage.from_settings(load_settings())
+    storage = storage if storage is not None else _default_storage()
     try:
-        check_fine_tune(config, storage=storage, engine=engine, tenant=tenant)
+        if kind == "finetune":
+            from lmaas.train.finetune import check_fine_tune
+
+            check_fine_tune(config, storage=storage, engine=engine, tenant=tenant)
+        else:
+            from lmaas.batch import check_batch
+            from lmaas.batch.job import base_config
+            from lmaas.registry import ModelRegistry
+
+            check_batch(base_config(config), registry=ModelRegistry(storage, engine), tenant=tenant)
     except LmaasError as exc:
         raise type(exc)(exc.message, param=f"config.{exc.param}" if exc.param else "config") from None
 
 
-def _check_batch(config: Any, engine: Engine, storage: Any, tenant: str) -> None:
-    """A batch job's model, input and outputs as its tenant sees them (errors name `config.<field>`)."""
-    from lmaas.batch import check_batch
-    from lmaas.batch.job import base_config
-    from lmaas.errors import LmaasError
-    from lmaas.registry import ModelRegistry
+def _default_storage() -> Any:
+    """The artifact store of this process's settings (a caller that passed none)."""
+    from lmaas.config import load_settings
+    from lmaas.storage import Storage
 
-    if storage is None:
-        from lmaas.config import load_settings
-        from lmaas.storage import Storage
-
-        storage = Storage.from_settings(load_settings())
-    try:
-        check_batch(base_config(config), registry=ModelRegistry(storage, engine), tenant=tenant)
-    except LmaasError as exc:
-        raise type(exc)(exc.message, param=f"config.{exc.param}" if exc.param else "config") from None
+    return Storage.from_settings(load_settings())
 
 
 def _check_unprivileged(kind: str, config: Any, storage: Any, tenant: str) -> None:
