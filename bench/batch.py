@@ -61,21 +61,36 @@ def start_ray(cpus: int) -> None:
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="error")
 
 
+def write_jsonl(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def placement(actors: int | None, cpus: int) -> dict:
+    """`--actors` actors sharing the CPUs, or lmaas batch's default placement."""
+    return {"concurrency": actors, "num_cpus": cpus / actors} if actors else {}
+
+
+def timed_batch(config, registry: ModelRegistry, measure) -> tuple:  # noqa: ANN001 - a BatchConfig; BatchProgress -> int
+    """`run_batch` timed from the call to the published output: (result, seconds, [(seconds, measure(progress))] per block)."""
+    from lmaas.batch import run_batch
+
+    marks: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    result = run_batch(config, registry=registry, progress=lambda p: marks.append((time.perf_counter() - start, measure(p)))
+                       if p.stage == "running" else None)
+    return result, time.perf_counter() - start, marks
+
+
 def run_batch_job(root: Path, registry: ModelRegistry, lines: list[dict], actors: int | None, cpus: int) -> dict:
     """`run_batch` on the running cluster, timed from the call to the published output; its steady rate is the output
     tokens of every block but the first over the time from the first block written to the last."""
-    from lmaas.batch import BatchConfig, run_batch
+    from lmaas.batch import BatchConfig
 
-    source = root / f"requests-{len(lines)}.jsonl"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    placement = {"concurrency": actors, "num_cpus": cpus / actors} if actors else {}
-    config = BatchConfig(input=str(source), model="tiny", output=str(root / f"answers-{len(lines)}.jsonl"), overwrite=True, lines_per_block=64,
-                         engine={"engine": "lmaas", "max_batch_size": 64}, **placement)
-    marks: list[tuple[float, int]] = []
-    start = time.perf_counter()
-    result = run_batch(config, registry=registry, progress=lambda p: marks.append((time.perf_counter() - start, p.output_tokens))
-                       if p.stage == "running" else None)
-    seconds = time.perf_counter() - start
+    config = BatchConfig(input=str(write_jsonl(root / f"requests-{len(lines)}.jsonl", lines)), model="tiny",
+                         output=str(root / f"answers-{len(lines)}.jsonl"), overwrite=True, lines_per_block=64,
+                         engine={"engine": "lmaas", "max_batch_size": 64}, **placement(actors, cpus))
+    result, seconds, marks = timed_batch(config, registry, lambda p: p.output_tokens)
     assert result.completed == len(lines), result
     (first_s, first_tokens), (last_s, last_tokens) = marks[0], marks[-1]
     steady = (last_tokens - first_tokens) / (last_s - first_s)
@@ -103,8 +118,7 @@ print(json.dumps({"output_tokens": sum(a.completion_tokens for a in answers), "a
 
 def run_engine_alone(root: Path, model_dir: Path, lines: list[dict], threads: int) -> dict:
     """A fresh process: import, load the engine, answer every line at once (`answer_line`, as a batch actor does)."""
-    source = root / f"engine-{len(lines)}.jsonl"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    source = write_jsonl(root / f"engine-{len(lines)}.jsonl", lines)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", ENGINE_ALONE, str(model_dir), str(source), str(threads)], env=env, capture_output=True,
@@ -176,18 +190,11 @@ def embedding_lines(n: int) -> list[dict]:
 
 def run_embedding_batch(root: Path, registry: ModelRegistry, lines: list[dict], actors: int | None, cpus: int) -> dict:
     """`run_batch` of embedding lines with the embedding engine, timed from the call to the published output."""
-    from lmaas.batch import BatchConfig, run_batch
+    from lmaas.batch import BatchConfig
 
-    source = root / f"embed-{len(lines)}.jsonl"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    placement = {"concurrency": actors, "num_cpus": cpus / actors} if actors else {}
-    config = BatchConfig(input=str(source), model="minilm", output=str(root / f"vectors-{len(lines)}.jsonl"), overwrite=True,
-                         lines_per_block=128, **placement)
-    marks: list[tuple[float, int]] = []
-    start = time.perf_counter()
-    result = run_batch(config, registry=registry, progress=lambda p: marks.append((time.perf_counter() - start, p.done))
-                       if p.stage == "running" else None)
-    seconds = time.perf_counter() - start
+    config = BatchConfig(input=str(write_jsonl(root / f"embed-{len(lines)}.jsonl", lines)), model="minilm",
+                         output=str(root / f"vectors-{len(lines)}.jsonl"), overwrite=True, lines_per_block=128, **placement(actors, cpus))
+    result, seconds, marks = timed_batch(config, registry, lambda p: p.done)
     assert result.completed == len(lines), result
     (first_s, first_done), (last_s, last_done) = marks[0], marks[-1]
     return {"seconds": seconds, "texts": len(lines), "texts_per_s": len(lines) / seconds,
@@ -212,8 +219,7 @@ def run_sentence_transformers(root: Path, lines: list[dict], threads: int) -> di
     """A fresh process: import sentence-transformers, load MiniLM, `encode` every text with its own batching (32)."""
     from serve_helpers import EMBEDDING_DIR
 
-    source = root / f"st-{len(lines)}.jsonl"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    source = write_jsonl(root / f"st-{len(lines)}.jsonl", lines)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", ST_ALONE, str(EMBEDDING_DIR), str(source), str(threads)], capture_output=True, text=True,
                           check=True)
