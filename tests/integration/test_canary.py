@@ -11,13 +11,12 @@ from __future__ import annotations
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import free_port, wait_for  # noqa: E402
+from conftest import free_port, http_status, wait_for  # noqa: E402
 from serve_helpers import make_causal_lm, make_mismatched_lm  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
@@ -85,7 +84,7 @@ def gateway(ray_cluster, tmp_path_factory):
     try:
         run_app(build_app(args), APP)
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _status(base + "/healthz") == 200, 60, "Serve ingress")
+        wait_for(lambda: http_status(base + "/healthz") == 200, 60, "Serve ingress")
         yield base, CanaryStore(engine), engine, registry
     finally:
         serve.shutdown()
@@ -101,14 +100,6 @@ def _kill_applier(env: dict) -> None:
         ray.kill(applier(env))
     except Exception:  # noqa: BLE001
         pass
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except OSError:
-        return 0
 
 
 def complete(base: str, model: str, *, user: str | None = None, max_tokens: int = 4, client=None) -> tuple[int, str | None]:

@@ -19,13 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import free_port, wait_for  # noqa: E402
+from conftest import free_port, http_status, wait_for  # noqa: E402
 from serve_helpers import ClientLoop, make_causal_lm, replica_placement, replica_processes  # noqa: E402,F401 - multinode_failures imports them from here too
 
 httpx = pytest.importorskip("httpx")
@@ -35,14 +34,6 @@ APP = "lmaas-ha-test"
 KEY = "lmaas_hatest_" + "k" * 40
 DEPLOYMENT = "model-tiny"
 SCRIPT = Path(__file__).with_name("multinode_failures.py")
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except OSError:
-        return 0
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +57,7 @@ def gateway(ray_cluster, tmp_path_factory):
     try:
         run_app(build_app({"models": [model], "ingress": {"num_cpus": 0.05}, "env": settings.env()}), APP)
         base = f"http://127.0.0.1:{http_port()}"
-        wait_for(lambda: _status(base + "/healthz") == 200, 60, "Serve ingress")
+        wait_for(lambda: http_status(base + "/healthz") == 200, 60, "Serve ingress")
         yield base
     finally:
         serve.shutdown()

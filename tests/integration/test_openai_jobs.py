@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import REPO, free_port, wait_for  # noqa: E402
+from conftest import REPO, free_port, http_status, wait_for  # noqa: E402
 from serve_helpers import make_hf_causal_lm  # noqa: E402
 
 openai = pytest.importorskip("openai")
@@ -114,19 +114,11 @@ def gateway(ray_cluster, tmp_path_factory):
     try:
         run_app(build_app({"models": models, "ingress": {"num_cpus": 0.1}, "env": settings.env()}), APP)
         url = f"http://127.0.0.1:{http_port()}"
-        wait_for(lambda: _status(url + "/healthz") == 200, 60, "Serve ingress")
+        wait_for(lambda: http_status(url + "/healthz") == 200, 60, "Serve ingress")
         yield url, settings, admitter, jobs, base_dir
     finally:
         jobs.close()
         serve.shutdown()
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except OSError:
-        return 0
 
 
 def client_of(gateway, name: str):  # noqa: ANN001, ANN201
